@@ -1,0 +1,1 @@
+"""Entry points: the composition root, the command line and the Litestar HTTP API."""

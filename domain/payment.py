@@ -1,0 +1,343 @@
+"""The Payment aggregate: one card transaction and every money movement on it.
+
+    initiated -> processing -> authorized -> captured -> settled
+    authorized -> voided | authorization_expired;  initiated/processing -> failed
+    captured/settled -> refunded (when refunds reach the captured amount)
+
+Invariants: captured <= authorized; refunded <= captured; every money movement event carries
+postings that balance per currency.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import (
+    AuthorizationNotExpired,
+    CaptureExceedsAuthorized,
+    InvalidField,
+    InvalidTransition,
+    RefundExceedsCaptured,
+)
+from domain.ledger import (
+    FeeSchedule,
+    Posting,
+    capture_postings,
+    refund_postings,
+    settlement_postings,
+)
+from domain.money import check_amount, check_currency
+from domain.values import check_text
+
+
+class PaymentStatus:
+    INITIATED = "initiated"
+    PROCESSING = "processing"
+    AUTHORIZED = "authorized"
+    CAPTURED = "captured"
+    SETTLED = "settled"
+    VOIDED = "voided"
+    AUTHORIZATION_EXPIRED = "authorization_expired"
+    FAILED = "failed"
+    REFUNDED = "refunded"
+
+
+P = PaymentStatus
+REFUNDABLE = (P.CAPTURED, P.SETTLED)
+
+
+def _postings(postings: tuple[Posting, ...]) -> list[dict[str, Any]]:
+    return [p.as_dict() for p in postings]
+
+
+class Payment(Aggregate):
+    class Initiated(Aggregate.Created):
+        merchant_id: UUID
+        session_id: UUID | None
+        amount_minor: int
+        currency: str
+        card_token: str
+        card_brand: str
+        card_last4: str
+        fee_percent_bps: int
+        fee_fixed_minor: int
+
+    class ProcessingStarted(Aggregate.Event):
+        processor: str
+
+    class Authorized(Aggregate.Event):
+        processor: str
+        processor_reference: str
+        amount_minor: int
+        expires_at: datetime
+
+    class Failed(Aggregate.Event):
+        reason_code: str
+        message: str
+
+    class Captured(Aggregate.Event):
+        amount_minor: int
+        fee_minor: int
+        processor_reference: str
+        postings: list[dict[str, Any]]
+
+    class Voided(Aggregate.Event):
+        reason: str
+
+    class AuthorizationExpired(Aggregate.Event):
+        pass
+
+    class Refunded(Aggregate.Event):
+        refund_id: str
+        amount_minor: int
+        reason: str
+        processor_reference: str
+        refunded_total_minor: int
+        postings: list[dict[str, Any]]
+
+    class Settled(Aggregate.Event):
+        settlement_reference: str
+        amount_minor: int
+        postings: list[dict[str, Any]]
+
+    @classmethod
+    def initiate(
+        cls,
+        payment_id: UUID,
+        *,
+        merchant_id: UUID,
+        session_id: UUID | None,
+        amount_minor: int,
+        currency: str,
+        card_token: str,
+        card_brand: str,
+        card_last4: str,
+        fee_schedule: FeeSchedule,
+    ) -> Payment:
+        check_currency(currency)
+        check_amount(amount_minor, currency)
+        return cls._create(
+            cls.Initiated,
+            id=payment_id,
+            merchant_id=merchant_id,
+            session_id=session_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            card_token=check_text("card_token", card_token, max_length=64),
+            card_brand=card_brand,
+            card_last4=card_last4,
+            fee_percent_bps=fee_schedule.percent_bps,
+            fee_fixed_minor=fee_schedule.fixed_minor,
+        )
+
+    @event(Initiated)
+    def __init__(
+        self,
+        *,
+        merchant_id: UUID,
+        session_id: UUID | None,
+        amount_minor: int,
+        currency: str,
+        card_token: str,
+        card_brand: str,
+        card_last4: str,
+        fee_percent_bps: int,
+        fee_fixed_minor: int,
+    ) -> None:
+        self.merchant_id = merchant_id
+        self.session_id = session_id
+        self.amount_minor = amount_minor
+        self.currency = currency
+        self.card_token = card_token
+        self.card_brand = card_brand
+        self.card_last4 = card_last4
+        self.fee_percent_bps = fee_percent_bps
+        self.fee_fixed_minor = fee_fixed_minor
+        self.status = P.INITIATED
+        self.processor: str | None = None
+        self.authorization_reference: str | None = None
+        self.authorization_expires_at: datetime | None = None
+        self.authorized_minor = 0
+        self.captured_minor = 0
+        self.fee_minor = 0
+        self.refunded_minor = 0
+        self.settled_minor = 0
+        self.refund_ids: list[str] = []
+        self.failure_code: str | None = None
+
+    def _require(self, command: str, *allowed: str) -> None:
+        if self.status not in allowed:
+            raise InvalidTransition("payment", command, self.status)
+
+    @property
+    def fee_schedule(self) -> FeeSchedule:
+        return FeeSchedule(self.fee_percent_bps, self.fee_fixed_minor)
+
+    @property
+    def refundable_minor(self) -> int:
+        return self.captured_minor - self.refunded_minor
+
+    # -- authorization ----------------------------------------------------------------------
+
+    def start_processing(self, processor: str) -> None:
+        self._require("send for authorization", P.INITIATED)
+        self._processing_started(processor=check_text("processor", processor, max_length=50))
+
+    @event(ProcessingStarted)
+    def _processing_started(self, processor: str) -> None:
+        self.processor = processor
+        self.status = P.PROCESSING
+
+    def authorize(
+        self, *, processor: str, processor_reference: str, amount_minor: int, expires_at: datetime
+    ) -> None:
+        self._require("authorize", P.PROCESSING)
+        check_amount(amount_minor, self.currency)
+        if amount_minor > self.amount_minor:
+            raise CaptureExceedsAuthorized(
+                f"processor authorized {amount_minor}, more than the {self.amount_minor} asked"
+            )
+        self._authorized(
+            processor=processor,
+            processor_reference=check_text("processor_reference", processor_reference, max_length=100),
+            amount_minor=amount_minor,
+            expires_at=expires_at,
+        )
+
+    @event(Authorized)
+    def _authorized(
+        self, processor: str, processor_reference: str, amount_minor: int, expires_at: datetime
+    ) -> None:
+        self.processor = processor
+        self.authorization_reference = processor_reference
+        self.authorized_minor = amount_minor
+        self.authorization_expires_at = expires_at
+        self.status = P.AUTHORIZED
+
+    def fail(self, reason_code: str, message: str) -> None:
+        self._require("fail", P.INITIATED, P.PROCESSING)
+        self._failed(
+            reason_code=check_text("reason_code", reason_code, max_length=50),
+            message=check_text("message", message, max_length=500, required=False),
+        )
+
+    @event(Failed)
+    def _failed(self, reason_code: str, message: str) -> None:
+        self.failure_code = reason_code
+        self.status = P.FAILED
+
+    # -- after authorization ----------------------------------------------------------------
+
+    def check_capture(self, amount_minor: int | None) -> int:
+        """The checks of ``capture`` that come before asking the processor; returns the amount."""
+        self._require("capture", P.AUTHORIZED)
+        amount = self.authorized_minor if amount_minor is None else amount_minor
+        check_amount(amount, self.currency)
+        if amount > self.authorized_minor:
+            raise CaptureExceedsAuthorized(
+                f"cannot capture {amount}: only {self.authorized_minor} is authorized",
+                authorized=self.authorized_minor,
+            )
+        return amount
+
+    def capture(self, *, amount_minor: int | None, processor_reference: str) -> None:
+        """One capture of all or part of the authorization; the rest is released."""
+        amount = self.check_capture(amount_minor)
+        fee = self.fee_schedule.fee_for(amount)
+        self._captured(
+            amount_minor=amount,
+            fee_minor=fee,
+            processor_reference=check_text("processor_reference", processor_reference, max_length=100),
+            postings=_postings(capture_postings(self.merchant_id, amount, fee, self.currency)),
+        )
+
+    @event(Captured)
+    def _captured(
+        self, amount_minor: int, fee_minor: int, processor_reference: str, postings: list[dict[str, Any]]
+    ) -> None:
+        self.captured_minor = amount_minor
+        self.fee_minor = fee_minor
+        self.status = P.CAPTURED
+
+    def void(self, reason: str) -> None:
+        self._require("void", P.AUTHORIZED)
+        self._voided(reason=check_text("reason", reason, max_length=200))
+
+    @event(Voided)
+    def _voided(self, reason: str) -> None:
+        self.status = P.VOIDED
+
+    def expire_authorization(self, now: datetime) -> None:
+        self._require("expire the authorization of", P.AUTHORIZED)
+        assert self.authorization_expires_at is not None
+        if now < self.authorization_expires_at:
+            raise AuthorizationNotExpired(
+                f"the authorization is valid until {self.authorization_expires_at.isoformat()}"
+            )
+        self._authorization_expired()
+
+    @event(AuthorizationExpired)
+    def _authorization_expired(self) -> None:
+        self.status = P.AUTHORIZATION_EXPIRED
+
+    # -- refunds and settlement ---------------------------------------------------------------
+
+    def check_refund(self, amount_minor: int) -> None:
+        """The checks of ``refund`` that do not need the processor's answer, so the
+        application can reject before calling the processor."""
+        self._require("refund", *REFUNDABLE)
+        check_amount(amount_minor, self.currency)
+        if amount_minor > self.refundable_minor:
+            raise RefundExceedsCaptured(
+                f"cannot refund {amount_minor}: {self.refundable_minor} of "
+                f"{self.captured_minor} captured is left to refund",
+                refundable=self.refundable_minor,
+            )
+
+    def refund(self, *, refund_id: str, amount_minor: int, reason: str, processor_reference: str) -> None:
+        if refund_id in self.refund_ids:
+            raise InvalidField(f"refund {refund_id} was already recorded", field="refund_id")
+        self.check_refund(amount_minor)
+        self._refunded(
+            refund_id=check_text("refund_id", refund_id, max_length=64),
+            amount_minor=amount_minor,
+            reason=check_text("reason", reason, max_length=200, required=False),
+            processor_reference=check_text("processor_reference", processor_reference, max_length=100),
+            refunded_total_minor=self.refunded_minor + amount_minor,
+            postings=_postings(refund_postings(self.merchant_id, amount_minor, self.currency)),
+        )
+
+    @event(Refunded)
+    def _refunded(
+        self,
+        refund_id: str,
+        amount_minor: int,
+        reason: str,
+        processor_reference: str,
+        refunded_total_minor: int,
+        postings: list[dict[str, Any]],
+    ) -> None:
+        self.refund_ids.append(refund_id)
+        self.refunded_minor = refunded_total_minor
+        if self.refunded_minor == self.captured_minor:
+            self.status = P.REFUNDED
+
+    def settle(self, settlement_reference: str) -> None:
+        """The processor paid out what is captured and not refunded."""
+        self._require("settle", P.CAPTURED)
+        amount = self.captured_minor - self.refunded_minor
+        assert amount > 0, "a captured payment with nothing left would be refunded"
+        self._settled(
+            settlement_reference=check_text("settlement_reference", settlement_reference, max_length=100),
+            amount_minor=amount,
+            postings=_postings(settlement_postings(amount, self.currency)),
+        )
+
+    @event(Settled)
+    def _settled(self, settlement_reference: str, amount_minor: int, postings: list[dict[str, Any]]) -> None:
+        self.settled_minor = amount_minor
+        self.status = P.SETTLED

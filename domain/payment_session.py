@@ -1,0 +1,451 @@
+"""The PaymentSession aggregate: the voice-to-mobile journey from an order taken in
+conversation to a payment method attached and the payment completed.
+
+    awaiting_customer -> link_sent -> link_opened -> code_verified
+        -> [identity_verified, when the amount is above the currency's threshold]
+        -> payment_method_attached -> completed
+    and the ends: expired, cancelled, failed, locked (too many wrong codes).
+
+No event holds a one-time code or link token in plain text (only keyed hashes computed by the
+application) and no card number (only token, brand and last four digits).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import (
+    IdentityCheckNotRequired,
+    IdentityCheckRequired,
+    InvalidField,
+    InvalidPaymentMethod,
+    InvalidTransition,
+    LinkExpired,
+    LinkNotExpired,
+    ResendLimitReached,
+    SessionLocked,
+)
+from domain.money import check_amount, check_currency
+from domain.values import check_line_items, check_phone, check_text, check_url
+
+MAX_CODE_ATTEMPTS = 5
+MAX_CODE_RESENDS = 3
+MAX_IDENTITY_ATTEMPTS = 3
+MAX_DECLINES = 3
+CARD_BRANDS = ("visa", "mastercard", "amex", "discover", "jcb", "diners", "unionpay", "unknown")
+MAX_METADATA_KEYS = 20
+
+
+class SessionStatus:
+    """Plain string constants, so a snapshot's state round-trips as the same values."""
+
+    AWAITING_CUSTOMER = "awaiting_customer"
+    LINK_SENT = "link_sent"
+    LINK_OPENED = "link_opened"
+    CODE_VERIFIED = "code_verified"
+    IDENTITY_VERIFIED = "identity_verified"
+    PAYMENT_METHOD_ATTACHED = "payment_method_attached"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    LOCKED = "locked"
+    ALL = frozenset(
+        {
+            AWAITING_CUSTOMER,
+            LINK_SENT,
+            LINK_OPENED,
+            CODE_VERIFIED,
+            IDENTITY_VERIFIED,
+            PAYMENT_METHOD_ATTACHED,
+            COMPLETED,
+            EXPIRED,
+            CANCELLED,
+            FAILED,
+            LOCKED,
+        }
+    )
+
+
+S = SessionStatus
+TERMINAL = frozenset({S.COMPLETED, S.EXPIRED, S.CANCELLED, S.FAILED, S.LOCKED})
+# A payment is in flight with the processor: only its outcome may end the session.
+IN_FLIGHT = frozenset({S.PAYMENT_METHOD_ATTACHED})
+
+
+class CodeCheck(str, Enum):
+    VERIFIED = "verified"
+    INCORRECT = "incorrect"
+    LOCKED = "locked"
+
+
+def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidField(f"metadata is an object of at most {MAX_METADATA_KEYS} strings", field="metadata")
+    for key, value in metadata.items():
+        check_text("metadata key", key, max_length=40)
+        check_text(f"metadata[{key}]", value, max_length=500, required=False)
+    return dict(metadata)
+
+
+class PaymentSession(Aggregate):
+    class Opened(Aggregate.Created):
+        merchant_id: UUID
+        amount_minor: int
+        currency: str
+        customer_phone: str
+        order_reference: str
+        line_items: list[dict[str, Any]]
+        voice_platform: str
+        conversation_id: str
+        callback_url: str | None
+        metadata: dict[str, str]
+        identity_required: bool
+        expires_at: datetime
+
+    class LinkSent(Aggregate.Event):
+        link_token_hash: str
+        code_hash: str
+
+    class LinkOpened(Aggregate.Event):
+        pass
+
+    class CodeResent(Aggregate.Event):
+        code_hash: str
+        resends: int
+
+    class CodeRejected(Aggregate.Event):
+        attempts: int
+
+    class Locked(Aggregate.Event):
+        attempts: int
+
+    class CodeVerified(Aggregate.Event):
+        pass
+
+    class IdentityVerified(Aggregate.Event):
+        verifier: str
+
+    class IdentityRejected(Aggregate.Event):
+        verifier: str
+        attempts: int
+        reason: str
+
+    class PaymentMethodAttached(Aggregate.Event):
+        payment_id: UUID
+        card_token: str
+        card_brand: str
+        card_last4: str
+
+    class PaymentDeclined(Aggregate.Event):
+        payment_id: UUID
+        reason_code: str
+        declines: int
+
+    class Completed(Aggregate.Event):
+        payment_id: UUID
+
+    class Expired(Aggregate.Event):
+        pass
+
+    class Cancelled(Aggregate.Event):
+        reason: str
+
+    class Failed(Aggregate.Event):
+        reason: str
+
+    # -- creation ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        session_id: UUID,
+        *,
+        merchant_id: UUID,
+        amount_minor: int,
+        currency: str,
+        customer_phone: str,
+        order_reference: str,
+        line_items: Sequence[Mapping[str, Any]],
+        voice_platform: str,
+        conversation_id: str,
+        callback_url: str | None,
+        identity_threshold_minor: int,
+        expires_at: datetime,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PaymentSession:
+        check_currency(currency)
+        check_amount(amount_minor, currency)
+        items = check_line_items(line_items, amount_minor, currency)
+        return cls._create(
+            cls.Opened,
+            id=session_id,
+            merchant_id=merchant_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            customer_phone=check_phone(customer_phone),
+            order_reference=check_text("order.reference", order_reference, max_length=100),
+            line_items=[item.as_dict() for item in items],
+            voice_platform=check_text("voice.platform", voice_platform, max_length=50),
+            conversation_id=check_text("voice.conversation_id", conversation_id),
+            callback_url=check_url("callback_url", callback_url),
+            metadata=check_metadata(metadata),
+            identity_required=amount_minor > identity_threshold_minor,
+            expires_at=expires_at,
+        )
+
+    @event(Opened)
+    def __init__(
+        self,
+        *,
+        merchant_id: UUID,
+        amount_minor: int,
+        currency: str,
+        customer_phone: str,
+        order_reference: str,
+        line_items: list[dict[str, Any]],
+        voice_platform: str,
+        conversation_id: str,
+        callback_url: str | None,
+        metadata: dict[str, str],
+        identity_required: bool,
+        expires_at: datetime,
+    ) -> None:
+        self.merchant_id = merchant_id
+        self.amount_minor = amount_minor
+        self.currency = currency
+        self.customer_phone = customer_phone
+        self.order_reference = order_reference
+        self.line_items = line_items
+        self.voice_platform = voice_platform
+        self.conversation_id = conversation_id
+        self.callback_url = callback_url
+        self.metadata = metadata
+        self.identity_required = identity_required
+        self.expires_at = expires_at
+        self.status = S.AWAITING_CUSTOMER
+        self.link_token_hash: str | None = None
+        self.code_hash: str | None = None
+        self.code_attempts = 0
+        self.code_resends = 0
+        self.identity_attempts = 0
+        self.declines = 0
+        self.payment_id: UUID | None = None
+        self.card_token: str | None = None
+        self.card_brand: str | None = None
+        self.card_last4: str | None = None
+        self.end_reason: str | None = None
+
+    # -- guards ----------------------------------------------------------------------------
+
+    def _require(self, command: str, *allowed: str) -> None:
+        if self.status == S.LOCKED and S.LOCKED not in allowed:
+            raise SessionLocked("this session is locked after too many wrong codes")
+        if self.status not in allowed:
+            raise InvalidTransition("payment session", command, self.status)
+
+    def _require_live(self, command: str, now: datetime, *allowed: str) -> None:
+        self._require(command, *allowed)
+        if now >= self.expires_at:
+            raise LinkExpired("the payment link has expired")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def ready_for_payment_method(self) -> bool:
+        if self.identity_required:
+            return self.status == S.IDENTITY_VERIFIED
+        return self.status == S.CODE_VERIFIED
+
+    # -- the customer's journey -----------------------------------------------------------
+
+    def send_link(self, link_token_hash: str, code_hash: str, now: datetime) -> None:
+        self._require_live("send the link of", now, S.AWAITING_CUSTOMER)
+        self._link_sent(link_token_hash=link_token_hash, code_hash=code_hash)
+
+    @event(LinkSent)
+    def _link_sent(self, link_token_hash: str, code_hash: str) -> None:
+        self.link_token_hash = link_token_hash
+        self.code_hash = code_hash
+        self.status = S.LINK_SENT
+
+    def link_token_matches(self, link_token_hash: str) -> bool:
+        return self.link_token_hash is not None and hmac.compare_digest(
+            self.link_token_hash, link_token_hash
+        )
+
+    def open_link(self, now: datetime) -> None:
+        """The customer opened the page; opening it again is not a new event."""
+        if self.status == S.LINK_OPENED:
+            return
+        self._require_live("open the link of", now, S.LINK_SENT)
+        self._link_opened()
+
+    @event(LinkOpened)
+    def _link_opened(self) -> None:
+        self.status = S.LINK_OPENED
+
+    def resend_code(self, code_hash: str, now: datetime) -> None:
+        self._require_live("resend the code of", now, S.LINK_SENT, S.LINK_OPENED)
+        if self.code_resends >= MAX_CODE_RESENDS:
+            raise ResendLimitReached(f"the code was already resent {MAX_CODE_RESENDS} times")
+        self._code_resent(code_hash=code_hash, resends=self.code_resends + 1)
+
+    @event(CodeResent)
+    def _code_resent(self, code_hash: str, resends: int) -> None:
+        # Attempts are not reset: a resend must not buy a brute-forcer more guesses.
+        self.code_hash = code_hash
+        self.code_resends = resends
+
+    def verify_code(self, code_hash: str, now: datetime) -> CodeCheck:
+        """Record the outcome of one guess. A wrong guess is an event, not an exception,
+        so it is saved; the caller turns INCORRECT / LOCKED into the customer's message."""
+        self._require_live("verify the code of", now, S.LINK_SENT, S.LINK_OPENED)
+        assert self.code_hash is not None
+        if hmac.compare_digest(self.code_hash, code_hash):
+            self._code_verified()
+            return CodeCheck.VERIFIED
+        attempts = self.code_attempts + 1
+        self._code_rejected(attempts=attempts)
+        if attempts >= MAX_CODE_ATTEMPTS:
+            self._locked(attempts=attempts)
+            return CodeCheck.LOCKED
+        return CodeCheck.INCORRECT
+
+    @property
+    def code_attempts_left(self) -> int:
+        return max(0, MAX_CODE_ATTEMPTS - self.code_attempts)
+
+    @event(CodeVerified)
+    def _code_verified(self) -> None:
+        self.status = S.CODE_VERIFIED
+
+    @event(CodeRejected)
+    def _code_rejected(self, attempts: int) -> None:
+        self.code_attempts = attempts
+
+    @event(Locked)
+    def _locked(self, attempts: int) -> None:
+        self.status = S.LOCKED
+        self.end_reason = "too_many_code_attempts"
+
+    def record_identity_check(self, *, verified: bool, verifier: str, reason: str, now: datetime) -> None:
+        self._require_live("verify the identity on", now, S.CODE_VERIFIED)
+        if not self.identity_required:
+            raise IdentityCheckNotRequired("this amount does not need an identity check")
+        if verified:
+            self._identity_verified(verifier=verifier)
+            return
+        attempts = self.identity_attempts + 1
+        self._identity_rejected(verifier=verifier, attempts=attempts, reason=reason)
+        if attempts >= MAX_IDENTITY_ATTEMPTS:
+            self._failed(reason="identity_not_verified")
+
+    @event(IdentityVerified)
+    def _identity_verified(self, verifier: str) -> None:
+        self.status = S.IDENTITY_VERIFIED
+
+    @event(IdentityRejected)
+    def _identity_rejected(self, verifier: str, attempts: int, reason: str) -> None:
+        self.identity_attempts = attempts
+
+    def attach_payment_method(
+        self, *, payment_id: UUID, card_token: str, card_brand: str, card_last4: str, now: datetime
+    ) -> None:
+        self._require_live("attach a payment method to", now, S.CODE_VERIFIED, S.IDENTITY_VERIFIED)
+        if not self.ready_for_payment_method:
+            raise IdentityCheckRequired(
+                "amounts above the identity threshold need an identity check before payment"
+            )
+        check_text("card_token", card_token, max_length=64)
+        if card_brand not in CARD_BRANDS:
+            raise InvalidPaymentMethod(f"unknown card brand {card_brand!r}")
+        if not (isinstance(card_last4, str) and len(card_last4) == 4 and card_last4.isdigit()):
+            raise InvalidPaymentMethod("card_last4 must be exactly four digits")
+        self._payment_method_attached(
+            payment_id=payment_id, card_token=card_token, card_brand=card_brand, card_last4=card_last4
+        )
+
+    @event(PaymentMethodAttached)
+    def _payment_method_attached(
+        self, payment_id: UUID, card_token: str, card_brand: str, card_last4: str
+    ) -> None:
+        self.payment_id = payment_id
+        self.card_token = card_token
+        self.card_brand = card_brand
+        self.card_last4 = card_last4
+        self.status = S.PAYMENT_METHOD_ATTACHED
+
+    # -- outcomes of the payment ----------------------------------------------------------
+
+    def _require_current_payment(self, command: str, payment_id: UUID) -> None:
+        self._require(command, S.PAYMENT_METHOD_ATTACHED)
+        if payment_id != self.payment_id:
+            raise InvalidField(
+                f"payment {payment_id} is not this session's current payment", field="payment_id"
+            )
+
+    def complete(self, payment_id: UUID) -> None:
+        self._require_current_payment("complete", payment_id)
+        self._completed(payment_id=payment_id)
+
+    @event(Completed)
+    def _completed(self, payment_id: UUID) -> None:
+        self.status = S.COMPLETED
+
+    def record_decline(self, payment_id: UUID, reason_code: str) -> None:
+        """A declined card sends the customer back to choose another, a few times at most."""
+        self._require_current_payment("record a decline on", payment_id)
+        declines = self.declines + 1
+        self._payment_declined(payment_id=payment_id, reason_code=reason_code, declines=declines)
+        if declines >= MAX_DECLINES:
+            self._failed(reason="too_many_declines")
+
+    @event(PaymentDeclined)
+    def _payment_declined(self, payment_id: UUID, reason_code: str, declines: int) -> None:
+        self.declines = declines
+        self.payment_id = None
+        self.card_token = self.card_brand = self.card_last4 = None
+        self.status = S.IDENTITY_VERIFIED if self.identity_required else S.CODE_VERIFIED
+
+    # -- ends -----------------------------------------------------------------------------
+
+    def expire(self, now: datetime) -> None:
+        self._require("expire", *(S.ALL - TERMINAL - IN_FLIGHT))
+        if now < self.expires_at:
+            raise LinkNotExpired(f"the link is valid until {self.expires_at.isoformat()}")
+        self._expired()
+
+    @event(Expired)
+    def _expired(self) -> None:
+        self.status = S.EXPIRED
+        self.end_reason = "link_expired"
+
+    def cancel(self, reason: str) -> None:
+        self._require("cancel", *(S.ALL - TERMINAL - IN_FLIGHT))
+        self._cancelled(reason=check_text("reason", reason, max_length=200))
+
+    @event(Cancelled)
+    def _cancelled(self, reason: str) -> None:
+        self.status = S.CANCELLED
+        self.end_reason = reason
+
+    def fail(self, reason: str) -> None:
+        self._require("fail", *(S.ALL - TERMINAL))
+        self._failed(reason=check_text("reason", reason, max_length=200))
+
+    @event(Failed)
+    def _failed(self, reason: str) -> None:
+        self.status = S.FAILED
+        self.end_reason = reason
