@@ -1,0 +1,86 @@
+"""Shared fixtures: real servers for the whole run, a fresh migrated database per test."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from adapters.clock import ManualClock
+from adapters.sandbox_processor import SandboxProcessor
+from adapters.servers import LocalServers, ServerURLs
+from api.bootstrap import Settings, build_ledger
+from application.ledger import Ledger
+from migrations import migrate
+
+TEMPLATE_DB = "echotransact_test_template"
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[ServerURLs]:
+    """The configured servers (DATABASE_URL, ...) or embedded ones that stop with the run."""
+    with tempfile.TemporaryDirectory(prefix="echotransact-test-") as tmp:
+        Path(tmp).chmod(0o777)  # the embedded PostgreSQL runs as its own user when we are root
+        with LocalServers.from_env(Path(tmp), persistent=False) as urls:
+            yield urls
+
+
+def _with_db(url: str, dbname: str) -> str:
+    parts = conninfo_to_dict(url)
+    parts["dbname"] = dbname
+    return make_conninfo(**parts)
+
+
+@pytest.fixture(scope="session")
+def template_database(servers: ServerURLs) -> str:
+    with psycopg.connect(servers.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE_DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    url = _with_db(servers.database_url, TEMPLATE_DB)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
+    """A database of its own for each test, copied from the migrated template (fast)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(servers.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    yield _with_db(servers.database_url, name)
+    with psycopg.connect(servers.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def processor() -> SandboxProcessor:
+    return SandboxProcessor()
+
+
+@pytest.fixture
+def ledger(
+    settings: Settings, database_url: str, clock: ManualClock, processor: SandboxProcessor
+) -> Iterator[Ledger]:
+    app = build_ledger(settings, database_url, clock=clock, processor=processor)
+    yield app
+    app.close()
