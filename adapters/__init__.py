@@ -1,0 +1,1 @@
+"""Adapters: the project's connections to real PostgreSQL, Redis and Kafka servers."""

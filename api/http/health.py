@@ -1,0 +1,89 @@
+"""Liveness and readiness: is the process up, and can it reach PostgreSQL, Redis and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import psycopg
+import redis.asyncio as aioredis
+from confluent_kafka.admin import AdminClient
+from litestar import Controller, MediaType, Response, get
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+
+CHECK_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    database_url: str
+    redis_url: str
+    kafka_bootstrap_servers: str
+
+
+async def check_postgres(deps: Dependencies) -> None:
+    async with await psycopg.AsyncConnection.connect(deps.database_url, connect_timeout=2) as conn:
+        await conn.execute("SELECT 1")
+
+
+async def check_redis(deps: Dependencies) -> None:
+    client = aioredis.Redis.from_url(deps.redis_url, socket_timeout=CHECK_TIMEOUT_S)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def check_kafka(deps: Dependencies) -> None:
+    def list_topics() -> None:
+        admin = AdminClient({"bootstrap.servers": deps.kafka_bootstrap_servers, "log_level": 0})
+        admin.list_topics(timeout=CHECK_TIMEOUT_S)
+
+    await asyncio.to_thread(list_topics)
+
+
+CHECKS: dict[str, Callable[[Dependencies], Awaitable[None]]] = {
+    "postgres": check_postgres,
+    "redis": check_redis,
+    "kafka": check_kafka,
+}
+
+
+async def _run(name: str, deps: Dependencies) -> dict[str, object]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(CHECKS[name](deps), CHECK_TIMEOUT_S + 1)
+    except Exception as error:  # noqa: BLE001 - any failure means "not ready", with its reason
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+class HealthController(Controller):
+    path = "/health"
+    tags = ["operations"]
+
+    @get("/live", operation_id="getLiveness", summary="The process is up")
+    async def live(self) -> dict[str, str]:
+        return {"status": "live"}
+
+    @get("/ready", operation_id="getReadiness", summary="PostgreSQL, Redis and Kafka are reachable")
+    async def ready(self, deps: Dependencies) -> Response[dict[str, object]]:
+        names = list(CHECKS)
+        results = dict(zip(names, await asyncio.gather(*(_run(n, deps) for n in names)), strict=True))
+        ok = all(r["ok"] for r in results.values())
+        if ok:
+            return Response({"status": "ready", "checks": results}, status_code=HTTP_200_OK)
+        return Response(
+            {
+                "type": "about:blank",
+                "title": "Service not ready",
+                "status": HTTP_503_SERVICE_UNAVAILABLE,
+                "code": "not_ready",
+                "detail": ", ".join(f"{n}: {r['error']}" for n, r in results.items() if not r["ok"]),
+                "checks": results,
+            },
+            status_code=HTTP_503_SERVICE_UNAVAILABLE,
+            media_type=MediaType.JSON.value.replace("json", "problem+json"),
+        )

@@ -1,0 +1,94 @@
+"""`echotransact run` as a user starts it: serves health on the printed URL, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def run_env(tmp_path: Path) -> dict[str, str]:
+    tmp_path.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+    env.update(ECHOTRANSACT_DATA_DIR=str(tmp_path / "data"), ECHOTRANSACT_PORT="0")
+    return env
+
+
+def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"serving on (http://\S+)", line)
+        if match:
+            return proc, match.group(1)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError("echotransact run never printed its URL")
+
+
+def test_run_serves_health_and_sigterm_leaves_no_server_behind(run_env: dict[str, str]) -> None:
+    proc, url = _start(run_env)
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, body = _get(f"{url}/health/ready")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert status == 200, body
+        assert {name for name, check in body["checks"].items() if check["ok"]} == {"postgres", "redis", "kafka"}
+        assert _get(f"{url}/health/live") == (200, {"status": "live"})
+        server_pids = [
+            p.pid for p in psutil.process_iter(["cmdline"])
+            if run_env["ECHOTRANSACT_DATA_DIR"] in " ".join(p.info["cmdline"] or [])
+            or any(c.pid == p.pid for c in children)
+        ]
+        assert server_pids, "expected embedded servers to be running"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    time.sleep(0.5)
+    alive = [pid for pid in server_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    # The development keys and PostgreSQL data are kept for the next run.
+    assert (Path(run_env["ECHOTRANSACT_DATA_DIR"]) / "dev-keys.json").exists()
+
+
+def test_run_rejects_a_bad_setting_with_a_readable_message(run_env: dict[str, str]) -> None:
+    run_env["ECHOTRANSACT_IDENTITY_THRESHOLDS"] = "USD=lots"
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=run_env, text=True,
+        capture_output=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "ECHOTRANSACT_IDENTITY_THRESHOLDS" in done.stderr and "Traceback" not in done.stderr
