@@ -9,7 +9,7 @@ import base64
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from adapters.clock import SystemClock
 from adapters.sandbox_processor import SandboxProcessor
+from application.envelope import EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
 from application.ports import Clock, PaymentProcessor
 from domain.money import check_amount, check_currency
@@ -175,3 +176,21 @@ def build_ledger(
         processor=processor or SandboxProcessor(),
         **extra,
     )
+
+
+def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
+    """Turn an outbox row's ``envelope`` bytes back into an EventEnvelope (decrypting with the
+    same key the ledger encrypted with)."""
+    cipher = None
+    if settings.encryption_key:
+        from eventsourcing.cipher import AESCipher
+        from eventsourcing.utils import Environment
+
+        cipher = AESCipher(
+            Environment("ENVELOPE", {"CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()})
+        )
+
+    def open_envelope(payload: bytes) -> EventEnvelope:
+        return decode(cipher.decrypt(bytes(payload)) if cipher else bytes(payload))
+
+    return open_envelope

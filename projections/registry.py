@@ -1,0 +1,28 @@
+"""The projections by name, for the worker and the replay tool."""
+
+from __future__ import annotations
+
+from projections.analytics import AnalyticsProjection
+from projections.audit import AuditProjection
+from projections.balances import BalancesProjection
+from projections.engine import Projection
+from projections.status import StatusProjection
+
+
+def all_projections() -> dict[str, Projection]:
+    return {
+        p.name: p
+        for p in (StatusProjection(), AnalyticsProjection(), AuditProjection(), BalancesProjection())
+    }
+
+
+def select(names: str) -> list[Projection]:
+    """``all`` or a comma-separated list of names; unknown names are an error that lists the known."""
+    known = all_projections()
+    if names == "all":
+        return list(known.values())
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise ValueError(f"unknown projection {', '.join(unknown) or '(none)'}; choose from: all, {', '.join(known)}")
+    return [known[n] for n in chosen]

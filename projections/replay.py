@@ -1,0 +1,73 @@
+"""Rebuilding read models from the event feed, and checking live ones against a rebuild."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from projections.engine import OpenEnvelope, Projection, ProjectionStore
+
+BOOKKEEPING = ("projection_versions", "projection_checkpoints")
+
+
+@dataclass(frozen=True)
+class Difference:
+    table: str
+    side: str  # "live only" or "rebuild only"
+    row: dict[str, Any]
+
+
+def rebuild(database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope) -> int:
+    store = ProjectionStore(database_url, projections, open_envelope)
+    try:
+        return store.rebuild()
+    finally:
+        store.close()
+
+
+def verify(
+    database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope, *, max_rows: int = 50
+) -> list[Difference]:
+    """Rebuild into scratch tables and list every row that differs from the live tables."""
+    schema = f"verify_{uuid.uuid4().hex[:10]}"
+    tables = [t for p in projections for t in p.tables]
+    names = [p.name for p in projections]
+    differences: list[Difference] = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            for table in (*tables, *BOOKKEEPING):
+                conn.execute(
+                    sql.SQL("CREATE TABLE {}.{} (LIKE public.{} INCLUDING ALL)").format(
+                        sql.Identifier(schema), sql.Identifier(table), sql.Identifier(table)
+                    )
+                )
+            store = ProjectionStore(database_url, projections, open_envelope, schema=schema)
+            try:
+                store.rebuild()
+            finally:
+                store.close()
+            comparisons: list[tuple[str, sql.Composable, list[Any]]] = [
+                (t, sql.SQL("TRUE"), []) for t in tables
+            ] + [("projection_versions", sql.SQL("projection = ANY(%s)"), [names])]
+            for table, where, params in comparisons:
+                for side, left, right in (("live only", "public", schema), ("rebuild only", schema, "public")):
+                    query = sql.SQL(
+                        "SELECT * FROM {l}.{t} WHERE {w} EXCEPT SELECT * FROM {r}.{t} WHERE {w} LIMIT %s"
+                    ).format(
+                        l=sql.Identifier(left), r=sql.Identifier(right), t=sql.Identifier(table), w=where
+                    )
+                    with conn.cursor() as cur:
+                        cur.execute(query, [*params, *params, max_rows])
+                        columns = [c.name for c in cur.description or ()]
+                        differences += [
+                            Difference(table, side, dict(zip(columns, row, strict=True))) for row in cur.fetchall()
+                        ]
+        finally:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    return differences

@@ -1,0 +1,166 @@
+"""Projections applied from the outbox feed on real PostgreSQL: expectations, exactly-once,
+gap filling, rebuild equality and audit tampering. (Kafka and Faust are in test_worker.py.)"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import timedelta
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from api.bootstrap import Settings, envelope_opener
+from application.envelope import EventEnvelope
+from application.ledger import Ledger
+from projections.audit import verify_chain
+from projections.engine import ProjectionStore
+from projections.registry import all_projections, select
+from projections.replay import verify
+from tests.application.flows import new_merchant, open_session, pay
+
+
+def feed(database_url: str, settings: Settings) -> list[EventEnvelope]:
+    """Every envelope in the outbox, with its position, independently of the engine."""
+    open_envelope = envelope_opener(settings)
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT position, envelope FROM outbox ORDER BY position").fetchall()
+    out = []
+    for position, payload in rows:
+        e = open_envelope(payload)
+        out.append(EventEnvelope(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "position": position}))
+    return out
+
+
+def scenario(ledger: Ledger) -> dict[str, UUID]:
+    """Two merchants; paid+captured+refunded, declined-then-paid, cancelled, locked, expired."""
+    m1, m2 = new_merchant(ledger, "m1"), new_merchant(ledger, "m2")
+    s1 = open_session(ledger, m1, "s1", amount_minor=2_500)
+    p1 = pay(ledger, s1, prefix="s1-")
+    ledger.authorize_payment(p1)
+    ledger.capture_payment("cap1", p1)
+    ledger.refund_payment("ref1", p1, amount_minor=500)
+
+    s2 = open_session(ledger, m1, "s2", amount_minor=4_000)
+    declined = pay(ledger, s2, last4="0002", prefix="s2-")
+    ledger.authorize_payment(declined)
+    p2 = UUID(ledger.attach_payment_method("s2-again", s2, card_token="t", card_brand="visa",
+                                           card_last4="4242").result["payment_id"])
+    ledger.authorize_payment(p2)
+    ledger.capture_payment("cap2", p2, amount_minor=3_000)
+
+    s3 = open_session(ledger, m2, "s3", amount_minor=1_000)
+    ledger.cancel_session("c3", s3)
+    s4 = open_session(ledger, m2, "s4", amount_minor=1_000)
+    link = ledger.send_link("s4-send", s4)
+    wrong = "000000" if link.code != "000000" else "111111"
+    for i in range(5):
+        ledger.verify_code(f"s4-guess-{i}", s4, wrong)
+    s5 = open_session(ledger, m2, "s5", amount_minor=1_000)
+    ledger.send_link("s5-send", s5)
+    ledger.clock.advance(timedelta(minutes=16))  # type: ignore[attr-defined]
+    ledger.expire_session(s5)
+    return {"m1": m1, "m2": m2, "p1": p1, "p2": p2, "declined": declined,
+            "s1": s1, "s2": s2, "s3": s3, "s4": s4, "s5": s5}
+
+
+@pytest.fixture
+def store(database_url: str, settings: Settings) -> ProjectionStore:
+    s = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    yield s
+    s.close()
+
+
+def rows(database_url: str, query: str, *params: object) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_read_models_match_expectations(ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings) -> None:
+    ids = scenario(ledger)
+    store.catch_up(grace=timedelta(0))
+
+    statuses = dict(rows(database_url, "SELECT session_id, status FROM session_status"))
+    assert statuses == {ids["s1"]: "completed", ids["s2"]: "completed", ids["s3"]: "cancelled",
+                        ids["s4"]: "locked", ids["s5"]: "expired"}
+    assert rows(database_url, "SELECT customer_phone_masked FROM session_status LIMIT 1") == [("+1******0123",)]
+    payments = {r[0]: r[1:] for r in rows(database_url,
+        "SELECT payment_id, status, captured_minor, fee_minor, refunded_minor, failure_code FROM payment_status")}
+    assert payments[ids["p1"]] == ("captured", 2_500, 103, 500, None)
+    assert payments[ids["p2"]] == ("captured", 3_000, 117, 0, None)  # 87 + 30
+    assert payments[ids["declined"]] == ("failed", 0, 0, 0, "insufficient_funds")
+
+    funnel = {r[0]: r[1:] for r in rows(database_url,
+        "SELECT merchant_id, opened, link_sent, link_opened, code_verified, paid, cancelled, locked, expired"
+        " FROM funnel_daily")}
+    assert funnel[ids["m1"]] == (2, 2, 2, 2, 2, 0, 0, 0)
+    assert funnel[ids["m2"]] == (3, 2, 0, 0, 0, 1, 1, 1)
+    volume = rows(database_url,
+        "SELECT authorized_count, declined_count, captured_count, gross_captured_minor, refunded_minor, fees_minor"
+        " FROM volume_daily WHERE merchant_id = %s", ids["m1"])
+    assert volume == [(2, 1, 2, 5_500, 500, 220)]
+
+    # Balances: independently, from the postings in the feed.
+    expected: Counter[tuple[str, str]] = Counter()
+    for e in feed(database_url, settings):
+        for p in e.data.get("postings", []):
+            expected[(p["account"], p["currency"])] += p["amount_minor"] * (1 if p["direction"] == "debit" else -1)
+    balances = {(a, c): b for a, c, b in rows(database_url, "SELECT account, currency, balance_minor FROM ledger_balances")}
+    assert balances == dict(expected)
+    assert sum(balances.values()) == 0
+    assert balances[(f"merchant:{ids['m1']}:payable", "USD")] == -(5_500 - 220 - 500)
+
+    audit = rows(database_url, "SELECT count(*), count(hash) FROM audit_log")[0]
+    events = rows(database_url, "SELECT count(*) FROM ledger_events")[0][0]
+    assert audit == (events, events)
+    assert verify_chain(psycopg.connect(database_url)).ok
+    dump = str(rows(database_url, "SELECT data FROM audit_log"))
+    assert "+14155550123" not in dump and "+1******0123" in dump
+
+
+def test_duplicates_reordering_and_gaps_are_applied_exactly_once(
+    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+) -> None:
+    scenario(ledger)
+    envelopes = feed(database_url, settings)
+    shuffled = envelopes * 2
+    random.Random(7).shuffle(shuffled)
+    # Some events never arrive on their own: their later versions must pull them in.
+    dropped = set(random.Random(8).sample(range(len(envelopes)), len(envelopes) // 4))
+    arriving = [e for e in shuffled if (e.position - envelopes[0].position) not in dropped]
+    for start in range(0, len(arriving), 7):
+        store.apply_batch(arriving[start:start + 7])
+    store.catch_up(grace=timedelta(0))  # anything whose later versions never came either
+    assert verify(database_url, list(all_projections().values()), envelope_opener(settings)) == []
+    assert verify_chain(psycopg.connect(database_url)).ok
+
+
+def test_verify_lists_differences_and_replay_repairs_them(
+    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+) -> None:
+    ids = scenario(ledger)
+    store.catch_up(grace=timedelta(0))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE payment_status SET captured_minor = 1 WHERE payment_id = %s", (ids["p1"],))
+    differences = verify(database_url, select("status"), envelope_opener(settings))
+    assert {(d.table, d.side) for d in differences} == {("payment_status", "live only"), ("payment_status", "rebuild only")}
+    store.rebuild()
+    assert verify(database_url, select("all"), envelope_opener(settings)) == []
+
+
+def test_tampering_with_one_audit_row_is_named(ledger: Ledger, store: ProjectionStore, database_url: str) -> None:
+    scenario(ledger)
+    store.catch_up(grace=timedelta(0))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        victim = conn.execute("SELECT position FROM audit_log ORDER BY position OFFSET 10 LIMIT 1").fetchone()[0]
+        conn.execute(
+            "UPDATE audit_log SET data = jsonb_set(data, '{amount_minor}', '1') WHERE position = %s", (victim,)
+        )
+        report = verify_chain(conn)
+    assert not report.ok and report.first_broken_position == victim
+
+
+def test_unknown_projection_names_are_rejected_readably() -> None:
+    with pytest.raises(ValueError, match="choose from: all, status"):
+        select("statuz")
