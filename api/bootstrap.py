@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from adapters.clock import SystemClock
 from adapters.sandbox_processor import SandboxProcessor
-from application.envelope import EventEnvelope, decode
+from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
 from application.ports import Clock, PaymentProcessor
 from domain.money import check_amount, check_currency
@@ -42,6 +43,9 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_LINK_LIFETIME_S": "payment link lifetime in seconds (900)",
     "ECHOTRANSACT_IDENTITY_THRESHOLDS": "identity check thresholds, minor units: USD=10000,EUR=10000",
     "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
+    "ECHOTRANSACT_TOPIC_PREFIX": "prefix of the Kafka topics and consumer group (echotransact)",
+    "ECHOTRANSACT_CATCH_UP_EVERY_S": "how often a projection worker catches up from the outbox (5)",
+    "ECHOTRANSACT_CATCH_UP_GRACE_S": "how old an event must be before catch-up applies it (5)",
 }
 
 
@@ -84,6 +88,9 @@ class Settings:
     link_lifetime: timedelta = timedelta(minutes=15)
     identity_thresholds_minor: dict[str, int] = field(default_factory=default_identity_thresholds_minor)
     log_level: str = "info"
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    catch_up_every_s: float = 5.0
+    catch_up_grace_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -91,11 +98,17 @@ class Settings:
         data_dir = Path(env.get("ECHOTRANSACT_DATA_DIR", ".data"))
         encryption = env.get("ECHOTRANSACT_ENCRYPTION_KEY")
         hash_key = env.get("ECHOTRANSACT_HASH_KEY")
-        try:
-            port = int(env.get("ECHOTRANSACT_PORT", "8000"))
-            lifetime = int(env.get("ECHOTRANSACT_LINK_LIFETIME_S", "900"))
-        except ValueError as error:
-            raise ConfigurationError(f"ECHOTRANSACT_PORT / _LINK_LIFETIME_S: {error}") from None
+        numbers: dict[str, float] = {}
+        for name, default in (("ECHOTRANSACT_PORT", "8000"), ("ECHOTRANSACT_LINK_LIFETIME_S", "900"),
+                              ("ECHOTRANSACT_CATCH_UP_EVERY_S", "5"), ("ECHOTRANSACT_CATCH_UP_GRACE_S", "5")):
+            try:
+                numbers[name] = float(env.get(name, default))
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a number, got {env.get(name)!r}") from None
+        port, lifetime = int(numbers["ECHOTRANSACT_PORT"]), int(numbers["ECHOTRANSACT_LINK_LIFETIME_S"])
+        prefix = env.get("ECHOTRANSACT_TOPIC_PREFIX", DEFAULT_TOPIC_PREFIX)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", prefix):
+            raise ConfigurationError("ECHOTRANSACT_TOPIC_PREFIX may hold letters, digits, '.', '_' and '-'")
         if not 0 <= port <= 65535 or lifetime <= 0:
             raise ConfigurationError("ECHOTRANSACT_PORT must be 0-65535 and the lifetime positive")
         if not hash_key:
@@ -117,6 +130,9 @@ class Settings:
             link_lifetime=timedelta(seconds=lifetime),
             identity_thresholds_minor=parse_thresholds(env.get("ECHOTRANSACT_IDENTITY_THRESHOLDS", "")),
             log_level=env.get("ECHOTRANSACT_LOG_LEVEL", "info"),
+            topic_prefix=prefix,
+            catch_up_every_s=numbers["ECHOTRANSACT_CATCH_UP_EVERY_S"],
+            catch_up_grace_s=numbers["ECHOTRANSACT_CATCH_UP_GRACE_S"],
         )
 
 
@@ -168,6 +184,7 @@ def build_ledger(
         secret_key=settings.hash_key,
         link_lifetime=settings.link_lifetime,
         identity_thresholds_minor=settings.identity_thresholds_minor,
+        topic_prefix=settings.topic_prefix,
     )
     return Ledger(
         eventsourcing_env(database_url, settings.encryption_key),

@@ -1,28 +1,75 @@
-"""The ``echotransact`` command line: run the system, apply migrations."""
+"""The ``echotransact`` command line: run the whole system, or one part of it, and the
+operators' tools (migrate, replay, audit).
+
+Servers come from DATABASE_URL / REDIS_URL / KAFKA_BOOTSTRAP_SERVERS; failing those, from a
+running ``echotransact run`` on the same data directory; failing that, the command starts
+embedded ones itself for as long as it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
 
 from api.bootstrap import ENV_VARS, ConfigurationError, Settings, development_keys
-from api.logging import configure_logging
+
+RUNNING_FILE = "running.json"  # URLs of the servers of a live `echotransact run`
 
 
-def _settings(data_dir: Path, dev_keys: bool) -> Settings:
+class Terminated(SystemExit):
+    """SIGTERM, turned into an exception so every ``finally`` runs and servers are stopped."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(0)
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("ECHOTRANSACT_DATA_DIR", ".data")).resolve()
+
+
+def _settings(data_dir: Path) -> Settings:
+    """Settings from the environment; on a development machine the keys default to ones made
+    once and kept under the data directory."""
     environ = dict(os.environ)
     environ.setdefault("ECHOTRANSACT_DATA_DIR", str(data_dir))
-    if dev_keys:
+    if not environ.get("ECHOTRANSACT_HASH_KEY"):
         for key, value in development_keys(data_dir).items():
             environ.setdefault(key, value)
     return Settings.from_env(environ)
+
+
+@contextlib.contextmanager
+def _servers(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, str]]:
+    """(database, redis, kafka) URLs for as long as the block runs."""
+    from adapters.servers import LocalServers
+
+    running = data_dir / RUNNING_FILE
+    configured = all(os.environ.get(k) for k in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS"))
+    if not own and not configured and running.exists():
+        urls = json.loads(running.read_text())
+        yield urls["database_url"], urls["redis_url"], urls["kafka_bootstrap_servers"]
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    servers = LocalServers.from_env(data_dir, persistent=True)
+    try:
+        u = servers.start()
+        yield u.database_url, u.redis_url, u.kafka_bootstrap_servers
+    finally:
+        servers.stop()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -35,58 +82,186 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-class Terminated(SystemExit):
-    """SIGTERM, turned into an exception so every ``finally`` runs and servers are stopped."""
+def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subprocess.Popen[bytes]:
+    import base64
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": urls[0],
+        "REDIS_URL": urls[1],
+        "KAFKA_BOOTSTRAP_SERVERS": urls[2],
+        "ECHOTRANSACT_HASH_KEY": base64.b64encode(settings.hash_key).decode(),
+    }
+    if settings.encryption_key:
+        env["ECHOTRANSACT_ENCRYPTION_KEY"] = base64.b64encode(settings.encryption_key).decode()
+    return subprocess.Popen([sys.executable, "-m", "api.cli", command], env=env)
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(0)
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The whole system: servers, migrations, the outbox relay, the projection worker, the API."""
     import uvicorn
 
-    from adapters.servers import LocalServers, free_port
+    from adapters.servers import free_port
     from api.http.app import create_app
     from api.http.health import Dependencies
     from migrations import migrate
 
-    data_dir = Path(os.environ.get("ECHOTRANSACT_DATA_DIR", ".data")).resolve()
-    settings = _settings(data_dir, dev_keys=True)
-    configure_logging(settings.log_level)
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
     log = structlog.get_logger("echotransact")
     port = settings.port or free_port(settings.host)
     if not _port_free(settings.host, port):
         raise ConfigurationError(
             f"port {port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
         )
-    servers = LocalServers.from_env(data_dir, persistent=True)
     # uvicorn restores this handler and re-raises the signal after its graceful shutdown.
     signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        urls = servers.start()
-        applied = migrate(urls.database_url)
-        log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
-        app = create_app(Dependencies(urls.database_url, urls.redis_url, urls.kafka_bootstrap_servers))
-        print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
-        uvicorn.Server(
-            uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
-        ).run()
-    finally:
-        servers.stop()
-        log.info("stopped")
+    children: list[subprocess.Popen[bytes]] = []
+    running = data_dir / RUNNING_FILE
+    with _servers(data_dir, own=True) as urls:
+        try:
+            applied = migrate(urls[0])
+            log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
+            running.write_text(json.dumps(
+                {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
+            ))
+            children = [_child("relay", urls, settings), _child("worker", urls, settings)]
+            app = create_app(Dependencies(*urls))
+            print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
+            uvicorn.Server(
+                uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
+            ).run()
+        finally:
+            running.unlink(missing_ok=True)
+            _stop_children(children)
+            log.info("stopped")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from adapters.servers import LocalServers
     from migrations import migrate
 
-    data_dir = Path(os.environ.get("ECHOTRANSACT_DATA_DIR", ".data")).resolve()
-    with LocalServers.from_env(data_dir, persistent=True) as urls:
-        applied = migrate(urls.database_url)
+    with _servers(_data_dir()) as urls:
+        applied = migrate(urls[0])
     print(f"applied {len(applied)} migration(s)" + "".join(f"\n  {m.version:04d}_{m.name}" for m in applied))
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from api.bootstrap import envelope_opener
+    from projections.registry import all_projections
+    from projections.worker import run_worker
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, redis_url, kafka):
+        from adapters.kafka_topics import ensure_topics
+
+        ensure_topics(kafka, settings.topic_prefix)
+        run_worker(
+            database_url=database_url, kafka_bootstrap_servers=kafka, redis_url=redis_url,
+            projections=list(all_projections().values()), open_envelope=envelope_opener(settings),
+            topic_prefix=settings.topic_prefix, catch_up_every_s=settings.catch_up_every_s,
+            catch_up_grace=timedelta(seconds=settings.catch_up_grace_s),
+        )
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from adapters.relay import run_relay
+    from api.bootstrap import envelope_opener
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with _servers(data_dir) as (database_url, _redis, kafka):
+        run_relay(database_url, kafka, envelope_opener(settings), stop)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from api.bootstrap import envelope_opener
+    from projections.registry import select
+    from projections.replay import rebuild, verify
+
+    try:
+        chosen = select(args.projection)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        if args.verify:
+            differences = verify(database_url, chosen, envelope_opener(settings))
+            for d in differences:
+                print(json.dumps({"table": d.table, "side": d.side, "row": d.row}, default=str))
+            names = ", ".join(p.name for p in chosen)
+            print(f"{len(differences)} difference(s) in {names}", file=sys.stderr)
+            return 1 if differences else 0
+        applied = rebuild(database_url, chosen, envelope_opener(settings))
+        print(f"rebuilt {', '.join(p.name for p in chosen)} from {applied} event applications")
+    return 0
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-11-23T10:00:00Z") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone, e.g. 2026-11-23T10:00:00Z")
+    return value
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from projections.audit import export_rows, verify_chain
+
+    with _servers(_data_dir()) as (database_url, _redis, _kafka), psycopg.connect(database_url) as conn:
+        if args.audit_command == "verify":
+            report = verify_chain(conn)
+            if report.ok:
+                print(f"audit chain intact: {report.rows_checked} rows checked, {report.unchained} not yet chained")
+                return 0
+            print(f"audit chain broken at position {report.first_broken_position}: {report.reason}"
+                  f" ({report.rows_checked} rows checked)", file=sys.stderr)
+            return 1
+        out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+        count = 0
+        with conn.transaction():
+            for row in export_rows(conn, aggregate_id=args.aggregate, merchant_id=args.merchant,
+                                   since=args.since, until=args.until):
+                out.write(json.dumps(row, default=str, sort_keys=True) + "\n")
+                count += 1
+        if out is not sys.stdout:
+            out.close()
+        print(f"exported {count} audit rows", file=sys.stderr)
+    return 0
+
+
+def _uuid_arg(text: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,10 +272,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start the servers (embedded unless configured), migrate, serve the API")
+    sub.add_parser("run", help="the whole system: servers, migrations, relay, projection worker, API")
     sub.add_parser("migrate", help="apply database migrations (safe to re-run)")
+    sub.add_parser("relay", help="publish outbox rows to Kafka")
+    sub.add_parser("worker", help="the Faust projection worker (status, analytics, audit, balances)")
+    replay = sub.add_parser("replay", help="rebuild read models from the event store")
+    replay.add_argument("--projection", default="all", help="all, or status, analytics, audit, balances")
+    replay.add_argument("--verify", action="store_true",
+                        help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
+    audit = sub.add_parser("audit", help="the compliance audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="check the hash chain; names the first broken row")
+    export = audit_sub.add_parser("export", help="write audit rows as JSON Lines")
+    export.add_argument("--aggregate", type=_uuid_arg)
+    export.add_argument("--merchant", type=_uuid_arg)
+    export.add_argument("--from", dest="since", type=_timestamp)
+    export.add_argument("--to", dest="until", type=_timestamp)
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "migrate": cmd_migrate}
+    handlers = {
+        "run": cmd_run, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
+        "replay": cmd_replay, "audit": cmd_audit,
+    }
+    from api.logging import configure_logging
+
+    configure_logging(os.environ.get("ECHOTRANSACT_LOG_LEVEL", "info"))
     try:
         return handlers[args.command](args)
     except (ConfigurationError, OSError) as error:

@@ -49,9 +49,13 @@ def event_id_for(aggregate_id: UUID, version: int) -> UUID:
     return uuid5(_EVENT_ID_NAMESPACE, f"{aggregate_id}:{version}")
 
 
-def topic_for(aggregate_type: str) -> str:
-    """One Kafka topic per aggregate type; the key (aggregate id) keeps each one's order."""
-    return f"echotransact.{aggregate_type}.events"
+DEFAULT_TOPIC_PREFIX = "echotransact"
+
+
+def topic_for(aggregate_type: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
+    """One Kafka topic per aggregate type; the key (aggregate id) keeps each one's order. The
+    prefix names the deployment, so two deployments (or two test runs) can share a broker."""
+    return f"{prefix}.{aggregate_type}.events"
 
 
 def envelope_for(event: Any, aggregate_type: str, merchant_id: UUID | None) -> EventEnvelope:

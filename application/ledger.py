@@ -24,7 +24,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
-from application.envelope import encode, envelope_for, topic_for
+from application.envelope import DEFAULT_TOPIC_PREFIX, encode, envelope_for, topic_for
 from application.errors import (
     ConcurrencyConflict,
     IdempotencyKeyReused,
@@ -82,6 +82,7 @@ class LedgerPolicy:
     identity_thresholds_minor: Mapping[str, int] = field(
         default_factory=default_identity_thresholds_minor
     )
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
 
     def identity_threshold_minor(self, currency: str) -> int:
         check_currency(currency)
@@ -160,7 +161,7 @@ class Ledger(Application):
                     event_id=envelope.event_id,
                     aggregate_id=event.originator_id,
                     version=event.originator_version,
-                    topic=topic_for(aggregate_type),
+                    topic=topic_for(aggregate_type, self.policy.topic_prefix),
                     key=str(event.originator_id),
                     envelope=payload,
                 )

@@ -1,0 +1,124 @@
+"""The Faust stream processor that keeps the read models current.
+
+Thin on purpose: it decodes envelopes from the three event topics, hands batches to the
+projection engine (which makes every apply idempotent), refreshes the Redis status cache, and
+every few seconds catches up from the outbox whatever Kafka did not deliver. Several workers
+share the topics' partitions through Kafka's consumer group; a dead worker's partitions move
+to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import faust
+import psycopg
+import structlog
+
+from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode, topic_for
+from projections.engine import OpenEnvelope, Projection, ProjectionStore
+from projections.status_cache import StatusCache
+
+log = structlog.get_logger(__name__)
+
+AGGREGATE_TYPES = ("payment_session", "payment", "merchant")
+RETRYABLE = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
+             psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
+
+
+class ProjectionWorker:
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        kafka_bootstrap_servers: str,
+        redis_url: str | None,
+        projections: Sequence[Projection],
+        open_envelope: OpenEnvelope,
+        batch_size: int = 500,
+        batch_within_s: float = 0.3,
+        catch_up_every_s: float = 5.0,
+        catch_up_grace: timedelta = timedelta(seconds=5),
+        partitions: int = 8,
+        topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+    ) -> None:
+        self.stream_store = ProjectionStore(database_url, projections, open_envelope)
+        self.catch_up_store = ProjectionStore(database_url, projections, open_envelope)
+        self.cache = StatusCache.from_url(redis_url) if redis_url else None
+        self.catch_up_grace = catch_up_grace
+        self.app = faust.App(
+            f"{topic_prefix}-projections",
+            broker=f"kafka://{kafka_bootstrap_servers}",
+            value_serializer="raw",
+            key_serializer="raw",
+            store="memory://",
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            topic_partitions=partitions,
+            # Tansu (and a small cluster) joins groups only after the rebalance timeout.
+            broker_rebalance_timeout=2.0,
+            broker_session_timeout=6.0,
+            broker_heartbeat_interval=1.0,
+        )
+        topics = self.app.topic(*(topic_for(t, topic_prefix) for t in AGGREGATE_TYPES), value_type=bytes, key_type=bytes)
+
+        @self.app.agent(topics, name="project")
+        async def project(stream: faust.StreamT[bytes]) -> None:
+            async for values in stream.take(batch_size, within=batch_within_s):
+                envelopes = [decode(v) for v in values]
+                await asyncio.to_thread(self._apply, self.stream_store, envelopes)
+
+        @self.app.timer(interval=catch_up_every_s)
+        async def catch_up() -> None:
+            await asyncio.to_thread(self._catch_up)
+
+        self._agent, self._timer = project, catch_up
+
+    def _apply(self, store: ProjectionStore, envelopes: list[EventEnvelope]) -> None:
+        for attempt in range(1, 8):
+            try:
+                result = store.apply_batch(envelopes)
+                break
+            except RETRYABLE as error:
+                # Another worker is applying the same aggregates; after it commits our
+                # version check turns the overlap into no-ops.
+                log.info("projection_batch_retry", attempt=attempt, error=type(error).__name__)
+        else:
+            raise RuntimeError("projection batch kept conflicting; the catch-up will apply it")
+        if self.cache is not None and result.touched.get("status"):
+            self.cache.refresh(store.connection(), result.touched["status"])
+        log.debug("projection_batch", applied=result.applied, duplicates=result.duplicates,
+                  gaps_filled=result.gaps_filled)
+
+    def _catch_up(self) -> None:
+        try:
+            applied = self.catch_up_store.catch_up(grace=self.catch_up_grace)
+        except RETRYABLE as error:
+            log.info("catch_up_retry_later", error=type(error).__name__)
+            return
+        except psycopg.OperationalError as error:
+            log.warning("catch_up_database_unavailable", error=str(error))
+            self.catch_up_store.close()
+            return
+        if applied:
+            log.info("caught_up_from_outbox", applied=applied)
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT (Faust's worker handles both and shuts down cleanly)."""
+        worker = faust.Worker(self.app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+        try:
+            worker.execute_from_commandline()
+        finally:
+            self.stream_store.close()
+            self.catch_up_store.close()
+
+    def close(self) -> None:
+        self.stream_store.close()
+        self.catch_up_store.close()
+
+
+def run_worker(**kwargs: Any) -> None:
+    ProjectionWorker(**kwargs).run()
