@@ -110,24 +110,35 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The whole system: servers, migrations, the outbox relay, the projection worker, the API."""
+def _serve_api(settings: Settings, urls: tuple[str, str, str]) -> None:
     import uvicorn
 
     from adapters.servers import free_port
     from api.http.app import create_app
     from api.http.health import Dependencies
-    from migrations import migrate
 
-    data_dir = _data_dir()
-    settings = _settings(data_dir)
-    log = structlog.get_logger("echotransact")
     port = settings.port or free_port(settings.host)
     if not _port_free(settings.host, port):
         raise ConfigurationError(
             f"port {port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
         )
-    # uvicorn restores this handler and re-raises the signal after its graceful shutdown.
+    app = create_app(Dependencies(*urls))
+    print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
+    # uvicorn restores the SIGTERM handler it found and re-raises the signal after its graceful
+    # shutdown; ours turns it into Terminated so the callers' cleanup runs.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
+    ).run()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole system: servers, migrations, the outbox relay, the projection worker, the API."""
+    from migrations import migrate
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    log = structlog.get_logger("echotransact")
     signal.signal(signal.SIGTERM, _raise_terminated)
     children: list[subprocess.Popen[bytes]] = []
     running = data_dir / RUNNING_FILE
@@ -139,15 +150,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                 {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
             ))
             children = [_child("relay", urls, settings), _child("worker", urls, settings)]
-            app = create_app(Dependencies(*urls))
-            print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
-            uvicorn.Server(
-                uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
-            ).run()
+            _serve_api(settings, urls)
         finally:
             running.unlink(missing_ok=True)
             _stop_children(children)
             log.info("stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The API alone, as a production container runs it (servers given by URL)."""
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as urls:
+        _serve_api(settings, urls)
     return 0
 
 
@@ -273,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="the whole system: servers, migrations, relay, projection worker, API")
+    sub.add_parser("serve", help="the HTTP API alone")
     sub.add_parser("migrate", help="apply database migrations (safe to re-run)")
     sub.add_parser("relay", help="publish outbox rows to Kafka")
     sub.add_parser("worker", help="the Faust projection worker (status, analytics, audit, balances)")
@@ -291,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
     handlers = {
-        "run": cmd_run, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
+        "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit,
     }
     from api.logging import configure_logging
