@@ -560,7 +560,7 @@ class Ledger(Application):
     ) -> CommandResult:
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             payment = self.get_payment(payment_id, merchant_id)
-            amount = payment.check_capture(amount_minor)
+            amount = payment.check_capture(amount_minor, self.clock.now())
             assert payment.authorization_reference is not None
             outcome = self.processor.capture(
                 idempotency_key=f"capture:{payment_id}",
@@ -569,7 +569,7 @@ class Ledger(Application):
                 currency=payment.currency,
             )
             _require_approved(outcome, "capture")
-            payment.capture(amount_minor=amount, processor_reference=outcome.reference)
+            payment.capture(amount_minor=amount, processor_reference=outcome.reference, now=self.clock.now())
             return [payment], _payment_result(payment)
 
         request = {"payment_id": str(payment_id), "amount_minor": amount_minor}

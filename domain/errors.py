@@ -104,6 +104,10 @@ class RefundExceedsCaptured(DomainError):
     code = "refund_exceeds_captured"
 
 
+class AuthorizationLapsed(DomainError):
+    code = "authorization_expired"
+
+
 class AuthorizationNotExpired(DomainError):
     code = "authorization_not_expired"
 

@@ -142,6 +142,8 @@ class Merchant(Aggregate):
         if role not in ROLES:
             raise InvalidField(f"role must be one of {', '.join(ROLES)}", field="role")
         check_text("key_id", key_id, max_length=64)
+        if key_id in self.api_keys:
+            raise InvalidField(f"API key {key_id!r} already exists on this merchant", field="key_id")
         check_text("key_hash", key_hash, max_length=128)
         self._api_key_issued(key_id=key_id, key_hash=key_hash, role=role)
 

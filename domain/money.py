@@ -110,8 +110,13 @@ def parse_major(text: str, currency: str) -> int:
     """Parse a decimal string in major units (``"12.50"``) into minor units, exactly."""
     exp = exponent(currency)
     text = text.strip()
-    whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > exp:
+    whole, dot, frac = text.partition(".")
+    # isascii: str.isdigit() also accepts '²' and Arabic-Indic digits, which int() may reject.
+    if (
+        not (whole.isascii() and whole.isdigit())
+        or (dot and not (frac.isascii() and frac.isdigit()))
+        or len(frac) > exp
+    ):
         raise InvalidAmount(
             f"{text!r} is not an amount of {currency} with at most {exp} decimals", amount=text
         )

@@ -17,8 +17,10 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import (
+    AuthorizationLapsed,
     AuthorizationNotExpired,
     CaptureExceedsAuthorized,
+    InvalidAmount,
     InvalidField,
     InvalidTransition,
     RefundExceedsCaptured,
@@ -198,7 +200,7 @@ class Payment(Aggregate):
         self._require("authorize", P.PROCESSING)
         check_amount(amount_minor, self.currency)
         if amount_minor > self.amount_minor:
-            raise CaptureExceedsAuthorized(
+            raise InvalidAmount(
                 f"processor authorized {amount_minor}, more than the {self.amount_minor} asked"
             )
         self._authorized(
@@ -232,9 +234,14 @@ class Payment(Aggregate):
 
     # -- after authorization ----------------------------------------------------------------
 
-    def check_capture(self, amount_minor: int | None) -> int:
+    def check_capture(self, amount_minor: int | None, now: datetime) -> int:
         """The checks of ``capture`` that come before asking the processor; returns the amount."""
         self._require("capture", P.AUTHORIZED)
+        assert self.authorization_expires_at is not None
+        if now >= self.authorization_expires_at:
+            raise AuthorizationLapsed(
+                f"the authorization lapsed at {self.authorization_expires_at.isoformat()}; it cannot be captured"
+            )
         amount = self.authorized_minor if amount_minor is None else amount_minor
         check_amount(amount, self.currency)
         if amount > self.authorized_minor:
@@ -244,9 +251,9 @@ class Payment(Aggregate):
             )
         return amount
 
-    def capture(self, *, amount_minor: int | None, processor_reference: str) -> None:
+    def capture(self, *, amount_minor: int | None, processor_reference: str, now: datetime) -> None:
         """One capture of all or part of the authorization; the rest is released."""
-        amount = self.check_capture(amount_minor)
+        amount = self.check_capture(amount_minor, now)
         fee = self.fee_schedule.fee_for(amount)
         self._captured(
             amount_minor=amount,

@@ -183,6 +183,7 @@ class PaymentSession(Aggregate):
         expires_at: datetime,
         metadata: Mapping[str, Any] | None = None,
     ) -> PaymentSession:
+        assert expires_at.tzinfo is not None, "expiry times are timezone-aware"
         check_currency(currency)
         check_amount(amount_minor, currency)
         items = check_line_items(line_items, amount_minor, currency)
@@ -371,7 +372,8 @@ class PaymentSession(Aggregate):
         check_text("card_token", card_token, max_length=64)
         if card_brand not in CARD_BRANDS:
             raise InvalidPaymentMethod(f"unknown card brand {card_brand!r}")
-        if not (isinstance(card_last4, str) and len(card_last4) == 4 and card_last4.isdigit()):
+        if not (isinstance(card_last4, str) and len(card_last4) == 4 and card_last4.isascii()
+                and card_last4.isdigit()):
             raise InvalidPaymentMethod("card_last4 must be exactly four digits")
         self._payment_method_attached(
             payment_id=payment_id, card_token=card_token, card_brand=card_brand, card_last4=card_last4
@@ -442,7 +444,9 @@ class PaymentSession(Aggregate):
         self.end_reason = reason
 
     def fail(self, reason: str) -> None:
-        self._require("fail", *(S.ALL - TERMINAL))
+        # Not while a payment is in flight: only its outcome may end the session then, or an
+        # authorization could land on a session that already told the customer it failed.
+        self._require("fail", *(S.ALL - TERMINAL - IN_FLIGHT))
         self._failed(reason=check_text("reason", reason, max_length=200))
 
     @event(Failed)

@@ -11,14 +11,14 @@ from urllib.parse import urlsplit
 from domain.errors import InvalidField, InvalidLineItem, InvalidPhone, ItemsDoNotSum
 from domain.money import check_amount
 
-E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
+E164 = re.compile(r"\+[1-9][0-9]{7,14}")
 MAX_LINE_ITEMS = 100
 MAX_QUANTITY = 10_000
 MAX_TEXT = 200
 
 
 def check_phone(phone: str) -> str:
-    if not isinstance(phone, str) or not E164.match(phone):
+    if not isinstance(phone, str) or not E164.fullmatch(phone):
         raise InvalidPhone(
             "customer phone must be in E.164 form: '+' then 8 to 15 digits, e.g. +14155550123",
             phone="(withheld)",
@@ -48,7 +48,11 @@ def check_url(name: str, url: str | None, *, required: bool = False) -> str | No
         return None
     check_text(name, url, max_length=2048)
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
+    if (
+        parts.scheme not in ("https", "http")
+        or not parts.hostname
+        or any(c.isspace() for c in url)
+    ):
         raise InvalidField(f"{name} must be an absolute http(s) URL", field=name)
     return url
 

@@ -1,0 +1,119 @@
+"""Merchant: registration checks, risk limits, settings changes that record only real changes, API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from domain.errors import (
+    AmountTooLarge,
+    DomainError,
+    InvalidAmount,
+    InvalidField,
+    MerchantInactive,
+    MerchantLimitExceeded,
+    UnknownCurrency,
+)
+from domain.ledger import FeeSchedule
+from domain.merchant import Merchant
+
+
+def register(**overrides: Any) -> Merchant:
+    kwargs: dict[str, Any] = {"name": "Pizza Planet"}
+    kwargs.update(overrides)
+    return Merchant.register(uuid4(), **kwargs)
+
+
+def test_registration_defaults() -> None:
+    merchant = register()
+    assert merchant.fee_schedule == FeeSchedule(290, 30)
+    assert merchant.active is True
+    assert merchant.api_keys == {}
+    assert merchant.max_amount_minor == {}
+    assert (merchant.webhook_url, merchant.commerce_backend_uri) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"name": ""}, InvalidField),
+        ({"name": "n" * 201}, InvalidField),
+        ({"webhook_url": "ftp://merchant.example"}, InvalidField),
+        ({"commerce_backend_uri": "not a url"}, InvalidField),
+        ({"max_amount_minor": {"XXX": 100}}, UnknownCurrency),
+        ({"max_amount_minor": {"USD": 0}}, InvalidAmount),
+        ({"max_amount_minor": {"JPY": 1_000_001}}, AmountTooLarge),
+        ({"max_amount_minor": [("USD", 100)]}, InvalidField),
+    ],
+    ids=repr,
+)
+def test_registration_rejections(overrides: dict[str, Any], error: type[DomainError]) -> None:
+    with pytest.raises(error):
+        register(**overrides)
+
+
+def test_risk_limit_is_per_currency_and_inclusive() -> None:
+    merchant = register(max_amount_minor={"USD": 50_000})
+    merchant.check_can_accept(50_000, "USD")
+    merchant.check_can_accept(10_000_000, "EUR")  # no limit set for EUR
+    with pytest.raises(MerchantLimitExceeded) as caught:
+        merchant.check_can_accept(50_001, "USD")
+    assert caught.value.details == {"limit": 50_000}
+
+
+def test_a_deactivated_merchant_accepts_nothing() -> None:
+    merchant = register()
+    merchant.deactivate("fraud review")
+    with pytest.raises(MerchantInactive):
+        merchant.check_can_accept(1, "USD")
+    merchant.collect_events()
+    merchant.deactivate("again")
+    assert merchant.collect_events() == []
+
+
+def test_settings_change_records_only_what_changed() -> None:
+    merchant = register(webhook_url="https://merchant.example/hook")
+    merchant.collect_events()
+    merchant.change_settings(name="Pizza Planet", webhook_url="https://merchant.example/hook")
+    assert merchant.collect_events() == []
+    merchant.change_settings(name="Pizza Planet", fee_schedule=FeeSchedule(250, 30))
+    (changed,) = merchant.collect_events()
+    assert getattr(changed, "changes", None) == {"fee_percent_bps": 250}
+    assert merchant.fee_schedule == FeeSchedule(250, 30)
+
+
+def test_api_keys_are_recorded_as_hashes_and_can_be_revoked() -> None:
+    merchant = register()
+    merchant.issue_api_key("key-1", "sha256-of-the-key", "analyst")
+    assert merchant.api_keys == {"key-1": {"key_hash": "sha256-of-the-key", "role": "analyst"}}
+    merchant.revoke_api_key("key-1")
+    assert merchant.api_keys == {}
+    with pytest.raises(InvalidField):
+        merchant.revoke_api_key("key-1")
+
+
+@pytest.mark.parametrize(
+    ("key_id", "key_hash", "role"),
+    [("key-1", "h", "root"), ("", "h", "merchant"), ("key-1", "", "merchant"), ("k" * 65, "h", "admin")],
+)
+def test_api_key_rejections(key_id: str, key_hash: str, role: str) -> None:
+    merchant = register()
+    with pytest.raises(InvalidField):
+        merchant.issue_api_key(key_id, key_hash, role)
+    assert merchant.api_keys == {}
+
+
+def test_replaying_the_events_rebuilds_the_merchant() -> None:
+    merchant = register(max_amount_minor={"USD": 50_000})
+    merchant.change_settings(webhook_url="https://merchant.example/hook", max_amount_minor={"EUR": 7})
+    merchant.issue_api_key("key-1", "hash-1", "merchant")
+    merchant.issue_api_key("key-2", "hash-2", "admin")
+    merchant.revoke_api_key("key-1")
+    merchant.deactivate("closed")
+    replayed = None
+    for event in merchant.collect_events():
+        replayed = event.mutate(replayed)
+    assert replayed is not None
+    assert vars(replayed) == vars(merchant)

@@ -1,0 +1,291 @@
+"""Payment: illegal transitions, authorization and capture limits, refunds and settlement amounts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from domain.errors import (
+    AmountTooLarge,
+    AuthorizationNotExpired,
+    CaptureExceedsAuthorized,
+    DomainError,
+    InvalidAmount,
+    InvalidField,
+    InvalidTransition,
+    RefundExceedsCaptured,
+    UnknownCurrency,
+)
+from domain.ledger import FeeSchedule, Posting, imbalance
+from domain.payment import Payment
+
+from .builders import AFTER_EXPIRY, EXPIRES_AT, NOW, PAYMENT_AMOUNT_MINOR, authorize, initiate_payment, payment_in
+
+STATES = [
+    "initiated",
+    "processing",
+    "authorized",
+    "captured",
+    "settled",
+    "voided",
+    "authorization_expired",
+    "failed",
+    "refunded",
+]
+
+# Written from the payment lifecycle in the product brief, not read off the code.
+ALLOWED: dict[str, set[str]] = {
+    "start_processing": {"initiated"},
+    "authorize": {"processing"},
+    "fail": {"initiated", "processing"},
+    "capture": {"authorized"},
+    "void": {"authorized"},
+    "expire_authorization": {"authorized"},
+    "refund": {"captured", "settled"},
+    "check_refund": {"captured", "settled"},
+    "settle": {"captured"},
+}
+
+COMMANDS: dict[str, Callable[[Payment], Any]] = {
+    "start_processing": lambda p: p.start_processing("stripe"),
+    "authorize": lambda p: authorize(p, PAYMENT_AMOUNT_MINOR),
+    "fail": lambda p: p.fail("card_declined", "insufficient funds"),
+    "capture": lambda p: p.capture(amount_minor=1, processor_reference="cap_9", now=NOW),
+    "void": lambda p: p.void("customer cancelled"),
+    "expire_authorization": lambda p: p.expire_authorization(AFTER_EXPIRY),
+    "refund": lambda p: p.refund(refund_id="rf_new", amount_minor=1, reason="", processor_reference="re_9"),
+    "check_refund": lambda p: p.check_refund(1),
+    "settle": lambda p: p.settle("st_9"),
+}
+
+
+def wrong_state_cases() -> Iterator[Any]:
+    for command, allowed in ALLOWED.items():
+        for state in STATES:
+            if state not in allowed:
+                yield pytest.param(command, state, id=f"{command}-in-{state}")
+
+
+def right_state_cases() -> Iterator[Any]:
+    for command, allowed in ALLOWED.items():
+        for state in sorted(allowed):
+            yield pytest.param(command, state, id=f"{command}-in-{state}")
+
+
+@pytest.mark.parametrize(("command", "state"), list(wrong_state_cases()))
+def test_command_in_wrong_state_is_refused_without_an_event(command: str, state: str) -> None:
+    payment = payment_in(state)
+    payment.collect_events()
+    before = dict(vars(payment))
+    with pytest.raises(InvalidTransition) as caught:
+        COMMANDS[command](payment)
+    assert caught.value.code == "invalid_transition"
+    assert caught.value.details["state"] == state
+    assert payment.collect_events() == []
+    assert vars(payment) == before
+
+
+@pytest.mark.parametrize(("command", "state"), list(right_state_cases()))
+def test_command_in_allowed_state_is_accepted(command: str, state: str) -> None:
+    payment = payment_in(state)
+    payment.collect_events()
+    COMMANDS[command](payment)
+    if command != "check_refund":
+        assert payment.collect_events(), "an accepted command records an event"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"currency": "XXX"}, UnknownCurrency),
+        ({"amount_minor": 0}, InvalidAmount),
+        ({"amount_minor": -100}, InvalidAmount),
+        ({"amount_minor": 100_000_001}, AmountTooLarge),
+        ({"currency": "JPY", "amount_minor": 1_000_001}, AmountTooLarge),
+    ],
+    ids=repr,
+)
+def test_initiate_rejections(overrides: dict[str, Any], error: type[DomainError]) -> None:
+    with pytest.raises(error):
+        initiate_payment(**overrides)
+
+
+def test_initiate_rejects_an_empty_card_token() -> None:
+    with pytest.raises(InvalidField):
+        Payment.initiate(
+            uuid4(),
+            merchant_id=uuid4(),
+            session_id=None,
+            amount_minor=100,
+            currency="USD",
+            card_token=" ",
+            card_brand="visa",
+            card_last4="4242",
+            fee_schedule=FeeSchedule(),
+        )
+
+
+def test_authorizing_more_than_asked_is_refused() -> None:
+    payment = payment_in("processing")
+    with pytest.raises(InvalidAmount):
+        authorize(payment, PAYMENT_AMOUNT_MINOR + 1)
+    assert payment.status == "processing"
+
+
+@pytest.mark.parametrize(("amount", "error"), [(0, InvalidAmount), (-1, InvalidAmount), (1.5, InvalidAmount)])
+def test_authorizing_a_bad_amount_is_refused(amount: Any, error: type[DomainError]) -> None:
+    with pytest.raises(error):
+        authorize(payment_in("processing"), amount)
+
+
+def test_partial_authorization_then_capture_above_it_is_refused() -> None:
+    payment = payment_in("processing")
+    authorize(payment, 6_000)
+    assert payment.authorized_minor == 6_000
+    with pytest.raises(CaptureExceedsAuthorized) as caught:
+        payment.capture(amount_minor=6_001, processor_reference="cap_1", now=NOW)
+    assert caught.value.details == {"authorized": 6_000}
+    assert payment.status == "authorized"
+    assert payment.captured_minor == 0
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+def test_capture_of_a_non_positive_amount_is_refused(amount: int) -> None:
+    with pytest.raises(InvalidAmount):
+        payment_in("authorized").capture(amount_minor=amount, processor_reference="cap_1", now=NOW)
+
+
+def test_capture_without_an_amount_takes_the_whole_authorization_and_books_the_fee() -> None:
+    payment = payment_in("authorized")
+    payment.collect_events()
+    payment.capture(amount_minor=None, processor_reference="cap_1", now=NOW)
+    (captured,) = payment.collect_events()
+    assert isinstance(captured, Payment.Captured)
+    assert (payment.status, payment.captured_minor, payment.fee_minor) == ("captured", 10_000, 320)
+    assert (captured.amount_minor, captured.fee_minor) == (10_000, 320)
+    postings = [Posting.from_dict(d) for d in captured.postings]
+    assert imbalance(postings) == {}
+    assert {(p.account, p.direction, p.amount_minor) for p in postings} == {
+        ("processor_clearing", "debit", 10_000),
+        (f"merchant:{payment.merchant_id}:payable", "credit", 9_680),
+        ("platform:fees", "credit", 320),
+    }
+
+
+def test_partial_capture_uses_the_payments_fee_schedule() -> None:
+    payment = initiate_payment(fee_schedule=FeeSchedule(percent_bps=100, fixed_minor=0))
+    payment.start_processing("stripe")
+    authorize(payment)
+    payment.capture(amount_minor=2_550, processor_reference="cap_1", now=NOW)
+    assert payment.captured_minor == 2_550
+    assert payment.fee_minor == 26  # 25.5 rounds half up
+
+
+def test_refunds_beyond_the_captured_amount_are_refused() -> None:
+    payment = payment_in("processing")
+    authorize(payment)
+    payment.capture(amount_minor=6_000, processor_reference="cap_1", now=NOW)
+    payment.refund(refund_id="rf_1", amount_minor=4_000, reason="", processor_reference="re_1")
+    payment.collect_events()
+    with pytest.raises(RefundExceedsCaptured) as caught:
+        payment.refund(refund_id="rf_2", amount_minor=2_001, reason="", processor_reference="re_2")
+    assert caught.value.details == {"refundable": 2_000}
+    with pytest.raises(RefundExceedsCaptured):
+        payment.check_refund(2_001)
+    assert payment.refunded_minor == 4_000
+    assert payment.collect_events() == []
+    payment.check_refund(2_000)  # the exact remainder is fine
+
+
+def test_refund_of_a_non_positive_amount_is_refused() -> None:
+    payment = payment_in("captured")
+    with pytest.raises(InvalidAmount):
+        payment.refund(refund_id="rf_1", amount_minor=0, reason="", processor_reference="re_1")
+
+
+def test_a_refund_id_is_recorded_once() -> None:
+    payment = payment_in("captured")
+    payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1")
+    with pytest.raises(InvalidField):
+        payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1")
+    assert payment.refunded_minor == 100
+    assert payment.refund_ids == ["rf_1"]
+
+
+def test_partial_refunds_then_the_rest_make_the_payment_refunded() -> None:
+    payment = payment_in("captured")
+    payment.refund(refund_id="rf_1", amount_minor=3_000, reason="damaged", processor_reference="re_1")
+    assert (payment.status, payment.refunded_minor, payment.refundable_minor) == ("captured", 3_000, 7_000)
+    payment.refund(refund_id="rf_2", amount_minor=7_000, reason="", processor_reference="re_2")
+    assert (payment.status, payment.refunded_minor, payment.refundable_minor) == ("refunded", 10_000, 0)
+    refunds = [e for e in payment.collect_events() if isinstance(e, Payment.Refunded)]
+    assert [e.refunded_total_minor for e in refunds] == [3_000, 10_000]
+    for event in refunds:
+        assert imbalance(Posting.from_dict(d) for d in event.postings) == {}
+
+
+def test_full_refund_in_one_go_makes_the_payment_refunded() -> None:
+    payment = payment_in("captured")
+    payment.refund(refund_id="rf_1", amount_minor=10_000, reason="", processor_reference="re_1")
+    assert payment.status == "refunded"
+
+
+@pytest.mark.parametrize("refunded", [0, 1, 2_500, 9_999])
+def test_settlement_pays_out_captured_minus_refunded(refunded: int) -> None:
+    payment = payment_in("captured")
+    if refunded:
+        payment.refund(refund_id="rf_1", amount_minor=refunded, reason="", processor_reference="re_1")
+    payment.collect_events()
+    payment.settle("st_1")
+    (settled,) = payment.collect_events()
+    assert isinstance(settled, Payment.Settled)
+    assert payment.status == "settled"
+    assert payment.settled_minor == settled.amount_minor == 10_000 - refunded
+    postings = [Posting.from_dict(d) for d in settled.postings]
+    assert imbalance(postings) == {}
+    assert {p.amount_minor for p in postings} == {10_000 - refunded}
+
+
+def test_refunding_the_rest_after_settlement_makes_the_payment_refunded() -> None:
+    payment = payment_in("captured")
+    payment.refund(refund_id="rf_1", amount_minor=2_500, reason="", processor_reference="re_1")
+    payment.settle("st_1")
+    with pytest.raises(RefundExceedsCaptured):
+        payment.refund(refund_id="rf_2", amount_minor=7_501, reason="", processor_reference="re_2")
+    payment.refund(refund_id="rf_2", amount_minor=7_500, reason="", processor_reference="re_2")
+    assert (payment.status, payment.refunded_minor) == ("refunded", 10_000)
+
+
+def test_authorization_expiry_is_refused_before_it_is_due() -> None:
+    payment = payment_in("authorized")
+    with pytest.raises(AuthorizationNotExpired):
+        payment.expire_authorization(EXPIRES_AT - timedelta(microseconds=1))
+    assert payment.status == "authorized"
+    payment.expire_authorization(EXPIRES_AT)
+    assert payment.status == "authorization_expired"
+
+
+def test_failure_records_the_reason_code() -> None:
+    payment = payment_in("processing")
+    payment.fail("card_declined", "")
+    assert (payment.status, payment.failure_code) == ("failed", "card_declined")
+
+
+def test_failure_needs_a_reason_code() -> None:
+    payment = payment_in("processing")
+    with pytest.raises(InvalidField):
+        payment.fail("", "no code")
+    assert payment.status == "processing"
+
+
+def test_a_lapsed_authorization_cannot_be_captured() -> None:
+    from domain.errors import AuthorizationLapsed
+
+    payment = payment_in("authorized")
+    with pytest.raises(AuthorizationLapsed):
+        payment.capture(amount_minor=None, processor_reference="cap_1", now=EXPIRES_AT)
+    assert payment.status == "authorized" and payment.captured_minor == 0
