@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -97,6 +97,36 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
     return subprocess.Popen([sys.executable, "-m", "api.cli", command], env=env)
 
 
+class Supervisor:
+    """Keeps the relay and the worker running beside the API: a child that dies is started
+    again (with a growing pause), until ``stop``."""
+
+    def __init__(self, commands: Sequence[str], start: Callable[[str], subprocess.Popen[bytes]]) -> None:
+        self._start = start
+        self.children = {command: start(command) for command in commands}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        log = structlog.get_logger("echotransact.supervisor")
+        pauses = dict.fromkeys(self.children, 0.5)
+        while not self._stopping.wait(0.5):
+            for command, child in list(self.children.items()):
+                if child.poll() is not None and not self._stopping.is_set():
+                    log.warning("child_exited", command=command, returncode=child.returncode,
+                                restart_in_s=pauses[command])
+                    if self._stopping.wait(pauses[command]):
+                        return
+                    pauses[command] = min(pauses[command] * 2, 30.0)
+                    self.children[command] = self._start(command)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        _stop_children(list(self.children.values()))
+
+
 def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
     for child in children:
         if child.poll() is None:
@@ -140,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(data_dir)
     log = structlog.get_logger("echotransact")
     signal.signal(signal.SIGTERM, _raise_terminated)
-    children: list[subprocess.Popen[bytes]] = []
+    supervisor: Supervisor | None = None
     running = data_dir / RUNNING_FILE
     with _servers(data_dir, own=True) as urls:
         try:
@@ -149,11 +179,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             running.write_text(json.dumps(
                 {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
             ))
-            children = [_child("relay", urls, settings), _child("worker", urls, settings)]
+            supervisor = Supervisor(("relay", "worker"), lambda command: _child(command, urls, settings))
             _serve_api(settings, urls)
         finally:
             running.unlink(missing_ok=True)
-            _stop_children(children)
+            if supervisor is not None:
+                supervisor.stop()
             log.info("stopped")
     return 0
 
@@ -206,7 +237,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with _servers(data_dir) as (database_url, _redis, kafka):
-        run_relay(database_url, kafka, envelope_opener(settings), stop)
+        run_relay(database_url, kafka, envelope_opener(settings), stop, topic_prefix=settings.topic_prefix)
     return 0
 
 
