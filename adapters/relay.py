@@ -292,9 +292,12 @@ class OutboxRelay:
                     self._close_connection()  # reconnect (and re-lock) on the next loop
                 published, failed_now = 0, True
             if failed_now:
-                # A broker that restarted empty (Tansu keeps topics in memory) answers
-                # UNKNOWN_TOPIC_OR_PART; creating the topics again is cheap and idempotent.
+                # A broker that restarted empty (Tansu keeps topics in memory) knows neither our
+                # topics nor our idempotent producer's id: create the topics again (cheap and
+                # idempotent) and, when nothing got through, start a new producer.
                 self.topics_ready = False
+                if not published:
+                    self._close_producer(timeout_s=0)
             if failed_now and not published:
                 backoff_s = min(_MAX_BACKOFF_S, max(0.5, backoff_s * 2))
                 stop.wait(backoff_s * random.uniform(0.8, 1.2))

@@ -104,6 +104,7 @@ class Supervisor:
     def __init__(self, commands: Sequence[str], start: Callable[[str], subprocess.Popen[bytes]]) -> None:
         self._start = start
         self.children = {command: start(command) for command in commands}
+        self.started_at = dict.fromkeys(commands, time.monotonic())
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
@@ -114,12 +115,17 @@ class Supervisor:
         while not self._stopping.wait(0.5):
             for command, child in list(self.children.items()):
                 if child.poll() is not None and not self._stopping.is_set():
+                    # A child that had been running, or was killed by a signal (an operator, the
+                    # OOM killer), is not crash-looping: start it again at once.
+                    if child.returncode < 0 or time.monotonic() - self.started_at[command] >= 2.0:
+                        pauses[command] = 0.25
                     log.warning("child_exited", command=command, returncode=child.returncode,
                                 restart_in_s=pauses[command])
                     if self._stopping.wait(pauses[command]):
                         return
                     pauses[command] = min(pauses[command] * 2, 30.0)
                     self.children[command] = self._start(command)
+                    self.started_at[command] = time.monotonic()
 
     def stop(self) -> None:
         self._stopping.set()

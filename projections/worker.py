@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import faust
+import msgspec
 import psycopg
 import structlog
 
@@ -68,7 +69,13 @@ class ProjectionWorker:
         @self.app.agent(topics, name="project")
         async def project(stream: faust.StreamT[bytes]) -> None:
             async for values in stream.take(batch_size, within=batch_within_s):
-                envelopes = [decode(v) for v in values]
+                envelopes = []
+                for value in values:
+                    try:
+                        envelopes.append(decode(value))
+                    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                        # Not ours or corrupt: skipping loses nothing, catch-up reads the outbox.
+                        log.error("undecodable_message", error=str(error), size=len(value))
                 await asyncio.to_thread(self._apply, self.stream_store, envelopes)
 
         @self.app.timer(interval=catch_up_every_s)
@@ -108,6 +115,9 @@ class ProjectionWorker:
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT (Faust's worker handles both and shuts down cleanly)."""
+        # Catch up before consuming, so a worker that cannot consume (a broker that is down, a
+        # consumer that crashes) still brings the read models forward each time it starts.
+        self._catch_up()
         worker = faust.Worker(self.app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()
