@@ -19,6 +19,7 @@ from typing import Any
 from psycopg.conninfo import conninfo_to_dict
 
 from adapters.clock import SystemClock
+from adapters.dev_identity import DevIdentityVerifier
 from adapters.sandbox_processor import SandboxProcessor
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
@@ -186,6 +187,7 @@ def build_ledger(
         identity_thresholds_minor=settings.identity_thresholds_minor,
         topic_prefix=settings.topic_prefix,
     )
+    extra.setdefault("identity_verifier", DevIdentityVerifier())
     return Ledger(
         eventsourcing_env(database_url, settings.encryption_key),
         policy=policy,

@@ -182,3 +182,19 @@ def test_capture_refund_rules_and_retried_commands_call_processor_with_the_same_
     assert ledger.get_payment(payment_id).refunded_minor == 1_000
     assert sum(1 for op, _ in processor.calls if op == "capture") == 1
     assert sum(1 for op, _ in processor.calls if op == "refund") == 1
+
+
+def test_identity_check_above_the_threshold_then_payment(ledger: Ledger) -> None:
+    from application.ports import IdentityClaim
+
+    session_id = open_session(ledger, new_merchant(ledger), amount_minor=25_000)
+    link = ledger.send_link("send", session_id)
+    ledger.verify_code("code", session_id, link.code)
+    rejected = ledger.verify_identity("id-1", session_id, IdentityClaim("1970-01-01", "94105"))
+    assert rejected.result["status"] == "code_verified"
+    verified = ledger.verify_identity("id-2", session_id, IdentityClaim("1990-01-01", "94105"))
+    assert verified.result["status"] == "identity_verified"
+    payment = ledger.attach_payment_method("attach", session_id, card_token="t", card_brand="visa",
+                                           card_last4="4242")
+    assert ledger.authorize_payment(UUID(payment.result["payment_id"])).result["status"] == "authorized"
+    assert ledger.get_session(session_id).status == "completed"
