@@ -6,8 +6,9 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from application.envelope import DEFAULT_TOPIC_PREFIX, topic_for
+from application.ledger import AGGREGATE_TYPES as _TYPES
 
-AGGREGATE_TYPES = ("payment_session", "payment", "merchant")
+AGGREGATE_TYPES = tuple(_TYPES.values())
 DEFAULT_PARTITIONS = 8
 
 

@@ -1,4 +1,4 @@
-"""The Merchant aggregate: who gets paid, what they pay us, where we tell them, who may call."""
+"""The Merchant aggregate: who gets paid, what they pay us, where we tell them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from domain.errors import InvalidField, MerchantInactive, MerchantLimitExceeded
 from domain.ledger import FeeSchedule
 from domain.money import check_amount, check_currency
 from domain.values import check_text, check_url
-
-ROLES = ("merchant", "analyst", "compliance", "admin")
-
 
 def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
     """Risk limits: the largest single payment per currency, in minor units."""
@@ -34,14 +31,6 @@ class Merchant(Aggregate):
 
     class SettingsChanged(Aggregate.Event):
         changes: dict[str, Any]
-
-    class ApiKeyIssued(Aggregate.Event):
-        key_id: str
-        key_hash: str
-        role: str
-
-    class ApiKeyRevoked(Aggregate.Event):
-        key_id: str
 
     class Deactivated(Aggregate.Event):
         reason: str
@@ -86,7 +75,6 @@ class Merchant(Aggregate):
         self.webhook_url = webhook_url
         self.commerce_backend_uri = commerce_backend_uri
         self.max_amount_minor = dict(max_amount_minor)
-        self.api_keys: dict[str, dict[str, str]] = {}
         self.active = True
 
     @property
@@ -136,29 +124,6 @@ class Merchant(Aggregate):
     def _settings_changed(self, changes: dict[str, Any]) -> None:
         for key, value in changes.items():
             setattr(self, key, value)
-
-    def issue_api_key(self, key_id: str, key_hash: str, role: str) -> None:
-        """Only the hash of a key is ever recorded; the key itself is shown once to its owner."""
-        if role not in ROLES:
-            raise InvalidField(f"role must be one of {', '.join(ROLES)}", field="role")
-        check_text("key_id", key_id, max_length=64)
-        if key_id in self.api_keys:
-            raise InvalidField(f"API key {key_id!r} already exists on this merchant", field="key_id")
-        check_text("key_hash", key_hash, max_length=128)
-        self._api_key_issued(key_id=key_id, key_hash=key_hash, role=role)
-
-    @event(ApiKeyIssued)
-    def _api_key_issued(self, key_id: str, key_hash: str, role: str) -> None:
-        self.api_keys[key_id] = {"key_hash": key_hash, "role": role}
-
-    def revoke_api_key(self, key_id: str) -> None:
-        if key_id not in self.api_keys:
-            raise InvalidField(f"no API key {key_id!r} on this merchant", field="key_id")
-        self._api_key_revoked(key_id=key_id)
-
-    @event(ApiKeyRevoked)
-    def _api_key_revoked(self, key_id: str) -> None:
-        del self.api_keys[key_id]
 
     def deactivate(self, reason: str) -> None:
         if self.active:

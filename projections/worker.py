@@ -19,13 +19,13 @@ import msgspec
 import psycopg
 import structlog
 
-from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode, topic_for
+from adapters.kafka_topics import event_topics
+from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from projections.engine import OpenEnvelope, Projection, ProjectionStore
 from projections.status_cache import StatusCache
 
 log = structlog.get_logger(__name__)
 
-AGGREGATE_TYPES = ("payment_session", "payment", "merchant")
 RETRYABLE = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
 
@@ -64,7 +64,7 @@ class ProjectionWorker:
             broker_session_timeout=6.0,
             broker_heartbeat_interval=1.0,
         )
-        topics = self.app.topic(*(topic_for(t, topic_prefix) for t in AGGREGATE_TYPES), value_type=bytes, key_type=bytes)
+        topics = self.app.topic(*event_topics(topic_prefix), value_type=bytes, key_type=bytes)
 
         @self.app.agent(topics, name="project")
         async def project(stream: faust.StreamT[bytes]) -> None:

@@ -198,3 +198,23 @@ def test_identity_check_above_the_threshold_then_payment(ledger: Ledger) -> None
                                            card_last4="4242")
     assert ledger.authorize_payment(UUID(payment.result["payment_id"])).result["status"] == "authorized"
     assert ledger.get_session(session_id).status == "completed"
+
+
+def test_api_keys_authenticate_until_revoked_and_only_their_hash_is_stored(
+    ledger: Ledger, database_url: str
+) -> None:
+    merchant_id = new_merchant(ledger)
+    result, token = ledger.issue_api_key("key-1", role="merchant", merchant_id=merchant_id, label="till")
+    key = ledger.authenticate(token)
+    assert key is not None and (key.role, key.merchant_id) == ("merchant", merchant_id)
+    assert ledger.issue_api_key("key-1", role="merchant", merchant_id=merchant_id, label="till")[1] == ""
+    for forged in (token[:-1] + ("x" if token[-1] != "x" else "y"), "et_nothex_abc", "Bearer " + token, ""):
+        assert ledger.authenticate(forged) is None
+    _, analyst = ledger.issue_api_key("key-2", role="analyst")
+    assert ledger.authenticate(analyst).role == "analyst"  # type: ignore[union-attr]
+    ledger.revoke_api_key("revoke-1", UUID(result.result["key_id"]), reason="leaked")
+    assert ledger.authenticate(token) is None
+    secret = token.rsplit("_", 1)[1].encode()
+    with psycopg.connect(database_url) as conn:
+        for table, column in (("ledger_events", "state"), ("outbox", "envelope"), ("command_log", "result::text::bytea")):
+            assert not any(secret in bytes(b) for (b,) in conn.execute(f"SELECT {column} FROM {table}"))  # noqa: S608

@@ -30,7 +30,6 @@ def test_registration_defaults() -> None:
     merchant = register()
     assert merchant.fee_schedule == FeeSchedule(290, 30)
     assert merchant.active is True
-    assert merchant.api_keys == {}
     assert merchant.max_amount_minor == {}
     assert (merchant.webhook_url, merchant.commerce_backend_uri) == (None, None)
 
@@ -84,36 +83,42 @@ def test_settings_change_records_only_what_changed() -> None:
     assert merchant.fee_schedule == FeeSchedule(250, 30)
 
 
-def test_api_keys_are_recorded_as_hashes_and_can_be_revoked() -> None:
-    merchant = register()
-    merchant.issue_api_key("key-1", "sha256-of-the-key", "analyst")
-    assert merchant.api_keys == {"key-1": {"key_hash": "sha256-of-the-key", "role": "analyst"}}
-    merchant.revoke_api_key("key-1")
-    assert merchant.api_keys == {}
-    with pytest.raises(InvalidField):
-        merchant.revoke_api_key("key-1")
-
-
-@pytest.mark.parametrize(
-    ("key_id", "key_hash", "role"),
-    [("key-1", "h", "root"), ("", "h", "merchant"), ("key-1", "", "merchant"), ("k" * 65, "h", "admin")],
-)
-def test_api_key_rejections(key_id: str, key_hash: str, role: str) -> None:
-    merchant = register()
-    with pytest.raises(InvalidField):
-        merchant.issue_api_key(key_id, key_hash, role)
-    assert merchant.api_keys == {}
-
-
 def test_replaying_the_events_rebuilds_the_merchant() -> None:
     merchant = register(max_amount_minor={"USD": 50_000})
     merchant.change_settings(webhook_url="https://merchant.example/hook", max_amount_minor={"EUR": 7})
-    merchant.issue_api_key("key-1", "hash-1", "merchant")
-    merchant.issue_api_key("key-2", "hash-2", "admin")
-    merchant.revoke_api_key("key-1")
     merchant.deactivate("closed")
     replayed = None
     for event in merchant.collect_events():
         replayed = event.mutate(replayed)
     assert replayed is not None
     assert vars(replayed) == vars(merchant)
+
+
+def test_api_keys_record_only_a_hash_and_revoke_once() -> None:
+    from uuid import uuid4
+
+    from domain.api_key import ApiKey
+    from domain.errors import InvalidTransition
+
+    key = ApiKey.issue(uuid4(), role="merchant", merchant_id=uuid4(), key_hash="h" * 64, label="pos")
+    key.revoke("leaked")
+    with pytest.raises(InvalidTransition):
+        key.revoke("again")
+    events = key.collect_events()
+    assert [type(e).__name__ for e in events] == ["Issued", "Revoked"]
+    replayed = None
+    for event in events:
+        replayed = event.mutate(replayed)
+    assert replayed is not None and vars(replayed) == vars(key) and replayed.revoked
+
+
+@pytest.mark.parametrize(
+    ("role", "merchant"), [("root", False), ("merchant", False), ("analyst", True), ("admin", True)]
+)
+def test_api_key_rejections(role: str, merchant: bool) -> None:
+    from uuid import uuid4
+
+    from domain.api_key import ApiKey
+
+    with pytest.raises(InvalidField):
+        ApiKey.issue(uuid4(), role=role, merchant_id=uuid4() if merchant else None, key_hash="h")
