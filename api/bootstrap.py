@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -26,6 +26,10 @@ from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds
 from application.ports import Clock, PaymentProcessor
 from domain.money import check_amount, check_currency
 from domain.errors import DomainError
+
+
+if TYPE_CHECKING:
+    from api.http.services import ApiServices
 
 
 class ConfigurationError(Exception):
@@ -44,6 +48,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_LINK_LIFETIME_S": "payment link lifetime in seconds (900)",
     "ECHOTRANSACT_IDENTITY_THRESHOLDS": "identity check thresholds, minor units: USD=10000,EUR=10000",
     "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
+    "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "requests per minute per API key (600; 0 = no limit)",
     "ECHOTRANSACT_TOPIC_PREFIX": "prefix of the Kafka topics and consumer group (echotransact)",
     "ECHOTRANSACT_CATCH_UP_EVERY_S": "how often a projection worker catches up from the outbox (5)",
     "ECHOTRANSACT_CATCH_UP_GRACE_S": "how old an event must be before catch-up applies it (5)",
@@ -92,6 +97,7 @@ class Settings:
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     catch_up_every_s: float = 5.0
     catch_up_grace_s: float = 5.0
+    rate_limit_per_minute: int = 600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,7 +107,8 @@ class Settings:
         hash_key = env.get("ECHOTRANSACT_HASH_KEY")
         numbers: dict[str, float] = {}
         for name, default in (("ECHOTRANSACT_PORT", "8000"), ("ECHOTRANSACT_LINK_LIFETIME_S", "900"),
-                              ("ECHOTRANSACT_CATCH_UP_EVERY_S", "5"), ("ECHOTRANSACT_CATCH_UP_GRACE_S", "5")):
+                              ("ECHOTRANSACT_CATCH_UP_EVERY_S", "5"), ("ECHOTRANSACT_CATCH_UP_GRACE_S", "5"),
+                              ("ECHOTRANSACT_RATE_LIMIT_PER_MINUTE", "600")):
             try:
                 numbers[name] = float(env.get(name, default))
             except ValueError:
@@ -134,6 +141,7 @@ class Settings:
             topic_prefix=prefix,
             catch_up_every_s=numbers["ECHOTRANSACT_CATCH_UP_EVERY_S"],
             catch_up_grace_s=numbers["ECHOTRANSACT_CATCH_UP_GRACE_S"],
+            rate_limit_per_minute=int(numbers["ECHOTRANSACT_RATE_LIMIT_PER_MINUTE"]),
         )
 
 
@@ -213,3 +221,34 @@ def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
         return decode(cipher.decrypt(bytes(payload)) if cipher else bytes(payload))
 
     return open_envelope
+
+
+def build_api_services(settings: Settings, database_url: str, redis_url: str, kafka_bootstrap_servers: str,
+                       **ledger_extra: Any) -> ApiServices:
+    """Everything the HTTP API needs, connected to the given servers."""
+    import redis
+    from psycopg_pool import ConnectionPool
+
+    from adapters.idempotency import IdempotencyStore
+    from adapters.rate_limit import RateLimiter
+    from api.http.health import Dependencies
+    from api.http.services import ApiServices
+    from projections.queries import StatusQueries
+    from projections.status_cache import StatusCache
+    from projections.views import ReadViews
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    views = ReadViews(database_url)
+    return ApiServices(
+        settings=settings,
+        ledger=build_ledger(settings, database_url, **ledger_extra),
+        views=views,
+        status=StatusQueries(views, cache=StatusCache(client)),
+        idempotency=IdempotencyStore(
+            ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True),
+            client,
+        ),
+        rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
+        redis=client,
+        health=Dependencies(database_url, redis_url, kafka_bootstrap_servers),
+    )

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -146,26 +147,48 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def _serve_api(settings: Settings, urls: tuple[str, str, str]) -> None:
+def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = False) -> None:
     import uvicorn
 
     from adapters.servers import free_port
+    from api.bootstrap import build_api_services
     from api.http.app import create_app
-    from api.http.health import Dependencies
 
     port = settings.port or free_port(settings.host)
     if not _port_free(settings.host, port):
         raise ConfigurationError(
             f"port {port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
         )
-    app = create_app(Dependencies(*urls))
+    services = build_api_services(settings, *urls)
+    app = create_app(services)
+    if demo:
+        _print_demo_keys(services.ledger)
     print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
     # uvicorn restores the SIGTERM handler it found and re-raises the signal after its graceful
     # shutdown; ours turns it into Terminated so the callers' cleanup runs.
     signal.signal(signal.SIGTERM, _raise_terminated)
-    uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
-    ).run()
+    try:
+        uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
+        ).run()
+    finally:
+        services.close()
+
+
+def _print_demo_keys(ledger: Any) -> None:
+    """A demo merchant (the same one on every run) and a fresh key per role, printed once."""
+    import uuid
+
+    merchant = ledger.register_merchant("demo-merchant", name="Demo Pizzeria",
+                                        webhook_url="https://merchant.example/webhooks")
+    merchant_id = uuid.UUID(merchant.result["merchant_id"])
+    run_id = uuid.uuid4().hex
+    print(f"demo merchant {merchant_id}", flush=True)
+    for role in ("merchant", "analyst", "compliance", "admin"):
+        _, token = ledger.issue_api_key(f"demo-key:{run_id}:{role}", role=role,
+                                        merchant_id=merchant_id if role == "merchant" else None,
+                                        label=f"demo {role}")
+        print(f"  {role:<10} key: {token}", flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -186,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
             ))
             supervisor = Supervisor(("relay", "worker"), lambda command: _child(command, urls, settings))
-            _serve_api(settings, urls)
+            _serve_api(settings, urls, demo=True)
         finally:
             running.unlink(missing_ok=True)
             if supervisor is not None:
@@ -308,6 +331,35 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Issue an API key; prints it once (only its hash is kept)."""
+    import uuid
+
+    from api.bootstrap import build_ledger
+    from application.errors import NotFound
+    from domain.errors import DomainError
+
+    if (args.role == "merchant") != (args.merchant is not None):
+        raise ConfigurationError("--merchant ID is required for the merchant role, and only for it")
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        ledger = build_ledger(settings, database_url)
+        try:
+            result, token = ledger.issue_api_key(
+                f"cli:{uuid.uuid4().hex}", role=args.role,
+                merchant_id=uuid.UUID(args.merchant) if args.merchant else None, label=args.label)
+        except NotFound as error:
+            raise ConfigurationError(error.message) from None
+        except DomainError as error:
+            raise ConfigurationError(f"{error.code}: {error.message}") from None
+        finally:
+            ledger.close()
+    print(f"key id {result.result['key_id']} ({args.role})", file=sys.stderr)
+    print(token)
+    return 0
+
+
 def _uuid_arg(text: str) -> str:
     import uuid
 
@@ -334,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--projection", default="all", help="all, or status, analytics, audit, balances")
     replay.add_argument("--verify", action="store_true",
                         help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="issue a key and print it once")
+    create.add_argument("--role", required=True, choices=("merchant", "analyst", "compliance", "admin"))
+    create.add_argument("--merchant", type=_uuid_arg, help="the merchant, for a merchant key")
+    create.add_argument("--label", default="", help="what the key is for")
     audit = sub.add_parser("audit", help="the compliance audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check the hash chain; names the first broken row")
@@ -346,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
-        "replay": cmd_replay, "audit": cmd_audit,
+        "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys,
     }
     from api.logging import configure_logging
 

@@ -20,7 +20,7 @@ MAX_TEXT = 200
 def check_phone(phone: str) -> str:
     if not isinstance(phone, str) or not E164.fullmatch(phone):
         raise InvalidPhone(
-            "customer phone must be in E.164 form: '+' then 8 to 15 digits, e.g. +14155550123",
+            "customer phone must be in E.164 form: '+' then 8 to 15 digits, e.g. +447700900123",
             phone="(withheld)",
         )
     return phone

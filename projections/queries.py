@@ -1,4 +1,4 @@
-"""Reads of the status read model, with read-your-writes.
+"""Status reads with read-your-writes, through the Redis cache and the read views.
 
 A command's result carries the position of its last event. A reader that passes it as
 ``wait_for_position`` waits (bounded) until the status row has reached it, so a voice
@@ -11,42 +11,38 @@ import time
 from typing import Any
 from uuid import UUID
 
-import psycopg
-
 from projections.status_cache import StatusCache
+from projections.views import ReadViews, Scope
 
-TABLES = {"session": ("session_status", "session_id"), "payment": ("payment_status", "payment_id")}
 MAX_WAIT_S = 5.0
 
 
 class StatusQueries:
-    def __init__(self, database_url: str, cache: StatusCache | None = None) -> None:
-        self.database_url = database_url
+    def __init__(self, views: ReadViews, cache: StatusCache | None = None) -> None:
+        self.views = views
         self.cache = cache
 
-    def _from_database(self, kind: str, aggregate_id: UUID) -> dict[str, Any] | None:
-        table, column = TABLES[kind]
-        with psycopg.connect(self.database_url) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM {table} WHERE {column} = %s", (aggregate_id,))  # noqa: S608
-            row = cur.fetchone()
-            if row is None:
-                return None
-            return dict(zip([c.name for c in cur.description or ()], row, strict=True))
+    def _visible(self, row: dict[str, Any] | None, scope: Scope) -> dict[str, Any] | None:
+        if row is None or scope.role == "admin":
+            return row
+        return row if scope.merchant_id is not None and str(row["merchant_id"]) == str(scope.merchant_id) else None
+
+    def _load(self, kind: str, aggregate_id: UUID, scope: Scope) -> dict[str, Any] | None:
+        return self.views.session(scope, aggregate_id) if kind == "session" else self.views.payment(scope, aggregate_id)
 
     def get(
-        self, kind: str, aggregate_id: UUID, *, wait_for_position: int | None = None,
-        timeout_s: float = MAX_WAIT_S, merchant_id: UUID | None = None,
+        self, kind: str, aggregate_id: UUID, *, scope: Scope, wait_for_position: int | None = None,
+        timeout_s: float = MAX_WAIT_S,
     ) -> tuple[dict[str, Any] | None, bool]:
-        """(row or None, whether it has reached ``wait_for_position``). Another merchant's row
-        is None, exactly like a missing one."""
+        """(row or None, whether it has reached ``wait_for_position``). Another merchant's row is
+        None, exactly like a missing one: the cache is filtered here, the database by its
+        row-level security."""
         deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)
         delay = 0.01
         while True:
-            row = self.cache.get(kind, aggregate_id) if self.cache else None
+            row = self._visible(self.cache.get(kind, aggregate_id), scope) if self.cache else None
             if row is None or (wait_for_position is not None and int(row["position"]) < wait_for_position):
-                row = self._from_database(kind, aggregate_id)
-            if row is not None and merchant_id is not None and str(row["merchant_id"]) != str(merchant_id):
-                return None, True
+                row = self._load(kind, aggregate_id, scope)
             reached = wait_for_position is None or (row is not None and int(row["position"]) >= wait_for_position)
             if reached or time.monotonic() >= deadline:
                 return row, reached

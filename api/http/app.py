@@ -1,17 +1,68 @@
-"""Builds the Litestar application from its dependencies (given by the composition root)."""
+"""Builds the Litestar application from its services (given by the composition root)."""
 
 from __future__ import annotations
 
-from litestar import Litestar
+from typing import Any
+
+from litestar import Litestar, Request
+from litestar.config.response_cache import ResponseCacheConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 
+from api.http.auth import Principal, authenticate
+from api.http.controllers.merchants import MerchantController
+from api.http.controllers.payments import BalanceController, PaymentController
+from api.http.controllers.reports import AnalyticsController, AuditController
+from api.http.controllers.sessions import PaymentSessionController
 from api.http.health import Dependencies, HealthController
+from api.http.middleware import RequestContextMiddleware
+from api.http.problems import EXCEPTION_HANDLERS, ApiProblem
+from api.http.services import ApiServices
+
+MAX_BODY_BYTES = 64 * 1024
+JSON_TYPES = ("application/json",)
 
 
-def create_app(deps: Dependencies) -> Litestar:
+async def require_json(request: Request[Any, Any, Any]) -> None:
+    """Commands take JSON only: anything else is 415, before the body is parsed."""
+    if request.method in ("POST", "PATCH", "PUT"):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        length = request.headers.get("content-length")
+        if (content_type or (length and length != "0")) and content_type not in JSON_TYPES:
+            raise ApiProblem(415, "unsupported_media_type", "send JSON with 'Content-Type: application/json'")
+
+
+def create_app(services: ApiServices | None = None, *, health: Dependencies | None = None) -> Litestar:
+    deps = services.health if services else health
+    assert deps is not None, "the health checks need the servers' URLs"
+    dependencies: dict[str, Provide] = {"deps": Provide(lambda: deps, use_cache=True, sync_to_thread=False)}
+    handlers: list[Any] = [HealthController]
+    if services is not None:
+
+        async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+            import anyio
+
+            return await anyio.to_thread.run_sync(authenticate, request, services)
+
+        dependencies["services"] = Provide(lambda: services, use_cache=True, sync_to_thread=False)
+        dependencies["principal"] = Provide(provide_principal)
+        handlers += [PaymentSessionController, PaymentController, BalanceController,
+                     AnalyticsController, AuditController, MerchantController]
     return Litestar(
-        route_handlers=[HealthController],
-        dependencies={"deps": Provide(lambda: deps, use_cache=True, sync_to_thread=False)},
-        openapi_config=OpenAPIConfig(title="EchoTransact", version="1"),
+        route_handlers=handlers,
+        dependencies=dependencies,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[RequestContextMiddleware],
+        before_request=require_json,
+        request_max_body_size=MAX_BODY_BYTES,
+        response_cache_config=ResponseCacheConfig(),
+        openapi_config=OpenAPIConfig(
+            title="EchoTransact", version="1.0.0",
+            description="Payments for voice commerce: idempotent commands, queries from projections.",
+            components=Components(security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", description="an EchoTransact API key")}),
+            security=[{"bearer": []}],
+        ),
+        debug=False,
     )

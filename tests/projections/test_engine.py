@@ -172,16 +172,20 @@ def test_read_your_writes_waits_for_the_commands_position(
     import threading
 
     from projections.queries import StatusQueries
+    from projections.views import ReadViews, Scope
 
     merchant_id = new_merchant(ledger)
     session_id = open_session(ledger, merchant_id)
     store.catch_up(grace=timedelta(0))
     result = ledger.cancel_session("cancel", session_id)
-    queries = StatusQueries(database_url)
-    row, reached = queries.get("session", session_id, wait_for_position=result.position, timeout_s=0.2)
+    views = ReadViews(database_url)
+    queries = StatusQueries(views)
+    mine = Scope("merchant", merchant_id)
+    row, reached = queries.get("session", session_id, scope=mine, wait_for_position=result.position, timeout_s=0.2)
     assert row is not None and row["status"] == "awaiting_customer" and not reached
     threading.Timer(0.3, lambda: ProjectionStore(
         database_url, list(all_projections().values()), store.open_envelope).catch_up(grace=timedelta(0))).start()
-    row, reached = queries.get("session", session_id, wait_for_position=result.position, timeout_s=5)
+    row, reached = queries.get("session", session_id, scope=mine, wait_for_position=result.position, timeout_s=5)
     assert reached and row is not None and row["status"] == "cancelled"
-    assert queries.get("session", session_id, merchant_id=UUID(int=5)) == (None, True)
+    assert queries.get("session", session_id, scope=Scope("merchant", UUID(int=5))) == (None, True)
+    views.close()

@@ -1,0 +1,92 @@
+"""Admins: merchants and their API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import anyio
+from litestar import Controller, Request, Response, get, patch, post
+
+from api.http import schemas
+from api.http.auth import Principal, require
+from api.http.commands import run_command
+from api.http.problems import ApiProblem
+from api.http.services import ApiServices
+from application.errors import NotFound
+from domain.merchant import Merchant
+
+
+def merchant_out(merchant: Merchant) -> schemas.Merchant:
+    return schemas.Merchant(
+        id=str(merchant.id), name=merchant.name,
+        fee_schedule=schemas.FeeSchedule(percent_bps=merchant.fee_percent_bps, fixed=merchant.fee_fixed_minor),
+        webhook_url=merchant.webhook_url, commerce_backend_uri=merchant.commerce_backend_uri,
+        max_amount=dict(merchant.max_amount_minor), active=merchant.active,
+    )
+
+
+class MerchantController(Controller):
+    path = "/v1/merchants"
+    tags = ["admin"]
+
+    @post("/", operation_id="createMerchant", status_code=201, summary="Onboard a merchant")
+    async def create(self, request: Request[Any, Any, Any], data: schemas.MerchantCreate,
+                     services: ApiServices, principal: Principal) -> Response[bytes]:
+        require(principal, "admin")
+        fees = data.fee_schedule or schemas.FeeSchedule(percent_bps=290, fixed=30)
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result = services.ledger.register_merchant(
+                command_id, name=data.name, fee_percent_bps=fees.percent_bps, fee_fixed_minor=fees.fixed,
+                webhook_url=data.webhook_url, commerce_backend_uri=data.commerce_backend_uri,
+                max_amount_minor=data.max_amount,
+            )
+            return 201, merchant_out(services.ledger.get_merchant(UUID(result.result["merchant_id"])))
+
+        return await run_command(request, services, principal, data, run)
+
+    @get("/{merchant_id:uuid}", operation_id="getMerchant", summary="A merchant's settings")
+    async def read(self, merchant_id: UUID, services: ApiServices, principal: Principal) -> schemas.Merchant:
+        require(principal, "admin")
+        try:
+            merchant = await anyio.to_thread.run_sync(services.ledger.get_merchant, merchant_id)
+        except NotFound:
+            raise ApiProblem(404, "not_found", f"no merchant {merchant_id}") from None
+        return merchant_out(merchant)
+
+    @patch("/{merchant_id:uuid}", operation_id="updateMerchant",
+           summary="Change webhook URL, commerce URI, fee schedule or limits")
+    async def update(self, request: Request[Any, Any, Any], merchant_id: UUID, data: schemas.MerchantUpdate,
+                     services: ApiServices, principal: Principal) -> Response[bytes]:
+        require(principal, "admin")
+        changes: dict[str, Any] = {
+            k: v for k, v in {"name": data.name, "webhook_url": data.webhook_url,
+                              "commerce_backend_uri": data.commerce_backend_uri,
+                              "max_amount_minor": data.max_amount}.items() if v is not None
+        }
+        if data.fee_schedule is not None:
+            changes["fee_percent_bps"] = data.fee_schedule.percent_bps
+            changes["fee_fixed_minor"] = data.fee_schedule.fixed
+
+        def run(command_id: str) -> tuple[int, Any]:
+            services.ledger.change_merchant_settings(command_id, merchant_id, **changes)
+            return 200, merchant_out(services.ledger.get_merchant(merchant_id))
+
+        return await run_command(request, services, principal, data, run)
+
+    @post("/{merchant_id:uuid}/keys", operation_id="createMerchantKey", status_code=201,
+          summary="Issue an API key for this merchant (shown once)")
+    async def create_key(self, request: Request[Any, Any, Any], merchant_id: UUID, data: schemas.KeyCreate,
+                         services: ApiServices, principal: Principal) -> Response[bytes]:
+        require(principal, "admin")
+        if data.role != "merchant":
+            raise ApiProblem(422, "invalid_field", "keys issued for a merchant have the merchant role")
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result, token = services.ledger.issue_api_key(command_id, role="merchant", merchant_id=merchant_id,
+                                                          label=data.label)
+            return 201, schemas.KeyIssued(key_id=result.result["key_id"], role="merchant",
+                                          merchant_id=str(merchant_id), api_key=token)
+
+        return await run_command(request, services, principal, data, run)

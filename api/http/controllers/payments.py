@@ -1,0 +1,122 @@
+"""Merchants: payment history, one payment with its timeline, capture, void, refunds, balances."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import anyio
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from api.http import schemas
+from api.http.auth import Principal, merchant_scope, require
+from api.http.commands import run_command
+from api.http.controllers._common import payment_from_aggregate, payment_from_row
+from api.http.problems import ApiProblem
+from api.http.services import ApiServices
+from projections.views import Scope
+
+PAYMENT_STATUSES = ("initiated", "processing", "authorized", "captured", "settled", "voided",
+                    "authorization_expired", "failed", "refunded")
+
+
+def scope_of(principal: Principal) -> Scope:
+    return Scope(principal.role, principal.merchant_id)
+
+
+class PaymentController(Controller):
+    path = "/v1/payments"
+    tags = ["merchants"]
+
+    @get("/", operation_id="listPayments", summary="Payments, newest first, with cursor pagination")
+    async def list_payments(
+        self, services: ApiServices, principal: Principal,
+        status: Annotated[str | None, Parameter(description=", ".join(PAYMENT_STATUSES))] = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+        starting_after: Annotated[UUID | None, Parameter(description="the last id of the previous page")] = None,
+    ) -> schemas.PaymentList:
+        require(principal, "merchant", "admin")
+        if status is not None and status not in PAYMENT_STATUSES:
+            raise ApiProblem(400, "validation_error", f"status must be one of {', '.join(PAYMENT_STATUSES)}",
+                             errors=[{"field": "status", "message": "unknown status"}])
+        if created_from and created_to and created_from > created_to:
+            raise ApiProblem(400, "validation_error", "created_from is after created_to",
+                             errors=[{"field": "created_from", "message": "after created_to"}])
+        try:
+            rows, has_more = await anyio.to_thread.run_sync(lambda: services.views.payments(
+                scope_of(principal), status=status, created_from=created_from, created_to=created_to,
+                limit=limit, starting_after=starting_after))
+        except ValueError as error:  # an unknown (or another merchant's) cursor
+            raise ApiProblem(400, "validation_error", str(error),
+                             errors=[{"field": "starting_after", "message": "not a payment you can see"}]) from None
+        data = [payment_from_row(r) for r in rows]
+        return schemas.PaymentList(data=data, has_more=has_more,
+                                   next_starting_after=data[-1].id if has_more and data else None)
+
+    @get("/{payment_id:uuid}", operation_id="getPayment", summary="A payment with its event timeline")
+    async def read(self, payment_id: UUID, services: ApiServices, principal: Principal) -> schemas.Payment:
+        require(principal, "merchant", "admin")
+        row = await anyio.to_thread.run_sync(lambda: services.views.payment(scope_of(principal), payment_id))
+        if row is None:
+            raise ApiProblem(404, "not_found", f"no payment {payment_id}")
+        return payment_from_row(row)
+
+    @post("/{payment_id:uuid}/capture", operation_id="capturePayment", status_code=200,
+          summary="Capture all or part of an authorized payment")
+    async def capture(self, request: Request[Any, Any, Any], payment_id: UUID, services: ApiServices,
+                      principal: Principal, data: schemas.PaymentCapture | None = None) -> Response[bytes]:
+        merchant_id = merchant_scope(principal)
+        body = data or schemas.PaymentCapture()
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result = services.ledger.capture_payment(command_id, payment_id, amount_minor=body.amount,
+                                                     merchant_id=merchant_id)
+            return 200, payment_from_aggregate(services.ledger.get_payment(payment_id), result.position)
+
+        return await run_command(request, services, principal, body, run)
+
+    @post("/{payment_id:uuid}/void", operation_id="voidPayment", status_code=200,
+          summary="Release an authorization that will not be captured")
+    async def void(self, request: Request[Any, Any, Any], payment_id: UUID, services: ApiServices,
+                   principal: Principal, data: schemas.PaymentVoid | None = None) -> Response[bytes]:
+        merchant_id = merchant_scope(principal)
+        body = data or schemas.PaymentVoid()
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result = services.ledger.void_payment(command_id, payment_id, reason=body.reason,
+                                                  merchant_id=merchant_id)
+            return 200, payment_from_aggregate(services.ledger.get_payment(payment_id), result.position)
+
+        return await run_command(request, services, principal, body, run)
+
+    @post("/{payment_id:uuid}/refunds", operation_id="refundPayment", status_code=201,
+          summary="Refund part or all of a captured payment")
+    async def refund(self, request: Request[Any, Any, Any], payment_id: UUID, data: schemas.RefundCreate,
+                     services: ApiServices, principal: Principal) -> Response[bytes]:
+        merchant_id = merchant_scope(principal)
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result = services.ledger.refund_payment(command_id, payment_id, amount_minor=data.amount,
+                                                    reason=data.reason, merchant_id=merchant_id)
+            payment = services.ledger.get_payment(payment_id)
+            return 201, payment_from_aggregate(payment, result.position, refund_id=result.result["refund_id"])
+
+        return await run_command(request, services, principal, data, run)
+
+
+class BalanceController(Controller):
+    path = "/v1/balances"
+    tags = ["merchants"]
+
+    @get("/", operation_id="listBalances", summary="Ledger balances per account and currency")
+    async def balances(self, services: ApiServices, principal: Principal) -> schemas.BalanceList:
+        require(principal, "merchant", "admin")
+        rows = await anyio.to_thread.run_sync(lambda: services.views.balances(scope_of(principal)))
+        return schemas.BalanceList(data=[
+            schemas.Balance(account=r["account"], currency=r["currency"], balance=int(r["balance_minor"]))
+            for r in rows
+        ])

@@ -1,0 +1,134 @@
+"""Analysts: the conversion funnel and money volumes. Compliance: the audit trail."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import date
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import anyio
+import psycopg
+from litestar import Controller, get
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from api.http.auth import Principal, require
+from api.http.controllers.payments import scope_of
+from api.http.problems import ApiProblem
+from api.http.services import ApiServices
+from projections.audit import export_rows, verify_chain
+
+
+def _range(date_from: date, date_to: date) -> None:
+    if date_from > date_to:
+        raise ApiProblem(400, "validation_error", "from is after to",
+                         errors=[{"field": "from", "message": "after to"}])
+    if (date_to - date_from).days > 366 * 3:
+        raise ApiProblem(400, "validation_error", "a range covers at most three years",
+                         errors=[{"field": "to", "message": "range too long"}])
+
+
+def _merchant_filter(principal: Principal, merchant_id: UUID | None) -> UUID | None:
+    # A merchant's own key sees only its own numbers, whatever it asks for.
+    return principal.merchant_id if principal.role == "merchant" else merchant_id
+
+
+class AnalyticsController(Controller):
+    path = "/v1/analytics"
+    tags = ["analysts"]
+
+    @get("/funnel", operation_id="getFunnel", summary="Conversion funnel per day and voice platform")
+    async def funnel(
+        self, services: ApiServices, principal: Principal,
+        date_from: Annotated[date, Parameter(query="from")],
+        date_to: Annotated[date, Parameter(query="to")],
+        merchant_id: UUID | None = None,
+        voice_platform: Annotated[str | None, Parameter(max_length=50)] = None,
+    ) -> dict[str, Any]:
+        require(principal, "analyst", "admin", "merchant")
+        _range(date_from, date_to)
+        rows = await anyio.to_thread.run_sync(lambda: services.views.funnel(
+            scope_of(principal), date_from=date_from, date_to=date_to,
+            merchant_id=_merchant_filter(principal, merchant_id), voice_platform=voice_platform))
+        return {"data": rows}
+
+    @get("/volume", operation_id="getVolume", summary="Volumes, approval rate and average order value")
+    async def volume(
+        self, services: ApiServices, principal: Principal,
+        date_from: Annotated[date, Parameter(query="from")],
+        date_to: Annotated[date, Parameter(query="to")],
+        granularity: Literal["day", "week", "month"] = "day",
+        currency: Annotated[str | None, Parameter(pattern="^[A-Z]{3}$")] = None,
+        merchant_id: UUID | None = None,
+    ) -> dict[str, Any]:
+        require(principal, "analyst", "admin", "merchant")
+        _range(date_from, date_to)
+        rows = await anyio.to_thread.run_sync(lambda: services.views.volume(
+            scope_of(principal), date_from=date_from, date_to=date_to, granularity=granularity,
+            currency=currency, merchant_id=_merchant_filter(principal, merchant_id)))
+        return {"data": rows}
+
+
+class AuditController(Controller):
+    path = "/v1/audit"
+    tags = ["compliance"]
+
+    @get("/events", operation_id="listAuditEvents", summary="The audit trail, personal data masked")
+    async def events(
+        self, services: ApiServices, principal: Principal,
+        aggregate_id: UUID | None = None, merchant_id: UUID | None = None,
+        from_position: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        require(principal, "compliance")
+        rows = await anyio.to_thread.run_sync(lambda: services.views.audit_events(
+            scope_of(principal), aggregate_id=aggregate_id, merchant_id=merchant_id,
+            from_position=from_position, limit=limit))
+        return {"data": rows, "next_from_position": rows[-1]["position"] if rows else from_position}
+
+    @get("/verify", operation_id="verifyAudit", summary="Check the hash chain; names the first broken row")
+    async def verify(self, services: ApiServices, principal: Principal) -> dict[str, Any]:
+        require(principal, "compliance")
+
+        def check() -> dict[str, Any]:
+            with psycopg.connect(services.health.database_url) as conn:
+                report = verify_chain(conn)
+            return {"ok": report.ok, "rows_checked": report.rows_checked, "unchained": report.unchained,
+                    "first_broken_position": report.first_broken_position, "reason": report.reason}
+
+        return await anyio.to_thread.run_sync(check)
+
+    @get("/export", operation_id="exportAudit", summary="The audit trail as JSON Lines (streamed)",
+         media_type="application/x-ndjson")
+    async def export(
+        self, services: ApiServices, principal: Principal,
+        aggregate_id: UUID | None = None, merchant_id: UUID | None = None,
+        date_from: Annotated[date | None, Parameter(query="from")] = None,
+        date_to: Annotated[date | None, Parameter(query="to")] = None,
+    ) -> Stream:
+        require(principal, "compliance")
+        from datetime import datetime, time, timedelta, timezone
+
+        since = datetime.combine(date_from, time(), timezone.utc) if date_from else None
+        until = datetime.combine(date_to + timedelta(days=1), time(), timezone.utc) if date_to else None
+
+        async def lines() -> AsyncIterator[bytes]:
+            send, receive = anyio.create_memory_object_stream[bytes](100)
+
+            def produce() -> None:
+                with psycopg.connect(services.health.database_url) as conn, conn.transaction():
+                    for row in export_rows(conn, aggregate_id=str(aggregate_id) if aggregate_id else None,
+                                           merchant_id=str(merchant_id) if merchant_id else None,
+                                           since=since, until=until):
+                        anyio.from_thread.run(send.send, (json.dumps(row, default=str, sort_keys=True) + "\n").encode())
+                anyio.from_thread.run(send.aclose)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, produce)
+                async with receive:
+                    async for chunk in receive:
+                        yield chunk
+
+        return Stream(lines(), media_type="application/x-ndjson")

@@ -1,0 +1,83 @@
+"""Voice integrators: open a payment session, read its status, cancel it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+import anyio
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from api.http import schemas
+from api.http.auth import Principal, merchant_scope, require
+from api.http.commands import run_command
+from api.http.controllers._common import session_from_aggregate, session_from_row
+from api.http.problems import ApiProblem
+from api.http.services import ApiServices
+from application.errors import NotFound
+from projections.views import Scope
+
+
+class PaymentSessionController(Controller):
+    path = "/v1/payment-sessions"
+    tags = ["voice integrators"]
+
+    @post("/", operation_id="createPaymentSession", status_code=201,
+          summary="Open a payment session for an order taken in conversation")
+    async def create(self, request: Request[Any, Any, Any], data: schemas.PaymentSessionCreate,
+                     services: ApiServices, principal: Principal) -> Response[bytes]:
+        merchant_id = merchant_scope(principal)
+
+        def run(command_id: str) -> tuple[int, Any]:
+            ledger = services.ledger
+            result = ledger.open_session(
+                command_id, merchant_id=merchant_id, amount_minor=data.amount, currency=data.currency,
+                customer_phone=data.customer_phone, order_reference=data.order.reference,
+                line_items=[{"sku": i.sku, "name": i.name, "quantity": i.quantity,
+                             "unit_amount_minor": i.unit_amount} for i in data.order.items],
+                voice_platform=data.voice.platform, conversation_id=data.voice.conversation_id,
+                callback_url=data.callback_url, metadata=data.metadata,
+            )
+            session = ledger.get_session(UUID(result.result["session_id"]))
+            return 201, session_from_aggregate(session, result.position)
+
+        return await run_command(request, services, principal, data, run)
+
+    @get("/{session_id:uuid}", operation_id="getPaymentSession", summary="A payment session's status")
+    async def read(
+        self, session_id: UUID, services: ApiServices, principal: Principal,
+        wait_for_position: Annotated[int | None, Parameter(
+            ge=1, description="wait (up to 5 s) until the read model has applied this position, "
+                              "as returned by a command")] = None,
+    ) -> schemas.PaymentSession:
+        require(principal, "merchant", "admin")
+        row, reached = await anyio.to_thread.run_sync(
+            lambda: services.status.get("session", session_id, wait_for_position=wait_for_position,
+                                        scope=Scope(principal.role, principal.merchant_id)))
+        if row is not None and reached:
+            return session_from_row(row)
+        if wait_for_position is None and row is None:
+            raise ApiProblem(404, "not_found", f"no payment session {session_id}")
+        # The read model is behind the caller's own write: answer from the write model.
+        try:
+            session = await anyio.to_thread.run_sync(
+                lambda: services.ledger.get_session(session_id, principal.merchant_id))
+        except NotFound:
+            raise ApiProblem(404, "not_found", f"no payment session {session_id}") from None
+        return session_from_aggregate(session, None, caught_up=False)
+
+    @post("/{session_id:uuid}/cancel", operation_id="cancelPaymentSession", status_code=200,
+          summary="Cancel a session that has not been paid")
+    async def cancel(self, request: Request[Any, Any, Any], session_id: UUID,
+                     services: ApiServices, principal: Principal,
+                     data: schemas.PaymentSessionCancel | None = None) -> Response[bytes]:
+        merchant_id = merchant_scope(principal)
+        body = data or schemas.PaymentSessionCancel()
+
+        def run(command_id: str) -> tuple[int, Any]:
+            result = services.ledger.cancel_session(command_id, session_id, reason=body.reason,
+                                                    merchant_id=merchant_id)
+            return 200, session_from_aggregate(services.ledger.get_session(session_id), result.position)
+
+        return await run_command(request, services, principal, body, run)

@@ -1,0 +1,187 @@
+"""The API's request and response shapes (msgspec Structs, one per operation). Money is an
+integer of minor units plus an ISO 4217 code. Unknown fields are rejected; strings are bounded."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
+Currency = Annotated[str, Meta(min_length=1, max_length=3, description="ISO 4217 code, e.g. USD")]
+# Amount rules (positive, at most one million major units) are the domain's, so a refusal carries
+# its stable code (invalid_amount, amount_too_large) rather than a generic validation error.
+Amount = Annotated[int, Meta(description="integer minor units, e.g. 1250 = 12.50 USD")]
+Url = Annotated[str, Meta(min_length=1, max_length=2048, pattern="^https?://")]
+Phone = Annotated[str, Meta(min_length=1, max_length=32, description="E.164, e.g. +14155550123")]
+
+
+class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LineItem(Strict):
+    sku: ShortText
+    name: Text
+    quantity: Annotated[int, Meta(ge=1, le=10_000)]
+    unit_amount: Amount
+
+
+class Order(Strict):
+    reference: Annotated[str, Meta(min_length=1, max_length=100)]
+    items: Annotated[list[LineItem], Meta(min_length=1, max_length=100)]
+
+
+class Voice(Strict):
+    platform: Annotated[str, Meta(min_length=1, max_length=50)]
+    conversation_id: Text
+
+
+class PaymentSessionCreate(Strict):
+    amount: Amount
+    currency: Currency
+    customer_phone: Phone
+    order: Order
+    voice: Voice
+    callback_url: Url | None = None
+    metadata: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=40)],
+                             Annotated[str, Meta(max_length=500)]], Meta(max_length=20)] | None = None
+
+
+class PaymentSessionCancel(Strict):
+    reason: Annotated[str, Meta(min_length=1, max_length=200)] = "cancelled_by_merchant"
+
+
+class PaymentCapture(Strict):
+    amount: Amount | None = None
+
+
+class PaymentVoid(Strict):
+    reason: Annotated[str, Meta(min_length=1, max_length=200)] = "requested_by_merchant"
+
+
+class RefundCreate(Strict):
+    amount: Amount
+    reason: Annotated[str, Meta(max_length=200)] = ""
+
+
+class FeeSchedule(Strict):
+    percent_bps: Annotated[int, Meta(ge=0, le=10_000, description="basis points: 290 = 2.9%")]
+    fixed: Annotated[int, Meta(ge=0, le=1_000_000, description="minor units of the payment's currency")]
+
+
+class MerchantCreate(Strict):
+    name: Text
+    fee_schedule: FeeSchedule | None = None
+    webhook_url: Url | None = None
+    commerce_backend_uri: Url | None = None
+    max_amount: Annotated[dict[Currency, Amount], Meta(max_length=50)] | None = None
+
+
+class MerchantUpdate(Strict):
+    name: Text | None = None
+    fee_schedule: FeeSchedule | None = None
+    webhook_url: Url | None = None
+    commerce_backend_uri: Url | None = None
+    max_amount: Annotated[dict[Currency, Amount], Meta(max_length=50)] | None = None
+
+
+class KeyCreate(Strict):
+    role: Literal["merchant", "analyst", "compliance", "admin"] = "merchant"
+    label: Annotated[str, Meta(max_length=100)] = ""
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+class Links(Struct):
+    self: str
+
+
+class PaymentSession(Struct):
+    id: str
+    merchant_id: str
+    status: str
+    amount: int
+    currency: str
+    customer_phone: str
+    order_reference: str
+    voice: dict[str, str]
+    identity_required: bool
+    payment_id: str | None
+    end_reason: str | None
+    expires_at: datetime
+    created_at: datetime | None
+    updated_at: datetime | None
+    position: int | None
+    links: Links
+    projection_caught_up: bool = True
+
+
+class TimelineEntry(Struct):
+    event_type: str
+    version: int
+    occurred_at: datetime
+    data: dict[str, Any]
+
+
+class Payment(Struct):
+    id: str
+    merchant_id: str
+    session_id: str | None
+    status: str
+    amount: int
+    currency: str
+    card_brand: str
+    card_last4: str
+    authorized_amount: int
+    captured_amount: int
+    refunded_amount: int
+    fee: int
+    failure_code: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    position: int | None
+    links: Links
+    timeline: list[TimelineEntry] | None = None
+    refund_id: str | None = None
+
+
+class PaymentList(Struct):
+    data: list[Payment]
+    has_more: bool
+    next_starting_after: str | None
+
+
+class Balance(Struct):
+    account: str
+    currency: str
+    balance: int
+
+
+class BalanceList(Struct):
+    data: list[Balance]
+
+
+class Merchant(Struct):
+    id: str
+    name: str
+    fee_schedule: FeeSchedule
+    webhook_url: str | None
+    commerce_backend_uri: str | None
+    max_amount: dict[str, int]
+    active: bool
+
+
+class KeyIssued(Struct):
+    key_id: str
+    role: str
+    merchant_id: str | None
+    api_key: str  # shown once; only a keyed hash is kept
+
+
+class DateRange(Struct):
+    date_from: date
+    date_to: date

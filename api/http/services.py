@@ -1,0 +1,34 @@
+"""What the HTTP layer needs, built once by the composition root and handed to the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from adapters.idempotency import IdempotencyStore
+from adapters.rate_limit import RateLimiter
+from api.bootstrap import Settings
+from api.http.health import Dependencies
+from application.ledger import Ledger
+from projections.queries import StatusQueries
+from projections.views import ReadViews
+
+
+@dataclass
+class ApiServices:
+    settings: Settings
+    ledger: Ledger
+    views: ReadViews
+    status: StatusQueries
+    idempotency: IdempotencyStore
+    rate_limiter: RateLimiter
+    redis: redis.Redis | None
+    health: Dependencies
+    extra: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self.views.close()
+        self.idempotency.pool.close()
+        self.ledger.close()

@@ -1,0 +1,293 @@
+"""Read views for the HTTP API: straight SQL over the read tables, in a transaction in which
+PostgreSQL's row-level security (migrations/0004) shows only what the caller's scope may see.
+
+Every query filters by merchant in SQL as well; the policies are the second wall, so a wrong or
+missing filter here still cannot show one merchant another's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal, Self
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+READER_ROLE = "echotransact_reader"
+ROLES = ("merchant", "analyst", "compliance", "admin")
+GRANULARITIES = ("day", "week", "month")
+MAX_PAGE = 100
+MAX_AUDIT_PAGE = 1_000
+
+Granularity = Literal["day", "week", "month"]
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Who is reading: a merchant sees its own rows; analyst, compliance and admin see rows of
+    every merchant, each in the tables the policies give it."""
+
+    role: str
+    merchant_id: UUID | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if (self.role == "merchant") != (self.merchant_id is not None):
+            raise ValueError("a merchant scope needs a merchant id, and only a merchant scope has one")
+
+
+def _plain(row: Mapping[str, Any]) -> Row:
+    return {k: str(v) if isinstance(v, UUID) else v for k, v in row.items()}
+
+
+def _check_dates(date_from: date, date_to: date) -> None:
+    if date_from > date_to:
+        raise ValueError(f"date_from {date_from} is after date_to {date_to}")
+
+
+def _check_limit(limit: int, maximum: int) -> None:
+    if not 1 <= limit <= maximum:
+        raise ValueError(f"limit must be between 1 and {maximum}, not {limit}")
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+class ReadViews:
+    def __init__(
+        self, database_url: str, *, max_size: int = 8, statement_timeout_ms: int = 5_000,
+        open_timeout_s: float = 10.0,
+    ) -> None:
+        self.statement_timeout_ms = statement_timeout_ms
+        self._pool = ConnectionPool(
+            database_url, min_size=1, max_size=max_size, open=True, configure=self._configure,
+            check=ConnectionPool.check_connection, name="read-views",
+        )
+        self._pool.wait(timeout=open_timeout_s)
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        # Read-only snapshots: a payment and its timeline come from the same moment.
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _scoped(self, scope: Scope) -> Iterator[psycopg.Cursor[Row]]:
+        """A cursor in a transaction running as the reader role with the scope's settings.
+        Everything is transaction-local (SET LOCAL, set_config(..., true)), so nothing outlives
+        the transaction on the pooled connection."""
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(f"SET LOCAL ROLE {READER_ROLE}")
+            cur.execute(
+                "SELECT set_config('app.role', %s, true), set_config('app.merchant_id', %s, true),"
+                " set_config('statement_timeout', %s, true)",
+                (scope.role, str(scope.merchant_id or ""), str(self.statement_timeout_ms)),
+            )
+            yield cur
+
+    def _all(self, scope: Scope, query: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Row]:
+        with self._scoped(scope) as cur:
+            cur.execute(query, params)
+            return [_plain(r) for r in cur.fetchall()]
+
+    @staticmethod
+    def _where(scope: Scope, conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+        """``WHERE`` from (clause, value) pairs whose value is not None, plus the scope's merchant."""
+        if scope.merchant_id is not None:
+            conditions = [("merchant_id = %s", scope.merchant_id), *conditions]
+        used = [(clause, value) for clause, value in conditions if value is not None]
+        if not used:
+            return "", []
+        params: list[Any] = []
+        for _, value in used:  # a tuple fills several placeholders, as in a row comparison
+            params.extend(value if isinstance(value, tuple) else (value,))
+        return " WHERE " + " AND ".join(clause for clause, _ in used), params
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def session(self, scope: Scope, session_id: UUID) -> Row | None:
+        where, params = self._where(scope, [("session_id = %s", session_id)])
+        rows = self._all(
+            scope,
+            "SELECT session_id, merchant_id, status, amount_minor, currency, customer_phone_masked,"
+            " order_reference, voice_platform, conversation_id, identity_required, payment_id,"
+            " code_attempts, end_reason, expires_at, opened_at, updated_at, version, position"
+            " FROM session_status" + where,
+            params,
+        )
+        return rows[0] if rows else None
+
+    def payment(self, scope: Scope, payment_id: UUID) -> Row | None:
+        """The payment's status and its timeline (masked events, oldest first)."""
+        where, params = self._where(scope, [("payment_id = %s", payment_id)])
+        timeline_where, timeline_params = self._where(scope, [("aggregate_id = %s", payment_id)])
+        with self._scoped(scope) as cur:
+            cur.execute(
+                "SELECT payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand,"
+                " card_last4, processor, authorized_minor, captured_minor, fee_minor, refunded_minor,"
+                " failure_code, created_at, updated_at, version, position"
+                " FROM payment_status" + where,
+                params,
+            )
+            row = cur.fetchone()
+            if row is None:
+                return None
+            cur.execute(
+                "SELECT event_type, occurred_at, version, data FROM audit_log" + timeline_where
+                + " ORDER BY version",
+                timeline_params,
+            )
+            timeline = [_plain(r) for r in cur.fetchall()]
+        return {**_plain(row), "timeline": timeline}
+
+    def payments(
+        self, scope: Scope, *, status: str | None = None, created_from: datetime | None = None,
+        created_to: datetime | None = None, limit: int = 50, starting_after: UUID | None = None,
+    ) -> tuple[list[Row], bool]:
+        """(payments newest first, whether more follow). ``created_from`` is inclusive and
+        ``created_to`` exclusive; ``starting_after`` is the last payment id of the previous page,
+        and one this scope cannot see is a ValueError, the same as one that does not exist."""
+        _check_limit(limit, MAX_PAGE)
+        if created_from is not None and created_to is not None and created_from > created_to:
+            raise ValueError(f"created_from {created_from} is after created_to {created_to}")
+        with self._scoped(scope) as cur:
+            after: tuple[datetime, UUID] | None = None
+            if starting_after is not None:
+                where, params = self._where(scope, [("payment_id = %s", starting_after)])
+                cur.execute("SELECT created_at, payment_id FROM payment_status" + where, params)
+                cursor_row = cur.fetchone()
+                if cursor_row is None:
+                    raise ValueError(f"starting_after {starting_after} is not a payment you can see")
+                after = (cursor_row["created_at"], cursor_row["payment_id"])
+            where, params = self._where(scope, [
+                ("status = %s", status),
+                ("created_at >= %s", created_from),
+                ("created_at < %s", created_to),
+                ("(created_at, payment_id) < (%s, %s)", after),
+            ])
+            cur.execute(
+                "SELECT payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand,"
+                " card_last4, processor, authorized_minor, captured_minor, fee_minor, refunded_minor,"
+                " failure_code, created_at, updated_at, version, position"
+                " FROM payment_status" + where
+                + " ORDER BY created_at DESC, payment_id DESC LIMIT %s",
+                [*params, limit + 1],
+            )
+            rows = [_plain(r) for r in cur.fetchall()]
+        return rows[:limit], len(rows) > limit
+
+    # -- balances --------------------------------------------------------------------------------
+
+    def balances(self, scope: Scope) -> list[Row]:
+        where, params = self._where(scope, [])
+        return self._all(
+            scope,
+            "SELECT account, currency, balance_minor, merchant_id FROM ledger_balances" + where
+            + " ORDER BY account, currency",
+            params,
+        )
+
+    # -- analytics -------------------------------------------------------------------------------
+
+    def funnel(
+        self, scope: Scope, *, date_from: date, date_to: date, merchant_id: UUID | None = None,
+        voice_platform: str | None = None,
+    ) -> list[Row]:
+        """Per day (UTC, the day sessions opened; ``date_to`` inclusive) and voice platform, the
+        funnel summed over the merchants in view, with conversion = paid / opened."""
+        _check_dates(date_from, date_to)
+        where, params = self._where(scope, [
+            ("day >= %s", date_from),
+            ("day <= %s", date_to),
+            ("merchant_id = %s", merchant_id),
+            ("voice_platform = %s", voice_platform),
+        ])
+        rows = self._all(
+            scope,
+            "SELECT day, voice_platform,"
+            " sum(opened)::bigint AS opened, sum(link_sent)::bigint AS link_sent,"
+            " sum(link_opened)::bigint AS link_opened, sum(code_verified)::bigint AS code_verified,"
+            " sum(identity_verified)::bigint AS identity_verified, sum(paid)::bigint AS paid,"
+            " sum(failed)::bigint AS failed, sum(expired)::bigint AS expired,"
+            " sum(cancelled)::bigint AS cancelled, sum(locked)::bigint AS locked"
+            " FROM funnel_daily" + where + " GROUP BY day, voice_platform ORDER BY day, voice_platform",
+            params,
+        )
+        return [{**r, "conversion_rate": _ratio(r["paid"], r["opened"])} for r in rows]
+
+    def volume(
+        self, scope: Scope, *, date_from: date, date_to: date, granularity: Granularity = "day",
+        currency: str | None = None, merchant_id: UUID | None = None,
+    ) -> list[Row]:
+        """Money per period and currency over the merchants in view. A period is labelled by its
+        first day (weeks start on Monday) and holds only days from ``date_from`` to ``date_to``
+        (inclusive), so the first and last may be partial."""
+        _check_dates(date_from, date_to)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+        where, params = self._where(scope, [
+            ("day >= %s", date_from),
+            ("day <= %s", date_to),
+            ("currency = %s", currency),
+            ("merchant_id = %s", merchant_id),
+        ])
+        rows = self._all(
+            scope,
+            "SELECT date_trunc(%s, day::timestamp)::date AS period_start, currency,"
+            " sum(authorized_count)::bigint AS authorized_count, sum(declined_count)::bigint AS declined_count,"
+            " sum(captured_count)::bigint AS captured_count,"
+            " sum(gross_captured_minor)::bigint AS gross_captured_minor,"
+            " sum(refunded_minor)::bigint AS refunded_minor, sum(fees_minor)::bigint AS fees_minor"
+            " FROM volume_daily" + where + " GROUP BY 1, 2 ORDER BY 1, 2",
+            [granularity, *params],
+        )
+        out = []
+        for r in rows:
+            out.append({
+                **r,
+                "net_minor": r["gross_captured_minor"] - r["refunded_minor"] - r["fees_minor"],
+                "approval_rate": _ratio(r["authorized_count"], r["authorized_count"] + r["declined_count"]),
+                # Rounded down: integer minor units, never a float.
+                "average_order_value_minor": (
+                    r["gross_captured_minor"] // r["captured_count"] if r["captured_count"] else None
+                ),
+            })
+        return out
+
+    # -- audit -----------------------------------------------------------------------------------
+
+    def audit_events(
+        self, scope: Scope, *, aggregate_id: UUID | None = None, merchant_id: UUID | None = None,
+        from_position: int = 0, limit: int = 100,
+    ) -> list[Row]:
+        """Audit rows after ``from_position``, in position order (pass the last position seen to
+        page on). Compliance and admin see every merchant's, a merchant its own, analysts none."""
+        _check_limit(limit, MAX_AUDIT_PAGE)
+        where, params = self._where(scope, [
+            ("position > %s", from_position),
+            ("aggregate_id = %s", aggregate_id),
+            ("merchant_id = %s", merchant_id),
+        ])
+        return self._all(
+            scope,
+            "SELECT position, event_id, aggregate_id, aggregate_type, version, merchant_id, event_type,"
+            " occurred_at, data, prev_hash, hash FROM audit_log" + where + " ORDER BY position LIMIT %s",
+            [*params, limit],
+        )

@@ -1,0 +1,184 @@
+"""Voice integrators' and merchants' commands over HTTP: contract, idempotency, errors."""
+
+from __future__ import annotations
+
+import threading
+from uuid import UUID
+
+import httpx
+import psycopg
+
+from tests.api.conftest import Api, paid_payment, session_body
+
+
+def test_open_a_session_then_read_it_with_read_your_writes(api: Api) -> None:
+    with api.client("a") as client:
+        created = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "k1"})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert body["status"] == "awaiting_customer" and body["amount"] == 2_500
+        assert body["customer_phone"] == "+1******0123"
+        assert body["links"]["self"] == f"/v1/payment-sessions/{body['id']}"
+        assert body["merchant_id"] == str(api.merchants["a"]) and body["position"] >= 1
+
+        # The projection has not run: a plain read does not find it yet...
+        assert client.get(f"/v1/payment-sessions/{body['id']}").status_code == 404
+        # ...but a read that waits for the command's position gets the write model's answer.
+        waited = client.get(f"/v1/payment-sessions/{body['id']}",
+                            params={"wait_for_position": body["position"]})
+        assert waited.status_code == 200 and waited.json()["projection_caught_up"] is False
+        api.project()
+        read = client.get(f"/v1/payment-sessions/{body['id']}", params={"wait_for_position": body["position"]})
+        assert read.status_code == 200
+        assert read.json()["projection_caught_up"] is True and read.json()["status"] == "awaiting_customer"
+
+        cancelled = client.post(f"/v1/payment-sessions/{body['id']}/cancel", json={"reason": "customer hung up"},
+                                headers={"Idempotency-Key": "k2"})
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        again = client.post(f"/v1/payment-sessions/{body['id']}/cancel", json={"reason": "again"},
+                            headers={"Idempotency-Key": "k3"})
+        assert again.status_code == 409 and again.json()["code"] == "invalid_transition"
+        assert again.headers["content-type"] == "application/problem+json"
+
+
+def test_idempotency_replay_reuse_and_missing_key(api: Api, database_url: str) -> None:
+    with api.client("a") as client:
+        first = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "same"})
+        replay = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "same"})
+        assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+        assert replay.content == first.content and "idempotent-replayed" not in first.headers
+        reused = client.post("/v1/payment-sessions", json=session_body(999), headers={"Idempotency-Key": "same"})
+        assert reused.status_code == 409 and reused.json()["code"] == "idempotency_key_reused"
+        missing = client.post("/v1/payment-sessions", json=session_body())
+        assert missing.status_code == 400 and missing.json()["code"] == "idempotency_key_required"
+    # Another merchant's identical key is its own.
+    with api.client("b") as client:
+        other = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "same"})
+        assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    with psycopg.connect(database_url) as conn:
+        opened = conn.execute(
+            "SELECT count(*) FROM command_log WHERE command_name = 'open_session'").fetchone()[0]
+    assert opened == 2
+
+
+def test_a_rejection_is_replayed_too(api: Api) -> None:
+    with api.client("a") as client:
+        body = session_body(amount=2_500)
+        body["order"]["items"][0]["unit_amount"] = 2_400
+        first = client.post("/v1/payment-sessions", json=body, headers={"Idempotency-Key": "bad"})
+        again = client.post("/v1/payment-sessions", json=body, headers={"Idempotency-Key": "bad"})
+    assert first.status_code == again.status_code == 422
+    assert first.json()["code"] == "items_do_not_sum" and again.headers["idempotent-replayed"] == "true"
+
+
+def test_concurrent_identical_requests_create_one_session(api: Api, database_url: str) -> None:
+    barrier = threading.Barrier(10)
+    responses: list[httpx.Response] = []
+
+    def send() -> None:
+        with api.client("a") as client:
+            barrier.wait()
+            responses.append(client.post("/v1/payment-sessions", json=session_body(),
+                                         headers={"Idempotency-Key": "race"}))
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {201, 409} and 201 in statuses
+    assert all(r.json()["code"] == "request_in_progress" for r in responses if r.status_code == 409)
+    ids = {r.json()["id"] for r in responses if r.status_code == 201}
+    assert len(ids) == 1
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM command_log WHERE command_name = 'open_session'"
+                            ).fetchone() == (1,)
+
+
+def test_losing_redis_never_runs_a_command_twice(api: Api) -> None:
+    with api.client("a") as client:
+        first = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "r1"})
+        assert api.services.redis is not None
+        api.services.redis.flushall()
+        replay = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "r1"})
+    assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == first.json()["id"]
+
+
+def test_bad_input_gets_field_level_problems(api: Api) -> None:
+    with api.client("a") as client:
+        cases = {
+            "validation_error": {**session_body(), "amount": "lots"},
+            "invalid_amount": session_body(amount=0),
+            "amount_too_large": session_body(amount=10**12),
+            "unknown_currency": {**session_body(), "currency": "XYZ"},
+            "invalid_phone": {**session_body(), "customer_phone": "555-0123"},
+        }
+        for i, (code, body) in enumerate(cases.items()):
+            response = client.post("/v1/payment-sessions", json=body, headers={"Idempotency-Key": f"bad-{i}"})
+            assert response.status_code in (400, 422), (code, response.text)
+            assert response.json()["code"] == code, response.text
+            assert "Traceback" not in response.text and "+14155550123" not in response.text
+        unknown = client.post("/v1/payment-sessions", json={**session_body(), "surprise": 1},
+                              headers={"Idempotency-Key": "bad-unknown"})
+        assert unknown.status_code == 400 and unknown.json()["errors"][0]["field"]
+
+
+def test_capture_void_refund_and_their_rules(api: Api) -> None:
+    payment_id = paid_payment(api, amount=5_000, tag="one")
+    with api.client("a") as client:
+        captured = client.post(f"/v1/payments/{payment_id}/capture", json={"amount": 4_000},
+                               headers={"Idempotency-Key": "cap"})
+        assert captured.status_code == 200, captured.text
+        assert (captured.json()["status"], captured.json()["captured_amount"], captured.json()["fee"]) == (
+            "captured", 4_000, 146)
+        too_much = client.post(f"/v1/payments/{payment_id}/refunds", json={"amount": 4_001},
+                               headers={"Idempotency-Key": "ref-big"})
+        assert too_much.status_code == 422 and too_much.json()["code"] == "refund_exceeds_captured"
+        refunded = client.post(f"/v1/payments/{payment_id}/refunds", json={"amount": 1_000, "reason": "cold"},
+                               headers={"Idempotency-Key": "ref"})
+        assert refunded.status_code == 201 and refunded.json()["refunded_amount"] == 1_000
+        assert refunded.json()["refund_id"]
+        void = client.post(f"/v1/payments/{payment_id}/void", headers={"Idempotency-Key": "void"})
+        assert void.status_code == 409 and void.json()["code"] == "invalid_transition"
+
+    second = paid_payment(api, amount=1_000, tag="two")
+    with api.client("a") as client:
+        voided = client.post(f"/v1/payments/{second}/void", json={"reason": "out of stock"},
+                             headers={"Idempotency-Key": "void-2"})
+        assert voided.status_code == 200 and voided.json()["status"] == "voided"
+    with api.client("b") as client:  # another merchant's payment does not exist for B
+        stolen = client.post(f"/v1/payments/{payment_id}/refunds", json={"amount": 1},
+                             headers={"Idempotency-Key": "steal"})
+        assert stolen.status_code == 404 and stolen.json()["code"] == "not_found"
+
+
+def test_payments_list_detail_timeline_and_balances(api: Api) -> None:
+    ids = [paid_payment(api, amount=1_000 + i, tag=f"l{i}") for i in range(5)]
+    with api.client("a") as client:
+        client.post(f"/v1/payments/{ids[0]}/capture", headers={"Idempotency-Key": "c0"})
+    api.project()
+    with api.client("a") as client:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": 2, **({"starting_after": cursor} if cursor else {})}
+            page = client.get("/v1/payments", params=params).json()
+            seen += [p["id"] for p in page["data"]]
+            if not page["has_more"]:
+                break
+            cursor = page["next_starting_after"]
+        assert sorted(seen) == sorted(map(str, ids)) and len(seen) == 5
+        captured = client.get("/v1/payments", params={"status": "captured"}).json()["data"]
+        assert [p["id"] for p in captured] == [str(ids[0])]
+        detail = client.get(f"/v1/payments/{ids[0]}").json()
+        assert [t["event_type"] for t in detail["timeline"]] == [
+            "payment.initiated", "payment.processing_started", "payment.authorized", "payment.captured"]
+        balances = client.get("/v1/balances").json()["data"]
+        assert balances == [{"account": f"merchant:{api.merchants['a']}:payable", "currency": "USD",
+                             "balance": -(1_000 - 59)}]
+    with api.client("b") as client:
+        assert client.get("/v1/payments").json()["data"] == []
+        assert client.get(f"/v1/payments/{ids[0]}").status_code == 404
+        assert client.get("/v1/balances").json()["data"] == []
+    assert UUID(seen[0])
