@@ -51,6 +51,27 @@ CHECKS: dict[str, Callable[[Dependencies], Awaitable[None]]] = {
 }
 
 
+async def read_side_state(deps: Dependencies) -> dict[str, object]:
+    """How far the relay and the projections are behind the ledger: reported, not judged (the
+    API serves commands whatever they are)."""
+    async with await psycopg.AsyncConnection.connect(deps.database_url, connect_timeout=2) as conn:
+        cur = await conn.execute(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at)) FROM outbox WHERE published_at IS NULL"
+        )
+        unpublished, oldest_s = await cur.fetchone() or (0, None)
+        cur = await conn.execute(
+            "SELECT p.name, (SELECT coalesce(max(position), 0) FROM outbox)"
+            " - coalesce((SELECT max(position) FROM projection_versions v WHERE v.projection = p.name), 0)"
+            " FROM (VALUES ('status'), ('analytics'), ('audit'), ('balances')) AS p(name)"
+        )
+        lag = {name: int(behind) for name, behind in await cur.fetchall()}
+    return {
+        "relay_backlog": {"unpublished": int(unpublished),
+                          "oldest_unpublished_s": round(float(oldest_s), 1) if oldest_s is not None else None},
+        "projection_lag_events": lag,
+    }
+
+
 async def _run(name: str, deps: Dependencies) -> dict[str, object]:
     started = time.perf_counter()
     try:
@@ -74,7 +95,11 @@ class HealthController(Controller):
         results = dict(zip(names, await asyncio.gather(*(_run(n, deps) for n in names)), strict=True))
         ok = all(r["ok"] for r in results.values())
         if ok:
-            return Response({"status": "ready", "checks": results}, status_code=HTTP_200_OK)
+            try:
+                read_side = await asyncio.wait_for(read_side_state(deps), CHECK_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - e.g. a database not yet migrated
+                read_side = {"error": f"{type(error).__name__}: {error}"[:300]}
+            return Response({"status": "ready", "checks": results, "read_side": read_side}, status_code=HTTP_200_OK)
         return Response(
             {
                 "type": "about:blank",

@@ -182,3 +182,17 @@ def test_payments_list_detail_timeline_and_balances(api: Api) -> None:
         assert client.get(f"/v1/payments/{ids[0]}").status_code == 404
         assert client.get("/v1/balances").json()["data"] == []
     assert UUID(seen[0])
+
+
+def test_readiness_reports_the_read_side(api: Api) -> None:
+    paid_payment(api, tag="health")
+    with api.client(None) as client:
+        ready = client.get("/health/ready").json()
+    assert ready["status"] == "ready"
+    backlog = ready["read_side"]["relay_backlog"]
+    assert backlog["unpublished"] > 5 and backlog["oldest_unpublished_s"] >= 0  # no relay runs here
+    assert set(ready["read_side"]["projection_lag_events"]) == {"status", "analytics", "audit", "balances"}
+    api.project()
+    with api.client(None) as client:
+        lag = client.get("/health/ready").json()["read_side"]["projection_lag_events"]
+    assert lag == {"status": 0, "analytics": 0, "audit": 0, "balances": 0}

@@ -97,3 +97,19 @@ def test_audit_export_rejects_bad_filters_readably(cli_env: None, capsys: pytest
     with pytest.raises(SystemExit):
         main(["audit", "export", "--merchant", "acme"])
     assert "is not a UUID" in capsys.readouterr().err
+
+
+def test_keys_create_prints_a_working_key_once(
+    cli_env: None, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    merchant = new_merchant(ledger, "keys-merchant")
+    assert main(["keys", "create", "--role", "merchant", "--merchant", str(merchant), "--label", "till 1"]) == 0
+    token = capsys.readouterr().out.strip()
+    key = ledger.authenticate(token)
+    assert key is not None and key.merchant_id == merchant and key.label == "till 1"
+    assert main(["keys", "create", "--role", "analyst"]) == 0
+    assert ledger.authenticate(capsys.readouterr().out.strip()).role == "analyst"  # type: ignore[union-attr]
+    assert main(["keys", "create", "--role", "merchant"]) == 2
+    assert "--merchant ID is required" in capsys.readouterr().err
+    assert main(["keys", "create", "--role", "merchant", "--merchant", "00000000-0000-0000-0000-000000000001"]) == 2
+    assert "no merchant" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def run_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def _start(env: dict[str, str], printed: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -43,6 +43,8 @@ def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     deadline = time.monotonic() + 60
     assert proc.stdout is not None
     for line in proc.stdout:
+        if printed is not None:
+            printed.append(line)
         match = re.search(r"serving on (http://\S+)", line)
         if match:
             return proc, match.group(1)
@@ -53,7 +55,10 @@ def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_run_serves_health_and_sigterm_leaves_no_server_behind(run_env: dict[str, str]) -> None:
-    proc, url = _start(run_env)
+    printed: list[str] = []
+    proc, url = _start(run_env, printed)
+    keys = dict(re.findall(r"^\s+(\w+)\s+key: (\S+)$", "".join(printed), re.MULTILINE))
+    assert set(keys) == {"merchant", "analyst", "compliance", "admin"}
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
         deadline = time.monotonic() + 30
@@ -68,6 +73,17 @@ def test_run_serves_health_and_sigterm_leaves_no_server_behind(run_env: dict[str
         assert status == 200, body
         assert {name for name, check in body["checks"].items() if check["ok"]} == {"postgres", "redis", "kafka"}
         assert _get(f"{url}/health/live") == (200, {"status": "live"})
+        # The printed demo key works: a voice integrator opens a session.
+        body = json.dumps({"amount": 1200, "currency": "USD", "customer_phone": "+14155550123",
+                           "order": {"reference": "demo", "items": [
+                               {"sku": "x", "name": "Pizza", "quantity": 1, "unit_amount": 1200}]},
+                           "voice": {"platform": "alexa", "conversation_id": "demo"}}).encode()
+        request = urllib.request.Request(f"{url}/v1/payment-sessions", data=body, method="POST", headers={
+            "Authorization": f"Bearer {keys['merchant']}", "Idempotency-Key": "demo-1",
+            "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+            assert json.loads(response.read())["status"] == "awaiting_customer"
         server_pids = [
             p.pid for p in psutil.process_iter(["cmdline"])
             if run_env["ECHOTRANSACT_DATA_DIR"] in " ".join(p.info["cmdline"] or [])
