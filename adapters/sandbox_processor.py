@@ -44,7 +44,7 @@ class SandboxProcessor:
 
     def authorize(
         self, *, idempotency_key: str, amount_minor: int, currency: str, card_token: str,
-        card_last4: str, merchant_id: str,
+        card_last4: str, merchant_id: str, cvv: str | None = None,
     ) -> ProcessorOutcome:
         if card_last4 in DECLINES:
             code, message = DECLINES[card_last4]

@@ -41,6 +41,8 @@ from application.ports import (
     IdentityVerifier,
     OutboxMessage,
     PaymentProcessor,
+    ProcessorRouter,
+    SingleProcessor,
 )
 from domain.api_key import ApiKey
 from domain.ledger import FeeSchedule
@@ -131,13 +133,15 @@ class Ledger(Application):
         *,
         policy: LedgerPolicy,
         clock: Clock,
-        processor: PaymentProcessor,
+        processor: PaymentProcessor | ProcessorRouter,
         identity_verifier: IdentityVerifier | None = None,
     ) -> None:
         super().__init__(env)
         self.policy = policy
         self.clock = clock
-        self.processor = processor
+        self.processors: ProcessorRouter = (
+            processor if hasattr(processor, "select") else SingleProcessor(processor)  # type: ignore[arg-type]
+        )
         self.identity_verifier = identity_verifier
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -407,7 +411,9 @@ class Ledger(Application):
     def send_link(self, command_id: str, session_id: UUID) -> LinkIssued:
         """Issue the single-use link token and the one-time code; only their keyed hashes are
         recorded. A replay of the same command cannot show them again (they are not kept)."""
-        token = secrets.token_urlsafe(32)
+        # The token starts with the session id, so the page finds the session; the rest is the
+        # unguessable secret, recorded only as a keyed hash.
+        token = session_id.hex + secrets.token_urlsafe(32)
         code = f"{secrets.randbelow(10**6):06d}"
         result = self._session_command(
             command_id, "send_link", session_id, {},
@@ -418,6 +424,17 @@ class Ledger(Application):
         if result.replayed:
             return LinkIssued(result, "", "")
         return LinkIssued(result, token, code)
+
+    def session_for_link(self, link_token: str) -> PaymentSession:
+        """The session a payment link belongs to; NotFound for anything else, malformed or not."""
+        try:
+            session_id = UUID(hex=link_token[:32])
+            session = self.get_session(session_id)
+        except (ValueError, NotFound):
+            raise NotFound("this payment link is not valid") from None
+        if not session.link_token_matches(self.keyed_hash("link", link_token)):
+            raise NotFound("this payment link is not valid")
+        return session
 
     def open_link(self, command_id: str, session_id: UUID, link_token: str) -> CommandResult:
         def act(session: PaymentSession) -> None:
@@ -519,7 +536,11 @@ class Ledger(Application):
 
     # -- the payment ---------------------------------------------------------------------------
 
-    def authorize_payment(self, payment_id: UUID) -> CommandResult:
+    def _processor_of(self, payment: Payment) -> PaymentProcessor:
+        assert payment.processor is not None, "only a payment sent for authorization has a processor"
+        return self.processors.named(payment.processor)
+
+    def authorize_payment(self, payment_id: UUID, *, cvv: str | None = None) -> CommandResult:
         """Send the payment for authorization and record the processor's answer.
 
         Three steps, so a crash anywhere is safe: (1) record ProcessingStarted; (2) ask the
@@ -536,13 +557,14 @@ class Ledger(Application):
             payment = self.get_payment(payment_id)
         if payment.status != PaymentStatus.PROCESSING:
             return CommandResult(_payment_result(payment), None, replayed=True)
-        outcome = self.processor.authorize(
+        outcome = self._processor_of(payment).authorize(
             idempotency_key=f"authorize:{payment_id}",
             amount_minor=payment.amount_minor,
             currency=payment.currency,
             card_token=payment.card_token,
             card_last4=payment.card_last4,
             merchant_id=str(payment.merchant_id),
+            cvv=cvv,
         )
         return self._record_authorization(payment_id, outcome)
 
@@ -551,7 +573,7 @@ class Ledger(Application):
         payment = self.get_payment(payment_id)
         if payment.status != PaymentStatus.PROCESSING:
             return CommandResult(_payment_result(payment), None, replayed=True)
-        outcome = self.processor.status(idempotency_key=f"authorize:{payment_id}")
+        outcome = self._processor_of(payment).status(idempotency_key=f"authorize:{payment_id}")
         if outcome is None:
             # The processor never received it: asking with the same key is safe.
             return self.authorize_payment(payment_id)
@@ -559,7 +581,9 @@ class Ledger(Application):
 
     def _start_processing(self, payment_id: UUID) -> tuple[Sequence[Aggregate], dict[str, Any]]:
         payment = self.get_payment(payment_id)
-        payment.start_processing(self.processor.name)
+        # Failover happens here, before anything is sent: the chosen processor is recorded, and
+        # every later call about this payment goes to it.
+        payment.start_processing(self.processors.select().name)
         return [payment], _payment_result(payment)
 
     def _record_authorization(self, payment_id: UUID, outcome: Any) -> CommandResult:
@@ -605,7 +629,7 @@ class Ledger(Application):
             payment = self.get_payment(payment_id, merchant_id)
             amount = payment.check_capture(amount_minor, self.clock.now())
             assert payment.authorization_reference is not None
-            outcome = self.processor.capture(
+            outcome = self._processor_of(payment).capture(
                 idempotency_key=f"capture:{payment_id}",
                 authorization_reference=payment.authorization_reference,
                 amount_minor=amount,
@@ -627,7 +651,7 @@ class Ledger(Application):
             if payment.status != PaymentStatus.AUTHORIZED:
                 payment.void(reason)  # raises the named InvalidTransition
             assert payment.authorization_reference is not None
-            outcome = self.processor.void(
+            outcome = self._processor_of(payment).void(
                 idempotency_key=f"void:{payment_id}",
                 authorization_reference=payment.authorization_reference,
             )
@@ -648,7 +672,7 @@ class Ledger(Application):
             payment = self.get_payment(payment_id, merchant_id)
             payment.check_refund(amount_minor)
             assert payment.authorization_reference is not None
-            outcome = self.processor.refund(
+            outcome = self._processor_of(payment).refund(
                 idempotency_key=f"refund:{refund_id}",
                 authorization_reference=payment.authorization_reference,
                 amount_minor=amount_minor,

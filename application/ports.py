@@ -51,6 +51,7 @@ class PaymentProcessor(Protocol):
         card_token: str,
         card_last4: str,
         merchant_id: str,
+        cvv: str | None = None,
     ) -> ProcessorOutcome: ...
 
     def capture(
@@ -66,6 +67,29 @@ class PaymentProcessor(Protocol):
     def status(self, *, idempotency_key: str) -> ProcessorOutcome | None:
         """The outcome of an earlier call with this key, or None if the processor never saw it."""
         ...
+
+
+class ProcessorRouter(Protocol):
+    """Which processor gets a new authorization (failover happens here, before anything is
+    sent), and which one holds an earlier call (captures, refunds and status questions go back
+    to the processor that authorized)."""
+
+    def select(self) -> PaymentProcessor: ...
+
+    def named(self, name: str) -> PaymentProcessor: ...
+
+
+class SingleProcessor:
+    """A router over one processor."""
+
+    def __init__(self, processor: PaymentProcessor) -> None:
+        self.processor = processor
+
+    def select(self) -> PaymentProcessor:
+        return self.processor
+
+    def named(self, name: str) -> PaymentProcessor:
+        return self.processor
 
 
 @dataclass(frozen=True)

@@ -218,3 +218,12 @@ def test_api_keys_authenticate_until_revoked_and_only_their_hash_is_stored(
     with psycopg.connect(database_url) as conn:
         for table, column in (("ledger_events", "state"), ("outbox", "envelope"), ("command_log", "result::text::bytea")):
             assert not any(secret in bytes(b) for (b,) in conn.execute(f"SELECT {column} FROM {table}"))  # noqa: S608
+
+
+def test_a_payment_link_names_its_session_and_nothing_else(ledger: Ledger) -> None:
+    session_id = open_session(ledger, new_merchant(ledger))
+    link = ledger.send_link("send", session_id)
+    assert ledger.session_for_link(link.link_token).id == session_id
+    for forged in (link.link_token[:-1], session_id.hex, "not-a-link", link.link_token[:32] + "x" * 43, ""):
+        with pytest.raises(NotFound):
+            ledger.session_for_link(forged)
