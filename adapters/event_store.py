@@ -18,7 +18,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier
 
-from application.ports import CommandRecord, OutboxMessage
+from application.ports import CommandRecord, OutboxMessage, OutboxSms
 
 _json = msgspec.json.Encoder()
 
@@ -36,6 +36,11 @@ class OutboxRecorder(PostgresApplicationRecorder):
             "INSERT INTO outbox (position, event_id, topic, message_key, envelope)"
             " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::bytea[])"
         )
+        self._insert_messages = SQL(
+            "INSERT INTO outbox_messages (message_id, kind, aggregate_id, payload)"
+            " SELECT m, 'sms', a, p FROM unnest(%s::uuid[], %s::uuid[], %s::bytea[]) AS t(m, a, p)"
+            " ON CONFLICT (message_id) DO NOTHING"
+        )
         self._insert_command = SQL(
             "INSERT INTO command_log"
             " (command_id, command_name, request_hash, aggregate_id, result, position)"
@@ -48,6 +53,7 @@ class OutboxRecorder(PostgresApplicationRecorder):
     ) -> Sequence[int] | None:
         outbox: Sequence[OutboxMessage] = kwargs.get("outbox", ())
         command: CommandRecord | None = kwargs.get("command")
+        sms: Sequence[OutboxSms] = kwargs.get("messages", ())
         by_event = {(m.aggregate_id, m.version): m for m in outbox}
         # Checked before the transaction opens: a mismatch is a bug and must not commit events
         # without their outbox rows.
@@ -85,6 +91,12 @@ class OutboxRecorder(PostgresApplicationRecorder):
                         [m.key for m in messages],
                         [m.envelope for m in messages],
                     ),
+                    prepare=True,
+                )
+            if sms:
+                curs.execute(
+                    self._insert_messages,
+                    ([m.message_id for m in sms], [m.session_id for m in sms], [m.payload for m in sms]),
                     prepare=True,
                 )
             if command is not None:

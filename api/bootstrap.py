@@ -29,6 +29,7 @@ from domain.errors import DomainError
 
 
 if TYPE_CHECKING:
+    from adapters.messages import MessageDispatcher
     from api.http.services import ApiServices
 
 
@@ -48,6 +49,11 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_LINK_LIFETIME_S": "payment link lifetime in seconds (900)",
     "ECHOTRANSACT_IDENTITY_THRESHOLDS": "identity check thresholds, minor units: USD=10000,EUR=10000",
     "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
+    "ECHOTRANSACT_PUBLIC_URL": "base URL of the payment page in SMS links (http://127.0.0.1:PORT of the API)",
+    "ECHOTRANSACT_SMS_URL": "an SMS provider's API base URL (unset: the development mailbox)",
+    "ECHOTRANSACT_SMS_ACCOUNT": "the SMS provider account id",
+    "ECHOTRANSACT_SMS_TOKEN": "the SMS provider token",
+    "ECHOTRANSACT_SMS_FROM": "the sender number or name",
     "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "requests per minute per API key (600; 0 = no limit)",
     "ECHOTRANSACT_TOPIC_PREFIX": "prefix of the Kafka topics and consumer group (echotransact)",
     "ECHOTRANSACT_CATCH_UP_EVERY_S": "how often a projection worker catches up from the outbox (5)",
@@ -98,6 +104,8 @@ class Settings:
     catch_up_every_s: float = 5.0
     catch_up_grace_s: float = 5.0
     rate_limit_per_minute: int = 600
+    public_url: str | None = None
+    sms: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -142,6 +150,9 @@ class Settings:
             catch_up_every_s=numbers["ECHOTRANSACT_CATCH_UP_EVERY_S"],
             catch_up_grace_s=numbers["ECHOTRANSACT_CATCH_UP_GRACE_S"],
             rate_limit_per_minute=int(numbers["ECHOTRANSACT_RATE_LIMIT_PER_MINUTE"]),
+            public_url=env.get("ECHOTRANSACT_PUBLIC_URL") or None,
+            sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
+                 if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
         )
 
 
@@ -194,6 +205,7 @@ def build_ledger(
         link_lifetime=settings.link_lifetime,
         identity_thresholds_minor=settings.identity_thresholds_minor,
         topic_prefix=settings.topic_prefix,
+        public_url=(settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
     )
     extra.setdefault("identity_verifier", DevIdentityVerifier())
     return Ledger(
@@ -251,4 +263,26 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
         redis=client,
         health=Dependencies(database_url, redis_url, kafka_bootstrap_servers),
+    )
+
+
+def build_message_dispatcher(settings: Settings, database_url: str, ledger: Ledger) -> MessageDispatcher:
+    """The SMS dispatcher: a real provider when ECHOTRANSACT_SMS_URL is set, else the mailbox."""
+    from adapters.messages import DevSmsSender, HttpSmsSender, MessageDispatcher
+
+    sender: Any
+    if settings.sms.get("url"):
+        missing = [k for k in ("account", "token", "from") if not settings.sms.get(k)]
+        if missing:
+            raise ConfigurationError(
+                "ECHOTRANSACT_SMS_URL needs " + ", ".join(f"ECHOTRANSACT_SMS_{k.upper()}" for k in missing))
+        sender = HttpSmsSender(settings.sms["url"], settings.sms["account"], settings.sms["token"],
+                               settings.sms["from"])
+    else:
+        sender = DevSmsSender(database_url)
+    cipher = ledger.mapper.cipher
+    return MessageDispatcher(
+        database_url, sender,
+        open_payload=cipher.decrypt if cipher else (lambda payload: payload),
+        on_failed=lambda message_id, session_id, reason: ledger.record_sms_failure(message_id, session_id, reason),
     )

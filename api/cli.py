@@ -159,6 +159,9 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
         raise ConfigurationError(
             f"port {port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
         )
+    from dataclasses import replace
+
+    settings = replace(settings, port=port)  # so SMS links name the port actually served
     services = build_api_services(settings, *urls)
     app = create_app(services)
     if demo:
@@ -208,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             running.write_text(json.dumps(
                 {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
             ))
-            supervisor = Supervisor(("relay", "worker"), lambda command: _child(command, urls, settings))
+            supervisor = Supervisor(("relay", "worker", "dispatch"),
+                                    lambda command: _child(command, urls, settings))
             _serve_api(settings, urls, demo=True)
         finally:
             running.unlink(missing_ok=True)
@@ -267,6 +271,37 @@ def cmd_relay(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with _servers(data_dir) as (database_url, _redis, kafka):
         run_relay(database_url, kafka, envelope_opener(settings), stop, topic_prefix=settings.topic_prefix)
+    return 0
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    """Send the outbox's messages (SMS) until SIGTERM."""
+    from api.bootstrap import build_ledger, build_message_dispatcher
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        ledger = build_ledger(settings, database_url)
+        try:
+            build_message_dispatcher(settings, database_url, ledger).run(stop)
+        finally:
+            ledger.close()
+    return 0
+
+
+def cmd_sms(args: argparse.Namespace) -> int:
+    """The development SMS mailbox, newest first."""
+    from adapters.messages import dev_inbox
+
+    with _servers(_data_dir()) as (database_url, _redis, _kafka):
+        messages = dev_inbox(database_url, to=args.to, limit=args.limit)
+    for m in messages:
+        print(f"{m['received_at']:%Y-%m-%d %H:%M:%S}  to {m['to']}\n  {m['body']}")
+    if not messages:
+        print("no messages", file=sys.stderr)
     return 0
 
 
@@ -386,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--projection", default="all", help="all, or status, analytics, audit, balances")
     replay.add_argument("--verify", action="store_true",
                         help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
+    sub.add_parser("dispatch", help="send the outbox's messages (SMS)")
+    sms = sub.add_parser("sms", help="the development SMS mailbox")
+    sms_sub = sms.add_subparsers(dest="sms_command", required=True)
+    sms_list = sms_sub.add_parser("list", help="messages a developer's phone would have received")
+    sms_list.add_argument("--to", help="only messages to this phone")
+    sms_list.add_argument("--limit", type=int, default=20)
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="issue a key and print it once")
@@ -404,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
-        "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys,
+        "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
     }
     from api.logging import configure_logging
 

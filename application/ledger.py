@@ -40,6 +40,7 @@ from application.ports import (
     IdentityClaim,
     IdentityVerifier,
     OutboxMessage,
+    OutboxSms,
     PaymentProcessor,
     ProcessorRouter,
     SingleProcessor,
@@ -47,7 +48,7 @@ from application.ports import (
 from domain.api_key import ApiKey
 from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
-from domain.money import CURRENCY_EXPONENTS, check_currency
+from domain.money import CURRENCY_EXPONENTS, Money, check_currency
 from domain.payment import Payment, PaymentStatus
 from domain.payment_session import CodeCheck, PaymentSession
 
@@ -87,6 +88,8 @@ class LedgerPolicy:
         default_factory=default_identity_thresholds_minor
     )
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    # Where customers reach the payment page; the SMS links to <public_url>/pay/<token>.
+    public_url: str = "http://127.0.0.1:8000"
 
     def identity_threshold_minor(self, currency: str) -> int:
         check_currency(currency)
@@ -182,7 +185,7 @@ class Ledger(Application):
 
     def _execute(
         self, command_id: str, command_name: str, request: Mapping[str, Any], aggregate_id: UUID | None,
-        decide: Decide,
+        decide: Decide, messages: Callable[[], Sequence[OutboxSms]] | None = None,
     ) -> CommandResult:
         request_hash = self.keyed_hash("request", _canonical.encode([command_name, request]).decode())
         for _ in range(_MAX_SAVE_ATTEMPTS):
@@ -196,7 +199,7 @@ class Ledger(Application):
             aggregates, result = decide()
             record = CommandRecord(command_id, command_name, request_hash, aggregate_id, result)
             try:
-                recordings = self.save(*aggregates, command=record)
+                recordings = self.save(*aggregates, command=record, messages=messages() if messages else ())
             except IntegrityError:
                 # Lost a race: another writer saved this aggregate version or this command id
                 # first. Look again; the loop re-reads the log and the aggregates.
@@ -408,18 +411,40 @@ class Ledger(Application):
             command_id, name, {"session_id": str(session_id), **request}, session_id, decide
         )
 
+    def _sms(self, command_id: str, session: PaymentSession, body: str) -> OutboxSms:
+        payload = _canonical.encode({"to": session.customer_phone, "body": body})
+        if self.mapper.cipher:
+            payload = self.mapper.cipher.encrypt(payload)
+        return OutboxSms(self._derived_id(command_id, "sms"), session.id, payload)
+
+    def _sms_text(self, session: PaymentSession, token: str, code: str) -> str:
+        merchant = self.get_merchant(session.merchant_id)
+        amount = Money(session.amount_minor, session.currency).format()
+        minutes = max(1, round((session.expires_at - self.clock.now()).total_seconds() / 60))
+        return (f"{merchant.name}: pay {amount} for order {session.order_reference} at "
+                f"{self.policy.public_url}/pay/{token} - your code is {code}. "
+                f"The link expires in {minutes} min. Never share this code.")
+
     def send_link(self, command_id: str, session_id: UUID) -> LinkIssued:
-        """Issue the single-use link token and the one-time code; only their keyed hashes are
-        recorded. A replay of the same command cannot show them again (they are not kept)."""
+        """Issue the single-use link token and the one-time code, and queue the SMS that carries
+        them in the same transaction. Only keyed hashes are recorded in the event; the SMS
+        payload is encrypted. A replay of the same command cannot show them again."""
         # The token starts with the session id, so the page finds the session; the rest is the
         # unguessable secret, recorded only as a keyed hash.
         token = session_id.hex + secrets.token_urlsafe(32)
         code = f"{secrets.randbelow(10**6):06d}"
-        result = self._session_command(
-            command_id, "send_link", session_id, {},
-            lambda s: s.send_link(
-                self.keyed_hash("link", token), self.keyed_hash("code", session_id, code), self.clock.now()
-            ),
+        loaded: dict[str, PaymentSession] = {}
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = loaded["session"] = self.get_session(session_id)
+            session.send_link(self.keyed_hash("link", token), self.keyed_hash("code", session_id, code),
+                              self.clock.now())
+            return [session], _session_result(session)
+
+        result = self._execute(
+            command_id, "send_link", {"session_id": str(session_id)}, session_id, decide,
+            messages=lambda: [self._sms(command_id, loaded["session"],
+                                        self._sms_text(loaded["session"], token, code))],
         )
         if result.replayed:
             return LinkIssued(result, "", "")
@@ -445,12 +470,30 @@ class Ledger(Application):
         return self._session_command(command_id, "open_link", session_id, {}, act)
 
     def resend_code(self, command_id: str, session_id: UUID) -> LinkIssued:
+        """A new code by SMS (the link stays the same; attempts are not reset)."""
         code = f"{secrets.randbelow(10**6):06d}"
-        result = self._session_command(
-            command_id, "resend_code", session_id, {},
-            lambda s: s.resend_code(self.keyed_hash("code", session_id, code), self.clock.now()),
-        )
+        loaded: dict[str, PaymentSession] = {}
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = loaded["session"] = self.get_session(session_id)
+            session.resend_code(self.keyed_hash("code", session_id, code), self.clock.now())
+            return [session], _session_result(session)
+
+        def sms() -> list[OutboxSms]:
+            session = loaded["session"]
+            merchant = self.get_merchant(session.merchant_id)
+            return [self._sms(command_id, session,
+                              f"{merchant.name}: your new code is {code}. Never share this code.")]
+
+        result = self._execute(command_id, "resend_code", {"session_id": str(session_id)}, session_id,
+                               decide, messages=sms)
         return LinkIssued(result, "", "" if result.replayed else code)
+
+    def record_sms_failure(self, message_id: UUID, session_id: UUID, reason: str) -> CommandResult:
+        return self._session_command(
+            f"sms_failed:{message_id}", "record_sms_failure", session_id, {"reason": reason},
+            lambda s: s.record_sms_failure(reason),
+        )
 
     def verify_code(self, command_id: str, session_id: UUID, code: str) -> CommandResult:
         """A wrong code is saved (it counts toward the lock) and reported in the result."""

@@ -137,3 +137,27 @@ class OutboxMessage:
     topic: str
     key: str
     envelope: bytes
+
+
+@dataclass(frozen=True)
+class OutboxSms:
+    """An SMS to send once the transaction that asked for it commits."""
+
+    message_id: Any
+    session_id: Any
+    payload: bytes  # encrypted JSON {"to": ..., "body": ...}
+
+
+@dataclass(frozen=True)
+class SmsResult:
+    sent: bool
+    retryable: bool = False
+    provider_reference: str = ""
+    error: str = ""
+
+
+class SmsSender(Protocol):
+    """Sends one SMS. ``message_id`` is the provider's idempotency key: sending the same id
+    twice delivers one message."""
+
+    def send(self, *, message_id: str, to: str, body: str) -> SmsResult: ...

@@ -119,6 +119,9 @@ class PaymentSession(Aggregate):
     class LinkOpened(Aggregate.Event):
         pass
 
+    class SmsFailed(Aggregate.Event):
+        reason: str
+
     class CodeResent(Aggregate.Event):
         code_hash: str
         resends: int
@@ -240,6 +243,7 @@ class PaymentSession(Aggregate):
         self.code_resends = 0
         self.identity_attempts = 0
         self.declines = 0
+        self.sms_failures = 0
         self.payment_id: UUID | None = None
         self.card_token: str | None = None
         self.card_brand: str | None = None
@@ -280,6 +284,16 @@ class PaymentSession(Aggregate):
         self.link_token_hash = link_token_hash
         self.code_hash = code_hash
         self.status = S.LINK_SENT
+
+    def record_sms_failure(self, reason: str) -> None:
+        """The provider gave up on the link's SMS: recorded so the voice platform hears of it
+        and can re-prompt or resend; the session itself goes on."""
+        self._require("record an SMS failure on", S.LINK_SENT, S.LINK_OPENED)
+        self._sms_failed(reason=check_text("reason", reason, max_length=500, required=False))
+
+    @event(SmsFailed)
+    def _sms_failed(self, reason: str) -> None:
+        self.sms_failures += 1
 
     def link_token_matches(self, link_token_hash: str) -> bool:
         return self.link_token_hash is not None and hmac.compare_digest(

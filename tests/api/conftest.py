@@ -27,6 +27,7 @@ from projections.registry import all_projections
 @dataclass
 class Api:
     url: str
+    database_url: str
     services: ApiServices
     keys: dict[str, str]
     merchants: dict[str, UUID]
@@ -74,7 +75,7 @@ def make_api(settings: Settings, database_url: str, servers: ServerURLs, clock: 
 
     try:
         for url in serve(services):
-            yield Api(url, services, keys, merchants, project)
+            yield Api(url, database_url, services, keys, merchants, project)
     finally:
         store.close()
         services.close()
@@ -100,16 +101,35 @@ def session_body(amount: int = 2_500, **overrides: Any) -> dict[str, Any]:
     return body
 
 
-def paid_payment(api: Api, merchant: str = "a", amount: int = 2_500, tag: str = "p") -> UUID:
-    """A session opened through the API, then paid by the customer (through the ledger, as the
-    payment page would), authorized; returns the payment id."""
-    from tests.application.flows import pay
+def customer_link(api: Api, session_id: UUID) -> tuple[str, str]:
+    """(link token, code) from the SMS the customer received, via the development mailbox."""
+    import re
 
+    from adapters.messages import dev_inbox
+    from api.bootstrap import build_message_dispatcher
+
+    build_message_dispatcher(api.services.settings, api.database_url, api.services.ledger).run_once()
+    for message in dev_inbox(api.database_url, limit=1000):
+        found = re.search(rf"/pay/({session_id.hex}\S+) - your code is (\d{{6}})", message["body"])
+        if found:
+            return found.group(1), found.group(2)
+    raise AssertionError(f"no SMS for session {session_id}")
+
+
+def paid_payment(api: Api, merchant: str = "a", amount: int = 2_500, tag: str = "p") -> UUID:
+    """A session opened through the API, then paid by the customer with the link and code from
+    the SMS (through the ledger, as the payment page does), authorized; returns the payment id."""
     with api.client(merchant) as client:
         created = client.post("/v1/payment-sessions", json=session_body(amount),
                               headers={"Idempotency-Key": f"{tag}-open"})
         assert created.status_code == 201, created.text
     session_id = UUID(created.json()["id"])
-    payment_id = pay(api.services.ledger, session_id, prefix=f"{tag}-")
-    api.services.ledger.authorize_payment(payment_id)
+    token, code = customer_link(api, session_id)
+    ledger = api.services.ledger
+    ledger.open_link(f"{tag}-open-link", session_id, token)
+    assert ledger.verify_code(f"{tag}-code", session_id, code).result["code_check"] == "verified"
+    attached = ledger.attach_payment_method(f"{tag}-attach", session_id, card_token=f"tok_{tag}",
+                                            card_brand="visa", card_last4="4242")
+    payment_id = UUID(attached.result["payment_id"])
+    ledger.authorize_payment(payment_id)
     return payment_id

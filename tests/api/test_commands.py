@@ -16,7 +16,7 @@ def test_open_a_session_then_read_it_with_read_your_writes(api: Api) -> None:
         created = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "k1"})
         assert created.status_code == 201, created.text
         body = created.json()
-        assert body["status"] == "awaiting_customer" and body["amount"] == 2_500
+        assert body["status"] == "link_sent" and body["amount"] == 2_500
         assert body["customer_phone"] == "+1******0123"
         assert body["links"]["self"] == f"/v1/payment-sessions/{body['id']}"
         assert body["merchant_id"] == str(api.merchants["a"]) and body["position"] >= 1
@@ -30,7 +30,7 @@ def test_open_a_session_then_read_it_with_read_your_writes(api: Api) -> None:
         api.project()
         read = client.get(f"/v1/payment-sessions/{body['id']}", params={"wait_for_position": body["position"]})
         assert read.status_code == 200
-        assert read.json()["projection_caught_up"] is True and read.json()["status"] == "awaiting_customer"
+        assert read.json()["projection_caught_up"] is True and read.json()["status"] == "link_sent"
 
         cancelled = client.post(f"/v1/payment-sessions/{body['id']}/cancel", json={"reason": "customer hung up"},
                                 headers={"Idempotency-Key": "k2"})

@@ -83,7 +83,17 @@ def test_run_serves_health_and_sigterm_leaves_no_server_behind(run_env: dict[str
             "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 201
-            assert json.loads(response.read())["status"] == "awaiting_customer"
+            assert json.loads(response.read())["status"] == "link_sent"
+        # The dispatcher run by `run` texts the customer; a developer reads it with `sms list`.
+        deadline = time.monotonic() + 30
+        while True:
+            listed = subprocess.run([sys.executable, "-m", "api.cli", "sms", "list"], cwd=REPO, env=run_env,
+                                    capture_output=True, text=True, timeout=60)
+            if "+14155550123" in listed.stdout:
+                break
+            assert time.monotonic() < deadline, listed.stderr[-2000:]
+            time.sleep(0.5)
+        assert re.search(r"/pay/[0-9a-f]{32}\S+ - your code is \d{6}", listed.stdout)
         server_pids = [
             p.pid for p in psutil.process_iter(["cmdline"])
             if run_env["ECHOTRANSACT_DATA_DIR"] in " ".join(p.info["cmdline"] or [])

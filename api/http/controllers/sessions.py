@@ -39,8 +39,12 @@ class PaymentSessionController(Controller):
                 voice_platform=data.voice.platform, conversation_id=data.voice.conversation_id,
                 callback_url=data.callback_url, metadata=data.metadata,
             )
-            session = ledger.get_session(UUID(result.result["session_id"]))
-            return 201, session_from_aggregate(session, result.position)
+            session_id = UUID(result.result["session_id"])
+            # Opening a session texts the customer the link and code (through the outbox). Its own
+            # command id: a retried request that opened but did not send finishes the job.
+            sent = ledger.send_link(f"{command_id}:send_link", session_id)
+            position = sent.result.position or result.position
+            return 201, session_from_aggregate(ledger.get_session(session_id), position)
 
         return await run_command(request, services, principal, data, run)
 

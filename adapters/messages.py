@@ -1,0 +1,176 @@
+"""Sending the outbox's messages (SMS) to the outside world, at least once, each with an id the
+provider uses to drop a duplicate.
+
+The dispatcher claims due messages (``FOR UPDATE SKIP LOCKED``, so several dispatchers share
+the work), decrypts them, sends them through the ``SmsSender`` port, and records the outcome:
+sent; retry later with exponential backoff and jitter; or, after ``max_attempts`` or a
+permanent refusal, failed, which becomes a ``payment_session.sms_failed`` event so the voice
+platform can re-prompt. A crash between sending and marking sends again with the same id.
+
+Senders: ``DevSmsSender`` keeps every message in ``dev_sms_inbox`` for a developer to read
+(``echotransact sms list``); ``HttpSmsSender`` speaks a common SMS provider's messages API
+(form POST to ``/2010-04-01/Accounts/{account}/Messages.json`` with basic auth and an
+idempotency token header).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+import structlog
+
+from application.ports import SmsResult, SmsSender
+
+log = structlog.get_logger(__name__)
+
+
+class DevSmsSender:
+    """The development provider: a mailbox table, idempotent by message id."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def send(self, *, message_id: str, to: str, body: str) -> SmsResult:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO dev_sms_inbox (message_id, to_phone, body) VALUES (%s, %s, %s)"
+                " ON CONFLICT (message_id) DO NOTHING",
+                (message_id, to, body),
+            )
+        return SmsResult(True, provider_reference=f"dev_{message_id}")
+
+
+def dev_inbox(database_url: str, to: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT message_id, to_phone, body, received_at FROM dev_sms_inbox"
+            " WHERE %(to)s::text IS NULL OR to_phone = %(to)s ORDER BY received_at DESC LIMIT %(limit)s",
+            {"to": to, "limit": limit},
+        ).fetchall()
+    return [{"message_id": str(m), "to": t, "body": b, "received_at": r} for m, t, b, r in rows]
+
+
+class HttpSmsSender:
+    """A provider with a Twilio-shaped messages API."""
+
+    def __init__(self, base_url: str, account: str, token: str, sender: str, timeout_s: float = 10.0) -> None:
+        self.url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages.json"
+        self.auth = (account, token)
+        self.sender = sender
+        self.timeout_s = timeout_s
+
+    def send(self, *, message_id: str, to: str, body: str) -> SmsResult:
+        try:
+            response = httpx.post(
+                self.url, data={"To": to, "From": self.sender, "Body": body}, auth=self.auth,
+                headers={"I-Twilio-Idempotency-Token": message_id}, timeout=self.timeout_s,
+            )
+        except httpx.HTTPError as error:
+            return SmsResult(False, retryable=True, error=f"{type(error).__name__}: {error}")
+        if response.is_success:
+            return SmsResult(True, provider_reference=str(response.json().get("sid", "")))
+        retryable = response.status_code == 429 or response.status_code >= 500
+        return SmsResult(False, retryable=retryable, error=f"HTTP {response.status_code}: {response.text[:200]}")
+
+
+@dataclass(frozen=True)
+class DispatchReport:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+class MessageDispatcher:
+    def __init__(
+        self,
+        database_url: str,
+        sender: SmsSender,
+        *,
+        open_payload: Callable[[bytes], bytes],
+        on_failed: Callable[[UUID, UUID, str], None],
+        max_attempts: int = 6,
+        backoff_base: timedelta = timedelta(seconds=2),
+        backoff_cap: timedelta = timedelta(minutes=5),
+        batch_size: int = 50,
+    ) -> None:
+        self.database_url = database_url
+        self.sender = sender
+        self.open_payload = open_payload
+        self.on_failed = on_failed
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.batch_size = batch_size
+
+    def _backoff(self, attempts: int) -> timedelta:
+        delay = min(self.backoff_cap.total_seconds(), self.backoff_base.total_seconds() * 2 ** (attempts - 1))
+        return timedelta(seconds=delay * random.uniform(0.8, 1.2))
+
+    def run_once(self) -> DispatchReport:
+        sent = retried = failed = 0
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            for _ in range(self.batch_size):
+                # One message per transaction: the row lock is held while we talk to the provider,
+                # so a second dispatcher skips it instead of sending it too.
+                with conn.transaction():
+                    row = conn.execute(
+                        "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
+                        " WHERE state = 'pending' AND next_attempt_at <= now()"
+                        " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+                    ).fetchone()
+                    if row is None:
+                        break
+                    message_id, session_id, payload, attempts = row
+                    attempts += 1
+                    try:
+                        message = json.loads(self.open_payload(bytes(payload)))
+                        result = self.sender.send(message_id=str(message_id), to=message["to"], body=message["body"])
+                    except Exception as error:  # noqa: BLE001 - a broken row must not stop the others
+                        result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
+                    if result.sent:
+                        conn.execute(
+                            "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
+                            " provider_reference = %s, last_error = NULL WHERE message_id = %s",
+                            (attempts, result.provider_reference, message_id),
+                        )
+                        sent += 1
+                        continue
+                    final = not result.retryable or attempts >= self.max_attempts
+                    conn.execute(
+                        "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
+                        " state = CASE WHEN %s THEN 'failed' ELSE 'pending' END,"
+                        " next_attempt_at = now() + %s WHERE message_id = %s",
+                        (attempts, result.error[:500], final, self._backoff(attempts), message_id),
+                    )
+                    log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
+                                error=result.error[:200])
+                if final:
+                    failed += 1
+                    # After the commit: the event is recorded once (its command id is the message's).
+                    try:
+                        self.on_failed(message_id, session_id, result.error[:500])
+                    except Exception as error:  # noqa: BLE001 - e.g. the session has moved on
+                        log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(error))
+                else:
+                    retried += 1
+        return DispatchReport(sent, retried, failed)
+
+    def run(self, stop: threading.Event, idle_s: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                report = self.run_once()
+            except psycopg.Error as error:
+                log.warning("sms_dispatch_database_error", error=str(error))
+                report = DispatchReport()
+                stop.wait(2.0)
+            if report == DispatchReport():
+                stop.wait(idle_s)

@@ -1,0 +1,138 @@
+"""SMS through the outbox: queued with the event, sent once by id, retried, and a final failure
+becomes an event."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import psycopg
+import pytest
+
+from adapters.messages import DevSmsSender, DispatchReport, HttpSmsSender, MessageDispatcher, dev_inbox
+from api.bootstrap import Settings, build_message_dispatcher
+from application.ledger import Ledger
+from tests.application.flows import PHONE, new_merchant, open_session
+
+
+def test_the_link_sms_is_queued_with_the_event_and_delivered_once(
+    ledger: Ledger, database_url: str, settings: Settings
+) -> None:
+    session_id = open_session(ledger, new_merchant(ledger))
+    link = ledger.send_link("send", session_id)
+    with psycopg.connect(database_url) as conn:
+        (payload,) = conn.execute("SELECT payload FROM outbox_messages").fetchone()
+    assert link.code.encode() not in bytes(payload) and PHONE.encode() not in bytes(payload)  # encrypted
+    dispatcher = build_message_dispatcher(settings, database_url, ledger)
+    assert dispatcher.run_once().sent == 1
+    assert dispatcher.run_once().sent == 0
+    inbox = dev_inbox(database_url, to=PHONE)
+    assert len(inbox) == 1
+    body = inbox[0]["body"]
+    assert link.code in body and f"/pay/{link.link_token}" in body and "25.00 USD" in body
+    # Sending the same message again (a crash before marking it sent) delivers nothing new.
+    DevSmsSender(database_url).send(message_id=inbox[0]["message_id"], to=PHONE, body=body)
+    assert len(dev_inbox(database_url, to=PHONE)) == 1
+    # A replayed command queues nothing new.
+    ledger.send_link("send", session_id)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox_messages").fetchone() == (1,)
+
+
+class Provider(BaseHTTPRequestHandler):
+    """A fake SMS provider: fails the first ``failures`` requests, dedupes by idempotency token."""
+
+    failures = 0
+    status = 503
+    received: list[dict[str, Any]] = []
+    tokens: set[str] = set()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        length = int(self.headers["Content-Length"])
+        form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+        if Provider.failures > 0:
+            Provider.failures -= 1
+            self.send_response(Provider.status)
+            self.end_headers()
+            return
+        token = self.headers["I-Twilio-Idempotency-Token"]
+        if token not in Provider.tokens:
+            Provider.tokens.add(token)
+            Provider.received.append(form)
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"sid": f"SM{token[:8]}"}).encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def provider() -> Any:
+    Provider.failures, Provider.status, Provider.received, Provider.tokens = 0, 503, [], set()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Provider)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_http_provider_that_fails_for_a_while_gets_the_message_later(
+    ledger: Ledger, database_url: str, provider: str
+) -> None:
+    session_id = open_session(ledger, new_merchant(ledger))
+    ledger.send_link("send", session_id)
+    Provider.failures = 2
+    dispatcher = MessageDispatcher(
+        database_url, HttpSmsSender(provider, "AC1", "secret", "+15005550006"),
+        open_payload=ledger.mapper.cipher.decrypt, on_failed=lambda *a: None,  # type: ignore[union-attr]
+        backoff_base=timedelta(0),
+    )
+    # No backoff here, so one pass retries until the provider answers.
+    assert dispatcher.run_once() == DispatchReport(sent=1, retried=2, failed=0)
+    assert [m["To"] for m in Provider.received] == [PHONE]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT state, attempts FROM outbox_messages").fetchone() == ("sent", 3)
+
+
+def test_a_final_failure_becomes_an_sms_failed_event(ledger: Ledger, database_url: str, provider: str) -> None:
+    session_id = open_session(ledger, new_merchant(ledger))
+    ledger.send_link("send", session_id)
+    Provider.failures, Provider.status = 1, 400  # a permanent refusal (a bad number, say)
+    dispatcher = MessageDispatcher(
+        database_url, HttpSmsSender(provider, "AC1", "secret", "+15005550006"),
+        open_payload=ledger.mapper.cipher.decrypt,  # type: ignore[union-attr]
+        on_failed=lambda m, s, reason: ledger.record_sms_failure(m, s, reason),
+    )
+    assert dispatcher.run_once().failed == 1
+    session = ledger.get_session(session_id)
+    assert session.sms_failures == 1 and session.status == "link_sent"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT state FROM outbox_messages").fetchone() == ("failed",)
+
+
+def test_two_dispatchers_never_send_one_message_twice(ledger: Ledger, database_url: str, provider: str) -> None:
+    merchant = new_merchant(ledger)
+    for i in range(20):
+        ledger.send_link(f"send-{i}", open_session(ledger, merchant, f"open-{i}"))
+    sender = HttpSmsSender(provider, "AC1", "secret", "+15005550006")
+    calls: list[str] = []
+    real_send = sender.send
+
+    def counting_send(**kwargs: Any) -> Any:
+        calls.append(kwargs["message_id"])
+        return real_send(**kwargs)
+
+    sender.send = counting_send  # type: ignore[method-assign]
+    dispatchers = [MessageDispatcher(database_url, sender, open_payload=ledger.mapper.cipher.decrypt,  # type: ignore[union-attr]
+                                     on_failed=lambda *a: None) for _ in range(2)]
+    threads = [threading.Thread(target=d.run_once) for d in dispatchers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == len(set(calls)) == 20
