@@ -22,3 +22,12 @@ def test_the_folders_named_exist() -> None:
     root = Path(__file__).resolve().parents[2]
     for folder in ("domain", "application", "adapters", "projections", "api", "migrations", "tests"):
         assert f"`{folder}/`" in DOC and (root / folder).is_dir()
+
+
+def test_the_readme_names_every_environment_variable() -> None:
+    from api.bootstrap import ENV_VARS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in ENV_VARS:
+        short = "_" + name.rsplit("_", 1)[1]
+        assert f"`{name}`" in readme or (name.startswith("ECHOTRANSACT_SMS_") and f"`{short}`" in readme), name
