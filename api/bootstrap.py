@@ -23,7 +23,7 @@ from adapters.dev_identity import DevIdentityVerifier
 from adapters.sandbox_processor import SandboxProcessor
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
-from application.ports import Clock, PaymentProcessor
+from application.ports import Clock, PaymentProcessor, ProcessorRouter
 from domain.money import check_amount, check_currency
 from domain.errors import DomainError
 
@@ -50,6 +50,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_IDENTITY_THRESHOLDS": "identity check thresholds, minor units: USD=10000,EUR=10000",
     "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
     "ECHOTRANSACT_PUBLIC_URL": "base URL of the payment page in SMS links (http://127.0.0.1:PORT of the API)",
+    "ECHOTRANSACT_PROCESSORS": "payment processors as primary=URL,secondary=URL (unset: run starts two sandbox ones)",
     "ECHOTRANSACT_SMS_URL": "an SMS provider's API base URL (unset: the development mailbox)",
     "ECHOTRANSACT_SMS_ACCOUNT": "the SMS provider account id",
     "ECHOTRANSACT_SMS_TOKEN": "the SMS provider token",
@@ -87,6 +88,18 @@ def parse_thresholds(text: str) -> dict[str, int]:
     return thresholds
 
 
+def parse_processors(text: str) -> dict[str, str]:
+    processors: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, url = part.partition("=")
+        if not sep or not name.strip() or not url.strip().startswith(("http://", "https://")):
+            raise ConfigurationError(f"ECHOTRANSACT_PROCESSORS: {part!r} is not NAME=http(s)://URL")
+        processors[name.strip()] = url.strip()
+    if processors and len(processors) != 2:
+        raise ConfigurationError("ECHOTRANSACT_PROCESSORS names exactly two: primary=URL,secondary=URL")
+    return processors
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -105,6 +118,7 @@ class Settings:
     catch_up_grace_s: float = 5.0
     rate_limit_per_minute: int = 600
     public_url: str | None = None
+    processors: dict[str, str] = field(default_factory=dict)
     sms: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -151,6 +165,7 @@ class Settings:
             catch_up_grace_s=numbers["ECHOTRANSACT_CATCH_UP_GRACE_S"],
             rate_limit_per_minute=int(numbers["ECHOTRANSACT_RATE_LIMIT_PER_MINUTE"]),
             public_url=env.get("ECHOTRANSACT_PUBLIC_URL") or None,
+            processors=parse_processors(env.get("ECHOTRANSACT_PROCESSORS", "")),
             sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
                  if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
         )
@@ -192,12 +207,23 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
     return env
 
 
+def build_processors(settings: Settings) -> PaymentProcessor | ProcessorRouter:
+    """The configured primary and secondary behind a failover router, or, with none
+    configured, the in-process sandbox."""
+    if not settings.processors:
+        return SandboxProcessor()
+    from adapters.processor_client import FailoverRouter, HttpProcessor
+
+    (primary, primary_url), (secondary, secondary_url) = settings.processors.items()
+    return FailoverRouter(HttpProcessor(primary, primary_url), HttpProcessor(secondary, secondary_url))
+
+
 def build_ledger(
     settings: Settings,
     database_url: str,
     *,
     clock: Clock | None = None,
-    processor: PaymentProcessor | None = None,
+    processor: PaymentProcessor | ProcessorRouter | None = None,
     **extra: Any,
 ) -> Ledger:
     policy = LedgerPolicy(
@@ -212,7 +238,7 @@ def build_ledger(
         eventsourcing_env(database_url, settings.encryption_key),
         policy=policy,
         clock=clock or SystemClock(),
-        processor=processor or SandboxProcessor(),
+        processor=processor or build_processors(settings),
         **extra,
     )
 

@@ -95,6 +95,8 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
     }
     if settings.encryption_key:
         env["ECHOTRANSACT_ENCRYPTION_KEY"] = base64.b64encode(settings.encryption_key).decode()
+    if settings.processors:
+        env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
     return subprocess.Popen([sys.executable, "-m", "api.cli", command], env=env)
 
 
@@ -204,6 +206,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     supervisor: Supervisor | None = None
     running = data_dir / RUNNING_FILE
+    sandboxes: list[Any] = []
+    if not settings.processors:
+        # No processors configured: two sandbox processors, as real local HTTP services.
+        from dataclasses import replace
+
+        from adapters.processor_server import SandboxProcessorServer
+
+        sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
+        settings = replace(settings, processors={s.name: s.start() for s in sandboxes})
+        log.info("sandbox_processors", **settings.processors)
     with _servers(data_dir, own=True) as urls:
         try:
             applied = migrate(urls[0])
@@ -218,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             running.unlink(missing_ok=True)
             if supervisor is not None:
                 supervisor.stop()
+            for sandbox in sandboxes:
+                sandbox.stop()
             log.info("stopped")
     return 0
 
