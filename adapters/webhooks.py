@@ -1,0 +1,681 @@
+"""Webhooks: ledger events to the merchant's webhook URL and the session's callback URL, signed,
+retried with exponential backoff, dead-lettered past a horizon; and the order of a completed
+session into the merchant's commerce backend (adapters/commerce.py).
+
+Two steps, each crash-safe:
+
+* ``WebhookPlanner`` reads the outbox past its checkpoint (like ``ProjectionStore.catch_up``),
+  remembers what later events need (merchant endpoints, sessions' orders, payments' sessions)
+  and writes one ``webhook_deliveries`` row per event and endpoint, in the same transaction as
+  its checkpoint. Rows are unique on (event_id, endpoint_url, kind): planning again is a no-op.
+* ``WebhookDispatcher`` claims one due delivery at a time (``FOR UPDATE SKIP LOCKED``), POSTs it
+  while holding the row lock, and records the outcome and the attempt in the same transaction.
+  Two dispatchers never send one delivery at once. A crash after the POST and before the commit
+  sends it again later, with the same ``EchoTransact-Event-Id`` (and, for an order, the same
+  ``Idempotency-Key``), so the receiver drops the duplicate. Delivery is at least once, in no
+  guaranteed order.
+
+Every request is signed: ``EchoTransact-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
+"<t>.<body>")>`` with the merchant's secret ``webhook_secret(hash_key, merchant_id)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import httpx
+import msgspec
+import psycopg
+import structlog
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from adapters.clock import SystemClock
+from adapters.commerce import (
+    CommerceBackend,
+    CommerceOrder,
+    HttpCommerceBackend,
+    MissingIdempotencyKey,
+    encode_order,
+    post,
+)
+from application.envelope import EventEnvelope
+from application.ports import Clock
+from projections.masking import SECRET_FIELDS, mask_event_data
+
+__all__ = [
+    "EVENT_ID_HEADER", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "AttemptResult", "Delivery",
+    "DeliveryKind", "DeliveryStatus", "DispatchOutcome", "PlanResult", "WebhookAdmin",
+    "WebhookDispatcher", "WebhookPlanner", "event_body", "run_webhooks", "sign", "verify_signature",
+    "webhook_secret",
+]
+
+log = structlog.get_logger(__name__)
+
+OpenEnvelope = Callable[[bytes], EventEnvelope]
+
+WEBHOOK_EVENT_TYPES = frozenset({
+    "payment_session.link_sent",
+    "payment_session.code_verified",
+    "payment_session.identity_verified",
+    "payment_session.completed",
+    "payment_session.expired",
+    "payment_session.cancelled",
+    "payment_session.sms_failed",
+    "payment.authorized",
+    "payment.captured",
+    "payment.refunded",
+    "payment.voided",
+    "payment.failed",
+})
+
+SIGNATURE_HEADER = "EchoTransact-Signature"
+EVENT_ID_HEADER = "EchoTransact-Event-Id"
+EVENT_TYPE_HEADER = "EchoTransact-Event-Type"
+USER_AGENT = "EchoTransact-Webhooks/1"
+
+# Keyed hashes are masked to "***" by mask_event_data; a receiver has no use for even that.
+# Card tokens never reach a merchant: they are the platform's handle on the customer's card.
+_NEVER_SENT = SECRET_FIELDS | {"card_token"}
+
+
+class DeliveryKind:
+    MERCHANT_WEBHOOK = "merchant_webhook"
+    SESSION_CALLBACK = "session_callback"
+    COMMERCE_ORDER = "commerce_order"
+
+
+class DeliveryStatus:
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+# -- signing ------------------------------------------------------------------------------------
+
+
+def webhook_secret(hash_key: bytes, merchant_id: UUID | str) -> str:
+    """The merchant's signing secret, derived (never stored): the admin API can show it, and
+    every dispatcher computes the same one from the hash key. Same construction as
+    ``Ledger.keyed_hash("webhook-secret", merchant_id)``."""
+    return hmac.new(hash_key, f"webhook-secret:{merchant_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def _mac(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``EchoTransact-Signature`` header value for this body at this unix time."""
+    return f"t={timestamp},v1={_mac(secret, timestamp, body)}"
+
+
+def verify_signature(
+    secret: str, header: str | None, body: bytes, *, tolerance_s: int = 300, now: float | None = None
+) -> bool:
+    """What a receiver does: the header names a time within ``tolerance_s`` of now (replays of
+    an old request fail) and one ``v1`` equal to our MAC of "<t>.<body>" (any of several, so a
+    future secret rotation can send two)."""
+    if not header:
+        return False
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isdigit():
+            timestamp = int(value)
+        elif key == "v1" and value:
+            candidates.append(value)
+    if timestamp is None or not candidates:
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    expected = _mac(secret, timestamp, body)
+    return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
+
+
+# -- bodies -------------------------------------------------------------------------------------
+
+_json = msgspec.json.Encoder()
+
+
+def event_body(envelope: EventEnvelope, *, session_id: UUID | None = None) -> bytes:
+    """The JSON a receiver gets: the event's id, type and time, and its data with personal
+    data masked and secrets dropped. ``session_id`` ties a payment's events to its session."""
+    data: dict[str, Any] = {
+        "aggregate_id": envelope.aggregate_id,
+        "aggregate_type": envelope.aggregate_type,
+        "merchant_id": envelope.merchant_id,
+    }
+    if session_id is not None:
+        data["session_id"] = session_id
+    data.update((k, v) for k, v in mask_event_data(envelope.data).items() if k not in _NEVER_SENT)
+    return _json.encode({
+        "id": envelope.event_id, "type": envelope.event_type, "created": envelope.occurred_at, "data": data,
+    })
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanResult:
+    events: int = 0
+    deliveries: int = 0
+
+
+class WebhookPlanner:
+    """Outbox feed -> ``webhook_deliveries``, exactly once per (event, endpoint, kind)."""
+
+    name = "webhooks"
+
+    def __init__(
+        self, database_url: str, open_envelope: OpenEnvelope, *, clock: Clock | None = None,
+        batch_size: int = 500,
+    ) -> None:
+        self.database_url = database_url
+        self.open_envelope = open_envelope
+        self.clock = clock or SystemClock()
+        self.batch_size = batch_size
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def checkpoint(self) -> int:
+        row = self.connection().execute(
+            "SELECT position FROM webhook_checkpoint WHERE name = %s", (self.name,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def plan(self) -> PlanResult:
+        """Plan every event past the checkpoint; returns what this call did."""
+        result = PlanResult()
+        while self._plan_batch(result) == self.batch_size:
+            pass
+        return result
+
+    def _plan_batch(self, result: PlanResult) -> int:
+        conn = self.connection()
+        with conn.transaction(), conn.cursor() as cur:
+            # The row lock serializes planners: a second one waits, then reads the new position.
+            checkpoint = self._lock_checkpoint(cur)
+            position, deliver_after = checkpoint
+            # Positions are issued in commit order (the event store's table lock), so nothing
+            # can appear later below a position we have seen.
+            cur.execute(
+                "SELECT position, envelope FROM outbox WHERE position > %s ORDER BY position LIMIT %s",
+                (position, self.batch_size),
+            )
+            rows = cur.fetchall()
+            now = self.clock.now()
+            for row_position, payload in rows:
+                envelope = self.open_envelope(bytes(payload))
+                if envelope.position != row_position:
+                    envelope = msgspec.structs.replace(envelope, position=row_position)
+                self._remember(cur, envelope)
+                if row_position > deliver_after and envelope.event_type in WEBHOOK_EVENT_TYPES:
+                    result.deliveries += self._plan_deliveries(cur, envelope, now)
+                result.events += 1
+            if rows:
+                cur.execute(
+                    "UPDATE webhook_checkpoint SET position = %s WHERE name = %s", (rows[-1][0], self.name)
+                )
+        return len(rows)
+
+    def _lock_checkpoint(self, cur: psycopg.Cursor[Any]) -> tuple[int, int]:
+        query = "SELECT position, deliver_after FROM webhook_checkpoint WHERE name = %s FOR UPDATE"
+        row = cur.execute(query, (self.name,)).fetchone()
+        if row is None:
+            # The migration seeds the row; without it, deliver nothing of the history that is
+            # already there rather than flood the merchants with it.
+            cur.execute(
+                "INSERT INTO webhook_checkpoint (name, position, deliver_after)"
+                " SELECT %s, 0, COALESCE(max(position), 0) FROM outbox ON CONFLICT (name) DO NOTHING",
+                (self.name,),
+            )
+            row = cur.execute(query, (self.name,)).fetchone()
+            assert row is not None
+        return int(row[0]), int(row[1])
+
+    # What later events need from earlier ones. Upserts, so re-planning from zero is harmless.
+    def _remember(self, cur: psycopg.Cursor[Any], e: EventEnvelope) -> None:
+        data = e.data
+        if e.event_type == "merchant.registered":
+            cur.execute(
+                "INSERT INTO webhook_merchants (merchant_id, webhook_url, commerce_backend_uri)"
+                " VALUES (%s, %s, %s) ON CONFLICT (merchant_id) DO UPDATE"
+                " SET webhook_url = excluded.webhook_url,"
+                " commerce_backend_uri = excluded.commerce_backend_uri",
+                (e.aggregate_id, data.get("webhook_url"), data.get("commerce_backend_uri")),
+            )
+        elif e.event_type == "merchant.settings_changed":
+            changes = data.get("changes") or {}
+            for column in ("webhook_url", "commerce_backend_uri"):
+                if column in changes:
+                    cur.execute(
+                        f"UPDATE webhook_merchants SET {column} = %s WHERE merchant_id = %s",  # noqa: S608
+                        (changes[column], e.aggregate_id),
+                    )
+        elif e.event_type == "payment_session.opened":
+            cur.execute(
+                "INSERT INTO webhook_sessions (session_id, merchant_id, callback_url, order_reference,"
+                " line_items, amount_minor, currency) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (session_id) DO NOTHING",
+                (e.aggregate_id, data["merchant_id"], data.get("callback_url"), data["order_reference"],
+                 Jsonb(data["line_items"]), data["amount_minor"], data["currency"]),
+            )
+        elif e.event_type == "payment.initiated":
+            cur.execute(
+                "INSERT INTO webhook_payments (payment_id, merchant_id, session_id) VALUES (%s, %s, %s)"
+                " ON CONFLICT (payment_id) DO NOTHING",
+                (e.aggregate_id, data["merchant_id"], data.get("session_id")),
+            )
+
+    def _plan_deliveries(self, cur: psycopg.Cursor[Any], e: EventEnvelope, now: datetime) -> int:
+        merchant_id = e.merchant_id
+        assert merchant_id is not None, "session and payment events carry their merchant"
+        merchant = cur.execute(
+            "SELECT webhook_url, commerce_backend_uri FROM webhook_merchants WHERE merchant_id = %s",
+            (merchant_id,),
+        ).fetchone()
+        webhook_url, commerce_uri = merchant if merchant else (None, None)
+        if e.aggregate_type == "payment_session":
+            session_id: UUID | None = e.aggregate_id
+        else:
+            payment = cur.execute(
+                "SELECT session_id FROM webhook_payments WHERE payment_id = %s", (e.aggregate_id,)
+            ).fetchone()
+            session_id = payment[0] if payment else None
+        session = None
+        if session_id is not None:
+            session = cur.execute(
+                "SELECT callback_url, order_reference, line_items, amount_minor, currency"
+                " FROM webhook_sessions WHERE session_id = %s",
+                (session_id,),
+            ).fetchone()
+
+        body = event_body(e, session_id=session_id if e.aggregate_type != "payment_session" else None)
+        targets: list[tuple[str, str, bytes, str | None]] = []
+        if webhook_url:
+            targets.append((DeliveryKind.MERCHANT_WEBHOOK, webhook_url, body, None))
+        callback_url = session[0] if session else None
+        # One URL serving as both gets the event once.
+        if callback_url and callback_url != webhook_url:
+            targets.append((DeliveryKind.SESSION_CALLBACK, callback_url, body, None))
+        if e.event_type == "payment_session.completed" and commerce_uri and session is not None:
+            order = CommerceOrder(
+                reference=session[1], items=list(session[2]), amount_minor=int(session[3]),
+                currency=session[4], payment_id=UUID(str(e.data["payment_id"])),
+                session_id=e.aggregate_id, merchant_id=merchant_id,
+            )
+            targets.append(
+                (DeliveryKind.COMMERCE_ORDER, commerce_uri, encode_order(order), str(e.aggregate_id))
+            )
+
+        planned = 0
+        for kind, url, payload, idempotency_key in targets:
+            cur.execute(
+                "INSERT INTO webhook_deliveries (event_id, event_type, position, merchant_id, kind,"
+                " endpoint_url, body, idempotency_key, next_attempt_at, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (event_id, endpoint_url, kind) DO NOTHING",
+                (e.event_id, e.event_type, e.position, merchant_id, kind, url, payload, idempotency_key,
+                 now, now),
+            )
+            planned += cur.rowcount
+        return planned
+
+
+# -- dispatching --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    delivery_id: int
+    event_id: UUID
+    event_type: str
+    merchant_id: UUID
+    kind: str
+    endpoint_url: str
+    body: bytes
+    idempotency_key: str | None
+    attempts: int
+    first_attempt_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True)
+class DispatchOutcome:
+    delivery_id: int
+    event_id: UUID
+    kind: str
+    endpoint_url: str
+    attempt: int
+    status: str
+    status_code: int | None
+    error: str | None
+    next_attempt_at: datetime | None
+
+
+_DELIVERY_COLUMNS = (
+    "delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body, idempotency_key,"
+    " attempts, first_attempt_at"
+)
+
+_CLAIM = (
+    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"  # noqa: S608
+    " WHERE status = 'pending' AND next_attempt_at <= %s"
+    " ORDER BY next_attempt_at, delivery_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+
+
+class WebhookDispatcher:
+    """Sends due deliveries, one per transaction, holding the row lock while it sends.
+
+    Not thread-safe: run one per thread (each has its own connection)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        hash_key: bytes,
+        *,
+        clock: Clock | None = None,
+        commerce: CommerceBackend | None = None,
+        timeout_s: float = 5.0,
+        backoff_base: timedelta = timedelta(seconds=30),
+        backoff_cap: timedelta = timedelta(hours=1),
+        retry_horizon: timedelta = timedelta(hours=24),
+        jitter: float = 0.2,
+        rng: random.Random | None = None,
+    ) -> None:
+        assert hash_key, "webhook secrets are derived from the hash key"
+        assert 0 <= jitter < 1, "jitter is the fraction of a delay that may be taken off"
+        self.database_url = database_url
+        self.hash_key = hash_key
+        self.clock = clock or SystemClock()
+        self.http = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self.commerce = commerce or HttpCommerceBackend(client=self.http)
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.retry_horizon = retry_horizon
+        self.jitter = jitter
+        self.rng = rng or random.Random()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.http.close()
+
+    # -- the pure parts -----------------------------------------------------------------------
+
+    def retry_delay(self, attempts: int) -> timedelta:
+        """The pause after the ``attempts``-th failed attempt: base * 2^(attempts - 1), at most
+        the cap, less up to ``jitter`` of it so receivers coming back are not hit all at once."""
+        exponent = min(max(attempts - 1, 0), 40)
+        seconds = min(self.backoff_base.total_seconds() * 2**exponent, self.backoff_cap.total_seconds())
+        return timedelta(seconds=seconds * (1 - self.jitter * self.rng.random()))
+
+    def headers_for(self, delivery: Delivery, *, timestamp: int | None = None) -> dict[str, str]:
+        # Wall-clock time, not self.clock: the receiver checks it against its own clock.
+        t = int(time.time()) if timestamp is None else timestamp
+        return {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            SIGNATURE_HEADER: sign(webhook_secret(self.hash_key, delivery.merchant_id), delivery.body, t),
+            EVENT_ID_HEADER: str(delivery.event_id),
+            EVENT_TYPE_HEADER: delivery.event_type,
+        }
+
+    def send(self, delivery: Delivery) -> AttemptResult:
+        """The HTTP call alone, no bookkeeping: calling it twice sends twice (what a crash
+        between the call and the commit does), with the same event id and idempotency key."""
+        headers = self.headers_for(delivery)
+        if delivery.kind == DeliveryKind.COMMERCE_ORDER:
+            response = self.commerce.create_order(
+                delivery.endpoint_url, delivery.body, idempotency_key=delivery.idempotency_key or "",
+                headers=headers,
+            )
+            return AttemptResult(response.status_code, response.error, response.duration_ms)
+        started = time.perf_counter()
+        status_code, error = post(self.http, delivery.endpoint_url, delivery.body, headers)
+        return AttemptResult(status_code, error, round((time.perf_counter() - started) * 1000))
+
+    # -- claiming and recording ------------------------------------------------------------------
+
+    def dispatch_one(self) -> DispatchOutcome | None:
+        """Send the next due delivery, if any, and record the attempt."""
+        conn = self.connection()
+        with conn.transaction(), conn.cursor() as cur:
+            row = cur.execute(_CLAIM, (self.clock.now(),)).fetchone()
+            if row is None:
+                return None
+            delivery = Delivery(*row[:6], bytes(row[6]), *row[7:])
+            attempted_at = self.clock.now()
+            permanent = False
+            try:
+                result = self.send(delivery)
+            except MissingIdempotencyKey as error:
+                # The table's check makes this impossible; if it happens, never send it.
+                result, permanent = AttemptResult(None, str(error), 0), True
+            return self._record(cur, delivery, attempted_at, result, permanent=permanent)
+
+    def dispatch_due(self, limit: int | None = None) -> list[DispatchOutcome]:
+        outcomes: list[DispatchOutcome] = []
+        while limit is None or len(outcomes) < limit:
+            outcome = self.dispatch_one()
+            if outcome is None:
+                break
+            outcomes.append(outcome)
+        return outcomes
+
+    def _record(
+        self, cur: psycopg.Cursor[Any], delivery: Delivery, attempted_at: datetime, result: AttemptResult,
+        *, permanent: bool = False,
+    ) -> DispatchOutcome:
+        attempt = delivery.attempts + 1
+        first = delivery.first_attempt_at or attempted_at
+        cur.execute(
+            "INSERT INTO webhook_attempts (delivery_id, merchant_id, endpoint_url, attempt, attempted_at,"
+            " status_code, error, duration_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (delivery.delivery_id, delivery.merchant_id, delivery.endpoint_url, attempt, attempted_at,
+             result.status_code, result.error, result.duration_ms),
+        )
+        next_at: datetime | None = None
+        if result.ok:
+            status = DeliveryStatus.DELIVERED
+        else:
+            next_at = attempted_at + self.retry_delay(attempt)
+            past_horizon = next_at > first + self.retry_horizon
+            status = DeliveryStatus.DEAD if permanent or past_horizon else DeliveryStatus.PENDING
+        now = self.clock.now()
+        cur.execute(
+            "UPDATE webhook_deliveries SET status = %s, attempts = %s, first_attempt_at = %s,"
+            " last_attempt_at = %s, last_status_code = %s, last_error = %s,"
+            " next_attempt_at = COALESCE(%s, next_attempt_at),"
+            " delivered_at = CASE WHEN %s = 'delivered' THEN %s::timestamptz END,"
+            " dead_at = CASE WHEN %s = 'dead' THEN %s::timestamptz END"
+            " WHERE delivery_id = %s",
+            (status, attempt, first, attempted_at, result.status_code, result.error, next_at,
+             status, now, status, now, delivery.delivery_id),
+        )
+        log_call = log.warning if status == DeliveryStatus.DEAD else log.info
+        log_call("webhook_" + ("delivered" if result.ok else "dead_letter" if status == "dead" else "retry"),
+                 delivery_id=delivery.delivery_id, kind=delivery.kind, event_type=delivery.event_type,
+                 attempt=attempt, status_code=result.status_code, error=result.error,
+                 next_attempt_at=next_at if status == DeliveryStatus.PENDING else None)
+        return DispatchOutcome(
+            delivery.delivery_id, delivery.event_id, delivery.kind, delivery.endpoint_url, attempt, status,
+            result.status_code, result.error, next_at if status == DeliveryStatus.PENDING else None,
+        )
+
+
+# -- operators ----------------------------------------------------------------------------------
+
+
+class WebhookAdmin:
+    """Redelivery and the delivery log, for the CLI and the admin API."""
+
+    def __init__(self, database_url: str, *, clock: Clock | None = None) -> None:
+        self.database_url = database_url
+        self.clock = clock or SystemClock()
+
+    def redeliver(
+        self, delivery_ids: Iterable[int] | None = None, *, endpoint: str | None = None,
+        since: datetime | None = None, include_delivered: bool = False,
+    ) -> int:
+        """Send again, from a fresh retry horizon and with the same event id, the dead
+        deliveries that match every filter given (no filter: all dead ones). Named deliveries,
+        or ``include_delivered``, also take delivered ones. Pending ones named by id or endpoint
+        are made due now (an endpoint that is back need not sit out its backoff). Returns how
+        many deliveries were touched."""
+        ids = list(delivery_ids) if delivery_ids is not None else None
+        statuses = [DeliveryStatus.DEAD]
+        if ids is not None or include_delivered:
+            statuses.append(DeliveryStatus.DELIVERED)
+        match = (
+            " AND (%(ids)s::bigint[] IS NULL OR delivery_id = ANY(%(ids)s::bigint[]))"
+            " AND (%(endpoint)s::text IS NULL OR endpoint_url = %(endpoint)s::text)"
+            " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)"
+        )
+        params = {
+            "ids": ids, "endpoint": endpoint, "since": since, "statuses": statuses, "now": self.clock.now(),
+        }
+        with psycopg.connect(self.database_url) as conn, conn.transaction():
+            reset = conn.execute(
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, first_attempt_at = NULL,"
+                " next_attempt_at = %(now)s, delivered_at = NULL, dead_at = NULL,"
+                " redeliveries = redeliveries + 1"
+                " WHERE status = ANY(%(statuses)s::text[])" + match,
+                params,
+            ).rowcount
+            hurried = 0
+            if ids is not None or endpoint is not None:
+                hurried = conn.execute(
+                    "UPDATE webhook_deliveries SET next_attempt_at = %(now)s"
+                    " WHERE status = 'pending' AND next_attempt_at > %(now)s" + match,
+                    params,
+                ).rowcount
+        log.info("webhooks_redelivered", reset=reset, made_due=hurried, ids=ids, endpoint=endpoint,
+                 since=since)
+        return reset + hurried
+
+    def deliveries(
+        self, *, endpoint: str | None = None, status: str | None = None, merchant_id: UUID | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        with psycopg.connect(self.database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                "SELECT delivery_id, event_id, event_type, kind, endpoint_url, status, attempts,"
+                " next_attempt_at, first_attempt_at, last_attempt_at, last_status_code, last_error,"
+                " delivered_at, dead_at, redeliveries, created_at FROM webhook_deliveries"
+                " WHERE (%(endpoint)s::text IS NULL OR endpoint_url = %(endpoint)s::text)"
+                " AND (%(status)s::text IS NULL OR status = %(status)s::text)"
+                " AND (%(merchant)s::uuid IS NULL OR merchant_id = %(merchant)s::uuid)"
+                " ORDER BY delivery_id DESC LIMIT %(limit)s",
+                {"endpoint": endpoint, "status": status, "merchant": merchant_id, "limit": limit},
+            ).fetchall()
+
+    def attempts(
+        self, *, endpoint: str | None = None, delivery_id: int | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The delivery log: newest attempts first, for one endpoint or one delivery."""
+        with psycopg.connect(self.database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                "SELECT a.attempt_id, a.delivery_id, d.event_id, d.event_type, d.kind, a.endpoint_url,"
+                " a.attempt, a.attempted_at, a.status_code, a.error, a.duration_ms"
+                " FROM webhook_attempts a JOIN webhook_deliveries d USING (delivery_id)"
+                " WHERE (%(endpoint)s::text IS NULL OR a.endpoint_url = %(endpoint)s::text)"
+                " AND (%(delivery)s::bigint IS NULL OR a.delivery_id = %(delivery)s::bigint)"
+                " ORDER BY a.attempt_id DESC LIMIT %(limit)s",
+                {"endpoint": endpoint, "delivery": delivery_id, "limit": limit},
+            ).fetchall()
+
+
+# -- the long-running process ---------------------------------------------------------------------
+
+
+def run_webhooks(
+    database_url: str,
+    open_envelope: OpenEnvelope,
+    hash_key: bytes,
+    stop: threading.Event,
+    *,
+    concurrency: int = 4,
+    poll_interval_s: float = 1.0,
+    clock: Clock | None = None,
+    **dispatcher_options: Any,
+) -> None:
+    """Plan and dispatch until ``stop`` is set: one planner loop, ``concurrency`` dispatchers.
+    A step that fails (a database restart, say) is logged and tried again with a growing pause."""
+
+    def guarded(name: str, step: Callable[[], bool], close: Callable[[], None]) -> None:
+        pause = poll_interval_s
+        try:
+            while not stop.is_set():
+                try:
+                    busy = step()
+                    pause = poll_interval_s
+                except Exception:
+                    busy, pause = False, min(pause * 2, 30.0)
+                    log.exception("webhooks_step_failed", step=name, retry_in_s=pause)
+                if not busy:
+                    stop.wait(pause)
+        finally:
+            close()
+
+    planner = WebhookPlanner(database_url, open_envelope, clock=clock)
+
+    def plan() -> bool:
+        planner.plan()  # up to the end of the feed
+        return False
+
+    threads = [
+        threading.Thread(target=guarded, args=("planner", plan, planner.close), name="webhooks-planner")
+    ]
+    for index in range(concurrency):
+        dispatcher = WebhookDispatcher(database_url, hash_key, clock=clock, **dispatcher_options)
+        threads.append(threading.Thread(
+            target=guarded, args=(f"dispatcher-{index}", lambda d=dispatcher: bool(d.dispatch_due(limit=50)),
+                                  dispatcher.close),
+            name=f"webhooks-dispatcher-{index}",
+        ))
+    log.info("webhooks_started", concurrency=concurrency)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.info("webhooks_stopped")
