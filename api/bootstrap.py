@@ -51,6 +51,10 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_LOG_LEVEL": "log level (info)",
     "ECHOTRANSACT_PUBLIC_URL": "base URL of the payment page in SMS links (http://127.0.0.1:PORT of the API)",
     "ECHOTRANSACT_PROCESSORS": "payment processors as primary=URL,secondary=URL (unset: run starts two sandbox ones)",
+    "ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S": "how long a webhook is retried before the dead letter (86400)",
+    "ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S": "first webhook retry delay, doubled each time (30)",
+    "ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S": "longest webhook retry delay (3600)",
+    "ECHOTRANSACT_WEBHOOK_CONCURRENCY": "webhook sender threads per dispatcher (4)",
     "ECHOTRANSACT_SMS_URL": "an SMS provider's API base URL (unset: the development mailbox)",
     "ECHOTRANSACT_SMS_ACCOUNT": "the SMS provider account id",
     "ECHOTRANSACT_SMS_TOKEN": "the SMS provider token",
@@ -119,6 +123,10 @@ class Settings:
     rate_limit_per_minute: int = 600
     public_url: str | None = None
     processors: dict[str, str] = field(default_factory=dict)
+    webhook_retry_horizon_s: float = 86_400
+    webhook_backoff_base_s: float = 30
+    webhook_backoff_cap_s: float = 3_600
+    webhook_concurrency: int = 4
     sms: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -130,7 +138,11 @@ class Settings:
         numbers: dict[str, float] = {}
         for name, default in (("ECHOTRANSACT_PORT", "8000"), ("ECHOTRANSACT_LINK_LIFETIME_S", "900"),
                               ("ECHOTRANSACT_CATCH_UP_EVERY_S", "5"), ("ECHOTRANSACT_CATCH_UP_GRACE_S", "5"),
-                              ("ECHOTRANSACT_RATE_LIMIT_PER_MINUTE", "600")):
+                              ("ECHOTRANSACT_RATE_LIMIT_PER_MINUTE", "600"),
+                              ("ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S", "86400"),
+                              ("ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S", "30"),
+                              ("ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "3600"),
+                              ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4")):
             try:
                 numbers[name] = float(env.get(name, default))
             except ValueError:
@@ -166,6 +178,10 @@ class Settings:
             rate_limit_per_minute=int(numbers["ECHOTRANSACT_RATE_LIMIT_PER_MINUTE"]),
             public_url=env.get("ECHOTRANSACT_PUBLIC_URL") or None,
             processors=parse_processors(env.get("ECHOTRANSACT_PROCESSORS", "")),
+            webhook_retry_horizon_s=numbers["ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S"],
+            webhook_backoff_base_s=numbers["ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S"],
+            webhook_backoff_cap_s=numbers["ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S"],
+            webhook_concurrency=max(1, int(numbers["ECHOTRANSACT_WEBHOOK_CONCURRENCY"])),
             sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
                  if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
         )

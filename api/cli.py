@@ -97,7 +97,7 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
         env["ECHOTRANSACT_ENCRYPTION_KEY"] = base64.b64encode(settings.encryption_key).decode()
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
-    return subprocess.Popen([sys.executable, "-m", "api.cli", command], env=env)
+    return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
 
 
 class Supervisor:
@@ -184,8 +184,8 @@ def _print_demo_keys(ledger: Any) -> None:
     """A demo merchant (the same one on every run) and a fresh key per role, printed once."""
     import uuid
 
-    merchant = ledger.register_merchant("demo-merchant", name="Demo Pizzeria",
-                                        webhook_url="https://merchant.example/webhooks")
+    # No webhook URL: a developer points it at a receiver of theirs with PATCH /v1/merchants/{id}.
+    merchant = ledger.register_merchant("demo-merchant", name="Demo Pizzeria")
     merchant_id = uuid.UUID(merchant.result["merchant_id"])
     run_id = uuid.uuid4().hex
     print(f"demo merchant {merchant_id}", flush=True)
@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             running.write_text(json.dumps(
                 {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
             ))
-            supervisor = Supervisor(("relay", "worker", "dispatch"),
+            supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings))
             _serve_api(settings, urls, demo=True)
         finally:
@@ -303,6 +303,40 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             build_message_dispatcher(settings, database_url, ledger).run(stop)
         finally:
             ledger.close()
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """Send webhooks and commerce orders (dispatch), or an operator's tools on them."""
+    from adapters.webhooks import WebhookAdmin, run_webhooks, webhook_secret
+    from api.bootstrap import envelope_opener
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        if args.webhooks_command == "dispatch":
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            run_webhooks(database_url, envelope_opener(settings), settings.hash_key, stop,
+                         concurrency=settings.webhook_concurrency,
+                         retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
+                         backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
+                         backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
+            return 0
+        admin = WebhookAdmin(database_url)
+        if args.webhooks_command == "redeliver":
+            if not (args.delivery or args.endpoint or args.dead):
+                raise ConfigurationError("name what to send again: --delivery ID, --endpoint URL or --dead")
+            count = admin.redeliver(args.delivery or None, endpoint=args.endpoint, since=args.since,
+                                    include_delivered=args.include_delivered)
+            print(f"{count} deliveries queued again")
+            return 0
+        if args.webhooks_command == "log":
+            for row in admin.attempts(endpoint=args.endpoint, delivery_id=args.delivery, limit=args.limit):
+                print(json.dumps(row, default=str))
+            return 0
+        print(webhook_secret(settings.hash_key, args.merchant))
     return 0
 
 
@@ -441,6 +475,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sms_list = sms_sub.add_parser("list", help="messages a developer's phone would have received")
     sms_list.add_argument("--to", help="only messages to this phone")
     sms_list.add_argument("--limit", type=int, default=20)
+    webhooks = sub.add_parser("webhooks", help="webhooks and commerce orders")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    webhooks_sub.add_parser("dispatch", help="plan and send webhooks and commerce orders until SIGTERM")
+    redeliver = webhooks_sub.add_parser("redeliver", help="send deliveries again (same event id)")
+    redeliver.add_argument("--delivery", type=int, action="append", help="a delivery id (repeatable)")
+    redeliver.add_argument("--endpoint", help="every dead delivery to this URL")
+    redeliver.add_argument("--dead", action="store_true", help="every dead delivery")
+    redeliver.add_argument("--since", type=_timestamp, help="only those planned since this time")
+    redeliver.add_argument("--include-delivered", action="store_true", help="delivered ones too")
+    webhook_log = webhooks_sub.add_parser("log", help="the delivery log: every attempt")
+    webhook_log.add_argument("--endpoint")
+    webhook_log.add_argument("--delivery", type=int)
+    webhook_log.add_argument("--limit", type=int, default=50)
+    secret = webhooks_sub.add_parser("secret", help="a merchant's webhook signing secret")
+    secret.add_argument("--merchant", required=True, type=_uuid_arg)
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="issue a key and print it once")
@@ -460,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
+        "webhooks": cmd_webhooks,
     }
     from api.logging import configure_logging
 
