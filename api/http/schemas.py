@@ -3,7 +3,7 @@ integer of minor units plus an ISO 4217 code. Unknown fields are rejected; strin
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
@@ -181,7 +181,3 @@ class KeyIssued(Struct):
     merchant_id: str | None
     api_key: str  # shown once; only a keyed hash is kept
 
-
-class DateRange(Struct):
-    date_from: date
-    date_to: date

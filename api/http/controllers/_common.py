@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
 
 from api.http import schemas
 from domain.payment import Payment
@@ -79,6 +78,3 @@ def _dt(value: Any) -> Any:
 
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
-
-def as_uuid(value: str | UUID) -> UUID:
-    return value if isinstance(value, UUID) else UUID(str(value))
