@@ -44,6 +44,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_DATA_DIR": "where make run keeps embedded server data and dev keys (.data)",
     "ECHOTRANSACT_ENCRYPTION_KEY": "base64 AES key (16/24/32 bytes) encrypting event state at rest",
     "ECHOTRANSACT_HASH_KEY": "base64 key for keyed hashes of one-time codes, link tokens, API keys",
+    "ECHOTRANSACT_VAULT_KEY": "base64 32-byte AES key of the card vault (never the event store's key)",
     "ECHOTRANSACT_HOST": "address the API listens on (127.0.0.1)",
     "ECHOTRANSACT_PORT": "port the API listens on (8000; 0 picks a free one)",
     "ECHOTRANSACT_LINK_LIFETIME_S": "payment link lifetime in seconds (900)",
@@ -111,6 +112,7 @@ class Settings:
     kafka_bootstrap_servers: str | None = None
     data_dir: Path = Path(".data")
     encryption_key: bytes | None = None
+    vault_key: bytes | None = None
     hash_key: bytes = b""
     host: str = "127.0.0.1"
     port: int = 8000
@@ -134,6 +136,9 @@ class Settings:
         env = os.environ if environ is None else environ
         data_dir = Path(env.get("ECHOTRANSACT_DATA_DIR", ".data"))
         encryption = env.get("ECHOTRANSACT_ENCRYPTION_KEY")
+        vault = env.get("ECHOTRANSACT_VAULT_KEY")
+        if vault and vault == encryption:
+            raise ConfigurationError("ECHOTRANSACT_VAULT_KEY must differ from ECHOTRANSACT_ENCRYPTION_KEY")
         hash_key = env.get("ECHOTRANSACT_HASH_KEY")
         numbers: dict[str, float] = {}
         for name, default in (("ECHOTRANSACT_PORT", "8000"), ("ECHOTRANSACT_LINK_LIFETIME_S", "900"),
@@ -167,6 +172,7 @@ class Settings:
             if encryption
             else None,
             hash_key=_b64_key("ECHOTRANSACT_HASH_KEY", hash_key, (32,)),
+            vault_key=_b64_key("ECHOTRANSACT_VAULT_KEY", vault, (32,)) if vault else None,
             host=env.get("ECHOTRANSACT_HOST", "127.0.0.1"),
             port=port,
             link_lifetime=timedelta(seconds=lifetime),
@@ -190,16 +196,19 @@ class Settings:
 def development_keys(data_dir: Path) -> dict[str, str]:
     """Keys for a development machine, made once and kept (mode 600) under the data dir."""
     path = data_dir / "dev-keys.json"
-    if path.exists():
-        return dict(json.loads(path.read_text()))
+    names = ("ECHOTRANSACT_ENCRYPTION_KEY", "ECHOTRANSACT_HASH_KEY", "ECHOTRANSACT_VAULT_KEY")
+    keys: dict[str, str] = dict(json.loads(path.read_text())) if path.exists() else {}
+    if all(name in keys for name in names):
+        return keys
+    # First run, or a data directory from before a key existed: add the missing ones only.
     data_dir.mkdir(parents=True, exist_ok=True)
-    keys = {
-        "ECHOTRANSACT_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "ECHOTRANSACT_HASH_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    for name in names:
+        keys.setdefault(name, base64.b64encode(secrets.token_bytes(32)).decode())
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(keys, f)
+    tmp.replace(path)
     return keys
 
 
@@ -291,9 +300,12 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
     from projections.status_cache import StatusCache
     from projections.views import ReadViews
 
+    from adapters.vault import CardVault
+
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     views = ReadViews(database_url)
     return ApiServices(
+        vault=CardVault(database_url, settings.vault_key) if settings.vault_key else None,
         settings=settings,
         ledger=build_ledger(settings, database_url, **ledger_extra),
         views=views,

@@ -95,6 +95,8 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
     }
     if settings.encryption_key:
         env["ECHOTRANSACT_ENCRYPTION_KEY"] = base64.b64encode(settings.encryption_key).decode()
+    if settings.vault_key:
+        env["ECHOTRANSACT_VAULT_KEY"] = base64.b64encode(settings.vault_key).decode()
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)

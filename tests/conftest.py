@@ -64,7 +64,7 @@ def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32)
+    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, vault_key=b"v" * 32)
 
 
 @pytest.fixture

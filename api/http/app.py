@@ -17,6 +17,7 @@ from api.http.controllers.reports import AnalyticsController, AuditController
 from api.http.controllers.sessions import PaymentSessionController
 from api.http.health import Dependencies, HealthController
 from api.http.middleware import RequestContextMiddleware
+from api.http.pages import PAGE_PREFIX, PaymentPageController
 from api.http.problems import EXCEPTION_HANDLERS, ApiProblem
 from api.http.services import ApiServices
 
@@ -25,8 +26,9 @@ JSON_TYPES = ("application/json",)
 
 
 async def require_json(request: Request[Any, Any, Any]) -> None:
-    """Commands take JSON only: anything else is 415, before the body is parsed."""
-    if request.method in ("POST", "PATCH", "PUT"):
+    """Commands take JSON only: anything else is 415, before the body is parsed. The payment
+    page takes HTML forms and checks them itself."""
+    if request.method in ("POST", "PATCH", "PUT") and not request.url.path.startswith(PAGE_PREFIX):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
         if (content_type or (length and length != "0")) and content_type not in JSON_TYPES:
@@ -48,7 +50,7 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
         dependencies["services"] = Provide(lambda: services, use_cache=True, sync_to_thread=False)
         dependencies["principal"] = Provide(provide_principal)
         handlers += [PaymentSessionController, PaymentController, BalanceController,
-                     AnalyticsController, AuditController, MerchantController]
+                     AnalyticsController, AuditController, MerchantController, PaymentPageController]
     return Litestar(
         route_handlers=handlers,
         dependencies=dependencies,

@@ -11,6 +11,8 @@ from typing import Any
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.http.pages import redact_path
+
 log = structlog.get_logger("echotransact.http")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
@@ -46,7 +48,7 @@ class RequestContextMiddleware:
             log.info(
                 "request",
                 method=scope.get("method"),
-                path=scope.get("path"),
+                path=redact_path(scope.get("path") or ""),  # a payment link's token is a secret
                 status=status.get("code"),
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
                 key_id=str(principal.key_id) if principal else None,

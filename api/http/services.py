@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from adapters.idempotency import IdempotencyStore
+from adapters.vault import CardVault
 from adapters.rate_limit import RateLimiter
 from api.bootstrap import Settings
 from api.http.health import Dependencies
@@ -27,8 +28,11 @@ class ApiServices:
     redis: redis.Redis | None
     health: Dependencies
     extra: dict[str, Any] | None = None
+    vault: CardVault | None = None
 
     def close(self) -> None:
+        if self.vault is not None:
+            self.vault.close()
         self.views.close()
         self.idempotency.pool.close()
         self.ledger.close()

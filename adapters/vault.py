@@ -1,0 +1,211 @@
+"""The card vault: the only place a card number is kept, AES-GCM encrypted under the vault's own key
+in the ``card_vault`` table, and referred to everywhere else by a token (plus brand and last four).
+
+Tokens are random; the same number tokenized twice gives two tokens. The one exception is a
+retried submission: ``tokenize(..., idempotency_key=...)`` derives the token from the key, so a
+form submitted twice yields one token (and the ledger's attach command, keyed by the same form,
+sees the same request). No fingerprint of the number is stored, so the vault cannot tell that two
+tokens hold the same card; nothing in the product needs that yet.
+
+Tokens are letters only (``card_`` + 30 lowercase letters, about 141 bits), so no token can look
+like a card number to a scanner. The CVV never reaches this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from Crypto.Cipher import AES
+from psycopg_pool import ConnectionPool
+
+from application.errors import IdempotencyKeyReused, NotFound
+from domain.errors import InvalidPaymentMethod
+
+TOKEN_PREFIX = "card_"
+_TOKEN_LETTERS = 30
+_ALPHABET = string.ascii_lowercase
+_NONCE_BYTES = 12
+_MAX_YEARS_AHEAD = 20
+
+# (brand, IIN ranges as (low, high) inclusive over the first len(low) digits, valid lengths).
+# Ordered: a Discover range lies inside UnionPay's 62, so Discover is checked first.
+_BRANDS: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[int]], ...] = (
+    ("amex", (("34", "34"), ("37", "37")), frozenset({15})),
+    ("visa", (("4", "4"),), frozenset({13, 16, 19})),
+    ("mastercard", (("51", "55"), ("2221", "2720")), frozenset({16})),
+    ("discover", (("6011", "6011"), ("644", "649"), ("65", "65"), ("622126", "622925")),
+     frozenset(range(16, 20))),
+    ("jcb", (("3528", "3589"),), frozenset(range(16, 20))),
+    ("diners", (("300", "305"), ("3095", "3095"), ("36", "36"), ("38", "39")), frozenset(range(14, 20))),
+    ("unionpay", (("62", "62"), ("81", "81")), frozenset(range(16, 20))),
+)
+
+
+@dataclass(frozen=True)
+class VaultedCard:
+    """What the rest of the system may know about a card."""
+
+    token: str
+    brand: str
+    last4: str
+
+
+@dataclass(frozen=True)
+class CardDetails:
+    """A detokenized card, for the processor adapter only. The number never shows in a repr."""
+
+    number: str = field(repr=False)
+    exp_month: int
+    exp_year: int
+    brand: str
+    last4: str
+
+
+class _Sealed(msgspec.Struct, frozen=True):
+    number: str
+    exp_month: int
+    exp_year: int
+
+
+_encode = msgspec.json.Encoder()
+_decode = msgspec.json.Decoder(_Sealed)
+
+
+def luhn_valid(digits: str) -> bool:
+    if not digits.isascii() or not digits.isdigit():
+        return False
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def card_brand(number: str) -> str:
+    """The brand by IIN range, or ``unknown``; a known brand with a wrong length is not a card."""
+    for brand, ranges, lengths in _BRANDS:
+        if any(low <= number[: len(low)] <= high for low, high in ranges):
+            if len(number) not in lengths:
+                raise InvalidPaymentMethod("card number is not valid", reason="invalid_number")
+            return brand
+    return "unknown"
+
+
+def normalize_number(raw: str) -> str:
+    """Digits only: spaces and dashes between groups are allowed, anything else is not."""
+    number = raw.replace(" ", "").replace("-", "") if isinstance(raw, str) else ""
+    if not (number.isascii() and number.isdigit() and 12 <= len(number) <= 19 and luhn_valid(number)):
+        raise InvalidPaymentMethod("card number is not valid", reason="invalid_number")
+    return number
+
+
+def check_expiry(exp_month: int, exp_year: int, now: datetime) -> tuple[int, int]:
+    """A card is valid through the last day of its expiry month (UTC)."""
+    if exp_year < 100:
+        exp_year += 2000
+    if not 1 <= exp_month <= 12 or exp_year > now.year + _MAX_YEARS_AHEAD:
+        raise InvalidPaymentMethod("expiry date is not valid", reason="invalid_expiry")
+    if (exp_year, exp_month) < (now.year, now.month):
+        raise InvalidPaymentMethod("card has expired", reason="expired")
+    return exp_month, exp_year
+
+
+class CardVault:
+    def __init__(self, database: str | ConnectionPool, key: bytes) -> None:
+        if len(key) not in (16, 24, 32):
+            raise ValueError("the vault key must be 16, 24 or 32 bytes")
+        self._key = key
+        # A sub-key for deriving tokens from idempotency keys, so tokens reveal nothing about
+        # the encryption key.
+        self._token_key = hmac.new(key, b"echotransact-vault-token", hashlib.sha256).digest()
+        self._owns_pool = isinstance(database, str)
+        self.pool = (
+            ConnectionPool(database, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True)
+            if isinstance(database, str) else database
+        )
+
+    def close(self) -> None:
+        if self._owns_pool:
+            self.pool.close()
+
+    def tokenize(
+        self, number: str, exp_month: int, exp_year: int, *, now: datetime,
+        idempotency_key: str | None = None,
+    ) -> VaultedCard:
+        """Validate (Luhn, brand and length, expiry), encrypt and store; return the token.
+
+        Raises InvalidPaymentMethod ("card number is not valid", "card has expired", "expiry date
+        is not valid"); with an idempotency key used before for another card, IdempotencyKeyReused.
+        """
+        digits = normalize_number(number)
+        brand = card_brand(digits)
+        exp_month, exp_year = check_expiry(exp_month, exp_year, now)
+        sealed = _Sealed(digits, exp_month, exp_year)
+        token = self._token_for(idempotency_key) if idempotency_key else self._random_token()
+        nonce, ciphertext = self._seal(token, sealed)
+        with self.pool.connection() as conn:
+            inserted = conn.execute(
+                "INSERT INTO card_vault (token, ciphertext, nonce, brand, last4, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (token) DO NOTHING RETURNING token",
+                (token, ciphertext, nonce, brand, digits[-4:], now),
+            ).fetchone()
+            if inserted is None:
+                row = conn.execute(
+                    "SELECT ciphertext, nonce FROM card_vault WHERE token = %s", (token,)
+                ).fetchone()
+                assert row is not None, "a vault row is never deleted between insert and read"
+                if not self._same_card(self._open(token, bytes(row[1]), bytes(row[0])), sealed):
+                    raise IdempotencyKeyReused("this form was already submitted with another card")
+        return VaultedCard(token, brand, digits[-4:])
+
+    def detokenize(self, token: str) -> CardDetails:
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT ciphertext, nonce, brand, last4 FROM card_vault WHERE token = %s", (token,)
+            ).fetchone()
+        if row is None:
+            raise NotFound("no card for this token")
+        sealed = self._open(token, bytes(row[1]), bytes(row[0]))
+        return CardDetails(sealed.number, sealed.exp_month, sealed.exp_year, row[2], row[3])
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _random_token(self) -> str:
+        return TOKEN_PREFIX + "".join(secrets.choice(_ALPHABET) for _ in range(_TOKEN_LETTERS))
+
+    def _token_for(self, idempotency_key: str) -> str:
+        value = int.from_bytes(hmac.new(self._token_key, idempotency_key.encode(), hashlib.sha256).digest())
+        letters = []
+        for _ in range(_TOKEN_LETTERS):
+            value, index = divmod(value, len(_ALPHABET))
+            letters.append(_ALPHABET[index])
+        return TOKEN_PREFIX + "".join(letters)
+
+    def _seal(self, token: str, sealed: _Sealed) -> tuple[bytes, bytes]:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        cipher: Any = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
+        # The token is authenticated data: a ciphertext copied to another row does not open.
+        cipher.update(token.encode())
+        ciphertext, tag = cipher.encrypt_and_digest(_encode.encode(sealed))
+        return nonce, ciphertext + tag
+
+    def _open(self, token: str, nonce: bytes, ciphertext: bytes) -> _Sealed:
+        cipher: Any = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
+        cipher.update(token.encode())
+        body, tag = ciphertext[:-16], ciphertext[-16:]
+        return _decode.decode(cipher.decrypt_and_verify(body, tag))
+
+    @staticmethod
+    def _same_card(stored: _Sealed, given: _Sealed) -> bool:
+        return hmac.compare_digest(stored.number, given.number) and (
+            (stored.exp_month, stored.exp_year) == (given.exp_month, given.exp_year)
+        )
