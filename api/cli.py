@@ -151,7 +151,8 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = False) -> None:
+def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = False,
+               running: Path | None = None) -> None:
     import uvicorn
 
     from adapters.servers import free_port
@@ -170,6 +171,9 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
     app = create_app(services)
     if demo:
         _print_demo_keys(services.ledger)
+    if running is not None:  # so `echotransact demo` finds the API
+        state = json.loads(running.read_text())
+        running.write_text(json.dumps({**state, "api_url": f"http://{settings.host}:{port}"}))
     print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
     # uvicorn restores the SIGTERM handler it found and re-raises the signal after its graceful
     # shutdown; ours turns it into Terminated so the callers' cleanup runs.
@@ -227,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ))
             supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings))
-            _serve_api(settings, urls, demo=True)
+            _serve_api(settings, urls, demo=True, running=running)
         finally:
             running.unlink(missing_ok=True)
             if supervisor is not None:
@@ -339,6 +343,36 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
                 print(json.dumps(row, default=str))
             return 0
         print(webhook_secret(settings.hash_key, args.merchant))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """One voice payment against the running `echotransact run`, printed step by step."""
+    import uuid
+
+    from api.bootstrap import build_ledger
+    from api.demo import DemoError, run_demo
+
+    data_dir = _data_dir()
+    running = data_dir / RUNNING_FILE
+    if not running.exists():
+        raise ConfigurationError("start the system first (make run), then run the demo beside it")
+    state = json.loads(running.read_text())
+    if "api_url" not in state:
+        raise ConfigurationError("the system is still starting; try again in a moment")
+    settings = _settings(data_dir)
+    ledger = build_ledger(settings, state["database_url"])
+    try:
+        merchant = ledger.register_merchant("demo-merchant", name="Demo Pizzeria")
+        _, key = ledger.issue_api_key(f"demo-cli:{uuid.uuid4().hex}", role="merchant",
+                                      merchant_id=uuid.UUID(merchant.result["merchant_id"]), label="demo")
+    finally:
+        ledger.close()
+    try:
+        run_demo(state["api_url"], state["database_url"], key, lambda line: print(line, flush=True))
+    except DemoError as error:
+        print(f"echotransact demo: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -472,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--verify", action="store_true",
                         help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
     sub.add_parser("dispatch", help="send the outbox's messages (SMS)")
+    sub.add_parser("demo", help="one complete voice payment against the running system")
     sms = sub.add_parser("sms", help="the development SMS mailbox")
     sms_sub = sms.add_subparsers(dest="sms_command", required=True)
     sms_list = sms_sub.add_parser("list", help="messages a developer's phone would have received")
@@ -511,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
-        "webhooks": cmd_webhooks,
+        "webhooks": cmd_webhooks, "demo": cmd_demo,
     }
     from api.logging import configure_logging
 

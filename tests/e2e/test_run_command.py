@@ -118,3 +118,26 @@ def test_run_rejects_a_bad_setting_with_a_readable_message(run_env: dict[str, st
     )
     assert done.returncode == 2
     assert "ECHOTRANSACT_IDENTITY_THRESHOLDS" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_drives_one_voice_payment_through_the_running_system(run_env: dict[str, str]) -> None:
+    proc, _url = _start(run_env)
+    try:
+        done = subprocess.run([sys.executable, "-m", "api.cli", "demo"], cwd=REPO, env=run_env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "session is completed" in out
+    steps = re.findall(r"v(\d+)\s+\S+\s+(payment\.\w+)", out)
+    assert steps == [("1", "payment.initiated"), ("2", "payment.processing_started"),
+                     ("3", "payment.authorized"), ("4", "payment.captured")]
+    assert "4242 4242 4242 4242" not in done.stderr
+
+
+def test_demo_without_a_running_system_says_so(run_env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "api.cli", "demo"], cwd=REPO, env=run_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "start the system first" in done.stderr
