@@ -157,7 +157,7 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
 
     from adapters.servers import free_port
     from api.bootstrap import build_api_services
-    from api.http.app import create_app
+    from api.http.app import asgi_app
 
     port = settings.port or free_port(settings.host)
     if not _port_free(settings.host, port):
@@ -168,7 +168,7 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
 
     settings = replace(settings, port=port)  # so SMS links name the port actually served
     services = build_api_services(settings, *urls)
-    app = create_app(services)
+    app = asgi_app(services)
     if demo:
         _print_demo_keys(services.ledger)
     if running is not None:  # so `echotransact demo` finds the API

@@ -34,6 +34,9 @@ def mask_phone(phone: str) -> str:
 def check_text(name: str, value: str, *, max_length: int = MAX_TEXT, required: bool = True) -> str:
     if not isinstance(value, str):
         raise InvalidField(f"{name} must be a string", field=name)
+    if "\x00" in value:
+        # PostgreSQL text cannot hold U+0000: refused here, before it can stop a read model.
+        raise InvalidField(f"{name} must not contain a NUL character", field=name)
     if required and not value.strip():
         raise InvalidField(f"{name} must not be empty", field=name)
     if len(value) > max_length:

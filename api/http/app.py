@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from litestar import Litestar, Request
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ASGIApp
 
 from api.http.auth import Principal, authenticate
 from api.http.controllers.merchants import MerchantController
@@ -25,7 +28,7 @@ MAX_BODY_BYTES = 64 * 1024
 JSON_TYPES = ("application/json",)
 
 
-async def require_json(request: Request[Any, Any, Any]) -> None:
+def _json_only(request: Request[Any, Any, Any]) -> None:
     """Commands take JSON only: anything else is 415, before the body is parsed. The payment
     page takes HTML forms and checks them itself."""
     if request.method in ("POST", "PATCH", "PUT") and not request.url.path.startswith(PAGE_PREFIX):
@@ -33,6 +36,12 @@ async def require_json(request: Request[Any, Any, Any]) -> None:
         length = request.headers.get("content-length")
         if (content_type or (length and length != "0")) and content_type not in JSON_TYPES:
             raise ApiProblem(415, "unsupported_media_type", "send JSON with 'Content-Type: application/json'")
+
+
+def asgi_app(services: ApiServices) -> ASGIApp:
+    """What a server runs: the app inside the request-id and logging middleware, outside
+    Litestar so requests that match no route get an id and a log line too."""
+    return RequestContextMiddleware(create_app(services))
 
 
 def create_app(services: ApiServices | None = None, *, health: Dependencies | None = None) -> Litestar:
@@ -43,20 +52,24 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
     if services is not None:
 
         async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
-            import anyio
-
-            return await anyio.to_thread.run_sync(authenticate, request, services)
+            principal: Principal = request.state.principal
+            return principal
 
         dependencies["services"] = Provide(lambda: services, use_cache=True, sync_to_thread=False)
         dependencies["principal"] = Provide(provide_principal)
         handlers += [PaymentSessionController, PaymentController, BalanceController,
                      AnalyticsController, AuditController, MerchantController, PaymentPageController]
+    async def before_request(request: Request[Any, Any, Any]) -> None:
+        # Who is calling comes first: a caller without a key learns nothing about the body.
+        if services is not None and request.url.path.startswith("/v1/"):
+            await anyio.to_thread.run_sync(authenticate, request, services)
+        _json_only(request)
+
     return Litestar(
         route_handlers=handlers,
         dependencies=dependencies,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[RequestContextMiddleware],
-        before_request=require_json,
+        before_request=before_request,
         request_max_body_size=MAX_BODY_BYTES,
         response_cache_config=ResponseCacheConfig(),
         openapi_config=OpenAPIConfig(

@@ -124,6 +124,14 @@ def http_error_handler(request: Request[Any, Any, Any], error: HTTPException) ->
     return problem(status, code, detail, request)
 
 
+def undecodable_body_handler(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """msgspec raises these for a body that is not UTF-8 or nests too deeply; Litestar passes
+    them through as they are. They are the client's mistake."""
+    detail = ("the body is not valid UTF-8" if isinstance(error, UnicodeDecodeError)
+              else "the JSON body is nested too deeply")
+    return problem(400, "bad_request", detail, request)
+
+
 def internal_error_handler(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     log.error("unhandled_error", error_type=type(error).__name__, path=request.url.path, exc_info=error)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error",
@@ -135,6 +143,8 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiProblem: api_problem_handler,
     ValidationException: validation_handler,
     HTTPException: http_error_handler,
+    UnicodeDecodeError: undecodable_body_handler,
+    RecursionError: undecodable_body_handler,
     Exception: internal_error_handler,
 }
 

@@ -18,7 +18,7 @@ from adapters.clock import ManualClock
 from adapters.sandbox_processor import SandboxProcessor
 from adapters.servers import ServerURLs, free_port
 from api.bootstrap import Settings, build_api_services, envelope_opener
-from api.http.app import create_app
+from api.http.app import asgi_app
 from api.http.services import ApiServices
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
@@ -40,7 +40,7 @@ class Api:
 
 def serve(services: ApiServices) -> Iterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(services), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(asgi_app(services), host="127.0.0.1", port=port,
                                            log_config=None, access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

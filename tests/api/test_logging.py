@@ -84,9 +84,6 @@ def test_every_request_is_one_json_line_with_the_id_the_caller_was_given(api: Ap
     assert lines[2]["role"] is None and lines[2]["key_id"] is None
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="RequestContextMiddleware is Litestar middleware, which runs only for matched "
-                          "routes: a 404 or 405 from the router has no X-Request-Id and no log line")
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nowhere"), ("GET", "/v1/payments/not-a-uuid"),
                                               ("DELETE", "/v1/payments")])
 def test_a_request_that_matches_no_route_is_logged_with_its_id_too(api: Api, json_logs: io.StringIO,

@@ -24,8 +24,6 @@ import psycopg
 import pytest
 import uvicorn
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from litestar import Litestar, Request
-from litestar.di import Provide
 
 from adapters.clock import ManualClock
 from adapters.relay import OutboxRelay
@@ -33,10 +31,8 @@ from adapters.sandbox_processor import SandboxProcessor
 from adapters.servers import ServerURLs, free_port
 from adapters.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
 from api.bootstrap import Settings, build_api_services, envelope_opener
-from api.http.app import MAX_BODY_BYTES, require_json
-from api.http.middleware import RequestContextMiddleware
-from api.http.pages import CONTENT_SECURITY_POLICY, PAGE_PREFIX, PaymentPageController, redact_path
-from api.http.problems import EXCEPTION_HANDLERS
+from api.http.app import asgi_app
+from api.http.pages import CONTENT_SECURITY_POLICY, redact_path
 from api.http.services import ApiServices
 from application.errors import IdempotencyKeyReused, NotFound
 from domain.errors import InvalidPaymentMethod
@@ -55,26 +51,7 @@ EXPIRY = "12/34"
 # -- the system under test --------------------------------------------------------------------
 
 
-async def require_json_except_pages(request: Request[Any, Any, Any]) -> None:
-    """The change app.py needs: the payment page takes HTML forms, the API JSON only."""
-    if not request.url.path.startswith(PAGE_PREFIX):
-        await require_json(request)
-
-
-def page_app(services: ApiServices) -> Litestar:
-    """The app as create_app will build it once the page is integrated (page routes only)."""
-    return Litestar(
-        route_handlers=[PaymentPageController],
-        dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
-        exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[RequestContextMiddleware],
-        before_request=require_json_except_pages,
-        request_max_body_size=MAX_BODY_BYTES,
-        debug=False,
-    )
-
-
-def serve(app: Litestar) -> Iterator[str]:
+def serve(app: Any) -> Iterator[str]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
                                            access_log=False, lifespan="off"))
@@ -134,21 +111,21 @@ def make_page_system(settings: Settings, database_url: str, servers: ServerURLs,
                      processor: SandboxProcessor) -> Iterator[PageSystem]:
     services = build_api_services(settings, database_url, servers.redis_url, servers.kafka_bootstrap_servers,
                                   clock=clock, processor=processor)
-    vault = CardVault(database_url, VAULT_KEY)
-    services.vault = vault  # type: ignore[attr-defined,unused-ignore]  # once integrated: built by bootstrap
+    vault = services.vault
+    assert vault is not None, "the settings carry a vault key"
     merchant_id = UUID(services.ledger.register_merchant("setup-pizza", name="Luigi's Pizza")
                        .result["merchant_id"])
     try:
-        for url in serve(page_app(services)):
+        for url in serve(asgi_app(services)):
             yield PageSystem(url, services, vault, processor, clock, merchant_id, database_url, settings)
     finally:
-        vault.close()
         services.close()
 
 
 def page_settings() -> Settings:
     """No event encryption (see the module docstring); Kafka topics of this test's own."""
-    return Settings(hash_key=b"h" * 32, encryption_key=None, topic_prefix=f"pay{uuid.uuid4().hex[:10]}")
+    return Settings(hash_key=b"h" * 32, encryption_key=None, vault_key=VAULT_KEY,
+                    topic_prefix=f"pay{uuid.uuid4().hex[:10]}")
 
 
 @pytest.fixture

@@ -111,6 +111,12 @@ class AuditController(Controller):
         require(principal, "compliance")
         from datetime import datetime, time, timedelta, timezone
 
+        if date_from and date_to:
+            _range(date_from, date_to)
+        if date_to is not None and date_to >= date.max:
+            raise ApiProblem(400, "validation_error", "to must be a day before 9999-12-31",
+                             errors=[{"field": "to", "message": "out of range"}])
+
         since = datetime.combine(date_from, time(), timezone.utc) if date_from else None
         until = datetime.combine(date_to + timedelta(days=1), time(), timezone.utc) if date_to else None
 
