@@ -181,3 +181,22 @@ class KeyIssued(Struct):
     merchant_id: str | None
     api_key: str  # shown once; only a keyed hash is kept
 
+
+
+class ProblemField(Struct):
+    field: str
+    message: str
+
+
+class Problem(Struct):
+    """RFC 9457 problem details, as every error is sent (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[ProblemField] | None = None
+    details: dict[str, Any] | None = None

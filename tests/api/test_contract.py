@@ -322,8 +322,6 @@ VALID_CALLS: dict[str, ValidCall] = {
     "createMerchantKey": ValidCall("admin", lambda api: ({"merchant_id": str(api.merchants["b"])},
                                                          {"label": "till 2"}, {})),
 }
-STRING_SCHEMA_BUG = ("commands return Response[bytes], so the document gives their 2xx body as "
-                     '{"type": "string"} while they send a JSON object')
 
 
 @pytest.fixture(scope="module")
@@ -331,11 +329,7 @@ def openapi(served: Api) -> OpenApiSchema:
     return schemathesis.openapi.from_url(f"{served.url}/schema/openapi.json")
 
 
-@pytest.mark.parametrize("operation_id", [
-    pytest.param(op, marks=pytest.mark.xfail(strict=True, raises=FailureGroup, reason=STRING_SCHEMA_BUG))
-    if op in COMMAND_IDS else op
-    for op in VALID_CALLS
-])
+@pytest.mark.parametrize("operation_id", list(VALID_CALLS))
 def test_a_valid_call_gets_a_success_response_that_matches_the_document(served: Api, openapi: OpenApiSchema,
                                                                         operation_id: str) -> None:
     call = VALID_CALLS[operation_id]
@@ -353,9 +347,6 @@ def test_every_operation_has_a_valid_call_above(document: dict[str, Any]) -> Non
     assert operation_ids == set(VALID_CALLS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="only 200/201 and a 400 are documented, and the 400 in Litestar's application/json "
-                          "ValidationException shape, not the application/problem+json the API sends")
 def test_the_errors_the_api_sends_are_documented_as_problems(document: dict[str, Any]) -> None:
     for path, item in document["paths"].items():
         if path.startswith("/health/"):
@@ -395,17 +386,9 @@ def _callers(path: str) -> tuple[str, ...]:
     return ("a", "admin", "compliance") if path.startswith("/v1/audit/") else ("a", "admin")
 
 
-def _is_known(finding: Finding, operation_id: str) -> bool:
-    """Bugs with their own strict xfail tests above; everything else fails the fuzz tests."""
-    string_schema_bug = (finding.check == "Response violates schema" and operation_id in COMMAND_IDS
-                         and 200 <= finding.status < 300)
-    return string_schema_bug
-
-
 @dataclass
 class Findings:
     new: dict[tuple[str, str], Finding] = dataclasses.field(default_factory=dict)
-    known: dict[tuple[str, str], Finding] = dataclasses.field(default_factory=dict)
 
 
 def _fuzz(served: Api, operation: APIOperation, operation_id: str, mode: str, strategy: Any,
@@ -437,7 +420,7 @@ def _fuzz(served: Api, operation: APIOperation, operation_id: str, mode: str, st
                         operation.label, failure.title, mode, caller,
                         f"{case.method} {case.formatted_path} query={case.query} body={case.body!r:.300}",
                         response.status_code, response.text, failure.message)
-                    target = findings.known if _is_known(finding, operation_id) else findings.new
+                    target = findings.new
                     target.setdefault((finding.operation, finding.check), finding)
 
     run()

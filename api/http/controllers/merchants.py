@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, get, patch, post
 from api.http import schemas
 from api.http.auth import Principal, require
 from api.http.commands import run_command
+from api.http.openapi import command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from application.errors import NotFound
@@ -30,7 +31,8 @@ class MerchantController(Controller):
     path = "/v1/merchants"
     tags = ["admin"]
 
-    @post("/", operation_id="createMerchant", status_code=201, summary="Onboard a merchant")
+    @post("/", operation_id="createMerchant", status_code=201, summary="Onboard a merchant",
+          responses=command(201, schemas.Merchant, "the new merchant"))
     async def create(self, request: Request[Any, Any, Any], data: schemas.MerchantCreate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
         require(principal, "admin")
@@ -46,7 +48,8 @@ class MerchantController(Controller):
 
         return await run_command(request, services, principal, data, run)
 
-    @get("/{merchant_id:uuid}", operation_id="getMerchant", summary="A merchant's settings")
+    @get("/{merchant_id:uuid}", operation_id="getMerchant", summary="A merchant's settings",
+         responses=problems())
     async def read(self, merchant_id: UUID, services: ApiServices, principal: Principal) -> schemas.Merchant:
         require(principal, "admin")
         try:
@@ -56,7 +59,8 @@ class MerchantController(Controller):
         return merchant_out(merchant)
 
     @patch("/{merchant_id:uuid}", operation_id="updateMerchant",
-           summary="Change webhook URL, commerce URI, fee schedule or limits")
+           summary="Change webhook URL, commerce URI, fee schedule or limits",
+           responses=command(200, schemas.Merchant, "the merchant as changed"))
     async def update(self, request: Request[Any, Any, Any], merchant_id: UUID, data: schemas.MerchantUpdate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
         require(principal, "admin")
@@ -76,7 +80,8 @@ class MerchantController(Controller):
         return await run_command(request, services, principal, data, run)
 
     @post("/{merchant_id:uuid}/keys", operation_id="createMerchantKey", status_code=201,
-          summary="Issue an API key for this merchant (shown once)")
+          summary="Issue an API key for this merchant (shown once)",
+          responses=command(201, schemas.KeyIssued, "the key, shown only in this response"))
     async def create_key(self, request: Request[Any, Any, Any], merchant_id: UUID, data: schemas.KeyCreate,
                          services: ApiServices, principal: Principal) -> Response[bytes]:
         require(principal, "admin")

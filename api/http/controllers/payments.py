@@ -13,6 +13,7 @@ from litestar.params import Parameter
 from api.http import schemas
 from api.http.auth import Principal, merchant_scope, require
 from api.http.commands import run_command
+from api.http.openapi import PROCESSOR_PROBLEMS, command, problems
 from api.http.controllers._common import payment_from_aggregate, payment_from_row
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
@@ -30,7 +31,8 @@ class PaymentController(Controller):
     path = "/v1/payments"
     tags = ["merchants"]
 
-    @get("/", operation_id="listPayments", summary="Payments, newest first, with cursor pagination")
+    @get("/", operation_id="listPayments", summary="Payments, newest first, with cursor pagination",
+         responses=problems())
     async def list_payments(
         self, services: ApiServices, principal: Principal,
         status: Annotated[str | None, Parameter(description=", ".join(PAYMENT_STATUSES))] = None,
@@ -57,7 +59,8 @@ class PaymentController(Controller):
         return schemas.PaymentList(data=data, has_more=has_more,
                                    next_starting_after=data[-1].id if has_more and data else None)
 
-    @get("/{payment_id:uuid}", operation_id="getPayment", summary="A payment with its event timeline")
+    @get("/{payment_id:uuid}", operation_id="getPayment", summary="A payment with its event timeline",
+         responses=problems())
     async def read(self, payment_id: UUID, services: ApiServices, principal: Principal) -> schemas.Payment:
         require(principal, "merchant", "admin")
         row = await anyio.to_thread.run_sync(lambda: services.views.payment(scope_of(principal), payment_id))
@@ -66,7 +69,8 @@ class PaymentController(Controller):
         return payment_from_row(row)
 
     @post("/{payment_id:uuid}/capture", operation_id="capturePayment", status_code=200,
-          summary="Capture all or part of an authorized payment")
+          summary="Capture all or part of an authorized payment",
+          responses={**command(200, schemas.Payment, "the captured payment"), **PROCESSOR_PROBLEMS})
     async def capture(self, request: Request[Any, Any, Any], payment_id: UUID, services: ApiServices,
                       principal: Principal, data: schemas.PaymentCapture | None = None) -> Response[bytes]:
         merchant_id = merchant_scope(principal)
@@ -80,7 +84,8 @@ class PaymentController(Controller):
         return await run_command(request, services, principal, body, run)
 
     @post("/{payment_id:uuid}/void", operation_id="voidPayment", status_code=200,
-          summary="Release an authorization that will not be captured")
+          summary="Release an authorization that will not be captured",
+          responses={**command(200, schemas.Payment, "the voided payment"), **PROCESSOR_PROBLEMS})
     async def void(self, request: Request[Any, Any, Any], payment_id: UUID, services: ApiServices,
                    principal: Principal, data: schemas.PaymentVoid | None = None) -> Response[bytes]:
         merchant_id = merchant_scope(principal)
@@ -94,7 +99,8 @@ class PaymentController(Controller):
         return await run_command(request, services, principal, body, run)
 
     @post("/{payment_id:uuid}/refunds", operation_id="refundPayment", status_code=201,
-          summary="Refund part or all of a captured payment")
+          summary="Refund part or all of a captured payment",
+          responses={**command(201, schemas.Payment, "the payment, with the new refund's id"), **PROCESSOR_PROBLEMS})
     async def refund(self, request: Request[Any, Any, Any], payment_id: UUID, data: schemas.RefundCreate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
         merchant_id = merchant_scope(principal)
@@ -112,7 +118,8 @@ class BalanceController(Controller):
     path = "/v1/balances"
     tags = ["merchants"]
 
-    @get("/", operation_id="listBalances", summary="Ledger balances per account and currency")
+    @get("/", operation_id="listBalances", summary="Ledger balances per account and currency",
+         responses=problems())
     async def balances(self, services: ApiServices, principal: Principal) -> schemas.BalanceList:
         require(principal, "merchant", "admin")
         rows = await anyio.to_thread.run_sync(lambda: services.views.balances(scope_of(principal)))

@@ -16,6 +16,7 @@ from litestar.response import Stream
 
 from api.http.auth import Principal, require
 from api.http.controllers.payments import scope_of
+from api.http.openapi import problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from projections.audit import export_rows, verify_chain
@@ -39,7 +40,8 @@ class AnalyticsController(Controller):
     path = "/v1/analytics"
     tags = ["analysts"]
 
-    @get("/funnel", operation_id="getFunnel", summary="Conversion funnel per day and voice platform")
+    @get("/funnel", operation_id="getFunnel", summary="Conversion funnel per day and voice platform",
+         responses=problems())
     async def funnel(
         self, services: ApiServices, principal: Principal,
         date_from: Annotated[date, Parameter(query="from")],
@@ -54,7 +56,8 @@ class AnalyticsController(Controller):
             merchant_id=_merchant_filter(principal, merchant_id), voice_platform=voice_platform))
         return {"data": rows}
 
-    @get("/volume", operation_id="getVolume", summary="Volumes, approval rate and average order value")
+    @get("/volume", operation_id="getVolume", summary="Volumes, approval rate and average order value",
+         responses=problems())
     async def volume(
         self, services: ApiServices, principal: Principal,
         date_from: Annotated[date, Parameter(query="from")],
@@ -75,7 +78,8 @@ class AuditController(Controller):
     path = "/v1/audit"
     tags = ["compliance"]
 
-    @get("/events", operation_id="listAuditEvents", summary="The audit trail, personal data masked")
+    @get("/events", operation_id="listAuditEvents", summary="The audit trail, personal data masked",
+         responses=problems())
     async def events(
         self, services: ApiServices, principal: Principal,
         aggregate_id: UUID | None = None, merchant_id: UUID | None = None,
@@ -88,7 +92,8 @@ class AuditController(Controller):
             from_position=from_position, limit=limit))
         return {"data": rows, "next_from_position": rows[-1]["position"] if rows else from_position}
 
-    @get("/verify", operation_id="verifyAudit", summary="Check the hash chain; names the first broken row")
+    @get("/verify", operation_id="verifyAudit", summary="Check the hash chain; names the first broken row",
+         responses=problems())
     async def verify(self, services: ApiServices, principal: Principal) -> dict[str, Any]:
         require(principal, "compliance")
 
@@ -101,7 +106,7 @@ class AuditController(Controller):
         return await anyio.to_thread.run_sync(check)
 
     @get("/export", operation_id="exportAudit", summary="The audit trail as JSON Lines (streamed)",
-         media_type="application/x-ndjson")
+         media_type="application/x-ndjson", responses=problems())
     async def export(
         self, services: ApiServices, principal: Principal,
         aggregate_id: UUID | None = None, merchant_id: UUID | None = None,

@@ -12,6 +12,7 @@ from litestar.params import Parameter
 from api.http import schemas
 from api.http.auth import Principal, merchant_scope, require
 from api.http.commands import run_command
+from api.http.openapi import command, problems
 from api.http.controllers._common import session_from_aggregate, session_from_row
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
@@ -24,7 +25,8 @@ class PaymentSessionController(Controller):
     tags = ["voice integrators"]
 
     @post("/", operation_id="createPaymentSession", status_code=201,
-          summary="Open a payment session for an order taken in conversation")
+          summary="Open a payment session for an order taken in conversation",
+          responses=command(201, schemas.PaymentSession, "the session, with the link texted to the customer"))
     async def create(self, request: Request[Any, Any, Any], data: schemas.PaymentSessionCreate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
         merchant_id = merchant_scope(principal)
@@ -48,7 +50,8 @@ class PaymentSessionController(Controller):
 
         return await run_command(request, services, principal, data, run)
 
-    @get("/{session_id:uuid}", operation_id="getPaymentSession", summary="A payment session's status")
+    @get("/{session_id:uuid}", operation_id="getPaymentSession", summary="A payment session's status",
+         responses=problems())
     async def read(
         self, session_id: UUID, services: ApiServices, principal: Principal,
         wait_for_position: Annotated[int | None, Parameter(
@@ -72,7 +75,8 @@ class PaymentSessionController(Controller):
         return session_from_aggregate(session, None, caught_up=False)
 
     @post("/{session_id:uuid}/cancel", operation_id="cancelPaymentSession", status_code=200,
-          summary="Cancel a session that has not been paid")
+          summary="Cancel a session that has not been paid",
+          responses=command(200, schemas.PaymentSession, "the cancelled session"))
     async def cancel(self, request: Request[Any, Any, Any], session_id: UUID,
                      services: ApiServices, principal: Principal,
                      data: schemas.PaymentSessionCancel | None = None) -> Response[bytes]:
