@@ -36,9 +36,6 @@ from api.http.app import MAX_BODY_BYTES
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 
 PROBLEM_JSON = "application/problem+json"
-COMMAND_IDS = {"createPaymentSession", "cancelPaymentSession", "capturePayment", "voidPayment",
-               "refundPayment", "createMerchant", "updateMerchant", "createMerchantKey"}
-
 
 @pytest.fixture(scope="module")
 def module_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
