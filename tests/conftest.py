@@ -47,9 +47,8 @@ def template_database(servers: ServerURLs) -> str:
     return url
 
 
-@pytest.fixture
-def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
-    """A database of its own for each test, copied from the migrated template (fast)."""
+def _fresh_database(servers: ServerURLs) -> Iterator[str]:
+    """A database of its own, copied from the migrated template (fast), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(servers.database_url, autocommit=True) as conn:
         conn.execute(
@@ -60,6 +59,17 @@ def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
     yield _with_db(servers.database_url, name)
     with psycopg.connect(servers.database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
+    yield from _fresh_database(servers)
+
+
+@pytest.fixture(scope="module")
+def module_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
+    """One database for a whole module whose tests share one served API."""
+    yield from _fresh_database(servers)
 
 
 @pytest.fixture

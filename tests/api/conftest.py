@@ -38,9 +38,10 @@ class Api:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def serve(services: ApiServices) -> Iterator[str]:
+def serve(app: Any) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a free loopback port, for as long as the generator runs."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(asgi_app(services), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_config=None, access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -74,7 +75,7 @@ def make_api(settings: Settings, database_url: str, servers: ServerURLs, clock: 
         return store.catch_up(grace=timedelta(0))
 
     try:
-        for url in serve(services):
+        for url in serve(asgi_app(services)):
             yield Api(url, database_url, services, keys, merchants, project)
     finally:
         store.close()

@@ -13,10 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from adapters.clock import ManualClock
 from adapters.sandbox_processor import SandboxProcessor
@@ -32,18 +29,6 @@ ROLES = ("a", "analyst", "compliance", "admin")  # "a" is merchant A's key
 
 
 # -- one API for the module: every case below is a request or two, not a new server -------------
-
-
-@pytest.fixture(scope="module")
-def module_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
-    template = conninfo_to_dict(template_database)["dbname"]
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(servers.database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
-                                                                       sql.Identifier(str(template))))
-    yield make_conninfo(servers.database_url, dbname=name)
-    with psycopg.connect(servers.database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="module")

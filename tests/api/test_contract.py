@@ -17,8 +17,6 @@ import psycopg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from schemathesis.checks import not_a_server_error
 from schemathesis.core import NOT_SET
 from schemathesis.core.failures import Failure, FailureGroup
@@ -36,18 +34,6 @@ from api.http.app import MAX_BODY_BYTES
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 
 PROBLEM_JSON = "application/problem+json"
-
-@pytest.fixture(scope="module")
-def module_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
-    template = conninfo_to_dict(template_database)["dbname"]
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(servers.database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
-                                                                       sql.Identifier(str(template))))
-    yield make_conninfo(servers.database_url, dbname=name)
-    with psycopg.connect(servers.database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
 
 @pytest.fixture(scope="module")
 def served(module_database: str, servers: ServerURLs) -> Iterator[Api]:

@@ -22,16 +22,16 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from adapters.clock import ManualClock
 from adapters.relay import OutboxRelay
 from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs, free_port
+from adapters.servers import ServerURLs
 from adapters.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
 from api.bootstrap import Settings, build_api_services, envelope_opener
 from api.http.app import asgi_app
+from tests.api.conftest import serve
 from api.http.pages import CONTENT_SECURITY_POLICY, redact_path
 from api.http.services import ApiServices
 from application.errors import IdempotencyKeyReused, NotFound
@@ -49,23 +49,6 @@ EXPIRY = "12/34"
 
 
 # -- the system under test --------------------------------------------------------------------
-
-
-def serve(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @dataclass
