@@ -295,7 +295,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    """Send the outbox's messages (SMS) until SIGTERM."""
+    """Send the outbox's messages (SMS), and settle authorizations whose outcome was unknown,
+    until SIGTERM."""
+    from adapters.resolver import run_resolver
     from api.bootstrap import build_ledger, build_message_dispatcher
 
     data_dir = _data_dir()
@@ -305,9 +307,12 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with _servers(data_dir) as (database_url, _redis, _kafka):
         ledger = build_ledger(settings, database_url)
+        resolver = threading.Thread(target=run_resolver, args=(ledger, database_url, stop), daemon=True)
+        resolver.start()
         try:
             build_message_dispatcher(settings, database_url, ledger).run(stop)
         finally:
+            resolver.join(5)
             ledger.close()
     return 0
 
@@ -505,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--projection", default="all", help="all, or status, analytics, audit, balances")
     replay.add_argument("--verify", action="store_true",
                         help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
-    sub.add_parser("dispatch", help="send the outbox's messages (SMS)")
+    sub.add_parser("dispatch", help="send the outbox's messages (SMS); settle unknown authorizations")
     sub.add_parser("demo", help="one complete voice payment against the running system")
     sms = sub.add_parser("sms", help="the development SMS mailbox")
     sms_sub = sms.add_subparsers(dest="sms_command", required=True)
