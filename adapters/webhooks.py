@@ -48,6 +48,7 @@ from adapters.commerce import (
     encode_order,
     post,
 )
+from adapters.pg import ReconnectingConnection
 from application.envelope import EventEnvelope
 from application.ports import Clock
 from projections.masking import SECRET_FIELDS, mask_event_data
@@ -186,17 +187,13 @@ class WebhookPlanner:
         self.open_envelope = open_envelope
         self.clock = clock or SystemClock()
         self.batch_size = batch_size
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn = ReconnectingConnection(database_url)
 
     def connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
-        return self._conn
+        return self._conn.get()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn.close()
 
     def checkpoint(self) -> int:
         row = self.connection().execute(
@@ -427,17 +424,13 @@ class WebhookDispatcher:
         self.retry_horizon = retry_horizon
         self.jitter = jitter
         self.rng = rng or random.Random()
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn = ReconnectingConnection(database_url)
 
     def connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
-        return self._conn
+        return self._conn.get()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn.close()
         self.http.close()
 
     # -- the pure parts -----------------------------------------------------------------------

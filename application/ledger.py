@@ -50,7 +50,7 @@ from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
 from domain.money import CURRENCY_EXPONENTS, Money, check_currency
 from domain.payment import Payment, PaymentStatus
-from domain.payment_session import CodeCheck, PaymentSession
+from domain.payment_session import PaymentSession
 
 AGGREGATE_TYPES: Mapping[type[Aggregate], str] = MappingProxyType(
     {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key"}
@@ -497,19 +497,12 @@ class Ledger(Application):
 
     def verify_code(self, command_id: str, session_id: UUID, code: str) -> CommandResult:
         """A wrong code is saved (it counts toward the lock) and reported in the result."""
-        outcome: dict[str, CodeCheck] = {}
-
-        def act(session: PaymentSession) -> None:
-            outcome["check"] = session.verify_code(
-                self.keyed_hash("code", session_id, code), self.clock.now()
-            )
-
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             session = self.get_session(session_id)
-            act(session)
+            check = session.verify_code(self.keyed_hash("code", session_id, code), self.clock.now())
             return [session], {
                 **_session_result(session),
-                "code_check": outcome["check"].value,
+                "code_check": check.value,
                 "attempts_left": session.code_attempts_left,
             }
 

@@ -25,6 +25,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from adapters.pg import ReconnectingConnection
 from application.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
@@ -64,23 +65,19 @@ class ProjectionStore:
         self.projections = list(projections)
         self.open_envelope = open_envelope
         self.schema = schema
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn = ReconnectingConnection(database_url, self._use_schema if schema else None)
 
     # -- connection ---------------------------------------------------------------------------
 
+    def _use_schema(self, conn: psycopg.Connection[Any]) -> None:
+        assert self.schema is not None
+        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema)))
+
     def connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
-            if self.schema:
-                self._conn.execute(
-                    sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema))
-                )
-        return self._conn
+        return self._conn.get()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn.close()
 
     # -- the outbox as the event feed ------------------------------------------------------------
 
