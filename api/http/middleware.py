@@ -33,17 +33,13 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status: dict[str, int] = {}
+        logged = False
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
+        def log_request() -> None:
+            nonlocal logged
+            if logged:
+                return
+            logged = True
             principal: Any = scope.get("state", {}).get("principal")
             log.info(
                 "request",
@@ -54,4 +50,20 @@ class RequestContextMiddleware:
                 key_id=str(principal.key_id) if principal else None,
                 role=principal.role if principal else None,
             )
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Logged before the last byte leaves: a caller who has the response can already
+                # find its line (a line written after the send races the caller's next step).
+                log_request()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log_request()
             structlog.contextvars.clear_contextvars()
