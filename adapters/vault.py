@@ -55,6 +55,10 @@ class VaultedCard:
     token: str
     brand: str
     last4: str
+    # A keyed hash of the number, the same for the same card every time it is entered (tokens
+    # are new each time): what card velocity counts on. It reveals nothing about the number
+    # without the vault key.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class CardVault:
         # A sub-key for deriving tokens from idempotency keys, so tokens reveal nothing about
         # the encryption key.
         self._token_key = hmac.new(key, b"echotransact-vault-token", hashlib.sha256).digest()
+        self._fingerprint_key = hmac.new(key, b"echotransact-vault-fingerprint", hashlib.sha256).digest()
         self._owns_pool = isinstance(database, str)
         self.pool = (
             ConnectionPool(database, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True)
@@ -165,7 +170,8 @@ class CardVault:
                 assert row is not None, "a vault row is never deleted between insert and read"
                 if not self._same_card(self._open(token, bytes(row[1]), bytes(row[0])), sealed):
                     raise IdempotencyKeyReused("this form was already submitted with another card")
-        return VaultedCard(token, brand, digits[-4:])
+        fingerprint = "fp_" + hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).hexdigest()[:40]
+        return VaultedCard(token, brand, digits[-4:], fingerprint)
 
     def detokenize(self, token: str) -> CardDetails:
         with self.pool.connection() as conn:

@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +21,14 @@ from psycopg.conninfo import conninfo_to_dict
 from adapters.clock import SystemClock
 from adapters.dev_identity import DevIdentityVerifier
 from adapters.sandbox_processor import SandboxProcessor
+from adapters.velocity import PostgresVelocityCounter
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
 from application.ports import Clock, PaymentProcessor, ProcessorRouter
 from domain.money import check_amount, check_currency
 from domain.errors import DomainError
+from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
+from domain.risk import RiskPolicy
 
 
 if TYPE_CHECKING:
@@ -64,6 +67,9 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_TOPIC_PREFIX": "prefix of the Kafka topics and consumer group (echotransact)",
     "ECHOTRANSACT_CATCH_UP_EVERY_S": "how often a projection worker catches up from the outbox (5)",
     "ECHOTRANSACT_CATCH_UP_GRACE_S": "how old an event must be before catch-up applies it (5)",
+    "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
+                               "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
+                               "decline_score=80)",
 }
 
 
@@ -91,6 +97,24 @@ def parse_thresholds(text: str) -> dict[str, int]:
         except DomainError as error:
             raise ConfigurationError(f"ECHOTRANSACT_IDENTITY_THRESHOLDS: {error}") from None
     return thresholds
+
+
+def parse_risk_rules(text: str) -> RiskPolicy:
+    """``max_attempts_per_card=3,velocity_window_minutes=10,...``: RiskPolicy fields, whole numbers."""
+    names = {f.name for f in fields(RiskPolicy)}
+    changes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or name not in names or not value.isdigit():
+            raise ConfigurationError(
+                f"ECHOTRANSACT_RISK_RULES: {part!r} is not NAME=WHOLE_NUMBER with NAME one of "
+                + ", ".join(sorted(names))
+            )
+        changes[name] = int(value)
+    policy = replace(DEFAULT_RISK_POLICY, **changes)
+    if not 0 < policy.review_score <= policy.decline_score:
+        raise ConfigurationError("ECHOTRANSACT_RISK_RULES: need 0 < review_score <= decline_score")
+    return policy
 
 
 def parse_processors(text: str) -> dict[str, str]:
@@ -130,6 +154,7 @@ class Settings:
     webhook_backoff_cap_s: float = 3_600
     webhook_concurrency: int = 4
     sms: dict[str, str] = field(default_factory=dict)
+    risk_policy: RiskPolicy = DEFAULT_RISK_POLICY
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -190,6 +215,7 @@ class Settings:
             webhook_concurrency=max(1, int(numbers["ECHOTRANSACT_WEBHOOK_CONCURRENCY"])),
             sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
                  if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
+            risk_policy=parse_risk_rules(env.get("ECHOTRANSACT_RISK_RULES", "")),
         )
 
 
@@ -257,15 +283,20 @@ def build_ledger(
         identity_thresholds_minor=settings.identity_thresholds_minor,
         topic_prefix=settings.topic_prefix,
         public_url=(settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
+        risk=settings.risk_policy,
     )
     extra.setdefault("identity_verifier", DevIdentityVerifier())
-    return Ledger(
+    ledger = Ledger(
         eventsourcing_env(database_url, settings.encryption_key),
         policy=policy,
         clock=clock or SystemClock(),
         processor=processor or build_processors(settings),
         **extra,
     )
+    if ledger.velocity is None:
+        # Velocity counts live next to the events, through the event store's own pool.
+        ledger.velocity = PostgresVelocityCounter(ledger.recorder.datastore)  # type: ignore[attr-defined]
+    return ledger
 
 
 def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:

@@ -44,6 +44,7 @@ from application.ports import (
     PaymentProcessor,
     ProcessorRouter,
     SingleProcessor,
+    VelocityCounter,
 )
 from domain.api_key import ApiKey
 from domain.ledger import FeeSchedule
@@ -51,6 +52,9 @@ from domain.merchant import Merchant
 from domain.money import CURRENCY_EXPONENTS, Money, check_currency
 from domain.payment import Payment, PaymentStatus
 from domain.payment_session import PaymentSession
+from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
+from domain.risk import RiskPolicy
+from domain.risk import assess as assess_risk
 
 AGGREGATE_TYPES: Mapping[type[Aggregate], str] = MappingProxyType(
     {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key"}
@@ -90,6 +94,7 @@ class LedgerPolicy:
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     # Where customers reach the payment page; the SMS links to <public_url>/pay/<token>.
     public_url: str = "http://127.0.0.1:8000"
+    risk: RiskPolicy = DEFAULT_RISK_POLICY
 
     def identity_threshold_minor(self, currency: str) -> int:
         check_currency(currency)
@@ -138,8 +143,11 @@ class Ledger(Application):
         clock: Clock,
         processor: PaymentProcessor | ProcessorRouter,
         identity_verifier: IdentityVerifier | None = None,
+        velocity: VelocityCounter | None = None,
     ) -> None:
         super().__init__(env)
+        # The composition root supplies it (api/bootstrap.py: in the event store's database).
+        self.velocity = velocity
         self.policy = policy
         self.clock = clock
         self.processors: ProcessorRouter = (
@@ -526,7 +534,8 @@ class Ledger(Application):
         return self._session_command(command_id, "verify_identity", session_id, request, act)
 
     def attach_payment_method(
-        self, command_id: str, session_id: UUID, *, card_token: str, card_brand: str, card_last4: str
+        self, command_id: str, session_id: UUID, *, card_token: str, card_brand: str, card_last4: str,
+        card_fingerprint: str | None = None,
     ) -> CommandResult:
         """Attach the tokenized card and create the Payment, atomically."""
         payment_id = self._derived_id(command_id, "payment")
@@ -548,11 +557,12 @@ class Ledger(Application):
                 card_brand=card_brand,
                 card_last4=card_last4,
                 fee_schedule=merchant.fee_schedule,
+                card_fingerprint=card_fingerprint,
             )
             return [session, payment], {**_session_result(session), "payment_id": str(payment_id)}
 
         request = {"session_id": str(session_id), "card_token": card_token, "card_brand": card_brand,
-                   "card_last4": card_last4}
+                   "card_last4": card_last4, "card_fingerprint": card_fingerprint}
         return self._execute(command_id, "attach_payment_method", request, session_id, decide)
 
     def cancel_session(
@@ -616,11 +626,43 @@ class Ledger(Application):
         return self._record_authorization(payment_id, outcome)
 
     def _start_processing(self, payment_id: UUID) -> tuple[Sequence[Aggregate], dict[str, Any]]:
+        """The risk rules, then (unless they decline) the processor is chosen and recorded."""
         payment = self.get_payment(payment_id)
+        session = self.get_session(payment.session_id) if payment.session_id else None
+        changed: list[Aggregate] = [payment]
+        if payment.risk_decision is None:
+            self._assess_risk(payment, session)
+            if payment.status == PaymentStatus.FAILED:
+                if session is not None:
+                    session.record_decline(payment_id, "risk_declined")
+                    changed.append(session)
+                return changed, _payment_result(payment)
         # Failover happens here, before anything is sent: the chosen processor is recorded, and
         # every later call about this payment goes to it.
         payment.start_processing(self.processors.select().name)
-        return [payment], _payment_result(payment)
+        return changed, _payment_result(payment)
+
+    def _assess_risk(self, payment: Payment, session: PaymentSession | None) -> None:
+        if self.velocity is None:
+            raise ProcessorUnavailable("no velocity counter is configured; risk rules cannot run")
+        policy = self.policy.risk
+        keys = {"card": self.keyed_hash("velocity", "card", payment.card_fingerprint or payment.card_token)}
+        if session is not None:
+            keys["phone"] = self.keyed_hash("velocity", "phone", session.customer_phone)
+        counts = self.velocity.record_and_count(
+            str(payment.id), self.clock.now(), policy.velocity_window_minutes * 60, keys
+        )
+        recent_by_phone, recent_by_card = counts.get("phone", 1), counts["card"]
+        prior_declines = session.declines if session is not None else 0
+        merchant = self.get_merchant(payment.merchant_id)
+        verdict = assess_risk(
+            payment.amount_minor, payment.currency, merchant.max_amount_minor.get(payment.currency),
+            recent_by_phone, recent_by_card, prior_declines=prior_declines,
+            large_amount_minor=self.policy.identity_thresholds_minor.get(payment.currency),
+            policy=policy,
+        )
+        payment.assess_risk(verdict, recent_by_phone=recent_by_phone, recent_by_card=recent_by_card,
+                            prior_declines=prior_declines)
 
     def _record_authorization(self, payment_id: UUID, outcome: Any) -> CommandResult:
         if outcome.decision == Decision.UNKNOWN:

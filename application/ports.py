@@ -161,3 +161,16 @@ class SmsSender(Protocol):
     twice delivers one message."""
 
     def send(self, *, message_id: str, to: str, body: str) -> SmsResult: ...
+
+
+class VelocityCounter(Protocol):
+    """How many payment attempts each key (a keyed hash of a phone or a card) made in a window.
+
+    ``record_and_count`` records ``attempt_id`` at ``at`` under every key (idempotent: recording
+    the same attempt again keeps its first time) and returns, per key, the attempts in the
+    window ending at that attempt's recorded time, itself included. Attempts recorded later do
+    not count, so asking again for the same attempt gives the same answer."""
+
+    def record_and_count(
+        self, attempt_id: str, at: datetime, window_seconds: int, keys: dict[str, str]
+    ) -> dict[str, int]: ...

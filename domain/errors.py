@@ -122,3 +122,9 @@ class MerchantLimitExceeded(DomainError):
 
 class MerchantInactive(DomainError):
     code = "merchant_inactive"
+
+
+class RiskNotAssessed(DomainError):
+    """A payment goes to a processor only after the risk rules have passed it."""
+
+    code = "risk_not_assessed"

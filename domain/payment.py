@@ -1,6 +1,7 @@
 """The Payment aggregate: one card transaction and every money movement on it.
 
-    initiated -> processing -> authorized -> captured -> settled
+    initiated -> [risk assessed] -> processing -> authorized -> captured -> settled
+    initiated -> [risk assessed: decline] -> failed (risk_declined)
     authorized -> voided | authorization_expired;  initiated/processing -> failed
     captured/settled -> refunded (when refunds reach the captured amount)
 
@@ -24,6 +25,7 @@ from domain.errors import (
     InvalidField,
     InvalidTransition,
     RefundExceedsCaptured,
+    RiskNotAssessed,
 )
 from domain.ledger import (
     FeeSchedule,
@@ -33,6 +35,7 @@ from domain.ledger import (
     settlement_postings,
 )
 from domain.money import check_amount, check_currency
+from domain.risk import RiskDecision
 from domain.values import check_text
 
 
@@ -67,6 +70,25 @@ class Payment(Aggregate):
         card_last4: str
         fee_percent_bps: int
         fee_fixed_minor: int
+        # A keyed hash of the card number from the vault (stable across tokenizations), for
+        # card velocity; None when the card came without one.
+        card_fingerprint: str | None
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["card_fingerprint"] = None
+
+    class RiskAssessed(Aggregate.Event):
+        """The risk rules' verdict before authorization, with the counts they were given, so
+        the decision can be explained (and re-derived) from the event alone."""
+
+        score: int
+        decision: str
+        reasons: list[str]
+        recent_by_phone: int
+        recent_by_card: int
+        prior_declines: int
 
     class ProcessingStarted(Aggregate.Event):
         processor: str
@@ -119,6 +141,7 @@ class Payment(Aggregate):
         card_brand: str,
         card_last4: str,
         fee_schedule: FeeSchedule,
+        card_fingerprint: str | None = None,
     ) -> Payment:
         check_currency(currency)
         check_amount(amount_minor, currency)
@@ -134,6 +157,8 @@ class Payment(Aggregate):
             card_last4=card_last4,
             fee_percent_bps=fee_schedule.percent_bps,
             fee_fixed_minor=fee_schedule.fixed_minor,
+            card_fingerprint=(None if card_fingerprint is None
+                              else check_text("card_fingerprint", card_fingerprint, max_length=100)),
         )
 
     @event(Initiated)
@@ -149,8 +174,10 @@ class Payment(Aggregate):
         card_last4: str,
         fee_percent_bps: int,
         fee_fixed_minor: int,
+        card_fingerprint: str | None,
     ) -> None:
         self.merchant_id = merchant_id
+        self.card_fingerprint = card_fingerprint
         self.session_id = session_id
         self.amount_minor = amount_minor
         self.currency = currency
@@ -170,6 +197,8 @@ class Payment(Aggregate):
         self.settled_minor = 0
         self.refund_ids: list[str] = []
         self.failure_code: str | None = None
+        self.risk_score: int | None = None
+        self.risk_decision: str | None = None
 
     def _require(self, command: str, *allowed: str) -> None:
         if self.status not in allowed:
@@ -185,8 +214,33 @@ class Payment(Aggregate):
 
     # -- authorization ----------------------------------------------------------------------
 
+    def assess_risk(
+        self, verdict: RiskDecision, *, recent_by_phone: int, recent_by_card: int, prior_declines: int
+    ) -> None:
+        """Record the risk rules' verdict; a decline fails the payment before any processor
+        hears of it."""
+        self._require("assess the risk of", P.INITIATED)
+        if self.risk_decision is not None:
+            raise InvalidTransition("payment", "assess the risk of", "risk_assessed")
+        self._risk_assessed(
+            score=verdict.score, decision=verdict.decision, reasons=list(verdict.reasons),
+            recent_by_phone=recent_by_phone, recent_by_card=recent_by_card, prior_declines=prior_declines,
+        )
+        if not verdict.allowed:
+            self.fail("risk_declined", "declined by risk rules: " + ", ".join(verdict.reasons))
+
+    @event(RiskAssessed)
+    def _risk_assessed(
+        self, score: int, decision: str, reasons: list[str], recent_by_phone: int, recent_by_card: int,
+        prior_declines: int,
+    ) -> None:
+        self.risk_score = score
+        self.risk_decision = decision
+
     def start_processing(self, processor: str) -> None:
         self._require("send for authorization", P.INITIATED)
+        if self.risk_decision is None:
+            raise RiskNotAssessed("a payment is sent for authorization only after the risk rules")
         self._processing_started(processor=check_text("processor", processor, max_length=50))
 
     @event(ProcessingStarted)

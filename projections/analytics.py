@@ -22,6 +22,8 @@ FUNNEL_STEP = {
     "payment_session.locked": "locked",
 }
 
+RISK_COUNT = {"approve": "risk_approved_count", "review": "risk_review_count", "decline": "risk_declined_count"}
+
 
 class AnalyticsProjection:
     name = "analytics"
@@ -56,8 +58,13 @@ class AnalyticsProjection:
                 "INSERT INTO analytics_payments (payment_id, merchant_id, currency) VALUES (%s, %s, %s)",
                 (e.aggregate_id, d["merchant_id"], d["currency"]),
             )
-        elif e.event_type in ("payment.authorized", "payment.failed", "payment.captured", "payment.refunded"):
+        elif e.event_type in ("payment.authorized", "payment.failed", "payment.captured", "payment.refunded",
+                              "payment.risk_assessed"):
             counts = {
+                "payment.risk_assessed": {
+                    RISK_COUNT.get(d.get("decision", ""), "risk_declined_count"): 1,
+                    "risk_score_total": d.get("score", 0),
+                },
                 "payment.authorized": {"authorized_count": 1},
                 "payment.failed": {"declined_count": 1},
                 "payment.captured": {

@@ -113,6 +113,10 @@ class StatusProjection:
             }
         if event_type == "payment.failed":
             return ["status = 'failed'", "failure_code = %(code)s"], {"code": d["reason_code"]}
+        if event_type == "payment.risk_assessed":
+            return ["risk_score = %(score)s", "risk_decision = %(decision)s"], {
+                "score": d["score"], "decision": d["decision"]
+            }
         if event_type == "payment.captured":
             return ["status = 'captured'", "captured_minor = %(amount)s", "fee_minor = %(fee)s"], {
                 "amount": d["amount_minor"], "fee": d["fee_minor"]

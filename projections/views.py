@@ -142,7 +142,7 @@ class ReadViews:
             cur.execute(
                 "SELECT payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand,"
                 " card_last4, processor, authorized_minor, captured_minor, fee_minor, refunded_minor,"
-                " failure_code, created_at, updated_at, version, position"
+                " failure_code, risk_decision, risk_score, created_at, updated_at, version, position"
                 " FROM payment_status" + where,
                 params,
             )
@@ -185,7 +185,7 @@ class ReadViews:
             cur.execute(
                 "SELECT payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand,"
                 " card_last4, processor, authorized_minor, captured_minor, fee_minor, refunded_minor,"
-                " failure_code, created_at, updated_at, version, position"
+                " failure_code, risk_decision, risk_score, created_at, updated_at, version, position"
                 " FROM payment_status" + where
                 + " ORDER BY created_at DESC, payment_id DESC LIMIT %s",
                 [*params, limit + 1],
@@ -254,14 +254,23 @@ class ReadViews:
             " sum(authorized_count)::bigint AS authorized_count, sum(declined_count)::bigint AS declined_count,"
             " sum(captured_count)::bigint AS captured_count,"
             " sum(gross_captured_minor)::bigint AS gross_captured_minor,"
-            " sum(refunded_minor)::bigint AS refunded_minor, sum(fees_minor)::bigint AS fees_minor"
+            " sum(refunded_minor)::bigint AS refunded_minor, sum(fees_minor)::bigint AS fees_minor,"
+            " sum(risk_approved_count)::bigint AS risk_approved_count,"
+            " sum(risk_review_count)::bigint AS risk_review_count,"
+            " sum(risk_declined_count)::bigint AS risk_declined_count,"
+            " sum(risk_score_total)::bigint AS risk_score_total"
             " FROM volume_daily" + where + " GROUP BY 1, 2 ORDER BY 1, 2",
             [granularity, *params],
         )
         out = []
         for r in rows:
+            assessed = r["risk_approved_count"] + r["risk_review_count"] + r["risk_declined_count"]
+            score_total = r.pop("risk_score_total")
             out.append({
                 **r,
+                # Payments the risk rules scored: what share each verdict had, and the mean score.
+                "risk_decline_rate": _ratio(r["risk_declined_count"], assessed),
+                "average_risk_score": round(score_total / assessed, 1) if assessed else None,
                 "net_minor": r["gross_captured_minor"] - r["refunded_minor"] - r["fees_minor"],
                 "approval_rate": _ratio(r["authorized_count"], r["authorized_count"] + r["declined_count"]),
                 # Rounded down: integer minor units, never a float.

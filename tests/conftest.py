@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ from adapters.sandbox_processor import SandboxProcessor
 from adapters.servers import LocalServers, ServerURLs
 from api.bootstrap import Settings, build_ledger
 from application.ledger import Ledger
+from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from migrations import migrate
 
 TEMPLATE_DB = "echotransact_test_template"
@@ -72,9 +74,16 @@ def module_database(servers: ServerURLs, template_database: str) -> Iterator[str
     yield from _fresh_database(servers)
 
 
+# Most tests pay many times from one phone with one card within minutes, which the production
+# velocity rules would rightly decline; they test other things. Tests of the risk rules use
+# DEFAULT_RISK_POLICY (tests/application/test_risk.py, tests/api/test_payment_page.py).
+NO_VELOCITY = replace(DEFAULT_RISK_POLICY, max_attempts_per_phone=10**6, max_attempts_per_card=10**6,
+                      card_velocity_points=0, phone_velocity_points=0)
+
+
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, vault_key=b"v" * 32)
+    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, vault_key=b"v" * 32, risk_policy=NO_VELOCITY)
 
 
 @pytest.fixture

@@ -76,6 +76,8 @@ S = SessionStatus
 
 DECLINE_MESSAGES = {
     "insufficient_funds": "Your bank declined the card: not enough funds.",
+    # The risk rules' reasons stay with the merchant; the customer is told only what to do.
+    "risk_declined": "We could not accept this card for this payment.",
 }
 FAILURE_MESSAGES = {
     "too_many_declines": "The card was declined too many times, so this payment link is closed.",
@@ -453,7 +455,8 @@ def _pay(page: _Page, form: FormMultiDict, command_id: str) -> Response[Any]:
         return page.card_step(409, message="That form was already sent with another card. Please try again.")
     try:
         attached = ledger.attach_payment_method(
-            command_id, session_id, card_token=card.token, card_brand=card.brand, card_last4=card.last4)
+            command_id, session_id, card_token=card.token, card_brand=card.brand, card_last4=card.last4,
+            card_fingerprint=card.fingerprint or None)
         payment_id = UUID(attached.result["payment_id"])
         if attached.replayed and ledger.get_payment(payment_id).status == PaymentStatus.PROCESSING:
             # The same form, sent again while its first submission is with the processor: wait

@@ -147,6 +147,10 @@ class Payment(Struct):
     links: Links
     timeline: list[TimelineEntry] | None = None
     refund_id: str | None = None
+    # The risk rules' verdict before authorization (approve, review, decline) and score 0-100;
+    # "review" was authorized but is flagged for a person to look at.
+    risk_decision: str | None = None
+    risk_score: int | None = None
 
 
 class PaymentList(Struct):

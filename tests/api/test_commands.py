@@ -173,7 +173,9 @@ def test_payments_list_detail_timeline_and_balances(api: Api) -> None:
         assert [p["id"] for p in captured] == [str(ids[0])]
         detail = client.get(f"/v1/payments/{ids[0]}").json()
         assert [t["event_type"] for t in detail["timeline"]] == [
-            "payment.initiated", "payment.processing_started", "payment.authorized", "payment.captured"]
+            "payment.initiated", "payment.risk_assessed", "payment.processing_started", "payment.authorized",
+            "payment.captured"]
+        assert (detail["risk_decision"], detail["risk_score"]) == ("approve", 0)
         balances = client.get("/v1/balances").json()["data"]
         assert balances == [{"account": f"merchant:{api.merchants['a']}:payable", "currency": "USD",
                              "balance": -(1_000 - 59)}]

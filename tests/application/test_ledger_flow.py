@@ -57,7 +57,7 @@ def test_a_voice_payment_from_open_to_refund(ledger: Ledger, database_url: str) 
     envelopes = outbox_envelopes(ledger, database_url)
     types = [e.event_type for e in envelopes if e.aggregate_id == payment_id]
     assert types == [
-        "payment.initiated", "payment.processing_started", "payment.authorized",
+        "payment.initiated", "payment.risk_assessed", "payment.processing_started", "payment.authorized",
         "payment.captured", "payment.refunded", "payment.refunded",
     ]
     balances: dict[tuple[str, str], int] = defaultdict(int)

@@ -187,7 +187,7 @@ def test_racing_commands_on_one_aggregate_exactly_one_wins(ledger: Ledger, datab
             (str(payment_id), payment_id),
         ).fetchone()
     assert captured == (1,)
-    assert ledger.get_payment(payment_id).version == 4
+    assert ledger.get_payment(payment_id).version == 5  # initiated, risk assessed, processing, authorized, captured
 
 
 def test_two_saves_of_the_same_version_one_wins_at_the_store(ledger: Ledger) -> None:

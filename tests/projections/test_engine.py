@@ -100,6 +100,13 @@ def test_read_models_match_expectations(ledger: Ledger, store: ProjectionStore, 
         "SELECT authorized_count, declined_count, captured_count, gross_captured_minor, refunded_minor, fees_minor"
         " FROM volume_daily WHERE merchant_id = %s", ids["m1"])
     assert volume == [(2, 1, 2, 5_500, 500, 220)]
+    # Every payment was scored before authorization; analytics count the verdicts.
+    risk = rows(database_url, "SELECT risk_approved_count, risk_review_count, risk_declined_count,"
+                " risk_score_total FROM volume_daily WHERE merchant_id = %s", ids["m1"])
+    scores = rows(database_url, "SELECT risk_decision, risk_score FROM payment_status WHERE merchant_id = %s",
+                  ids["m1"])
+    assert {d for d, _ in scores} == {"approve"} and len(scores) == 3
+    assert risk == [(3, 0, 0, sum(score for _, score in scores))]
 
     # Balances: independently, from the postings in the feed.
     expected: Counter[tuple[str, str]] = Counter()

@@ -18,7 +18,7 @@ from domain.money import CURRENCY_EXPONENTS, max_amount_minor
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
 
-from .builders import EXPIRES_AT, NOW, line_items_for
+from .builders import EXPIRES_AT, NOW, clear_risk, line_items_for
 
 STATEFUL = settings(
     max_examples=200,
@@ -158,7 +158,7 @@ class PaymentMachine(EventSourcedMachine):
 
     @rule()
     def start_processing(self) -> None:
-        self.run(lambda: self.live.start_processing("stripe"))
+        self.run(lambda: (clear_risk(self.live), self.live.start_processing("stripe")))
 
     @rule(data=st.data())
     def authorize(self, data: st.DataObject) -> None:

@@ -18,12 +18,23 @@ from domain.errors import (
     InvalidField,
     InvalidTransition,
     RefundExceedsCaptured,
+    RiskNotAssessed,
     UnknownCurrency,
 )
 from domain.ledger import FeeSchedule, Posting, imbalance
 from domain.payment import Payment
+from domain.risk import RiskDecision
 
-from .builders import AFTER_EXPIRY, EXPIRES_AT, NOW, PAYMENT_AMOUNT_MINOR, authorize, initiate_payment, payment_in
+from .builders import (
+    AFTER_EXPIRY,
+    EXPIRES_AT,
+    NOW,
+    PAYMENT_AMOUNT_MINOR,
+    authorize,
+    clear_risk,
+    initiate_payment,
+    payment_in,
+)
 
 STATES = [
     "initiated",
@@ -51,7 +62,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 COMMANDS: dict[str, Callable[[Payment], Any]] = {
-    "start_processing": lambda p: p.start_processing("stripe"),
+    "start_processing": lambda p: (clear_risk(p), p.start_processing("stripe")),
     "authorize": lambda p: authorize(p, PAYMENT_AMOUNT_MINOR),
     "fail": lambda p: p.fail("card_declined", "insufficient funds"),
     "capture": lambda p: p.capture(amount_minor=1, processor_reference="cap_9", now=NOW),
@@ -178,6 +189,7 @@ def test_capture_without_an_amount_takes_the_whole_authorization_and_books_the_f
 
 def test_partial_capture_uses_the_payments_fee_schedule() -> None:
     payment = initiate_payment(fee_schedule=FeeSchedule(percent_bps=100, fixed_minor=0))
+    clear_risk(payment)
     payment.start_processing("stripe")
     authorize(payment)
     payment.capture(amount_minor=2_550, processor_reference="cap_1", now=NOW)
@@ -289,3 +301,26 @@ def test_a_lapsed_authorization_cannot_be_captured() -> None:
     with pytest.raises(AuthorizationLapsed):
         payment.capture(amount_minor=None, processor_reference="cap_1", now=EXPIRES_AT)
     assert payment.status == "authorized" and payment.captured_minor == 0
+
+
+def test_a_payment_goes_to_a_processor_only_after_the_risk_rules() -> None:
+    payment = initiate_payment()
+    with pytest.raises(RiskNotAssessed):
+        payment.start_processing("stripe")
+    clear_risk(payment)
+    with pytest.raises(InvalidTransition):
+        clear_risk(payment)  # one verdict per payment
+    payment.start_processing("stripe")
+    assert (payment.status, payment.risk_decision) == ("processing", "approve")
+
+
+def test_a_risk_decline_fails_the_payment_with_its_reasons() -> None:
+    payment = initiate_payment()
+    payment.assess_risk(RiskDecision(100, "decline", ("card_velocity_limit",)), recent_by_phone=1,
+                        recent_by_card=4, prior_declines=0)
+    assert (payment.status, payment.failure_code, payment.risk_score) == ("failed", "risk_declined", 100)
+    events = payment.collect_events()
+    assert [type(e).__name__ for e in events] == ["Initiated", "RiskAssessed", "Failed"]
+    assert "card_velocity_limit" in events[-1].message
+    with pytest.raises(InvalidTransition):
+        payment.start_processing("stripe")
