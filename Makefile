@@ -20,5 +20,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Our code against baselines, side by side (a report, never a gate). make bench BENCH_ARGS=--quick
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .data

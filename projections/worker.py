@@ -10,6 +10,8 @@ to the others.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -50,12 +52,17 @@ class ProjectionWorker:
         self.catch_up_store = ProjectionStore(database_url, projections, open_envelope)
         self.cache = StatusCache.from_url(redis_url) if redis_url else None
         self.catch_up_grace = catch_up_grace
+        datadir = os.path.join(tempfile.gettempdir(), "echotransact-faust", topic_prefix)
+        os.makedirs(datadir, exist_ok=True)
         self.app = faust.App(
             f"{topic_prefix}-projections",
             broker=f"kafka://{kafka_bootstrap_servers}",
             value_serializer="raw",
             key_serializer="raw",
             store="memory://",
+            # Faust makes "<id>-data/" in the working directory by default; the tables are in
+            # memory, so only an empty folder would land there. Keep it out of the checkout.
+            datadir=datadir,
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
             topic_partitions=partitions,
