@@ -12,6 +12,9 @@ Why each failure is handled the way it is:
   ``status`` with the same key (``Ledger.resolve_authorization``), not by charging again.
 - Declines (402/422 with a decline code): ``Decision.DECLINED``, never retried.
 - Circuit open: ``Decision.UNKNOWN`` (reason ``circuit_open``) without a request.
+- ``ProcessorOutcome.sent`` is False when no attempt got past connecting (refused, connect
+  timeout, circuit open): the processor has nothing, so the ledger may send the authorization
+  to the other processor with the same key (``Ledger.authorize_payment``).
 - Other 4xx (malformed request, key reused for a different request): ``ProcessorProtocolError``,
   a bug on our side, not something a retry or failover can fix.
 
@@ -55,6 +58,7 @@ class _Attempted:
     response: httpx.Response | None
     reason_code: str = ""  # timeout | processor_unavailable | circuit_open
     message: str = ""
+    sent: bool = True  # False: no attempt got past connecting, so the processor has nothing
 
 
 class HttpProcessor:
@@ -170,7 +174,8 @@ class HttpProcessor:
 
     def _attempt(self, method: str, path: str, **request: Any) -> _Attempted:
         """Send once, and again after a backoff for retryable failures, same request each time."""
-        failure = _Attempted(None, "circuit_open", f"the circuit to processor {self.name} is open")
+        failure = _Attempted(None, "circuit_open", f"the circuit to processor {self.name} is open", sent=False)
+        sent = False
         for attempt in range(self.retries + 1):
             if attempt:
                 if not self.breaker.is_available():
@@ -183,7 +188,8 @@ class HttpProcessor:
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
                 # Nothing reached the processor: retrying cannot double anything.
                 self.breaker.record_failure()
-                failure = _Attempted(None, "processor_unavailable", f"{self.name} unreachable: {error}")
+                failure = _Attempted(None, "processor_unavailable", f"{self.name} unreachable: {error}",
+                                     sent=sent)
                 continue
             except httpx.TimeoutException as error:
                 self.breaker.record_failure()
@@ -194,6 +200,7 @@ class HttpProcessor:
                 # The connection broke after the request went out: as unknown as a timeout.
                 self.breaker.record_failure()
                 return _Attempted(None, "timeout", f"{self.name} dropped the connection: {error!r}")
+            sent = True
             if response.status_code >= 500:
                 self.breaker.record_failure()
                 failure = _Attempted(
@@ -203,7 +210,7 @@ class HttpProcessor:
                 continue
             self.breaker.record_success()
             return _Attempted(response)
-        return failure
+        return failure if not sent else _Attempted(None, failure.reason_code, failure.message, sent=True)
 
     def _backoff_s(self, retry: int) -> float:
         """Exponential backoff with "equal jitter": half the step fixed, half random, so
@@ -213,7 +220,8 @@ class HttpProcessor:
 
     def _unknown(self, attempted: _Attempted) -> ProcessorOutcome:
         return ProcessorOutcome(
-            Decision.UNKNOWN, self.name, reason_code=attempted.reason_code, message=attempted.message
+            Decision.UNKNOWN, self.name, reason_code=attempted.reason_code, message=attempted.message,
+            sent=attempted.sent,
         )
 
     def _outcome(self, response: httpx.Response) -> ProcessorOutcome:
@@ -287,6 +295,11 @@ class FailoverRouter:
             f"no processor is available: the circuits to {self.primary.name} and "
             f"{self.secondary.name} are open"
         )
+
+    def alternative(self, name: str) -> HttpProcessor | None:
+        """The other processor, if its circuit lets a call through now."""
+        other = self.secondary if name == self.primary.name else self.primary
+        return other if other.name != name and other.is_available() else None
 
     def named(self, name: str) -> HttpProcessor:
         try:

@@ -44,9 +44,10 @@ def resolve_stuck(ledger: Ledger, database_url: str, older_than: timedelta = tim
     return resolved
 
 
-def run_resolver(ledger: Ledger, database_url: str, stop: threading.Event, every_s: float = 15.0) -> None:
+def run_resolver(ledger: Ledger, database_url: str, stop: threading.Event, every_s: float = 15.0,
+                 older_than: timedelta = timedelta(seconds=30)) -> None:
     while not stop.wait(every_s):
         try:
-            resolve_stuck(ledger, database_url)
+            resolve_stuck(ledger, database_url, older_than)
         except psycopg.Error as error:
             log.warning("resolver_database_error", error=str(error))

@@ -67,6 +67,8 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_TOPIC_PREFIX": "prefix of the Kafka topics and consumer group (echotransact)",
     "ECHOTRANSACT_CATCH_UP_EVERY_S": "how often a projection worker catches up from the outbox (5)",
     "ECHOTRANSACT_CATCH_UP_GRACE_S": "how old an event must be before catch-up applies it (5)",
+    "ECHOTRANSACT_RESOLVE_AFTER_S": "how long an authorization may stay unknown before the resolver asks (30)",
+    "ECHOTRANSACT_RESOLVE_EVERY_S": "how often the resolver looks for unknown authorizations (15)",
     "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
                                "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
                                "decline_score=80)",
@@ -155,6 +157,8 @@ class Settings:
     webhook_concurrency: int = 4
     sms: dict[str, str] = field(default_factory=dict)
     risk_policy: RiskPolicy = DEFAULT_RISK_POLICY
+    resolve_after_s: float = 30
+    resolve_every_s: float = 15
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -172,7 +176,8 @@ class Settings:
                               ("ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S", "86400"),
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S", "30"),
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "3600"),
-                              ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4")):
+                              ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4"),
+                              ("ECHOTRANSACT_RESOLVE_AFTER_S", "30"), ("ECHOTRANSACT_RESOLVE_EVERY_S", "15")):
             try:
                 numbers[name] = float(env.get(name, default))
             except ValueError:
@@ -216,6 +221,8 @@ class Settings:
             sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
                  if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
             risk_policy=parse_risk_rules(env.get("ECHOTRANSACT_RISK_RULES", "")),
+            resolve_after_s=max(1.0, numbers["ECHOTRANSACT_RESOLVE_AFTER_S"]),
+            resolve_every_s=max(0.5, numbers["ECHOTRANSACT_RESOLVE_EVERY_S"]),
         )
 
 

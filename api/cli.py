@@ -307,7 +307,10 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with _servers(data_dir) as (database_url, _redis, _kafka):
         ledger = build_ledger(settings, database_url)
-        resolver = threading.Thread(target=run_resolver, args=(ledger, database_url, stop), daemon=True)
+        resolver = threading.Thread(
+            target=run_resolver, args=(ledger, database_url, stop), daemon=True,
+            kwargs={"every_s": settings.resolve_every_s, "older_than": timedelta(seconds=settings.resolve_after_s)},
+        )
         resolver.start()
         try:
             build_message_dispatcher(settings, database_url, ledger).run(stop)

@@ -595,24 +595,41 @@ class Ledger(Application):
         unknown outcome (timeout) records nothing and is settled by ``resolve_authorization``.
         """
         payment = self.get_payment(payment_id)
+        started_here = False
         if payment.status == PaymentStatus.INITIATED:
-            self._execute(
+            started = self._execute(
                 f"authorize:{payment_id}:start", "start_processing", {"payment_id": str(payment_id)},
                 payment_id, lambda: self._start_processing(payment_id),
             )
+            started_here = not started.replayed
             payment = self.get_payment(payment_id)
         if payment.status != PaymentStatus.PROCESSING:
             return CommandResult(_payment_result(payment), None, replayed=True)
-        outcome = self._processor_of(payment).authorize(
-            idempotency_key=f"authorize:{payment_id}",
-            amount_minor=payment.amount_minor,
-            currency=payment.currency,
-            card_token=payment.card_token,
-            card_last4=payment.card_last4,
-            merchant_id=str(payment.merchant_id),
-            cvv=cvv,
-        )
+        request = {
+            "idempotency_key": f"authorize:{payment_id}", "amount_minor": payment.amount_minor,
+            "currency": payment.currency, "card_token": payment.card_token, "card_last4": payment.card_last4,
+            "merchant_id": str(payment.merchant_id), "cvv": cvv,
+        }
+        outcome = self._processor_of(payment).authorize(**request)
+        if outcome.decision == Decision.UNKNOWN and not outcome.sent and started_here:
+            # The chosen processor went down between the choice and the call, and provably got
+            # nothing: failover now instead of leaving the customer waiting for it to return.
+            # Only the call that started processing may do this, so no earlier call to the
+            # first processor can be in flight with the same key.
+            other = self.processors.alternative(payment.processor or "")
+            if other is not None:
+                self._execute(
+                    f"authorize:{payment_id}:reroute", "reroute_processing",
+                    {"payment_id": str(payment_id), "processor": other.name}, payment_id,
+                    lambda: self._reroute(payment_id, other.name),
+                )
+                outcome = other.authorize(**request)
         return self._record_authorization(payment_id, outcome)
+
+    def _reroute(self, payment_id: UUID, processor: str) -> tuple[Sequence[Aggregate], dict[str, Any]]:
+        payment = self.get_payment(payment_id)
+        payment.reroute(processor)
+        return [payment], _payment_result(payment)
 
     def resolve_authorization(self, payment_id: UUID) -> CommandResult:
         """Settle an authorization whose outcome was unknown by asking, never by charging again."""

@@ -35,6 +35,9 @@ class ProcessorOutcome:
     reason_code: str = ""
     message: str = ""
     expires_at: datetime | None = None
+    # False only when the request provably never reached the processor (connection refused,
+    # circuit open): an UNKNOWN that may safely be sent to another processor with the same key.
+    sent: bool = True
 
 
 class PaymentProcessor(Protocol):
@@ -76,7 +79,14 @@ class ProcessorRouter(Protocol):
 
     def select(self) -> PaymentProcessor: ...
 
+    def alternative(self, name: str) -> PaymentProcessor | None:
+        return None
+
     def named(self, name: str) -> PaymentProcessor: ...
+
+    def alternative(self, name: str) -> PaymentProcessor | None:
+        """Another processor that can take a call now, or None."""
+        ...
 
 
 class SingleProcessor:

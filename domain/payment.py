@@ -93,6 +93,13 @@ class Payment(Aggregate):
     class ProcessingStarted(Aggregate.Event):
         processor: str
 
+    class ProcessingRerouted(Aggregate.Event):
+        """The chosen processor was unreachable and provably never got the authorization, so it
+        went to the other one (same idempotency key)."""
+
+        processor: str
+        previous: str
+
     class Authorized(Aggregate.Event):
         processor: str
         processor_reference: str
@@ -247,6 +254,18 @@ class Payment(Aggregate):
     def _processing_started(self, processor: str) -> None:
         self.processor = processor
         self.status = P.PROCESSING
+
+    def reroute(self, processor: str) -> None:
+        self._require("reroute", P.PROCESSING)
+        assert self.processor is not None
+        if processor == self.processor:
+            raise InvalidField(f"the payment is already with processor {processor}", field="processor")
+        self._processing_rerouted(processor=check_text("processor", processor, max_length=50),
+                                  previous=self.processor)
+
+    @event(ProcessingRerouted)
+    def _processing_rerouted(self, processor: str, previous: str) -> None:
+        self.processor = processor
 
     def authorize(
         self, *, processor: str, processor_reference: str, amount_minor: int, expires_at: datetime

@@ -105,6 +105,8 @@ class StatusProjection:
     def _payment_change(event_type: str, d: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         if event_type in PAYMENT_STATUS_AFTER:
             return ["status = %(status)s"], {"status": PAYMENT_STATUS_AFTER[event_type]}
+        if event_type == "payment.processing_rerouted":
+            return ["processor = %(processor)s"], {"processor": d["processor"]}
         if event_type == "payment.processing_started":
             return ["status = 'processing'", "processor = %(processor)s"], {"processor": d["processor"]}
         if event_type == "payment.authorized":

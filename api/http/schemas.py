@@ -151,6 +151,8 @@ class Payment(Struct):
     # "review" was authorized but is flagged for a person to look at.
     risk_decision: str | None = None
     risk_score: int | None = None
+    # The processor the payment was sent to (after any failover); None before it was sent.
+    processor: str | None = None
 
 
 class PaymentList(Struct):

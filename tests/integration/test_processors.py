@@ -351,6 +351,25 @@ def test_an_unreachable_processor_opens_its_circuit_and_is_then_not_called_at_al
     assert primary_server.requests("k-while-open") == 0 and primary_server.money_movements("k-refused") == 0
 
 
+def test_an_unknown_outcome_says_whether_the_request_can_have_reached_the_processor(
+    connect: Callable[..., HttpProcessor], primary_server: SandboxProcessorServer
+) -> None:
+    """Only "never got past connecting" (refused, circuit open) is safe to send elsewhere."""
+    processor = connect(primary_server, breaker=CircuitBreaker(10, RESET_TIMEOUT_S))
+    timed_out = authorize(processor, "k-sent-timeout", "0119")
+    primary_server.server_error_attempts = 10
+    server_error = authorize(processor, "k-sent-500", "0259")
+    primary_server.server_error_attempts = 0
+    primary_server.stop()
+    refused = authorize(processor, "k-refused")
+    assert [(o.decision, o.sent) for o in (timed_out, server_error, refused)] == [
+        (Decision.UNKNOWN, True), (Decision.UNKNOWN, True), (Decision.UNKNOWN, False)]
+    processor.breaker = CircuitBreaker(1, RESET_TIMEOUT_S)
+    processor.breaker.record_failure()
+    open_circuit = authorize(processor, "k-open")
+    assert (open_circuit.reason_code, open_circuit.sent) == ("circuit_open", False)
+
+
 def test_failover_to_the_secondary_while_the_primary_is_open_and_back_after_a_good_trial(
     primary: HttpProcessor, secondary: HttpProcessor, primary_server: SandboxProcessorServer,
     secondary_server: SandboxProcessorServer, monotonic: SteppedClock,
@@ -490,6 +509,27 @@ def test_ledger_fails_over_new_payments_and_keeps_later_calls_on_the_authorizing
     after = new_payment(http_ledger, merchant_id, 3)
     http_ledger.authorize_payment(after)
     assert http_ledger.get_payment(after).processor == "primary"
+
+
+def test_a_payment_sent_to_a_primary_that_refuses_connections_is_rerouted_at_once(
+    http_ledger: Ledger, router: FailoverRouter, primary_server: SandboxProcessorServer,
+    secondary_server: SandboxProcessorServer,
+) -> None:
+    """The primary went down after its circuit last let calls through: the first payment is
+    recorded as sent to it, the connection is refused (so it provably has nothing), and the
+    same call sends it to the secondary with the same key instead of leaving it waiting."""
+    payment_id = new_payment(http_ledger, new_merchant(http_ledger), 1)
+    primary_server.stop()
+    assert http_ledger.authorize_payment(payment_id).result["status"] == "authorized"
+    payment = http_ledger.get_payment(payment_id)
+    assert payment.processor == "secondary"
+    names = [type(e).__name__ for e in http_ledger.events.get(payment_id)]
+    assert names[-3:] == ["ProcessingStarted", "ProcessingRerouted", "Authorized"]
+    key = f"authorize:{payment_id}"
+    assert secondary_server.money_movements(key) == 1 and primary_server.requests(key) == 0
+    # Asking again changes nothing and calls nobody.
+    assert http_ledger.authorize_payment(payment_id).replayed
+    assert secondary_server.requests(key) == 1
 
 
 def test_ledger_settles_a_timed_out_authorization_by_asking_not_by_charging_again(

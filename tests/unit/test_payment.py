@@ -52,6 +52,8 @@ STATES = [
 ALLOWED: dict[str, set[str]] = {
     "start_processing": {"initiated"},
     "authorize": {"processing"},
+    "reroute": {"processing"},
+    "assess_risk": {"initiated"},
     "fail": {"initiated", "processing"},
     "capture": {"authorized"},
     "void": {"authorized"},
@@ -64,6 +66,8 @@ ALLOWED: dict[str, set[str]] = {
 COMMANDS: dict[str, Callable[[Payment], Any]] = {
     "start_processing": lambda p: (clear_risk(p), p.start_processing("stripe")),
     "authorize": lambda p: authorize(p, PAYMENT_AMOUNT_MINOR),
+    "reroute": lambda p: p.reroute("other"),
+    "assess_risk": clear_risk,
     "fail": lambda p: p.fail("card_declined", "insufficient funds"),
     "capture": lambda p: p.capture(amount_minor=1, processor_reference="cap_9", now=NOW),
     "void": lambda p: p.void("customer cancelled"),

@@ -51,7 +51,8 @@ def payment_from_aggregate(payment: Payment, position: int | None, **extra: Any)
         fee=payment.fee_minor, failure_code=payment.failure_code, created_at=payment.created_on,
         updated_at=payment.modified_on, position=position,
         links=schemas.Links(self=f"/v1/payments/{payment.id}"),
-        risk_decision=payment.risk_decision, risk_score=payment.risk_score, **extra,
+        risk_decision=payment.risk_decision, risk_score=payment.risk_score, processor=payment.processor,
+        **extra,
     )
 
 
@@ -66,7 +67,7 @@ def payment_from_row(row: dict[str, Any]) -> schemas.Payment:
         fee=int(row["fee_minor"]), failure_code=row.get("failure_code"),
         created_at=_dt(row["created_at"]), updated_at=_dt(row["updated_at"]), position=int(row["position"]),
         links=schemas.Links(self=f"/v1/payments/{row['payment_id']}"),
-        risk_decision=row.get("risk_decision"), risk_score=row.get("risk_score"),
+        risk_decision=row.get("risk_decision"), risk_score=row.get("risk_score"), processor=row.get("processor"),
         timeline=[
             schemas.TimelineEntry(event_type=t["event_type"], version=int(t["version"]),
                                   occurred_at=_dt(t["occurred_at"]), data=t["data"])
