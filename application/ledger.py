@@ -47,6 +47,7 @@ from application.ports import (
     VelocityCounter,
 )
 from domain.api_key import ApiKey
+from domain.customer import Customer
 from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
 from domain.money import CURRENCY_EXPONENTS, Money, check_currency
@@ -57,7 +58,8 @@ from domain.risk import RiskPolicy
 from domain.risk import assess as assess_risk
 
 AGGREGATE_TYPES: Mapping[type[Aggregate], str] = MappingProxyType(
-    {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key"}
+    {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key",
+     Customer: "customer"}
 )
 API_KEY_PREFIX = "et"
 
@@ -72,6 +74,7 @@ DEFAULT_IDENTITY_THRESHOLDS_MAJOR: Mapping[str, int] = MappingProxyType(
 _MAX_SAVE_ATTEMPTS = 8
 _canonical = msgspec.json.Encoder(order="sorted")
 _COMMAND_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/commands")
+_CUSTOMER_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/customers")
 
 
 def default_identity_thresholds_minor() -> dict[str, int]:
@@ -95,6 +98,8 @@ class LedgerPolicy:
     # Where customers reach the payment page; the SMS links to <public_url>/pay/<token>.
     public_url: str = "http://127.0.0.1:8000"
     risk: RiskPolicy = DEFAULT_RISK_POLICY
+    # How long a passed identity check spares the customer a new one on later purchases.
+    identity_reuse: timedelta = timedelta(days=365)
 
     def identity_threshold_minor(self, currency: str) -> int:
         check_currency(currency)
@@ -133,6 +138,7 @@ class Ledger(Application):
         Payment: 20,
         Merchant: 50,
         ApiKey: 50,
+        Customer: 50,
     }
 
     def __init__(
@@ -397,6 +403,11 @@ class Ledger(Application):
                 metadata=metadata,
             )
             merchant.check_can_accept(amount_minor, currency)
+            if session.identity_required:
+                customer = self._find_customer(customer_phone)
+                if customer is not None and customer.identity_on_file(self.clock.now(), self.policy.identity_reuse):
+                    assert customer.identity_verified_at is not None
+                    session.recognize_identity(customer.id, customer.identity_verified_at)
             return [session], _session_result(session)
 
         return self._execute(command_id, "open_session", request, session_id, decide)
@@ -519,19 +530,40 @@ class Ledger(Application):
         return self._execute(command_id, "verify_code", request, session_id, decide)
 
     def verify_identity(self, command_id: str, session_id: UUID, claim: IdentityClaim) -> CommandResult:
+        """Ask the verifier; a pass is also remembered on the customer, so later purchases by the
+        same phone skip the check (``policy.identity_reuse``)."""
         if self.identity_verifier is None:
             raise ProcessorUnavailable("no identity verifier is configured")
         verifier = self.identity_verifier
 
-        def act(session: PaymentSession) -> None:
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id)
             outcome = verifier.verify(phone=session.customer_phone, claim=claim)
+            now = self.clock.now()
             session.record_identity_check(
-                verified=outcome.verified, verifier=outcome.verifier, reason=outcome.reason,
-                now=self.clock.now(),
+                verified=outcome.verified, verifier=outcome.verifier, reason=outcome.reason, now=now,
             )
+            changed: list[Aggregate] = [session]
+            if outcome.verified:
+                customer = self._find_customer(session.customer_phone) or Customer.register(
+                    self._customer_id(session.customer_phone))
+                customer.record_identity_verified(verifier=outcome.verifier, session_id=session_id, now=now)
+                changed.append(customer)
+            return changed, _session_result(session)
 
-        request = {"claim": self.keyed_hash("identity", claim.date_of_birth, claim.postal_code)}
-        return self._session_command(command_id, "verify_identity", session_id, request, act)
+        request = {"session_id": str(session_id),
+                   "claim": self.keyed_hash("identity", claim.date_of_birth, claim.postal_code)}
+        return self._execute(command_id, "verify_identity", request, session_id, decide)
+
+    def _customer_id(self, phone: str) -> UUID:
+        return uuid5(_CUSTOMER_NAMESPACE, self.keyed_hash("customer", phone))
+
+    def _find_customer(self, phone: str) -> Customer | None:
+        try:
+            customer: Customer = self.repository.get(self._customer_id(phone))
+        except AggregateNotFoundError:
+            return None
+        return customer
 
     def attach_payment_method(
         self, command_id: str, session_id: UUID, *, card_token: str, card_brand: str, card_last4: str,

@@ -2,7 +2,8 @@
 conversation to a payment method attached and the payment completed.
 
     awaiting_customer -> link_sent -> link_opened -> code_verified
-        -> [identity_verified, when the amount is above the currency's threshold]
+        -> [identity_verified, when the amount is above the currency's threshold and the
+            customer has no recent check on file (identity_recognized, recorded at opening)]
         -> payment_method_attached -> completed
     and the ends: expired, cancelled, failed, locked (too many wrong codes).
 
@@ -138,6 +139,13 @@ class PaymentSession(Aggregate):
     class IdentityVerified(Aggregate.Event):
         verifier: str
 
+    class IdentityRecognized(Aggregate.Event):
+        """The customer passed the identity check on an earlier purchase, recently enough: this
+        session needs no new check."""
+
+        customer_id: UUID
+        verified_at: datetime
+
     class IdentityRejected(Aggregate.Event):
         verifier: str
         attempts: int
@@ -249,6 +257,7 @@ class PaymentSession(Aggregate):
         self.card_brand: str | None = None
         self.card_last4: str | None = None
         self.end_reason: str | None = None
+        self.identity_on_file = False
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -268,12 +277,30 @@ class PaymentSession(Aggregate):
         return self.status in TERMINAL
 
     @property
+    def needs_identity_check(self) -> bool:
+        """Above the threshold, and no recent check on file for this customer."""
+        return self.identity_required and not getattr(self, "identity_on_file", False)
+
+    @property
     def ready_for_payment_method(self) -> bool:
-        if self.identity_required:
+        if self.needs_identity_check:
             return self.status == S.IDENTITY_VERIFIED
         return self.status == S.CODE_VERIFIED
 
     # -- the customer's journey -----------------------------------------------------------
+
+    def recognize_identity(self, customer_id: UUID, verified_at: datetime) -> None:
+        """Right after opening: the customer's earlier check stands in for a new one."""
+        self._require("recognize the identity on", S.AWAITING_CUSTOMER)
+        if not self.identity_required:
+            raise IdentityCheckNotRequired("this amount does not need an identity check")
+        if self.identity_on_file:
+            return
+        self._identity_recognized(customer_id=customer_id, verified_at=verified_at)
+
+    @event(IdentityRecognized)
+    def _identity_recognized(self, customer_id: UUID, verified_at: datetime) -> None:
+        self.identity_on_file = True
 
     def send_link(self, link_token_hash: str, code_hash: str, now: datetime) -> None:
         self._require_live("send the link of", now, S.AWAITING_CUSTOMER)
@@ -357,7 +384,7 @@ class PaymentSession(Aggregate):
 
     def record_identity_check(self, *, verified: bool, verifier: str, reason: str, now: datetime) -> None:
         self._require_live("verify the identity on", now, S.CODE_VERIFIED)
-        if not self.identity_required:
+        if not self.needs_identity_check:
             raise IdentityCheckNotRequired("this amount does not need an identity check")
         if verified:
             self._identity_verified(verifier=verifier)
@@ -433,7 +460,7 @@ class PaymentSession(Aggregate):
         self.declines = declines
         self.payment_id = None
         self.card_token = self.card_brand = self.card_last4 = None
-        self.status = S.IDENTITY_VERIFIED if self.identity_required else S.CODE_VERIFIED
+        self.status = S.IDENTITY_VERIFIED if self.needs_identity_check else S.CODE_VERIFIED
 
     # -- ends -----------------------------------------------------------------------------
 

@@ -88,6 +88,9 @@ class StatusProjection:
             elif event_type == "payment_session.expired":
                 sets.append("end_reason = 'link_expired'")
             return sets, params
+        if event_type == "payment_session.identity_recognized":
+            # A check on file stands in for a new one: the customer will not be asked.
+            return ["identity_required = false"], {}
         if event_type == "payment_session.code_rejected":
             return ["code_attempts = %(attempts)s"], {"attempts": d["attempts"]}
         if event_type == "payment_session.payment_method_attached":

@@ -109,6 +109,8 @@ class PaymentSession(Struct):
     customer_phone: str
     order_reference: str
     voice: dict[str, str]
+    # Whether the customer will be asked for an identity check: above the currency's threshold
+    # and no check passed on an earlier purchase within the last year.
     identity_required: bool
     payment_id: str | None
     end_reason: str | None
