@@ -260,7 +260,7 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         "POSTGRES_PRE_PING": "y",
     }
     if encryption_key:
-        env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
+        env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
         env["CIPHER_KEY"] = base64.b64encode(encryption_key).decode()
     return env
 
@@ -311,7 +311,7 @@ def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
     same key the ledger encrypted with)."""
     cipher = None
     if settings.encryption_key:
-        from eventsourcing.cipher import AESCipher
+        from eventsourcing.cryptography import AESCipher
         from eventsourcing.utils import Environment
 
         cipher = AESCipher(
