@@ -3,8 +3,9 @@ per step (order summary and code -> identity above the threshold -> card -> resu
 
 Every response carries strict security headers. Forms carry a CSRF token (a keyed hash of the
 link token) and a per-form id; command ids derive from the form id, so a form submitted twice
-is one command (the card is tokenized once, attached once and charged once). Card numbers go
-straight to the vault; the CVV goes only to ``authorize_payment``; neither is logged or echoed.
+is one command (a new code is texted once; the card is tokenized once, attached once and
+charged once). Card numbers go straight to the vault; the CVV goes only to
+``authorize_payment``; neither is logged or echoed.
 """
 
 from __future__ import annotations
@@ -40,11 +41,19 @@ from domain.errors import (
     InvalidPaymentMethod,
     InvalidTransition,
     LinkExpired,
+    ResendLimitReached,
     SessionLocked,
 )
 from domain.money import Money
 from domain.payment import PaymentStatus
-from domain.payment_session import MAX_DECLINES, MAX_IDENTITY_ATTEMPTS, PaymentSession, SessionStatus
+from domain.payment_session import (
+    MAX_CODE_RESENDS,
+    MAX_DECLINES,
+    MAX_IDENTITY_ATTEMPTS,
+    PaymentSession,
+    SessionStatus,
+)
+from domain.values import mask_phone
 
 log = structlog.get_logger("echotransact.pay")
 
@@ -88,6 +97,14 @@ FAILURE_MESSAGES = {
 def redact_path(path: str) -> str:
     """``/pay/<token>/code`` -> ``/pay/{token}/code``: the link token is a secret; keep it out of logs."""
     return _TOKEN_IN_PATH.sub("/pay/{token}", path)
+
+
+def masked_phone(phone: str) -> str:
+    """``+14155550123`` -> ``+1 ••• ••• 0123``: what ``mask_phone`` keeps, the hidden digits as
+    bullets in groups of three, for people to read; no-break spaces, so it never wraps."""
+    masked = mask_phone(phone)
+    hidden = len(masked) - 6
+    return "\u00a0".join([masked[:2], *("•" * min(3, hidden - i) for i in range(0, hidden, 3)), masked[-4:]])
 
 
 def csrf_token(ledger: Ledger, link_token: str) -> str:
@@ -150,7 +167,7 @@ class _Page:
              "total": Money(item["quantity"] * item["unit_amount_minor"], currency).format()}
             for item in s.line_items
         ]
-        steps = ["Code", *(["Identity"] if s.identity_required else []), "Card", "Done"]
+        steps = ["Code", *(["Identity"] if s.needs_identity_check else []), "Card", "Done"]
         return {
             "token": self.token, "base_url": self.base_url, "merchant_name": self.merchant_name,
             "order_reference": s.order_reference, "items": items,
@@ -164,8 +181,14 @@ class _Page:
         context.update(extra)
         return _html(template, status, **context)
 
-    def code_step(self, status: int = 200, **extra: Any) -> Response[str]:
-        return self.step("pay/code.html", status, **extra)
+    def code_step(self, status: int = 200, *, resent: bool = False, **extra: Any) -> Response[str]:
+        """The code form, and the form that asks for a new code while any are left. ``resent``
+        (after a resend's redirect) says where the new code went and how many more are left."""
+        s = self.session
+        return self.step("pay/code.html", status, resent=resent and s.code_resends > 0,
+                         resends_left=max(0, MAX_CODE_RESENDS - s.code_resends),
+                         phone_masked=masked_phone(s.customer_phone),
+                         resend_form_id=secrets.token_urlsafe(24), **extra)
 
     def identity_step(self, status: int = 200, **extra: Any) -> Response[str]:
         left = MAX_IDENTITY_ATTEMPTS - self.session.identity_attempts
@@ -174,7 +197,7 @@ class _Page:
     def card_step(self, status: int = 200, **extra: Any) -> Response[str]:
         return self.step("pay/card.html", status, tries_left=MAX_DECLINES - self.session.declines, **extra)
 
-    def outcome(self) -> Response[str]:
+    def outcome(self, *, resent: bool = False) -> Response[str]:
         """The page for the session as it is now: the next step, or how it ended."""
         s = self.session
         live = s.status not in (S.COMPLETED, S.EXPIRED, S.CANCELLED, S.FAILED, S.LOCKED,
@@ -200,8 +223,8 @@ class _Page:
         if s.status == S.PAYMENT_METHOD_ATTACHED:
             return self._settle_in_flight()
         if s.status in (S.LINK_SENT, S.LINK_OPENED):
-            return self.code_step()
-        if s.status == S.CODE_VERIFIED and s.identity_required:
+            return self.code_step(resent=resent)
+        if s.status == S.CODE_VERIFIED and s.needs_identity_check:
             return self.identity_step()
         return self.card_step()
 
@@ -315,13 +338,16 @@ class PaymentPageController(Controller):
         return Response(_STATIC["favicon.svg"], media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
     @get("/{token:str}")
-    async def show(self, token: str, services: ApiServices) -> Response[str]:
+    async def show(self, request: Request[Any, Any, Any], token: str, services: ApiServices) -> Response[str]:
+        # ?resent=1 is where a resend redirects: the code step then says where the new code went.
+        resent = request.query_params.get("resent") == "1"
+
         def run() -> Response[str]:
             page = _Page(services, token, services.ledger.session_for_link(token))
             if page.session.status == S.LINK_SENT and not page.expired:
                 page.ledger.open_link(f"page:open:{page.session.id}", page.session.id, token)
                 page.reload()
-            return page.outcome()
+            return page.outcome(resent=resent)
 
         return await anyio.to_thread.run_sync(run)
 
@@ -357,6 +383,32 @@ class PaymentPageController(Controller):
 
         return await anyio.to_thread.run_sync(run)
 
+    @post("/{token:str}/resend")
+    async def resend(self, request: Request[Any, Any, Any], token: str, services: ApiServices) -> Response[Any]:
+        """A new code by SMS (the old one stops working; attempts are not reset). The form id
+        makes the command id, so a double click texts one code."""
+        form = await request.form()
+
+        def run() -> Response[Any]:
+            page = _Page(services, token, services.ledger.session_for_link(token))
+            form_id = _check_post(request, form, page)
+            if form_id is None:
+                return _forbidden(page)
+            if page.session.status not in (S.LINK_SENT, S.LINK_OPENED):
+                return page.outcome()  # locked, expired, or past this step
+            session_id = page.session.id
+            try:
+                page.ledger.resend_code(f"page:resend:{session_id}:{form_id}", session_id)
+            except ResendLimitReached:
+                return page.code_step(409, message=(
+                    f"We cannot send any more codes: we already sent {MAX_CODE_RESENDS} new ones for this "
+                    "payment. Enter the last code we sent, or ask the merchant for a new link."))
+            except InvalidTransition:
+                return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
+            return Redirect(f"{page.base_url}?resent=1", status_code=303, headers=SECURITY_HEADERS)
+
+        return await anyio.to_thread.run_sync(run)
+
     @post("/{token:str}/identity")
     async def identity(self, request: Request[Any, Any, Any], token: str,
                        services: ApiServices) -> Response[Any]:
@@ -367,7 +419,7 @@ class PaymentPageController(Controller):
             form_id = _check_post(request, form, page)
             if form_id is None:
                 return _forbidden(page)
-            if page.session.status != S.CODE_VERIFIED or not page.session.identity_required:
+            if page.session.status != S.CODE_VERIFIED or not page.session.needs_identity_check:
                 return page.outcome()
             born, postal = _field(form, "date_of_birth", 10), _field(form, "postal_code", 20)
             values = {"date_of_birth": born, "postal_code": postal}

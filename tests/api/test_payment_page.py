@@ -1,5 +1,5 @@
 """The payment page over real HTTP (uvicorn on loopback) on real PostgreSQL, Redis and Kafka:
-every step, the security headers, CSRF, double submits, and the card vault; then a scan of every
+every step, new codes by SMS, the security headers, CSRF, double submits, and the card vault; then a scan of every
 table, topic, cache key and log line for a card number.
 
 Event encryption is off in this module, so the scan reads event state and envelopes in plain text:
@@ -25,21 +25,23 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from adapters.clock import ManualClock
+from adapters.messages import dev_inbox
 from adapters.relay import OutboxRelay
 from adapters.sandbox_processor import SandboxProcessor
 from adapters.servers import ServerURLs
 from adapters.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
-from api.bootstrap import Settings, build_api_services, envelope_opener
+from api.bootstrap import Settings, build_api_services, build_message_dispatcher, envelope_opener
 from api.http.app import asgi_app
-from tests.api.conftest import serve
 from api.http.pages import CONTENT_SECURITY_POLICY, redact_path
 from api.http.services import ApiServices
 from application.errors import IdempotencyKeyReused, NotFound
 from domain.errors import InvalidPaymentMethod
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
+from tests.api.conftest import serve
 
 VAULT_KEY = b"v" * 32
+PHONE = "+14155550123"
 VISA_OK = "4242 4242 4242 4242"
 VISA_DECLINED = "4000000000000002"
 VISA_TIMEOUT = "4000000000000119"
@@ -69,7 +71,7 @@ class PageSystem:
                  {"sku": "SODA", "name": "Lemon soda", "quantity": 2, "unit_amount_minor": 250}]
         result = self.services.ledger.open_session(
             f"open-{tag}", merchant_id=self.merchant_id, amount_minor=amount_minor, currency="USD",
-            customer_phone="+14155550123", order_reference=f"ORDER-{tag}", line_items=items,
+            customer_phone=PHONE, order_reference=f"ORDER-{tag}", line_items=items,
             voice_platform="alexa", conversation_id=f"conv-{tag}", callback_url=None,
         )
         return UUID(result.result["session_id"])
@@ -165,6 +167,22 @@ def claim(born: str, postal_code: str = "94103") -> dict[str, str]:
 
 def wrong(code: str) -> str:
     return f"{(int(code) + 1) % 1_000_000:06d}"
+
+
+def resend_form(html: str) -> dict[str, str]:
+    """The hidden fields of the page's "Send a new code" form."""
+    _, found, rest = html.partition('/resend"')
+    assert found, "no resend form in the page"
+    return form_of(rest)
+
+
+def texted_new_codes(system: PageSystem) -> list[str]:
+    """The new codes the customer's phone received, oldest first: the dispatcher sends what the
+    outbox holds to the development mailbox, where the SMS are read."""
+    build_message_dispatcher(system.settings, system.database_url, system.services.ledger).run_once()
+    bodies = [message["body"] for message in reversed(dev_inbox(system.database_url, to=PHONE, limit=1000))]
+    return [found.group(1) for body in bodies
+            if (found := re.fullmatch(r"Luigi's Pizza: your new code is (\d{6})\. Never share this code\.", body))]
 
 
 # -- every step --------------------------------------------------------------------------
@@ -292,6 +310,123 @@ def test_posts_without_the_csrf_token_or_from_another_origin_are_refused(system:
     assert system.status(session_id) == "code_verified"
 
 
+# -- a new code by SMS -------------------------------------------------------------------
+
+
+def test_a_new_code_replaces_the_old_one(system: PageSystem) -> None:
+    session_id, token, code = system.link()
+    with system.client() as client:
+        page = client.get(f"/pay/{token}?resent=1").text  # no resend yet: nothing to report
+        assert "Didn't get it?" in words(page) and '<button type="submit" class="secondary">' in page
+        assert "We sent a new code" not in page and 'role="status"' not in page
+        assert len(dev_inbox(system.database_url, to=PHONE)) == 0 and texted_new_codes(system) == []
+        resent = client.post(f"/pay/{token}/resend", data=resend_form(page))
+        assert resent.status_code == 303 and resent.headers["location"] == f"/pay/{token}?resent=1"
+        assert resent.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        notice = follow(client, resent)
+        assert notice.status_code == 200 and '<div class="notice" role="status">' in notice.text
+        assert ("We sent a new code to +1 ••• ••• 0123. Codes sent before it no longer work. "
+                "You can ask for 2 more new codes.") in words(notice.text)
+        assert "Send a new code" in notice.text
+        new_codes = texted_new_codes(system)
+        assert len(new_codes) == 1  # exactly one new SMS (the other one in the mailbox is the link's)
+        assert len(dev_inbox(system.database_url, to=PHONE)) == 2
+        (new_code,) = new_codes
+        assert new_code != code
+        old = submit(client, token, "code", notice.text, code=code)
+        assert old.status_code == 422 and "That code is not right. You have 4 tries left." in words(old.text)
+        card_page = follow(client, submit(client, token, "code", old.text, code=new_code))
+    assert "Pay by card" in words(card_page.text)
+    session = system.services.ledger.get_session(session_id)
+    assert (session.status, session.code_resends, session.code_attempts) == ("code_verified", 1, 1)
+
+
+def test_a_double_submitted_resend_texts_one_code(system: PageSystem) -> None:
+    session_id, token, _ = system.link()
+    with system.client() as client:
+        fields = resend_form(client.get(f"/pay/{token}").text)
+        responses: list[httpx.Response] = []
+
+        def post() -> None:
+            with system.client() as own:
+                responses.append(own.post(f"/pay/{token}/resend", data=fields))
+
+        threads = [threading.Thread(target=post) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        responses.append(client.post(f"/pay/{token}/resend", data=fields))  # and once more, later
+        pages = [follow(client, response).text for response in responses]
+    assert all("We sent a new code to +1 ••• ••• 0123" in words(page) for page in pages)
+    assert all("You can ask for 2 more new codes." in words(page) for page in pages)
+    assert len(texted_new_codes(system)) == 1
+    assert system.services.ledger.get_session(session_id).code_resends == 1
+    with psycopg.connect(system.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox_messages").fetchone() == (2,)  # link + one code
+
+
+def test_the_fourth_resend_is_refused(system: PageSystem) -> None:
+    session_id, token, _ = system.link()
+    with system.client() as client:
+        page = client.get(f"/pay/{token}").text
+        for left in ("2 more new codes", "1 more new code"):
+            page = follow(client, client.post(f"/pay/{token}/resend", data=resend_form(page))).text
+            assert f"You can ask for {left}." in words(page)
+        third = resend_form(page)
+        last = follow(client, client.post(f"/pay/{token}/resend", data=third)).text
+        assert "That was the last new code we can send." in words(last)
+        assert "Send a new code" not in last and "/resend" not in last
+        assert "We cannot send any more codes for this payment." in words(last)
+        # The third form sent again is the same command (no SMS), not a fourth resend.
+        assert client.post(f"/pay/{token}/resend", data=third).status_code == 303
+        # A fourth, from a tab that still showed the button: refused, and said so.
+        refused = client.post(f"/pay/{token}/resend",
+                              data={"csrf": hidden(last, "csrf"), "form_id": uuid.uuid4().hex})
+        assert refused.status_code == 409 and "text/html" in refused.headers["content-type"]
+        assert '<div class="alert" role="alert"><p>We cannot send any more codes: we already sent 3 new ones' \
+            in refused.text
+        assert "Enter the last code we sent, or ask the merchant for a new link." in words(refused.text)
+        assert "Send a new code" not in refused.text and "/resend" not in refused.text
+        codes = texted_new_codes(system)
+        assert len(codes) == 3
+        card_page = follow(client, submit(client, token, "code", refused.text, code=codes[-1]))
+    assert "Pay by card" in words(card_page.text)
+    assert system.services.ledger.get_session(session_id).code_resends == 3
+
+
+def test_a_resend_is_refused_without_the_csrf_token_or_when_the_session_is_over(system: PageSystem) -> None:
+    session_id, token, _ = system.link()
+    locked_id, locked_token, locked_code = system.link()
+    expired_id, expired_token, _ = system.link()
+    with system.client() as client:
+        fields = resend_form(client.get(f"/pay/{token}").text)
+        forged = [
+            client.post(f"/pay/{token}/resend", data={"form_id": fields["form_id"]}),
+            client.post(f"/pay/{token}/resend", data={**fields, "csrf": "0" * 64}),
+            client.post(f"/pay/{token}/resend", data=fields, headers={"Sec-Fetch-Site": "cross-site"}),
+            client.post(f"/pay/{token}/resend", data=fields, headers={"Origin": "https://evil.example"}),
+        ]
+        unknown = client.post("/pay/nonsense/resend", data=fields)
+        # Locked after five wrong codes, or expired: the same pages as the code form's.
+        page = locked_page = client.get(f"/pay/{locked_token}").text
+        for _ in range(5):
+            page = submit(client, locked_token, "code", page, code=wrong(locked_code)).text
+        locked = client.post(f"/pay/{locked_token}/resend", data=resend_form(locked_page))
+        expired_page = client.get(f"/pay/{expired_token}").text
+        system.clock.advance(timedelta(minutes=16))
+        expired = client.post(f"/pay/{expired_token}/resend", data=resend_form(expired_page))
+    for response in forged:
+        assert response.status_code == 403 and "This form is out of date" in words(response.text)
+    assert unknown.status_code == 404 and "This link is not valid" in words(unknown.text)
+    assert locked.status_code == 423 and "This payment is locked" in words(locked.text)
+    assert expired.status_code == 410 and "This payment link has expired" in words(expired.text)
+    assert texted_new_codes(system) == []
+    ledger = system.services.ledger
+    assert [ledger.get_session(i).code_resends for i in (session_id, locked_id, expired_id)] == [0, 0, 0]
+    assert system.status(session_id) == "link_opened" and system.status(locked_id) == "locked"
+
+
 def test_identity_is_checked_above_the_threshold(system: PageSystem) -> None:
     session_id, token, code = system.link(amount_minor=15_000)
     with system.client() as client:
@@ -310,6 +445,26 @@ def test_identity_is_checked_above_the_threshold(system: PageSystem) -> None:
         done = follow(client, submit(client, token, "card", card_page, **card(MASTERCARD)))
     assert "Mastercard ending in 4444" in words(done.text)
     assert system.status(session_id) == "completed"
+
+
+def test_a_customer_who_passed_the_check_goes_from_the_code_to_the_card_next_time(system: PageSystem) -> None:
+    first_id, token, code = system.link(amount_minor=15_000)
+    with system.client() as client:
+        assert "Identity" in words(client.get(f"/pay/{token}").text)
+        identity_page = pay_to_card_step(client, token, code)
+        card_page = follow(client, submit(client, token, "identity", identity_page, **claim("1990-01-01"))).text
+        follow(client, submit(client, token, "card", card_page, **card()))
+    assert system.status(first_id) == "completed"
+
+    second_id, token, code = system.link(amount_minor=15_000)  # same phone, above the threshold again
+    with system.client() as client:
+        summary = client.get(f"/pay/{token}").text
+        assert "Identity" not in words(summary)  # the steps shown up front: code, card, done
+        card_page = pay_to_card_step(client, token, code)
+        assert "Confirm it is you" not in words(card_page) and "Pay 150.00 USD" in words(card_page)
+        done = follow(client, submit(client, token, "card", card_page, **card(MASTERCARD)))
+    assert "Mastercard ending in 4444" in words(done.text)
+    assert system.status(second_id) == "completed"
 
 
 def test_three_failed_identity_checks_end_the_session(system: PageSystem) -> None:
@@ -701,7 +856,7 @@ def test_no_card_number_anywhere_after_a_full_run(
     assert "PaymentMethodAttached" in events and '"card_last4":"4444"' in events.replace(" ", "")
     assert len(tables["card_vault"]) == 6 * 5  # five cards vaulted (the refused ones not): six values a row
     mine = [t for t in topics if t.startswith(system.settings.topic_prefix)]
-    assert len(mine) == 4 and any("card_" in text and "0005" in text for t in mine for text in topics[t])
+    assert len(mine) == 5 and any("card_" in text and "0005" in text for t in mine for text in topics[t])
     assert any(":status:payment:" in text for text in cache)
 
     everything = {

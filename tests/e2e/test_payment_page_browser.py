@@ -1,6 +1,7 @@
 """The payment page in headless Chromium (Debian's /usr/bin/chromium, driven by the PyPI playwright
 package, no browser download) against the page served by uvicorn on real PostgreSQL and Redis,
-on a phone-sized viewport: the issue's six journeys, with no console errors (a CSP violation is one).
+on a phone-sized viewport: the issue's six journeys and a new code by SMS, with no console errors
+(a CSP violation is one).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from adapters.clock import ManualClock
 from adapters.sandbox_processor import SandboxProcessor
 from adapters.servers import ServerURLs
 from api.bootstrap import Settings
-from tests.api.test_payment_page import VISA_DECLINED, PageSystem, make_page_system, page_settings, wrong
+from tests.api.test_payment_page import (
+    VISA_DECLINED,
+    PageSystem,
+    make_page_system,
+    page_settings,
+    texted_new_codes,
+    wrong,
+)
 
 CHROMIUM = Path(os.environ.get("ECHOTRANSACT_CHROMIUM", "/usr/bin/chromium"))
 if not CHROMIUM.exists():
@@ -148,6 +156,20 @@ def test_expired_link(phone: Any, system: PageSystem) -> None:
     assert response.status == 410
     heading(phone, "This payment link has expired")
     sync_api.expect(phone.locator("main")).to_contain_text("you have not been charged")
+
+
+def test_a_new_code_by_sms(phone: Any, system: PageSystem) -> None:
+    session_id, token, _ = system.link()
+    phone.goto(f"/pay/{token}")
+    sync_api.expect(phone.locator("main")).to_contain_text("Didn't get it?")
+    phone.get_by_role("button", name="Send a new code").click()
+    sync_api.expect(phone.get_by_role("status")).to_contain_text("We sent a new code to +1 ••• ••• 0123.")
+    sync_api.expect(phone.get_by_role("status")).to_contain_text("You can ask for 2 more new codes.")
+    assert_fits_a_phone(phone)
+    (new_code,) = texted_new_codes(system)
+    enter_code(phone, new_code)
+    heading(phone, "Pay by card")
+    assert system.status(session_id) == "code_verified"
 
 
 def test_identity_path_above_the_threshold(phone: Any, system: PageSystem) -> None:
