@@ -40,6 +40,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from adapters.clock import SystemClock
+from adapters.destinations import UnsafeDestination, check_destination
 from adapters.commerce import (
     CommerceBackend,
     CommerceOrder,
@@ -411,6 +412,7 @@ class WebhookDispatcher:
         retry_horizon: timedelta = timedelta(hours=24),
         jitter: float = 0.2,
         rng: random.Random | None = None,
+        allow_private_destinations: bool = False,
     ) -> None:
         assert hash_key, "webhook secrets are derived from the hash key"
         assert 0 <= jitter < 1, "jitter is the fraction of a delay that may be taken off"
@@ -424,6 +426,7 @@ class WebhookDispatcher:
         self.retry_horizon = retry_horizon
         self.jitter = jitter
         self.rng = rng or random.Random()
+        self.allow_private_destinations = allow_private_destinations
         self._conn = ReconnectingConnection(database_url)
 
     def connection(self) -> psycopg.Connection[Any]:
@@ -480,7 +483,12 @@ class WebhookDispatcher:
             attempted_at = self.clock.now()
             permanent = False
             try:
+                # A merchant-chosen URL into our own network is never called (SSRF); it is a
+                # dead letter at once, for an operator to see, not something a retry fixes.
+                check_destination(delivery.endpoint_url, allow_private=self.allow_private_destinations)
                 result = self.send(delivery)
+            except UnsafeDestination as error:
+                result, permanent = AttemptResult(None, f"unsafe_destination: {error}"[:500], 0), True
             except MissingIdempotencyKey as error:
                 # The table's check makes this impossible; if it happens, never send it.
                 result, permanent = AttemptResult(None, str(error), 0), True

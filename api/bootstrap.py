@@ -69,6 +69,8 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_CATCH_UP_GRACE_S": "how old an event must be before catch-up applies it (5)",
     "ECHOTRANSACT_RESOLVE_AFTER_S": "how long an authorization may stay unknown before the resolver asks (30)",
     "ECHOTRANSACT_RESOLVE_EVERY_S": "how often the resolver looks for unknown authorizations (15)",
+    "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS": "1: webhooks and commerce orders may go to loopback/private "
+                                               "addresses (0; `echotransact run` sets 1 for development)",
     "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
                                "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
                                "decline_score=80)",
@@ -99,6 +101,13 @@ def parse_thresholds(text: str) -> dict[str, int]:
         except DomainError as error:
             raise ConfigurationError(f"ECHOTRANSACT_IDENTITY_THRESHOLDS: {error}") from None
     return thresholds
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "0").strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ConfigurationError(f"{name} must be 1 or 0, got {env.get(name)!r}")
+    return value in ("1", "true", "yes")
 
 
 def parse_risk_rules(text: str) -> RiskPolicy:
@@ -159,6 +168,7 @@ class Settings:
     risk_policy: RiskPolicy = DEFAULT_RISK_POLICY
     resolve_after_s: float = 30
     resolve_every_s: float = 15
+    allow_private_destinations: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -223,6 +233,7 @@ class Settings:
             risk_policy=parse_risk_rules(env.get("ECHOTRANSACT_RISK_RULES", "")),
             resolve_after_s=max(1.0, numbers["ECHOTRANSACT_RESOLVE_AFTER_S"]),
             resolve_every_s=max(0.5, numbers["ECHOTRANSACT_RESOLVE_EVERY_S"]),
+            allow_private_destinations=_flag(env, "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"),
         )
 
 

@@ -73,16 +73,6 @@ def _servers(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, s
         servers.stop()
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subprocess.Popen[bytes]:
     import base64
 
@@ -99,6 +89,7 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
         env["ECHOTRANSACT_VAULT_KEY"] = base64.b64encode(settings.vault_key).decode()
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
+    env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
 
 
@@ -155,15 +146,22 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
                running: Path | None = None) -> None:
     import uvicorn
 
-    from adapters.servers import free_port
     from api.bootstrap import build_api_services
     from api.http.app import asgi_app
 
-    port = settings.port or free_port(settings.host)
-    if not _port_free(settings.host, port):
+    # Listen before saying "serving on": a caller that reads the line may connect at once (its
+    # connection waits in the backlog until uvicorn accepts it, instead of being refused).
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError:
+        sock.close()
         raise ConfigurationError(
-            f"port {port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
-        )
+            f"port {settings.port} on {settings.host} is in use; set ECHOTRANSACT_PORT to another (0 = any free)"
+        ) from None
+    sock.listen(2048)
+    port = sock.getsockname()[1]
     from dataclasses import replace
 
     settings = replace(settings, port=port)  # so SMS links name the port actually served
@@ -181,9 +179,10 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
     try:
         uvicorn.Server(
             uvicorn.Config(app, host=settings.host, port=port, log_config=None, access_log=False)
-        ).run()
+        ).run(sockets=[sock])
     finally:
         services.close()
+        sock.close()
 
 
 def _print_demo_keys(ledger: Any) -> None:
@@ -222,6 +221,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
         settings = replace(settings, processors={s.name: s.start() for s in sandboxes})
         log.info("sandbox_processors", **settings.processors)
+    if "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS" not in os.environ:
+        # Development: the merchant's receivers (and the demo's) run on this machine.
+        from dataclasses import replace as _replace
+
+        settings = _replace(settings, allow_private_destinations=True)
     with _servers(data_dir, own=True) as urls:
         try:
             applied = migrate(urls[0])
@@ -334,6 +338,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             run_webhooks(database_url, envelope_opener(settings), settings.hash_key, stop,
                          concurrency=settings.webhook_concurrency,
+                         allow_private_destinations=settings.allow_private_destinations,
                          retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
                          backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
                          backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))

@@ -132,8 +132,8 @@ def test_demo_drives_one_voice_payment_through_the_running_system(run_env: dict[
     out = done.stdout
     assert "session is completed" in out
     steps = re.findall(r"v(\d+)\s+\S+\s+(payment\.\w+)", out)
-    assert steps == [("1", "payment.initiated"), ("2", "payment.processing_started"),
-                     ("3", "payment.authorized"), ("4", "payment.captured")]
+    assert steps == [("1", "payment.initiated"), ("2", "payment.risk_assessed"), ("3", "payment.processing_started"),
+                     ("4", "payment.authorized"), ("5", "payment.captured")]
     assert "4242 4242 4242 4242" not in done.stderr
 
 

@@ -191,6 +191,7 @@ def dispatchers(
     def make(**kwargs: Any) -> WebhookDispatcher:
         kwargs.setdefault("clock", clock)
         kwargs.setdefault("jitter", 0.0)
+        kwargs.setdefault("allow_private_destinations", True)  # the receivers here are on loopback
         made.append(WebhookDispatcher(database_url, settings.hash_key, **kwargs))
         return made[-1]
 
@@ -294,6 +295,22 @@ def test_merchant_and_callback_receive_signed_masked_events_and_one_order(
 
     log = WebhookAdmin(database_url).attempts(endpoint=merchant.url("/hooks"))
     assert len(log) == sum(expected.values()) and {a["status_code"] for a in log} == {200}
+
+
+def test_a_url_into_our_own_network_is_never_called_and_dead_at_once(
+    ledger: Ledger, planner: WebhookPlanner, dispatchers: Callable[..., WebhookDispatcher],
+    receivers: Callable[..., Any],
+) -> None:
+    """Without ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS a merchant's URL on loopback (here: a live
+    receiver) is refused before any request: server-side request forgery goes nowhere."""
+    merchant, commerce = receivers(), receivers(CommerceServer)
+    m = new_merchant(ledger, "m-ssrf", webhook_url=merchant.url("/hooks"), commerce_backend_uri=commerce.url("/o"))
+    ledger.authorize_payment(pay(ledger, open_session(ledger, m, "s1", None), prefix="s1-"))
+    planner.plan()
+    outcomes = dispatchers(allow_private_destinations=False).dispatch_due()
+    assert outcomes and {o.status for o in outcomes} == {"dead"}
+    assert all((o.error or "").startswith("unsafe_destination: 127.0.0.1 resolves to 127.0.0.1") for o in outcomes)
+    assert merchant.requests == [] and commerce.requests == []
 
 
 def test_bodies_mask_the_phone_and_drop_secrets(
@@ -458,7 +475,7 @@ def test_an_order_sent_twice_by_a_crashed_dispatcher_is_created_once(
     script = textwrap.dedent("""
         import sys
         from adapters.webhooks import WebhookDispatcher
-        WebhookDispatcher(sys.argv[1], bytes.fromhex(sys.argv[2])).dispatch_due()
+        WebhookDispatcher(sys.argv[1], bytes.fromhex(sys.argv[2]), allow_private_destinations=True).dispatch_due()
         sys.exit(3)  # only reached if the kill did not happen
     """)
     victim["dispatcher"] = subprocess.Popen(
@@ -546,7 +563,7 @@ def test_the_long_running_loop_plans_sends_and_stops(
     stop = threading.Event()
     loop = threading.Thread(
         target=run_webhooks, args=(database_url, envelope_opener(settings), settings.hash_key, stop),
-        kwargs={"concurrency": 2, "poll_interval_s": 0.05},
+        kwargs={"concurrency": 2, "poll_interval_s": 0.05, "allow_private_destinations": True},
     )
     loop.start()
     try:
