@@ -71,6 +71,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_RESOLVE_EVERY_S": "how often the resolver looks for unknown authorizations (15)",
     "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS": "1: webhooks and commerce orders may go to loopback/private "
                                                "addresses (0; `echotransact run` sets 1 for development)",
+    "ECHOTRANSACT_IDENTITY_REUSE_DAYS": "days a passed identity check spares the customer a new one (365; 0: always ask)",
     "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
                                "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
                                "decline_score=80)",
@@ -169,6 +170,7 @@ class Settings:
     resolve_after_s: float = 30
     resolve_every_s: float = 15
     allow_private_destinations: bool = False
+    identity_reuse_days: int = 365
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -187,7 +189,8 @@ class Settings:
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S", "30"),
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "3600"),
                               ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4"),
-                              ("ECHOTRANSACT_RESOLVE_AFTER_S", "30"), ("ECHOTRANSACT_RESOLVE_EVERY_S", "15")):
+                              ("ECHOTRANSACT_RESOLVE_AFTER_S", "30"), ("ECHOTRANSACT_RESOLVE_EVERY_S", "15"),
+                              ("ECHOTRANSACT_IDENTITY_REUSE_DAYS", "365")):
             try:
                 numbers[name] = float(env.get(name, default))
             except ValueError:
@@ -234,6 +237,7 @@ class Settings:
             resolve_after_s=max(1.0, numbers["ECHOTRANSACT_RESOLVE_AFTER_S"]),
             resolve_every_s=max(0.5, numbers["ECHOTRANSACT_RESOLVE_EVERY_S"]),
             allow_private_destinations=_flag(env, "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"),
+            identity_reuse_days=max(0, int(numbers["ECHOTRANSACT_IDENTITY_REUSE_DAYS"])),
         )
 
 
@@ -302,6 +306,7 @@ def build_ledger(
         topic_prefix=settings.topic_prefix,
         public_url=(settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
         risk=settings.risk_policy,
+        identity_reuse=timedelta(days=settings.identity_reuse_days),
     )
     extra.setdefault("identity_verifier", DevIdentityVerifier())
     ledger = Ledger(

@@ -60,6 +60,11 @@ def _postings(postings: tuple[Posting, ...]) -> list[dict[str, Any]]:
 
 
 class Payment(Aggregate):
+    # Defaults for state added after the first release: a snapshot taken before it lacks them.
+    card_fingerprint = None
+    risk_score = None
+    risk_decision = None
+
     class Initiated(Aggregate.Created):
         merchant_id: UUID
         session_id: UUID | None

@@ -3,6 +3,8 @@ phone, within a year); one who failed it, or another phone, is; and the memory h
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
 from datetime import timedelta
 from uuid import UUID
 
@@ -10,6 +12,8 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
+from adapters.sandbox_processor import SandboxProcessor
+from api.bootstrap import Settings, build_ledger
 from application.ledger import Ledger
 from application.ports import IdentityClaim
 from domain.errors import IdentityCheckNotRequired
@@ -103,3 +107,19 @@ def test_a_small_purchase_records_no_recognition(ledger: Ledger) -> None:
         voice_platform="alexa", conversation_id="conv-small",
     ).result["session_id"])
     assert [type(e).__name__ for e in ledger.events.get(small)] == ["Opened"]
+
+
+def test_the_reuse_period_is_configurable_and_zero_always_asks(
+    settings: Settings, database_url: str, clock: ManualClock, processor: SandboxProcessor
+) -> None:
+    assert Settings.from_env({"ECHOTRANSACT_HASH_KEY": base64.b64encode(b"h" * 32).decode(),
+                              "ECHOTRANSACT_IDENTITY_REUSE_DAYS": "30"}).identity_reuse_days == 30
+    ledger = build_ledger(replace(settings, identity_reuse_days=0), database_url, clock=clock, processor=processor)
+    try:
+        merchant_id = new_merchant(ledger)
+        first = session_above_threshold(ledger, merchant_id, 1)
+        verified_code(ledger, first, 1)
+        ledger.verify_identity("id-1", first, GOOD)
+        assert ledger.get_session(session_above_threshold(ledger, merchant_id, 2)).needs_identity_check
+    finally:
+        ledger.close()
