@@ -272,7 +272,14 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "16",
         "POSTGRES_LOCK_TIMEOUT": "5",
+        # Kept on although it costs a round trip per checkout (about 13% of a command's time
+        # measured): after a database restart no request fails on a dead pooled connection.
         "POSTGRES_PRE_PING": "y",
+        # Recently used aggregates (a merchant on every command) stay in memory; each use reads
+        # only the events after the cached version ("fast-forward"), and a command gets a deep
+        # copy, so a refused command cannot leave a half-changed aggregate behind.
+        "AGGREGATE_CACHE_MAXSIZE": "1000",
+        "AGGREGATE_CACHE_FASTFORWARD": "y",
     }
     if encryption_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
