@@ -15,15 +15,24 @@ import socket
 from urllib.parse import urlsplit
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 class UnsafeDestination(ValueError):
     """The URL points into a network merchants must not reach through us."""
 
 
 def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-            or address.is_reserved or address.is_unspecified)
+    """Anything not on the public internet: private, loopback, link-local (cloud metadata),
+    shared (100.64/10, another cloud's metadata), reserved, multicast, and IPv4 hidden in an
+    IPv6 form (mapped, 6to4, Teredo)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if address in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if any(v4 is not None and _is_internal(v4) for v4 in embedded):
+            return True
+    return not address.is_global or address.is_multicast
 
 
 def check_destination(url: str, *, allow_private: bool) -> None:

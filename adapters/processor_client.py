@@ -274,7 +274,9 @@ def _protocol_error(response: httpx.Response) -> ProcessorProtocolError:
 
 class FailoverRouter:
     """New authorizations go to the primary unless its circuit is open, then to the secondary;
-    calls about an earlier authorization go to the processor named on the payment.
+    one the chosen processor provably never received (a refused connection) may go to the other
+    (``alternative``); calls about an earlier authorization go to the processor named on the
+    payment.
 
     When neither can take a call, ``select`` raises ProcessorUnavailable, so the ledger records
     nothing and sends nothing (the payment stays initiated and can be authorized later).

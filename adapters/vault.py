@@ -4,8 +4,9 @@ in the ``card_vault`` table, and referred to everywhere else by a token (plus br
 Tokens are random; the same number tokenized twice gives two tokens. The one exception is a
 retried submission: ``tokenize(..., idempotency_key=...)`` derives the token from the key, so a
 form submitted twice yields one token (and the ledger's attach command, keyed by the same form,
-sees the same request). No fingerprint of the number is stored, so the vault cannot tell that two
-tokens hold the same card; nothing in the product needs that yet.
+sees the same request). Tokenizing also returns a fingerprint, an HMAC of the number under a key
+derived from the vault key (not stored here): the same card gives the same fingerprint whatever
+its token, which is what card velocity in the risk rules counts on. The read side masks it.
 
 Tokens are letters only (``card_`` + 30 lowercase letters, about 141 bits), so no token can look
 like a card number to a scanner. The CVV never reaches this module.

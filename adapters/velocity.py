@@ -30,6 +30,10 @@ class PostgresVelocityCounter:
         counts: dict[str, int] = {}
         with self._datastore.transaction(commit=True) as cur:
             for kind, key in sorted(keys.items()):
+                # One attempt at a time per key (in sorted order, so no deadlock): without it,
+                # attempts made in parallel do not see each other's uncommitted rows and a burst
+                # of card testing would pass the limit.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"velocity:{kind}:{key}",))
                 cur.execute(
                     "INSERT INTO risk_attempts (kind, key, attempt_id, at) VALUES (%s, %s, %s, %s)"
                     " ON CONFLICT (kind, key, attempt_id) DO NOTHING",

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from adapters.clock import SystemClock
 from adapters.dev_identity import DevIdentityVerifier
 from adapters.sandbox_processor import SandboxProcessor
+from adapters.locks import PostgresAdvisoryLocks
 from adapters.velocity import PostgresVelocityCounter
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
@@ -126,6 +127,9 @@ def parse_risk_rules(text: str) -> RiskPolicy:
     policy = replace(DEFAULT_RISK_POLICY, **changes)
     if not 0 < policy.review_score <= policy.decline_score:
         raise ConfigurationError("ECHOTRANSACT_RISK_RULES: need 0 < review_score <= decline_score")
+    for name in ("velocity_window_minutes", "max_attempts_per_card", "max_attempts_per_phone"):
+        if getattr(policy, name) < 1:  # 0 would switch velocity off, or decline every payment
+            raise ConfigurationError(f"ECHOTRANSACT_RISK_RULES: {name} must be at least 1")
     return policy
 
 
@@ -274,12 +278,9 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         "POSTGRES_LOCK_TIMEOUT": "5",
         # Kept on although it costs a round trip per checkout (about 13% of a command's time
         # measured): after a database restart no request fails on a dead pooled connection.
+        # No aggregate cache (AGGREGATE_CACHE_MAXSIZE): in eventsourcing 9.5.6 a thread can
+        # deep-copy a cached aggregate while another fast-forwards it in place, a torn copy.
         "POSTGRES_PRE_PING": "y",
-        # Recently used aggregates (a merchant on every command) stay in memory; each use reads
-        # only the events after the cached version ("fast-forward"), and a command gets a deep
-        # copy, so a refused command cannot leave a half-changed aggregate behind.
-        "AGGREGATE_CACHE_MAXSIZE": "1000",
-        "AGGREGATE_CACHE_FASTFORWARD": "y",
     }
     if encryption_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
@@ -323,9 +324,12 @@ def build_ledger(
         processor=processor or build_processors(settings),
         **extra,
     )
+    datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
     if ledger.velocity is None:
         # Velocity counts live next to the events, through the event store's own pool.
-        ledger.velocity = PostgresVelocityCounter(ledger.recorder.datastore)  # type: ignore[attr-defined]
+        ledger.velocity = PostgresVelocityCounter(datastore)
+    if ledger.locks is None:
+        ledger.locks = PostgresAdvisoryLocks(datastore)
     return ledger
 
 

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
@@ -43,6 +44,7 @@ from application.ports import (
     OutboxSms,
     PaymentProcessor,
     ProcessorRouter,
+    Locks,
     SingleProcessor,
     VelocityCounter,
 )
@@ -150,8 +152,12 @@ class Ledger(Application):
         processor: PaymentProcessor | ProcessorRouter,
         identity_verifier: IdentityVerifier | None = None,
         velocity: VelocityCounter | None = None,
+        locks: Locks | None = None,
     ) -> None:
         super().__init__(env)
+        # Per-payment authorization locks across processes (api/bootstrap.py supplies them);
+        # without, only this process's calls are ordered (by nothing): fine for one caller.
+        self.locks = locks
         # The composition root supplies it (api/bootstrap.py: in the event store's database).
         self.velocity = velocity
         self.policy = policy
@@ -594,7 +600,9 @@ class Ledger(Application):
             return [session, payment], {**_session_result(session), "payment_id": str(payment_id)}
 
         request = {"session_id": str(session_id), "card_token": card_token, "card_brand": card_brand,
-                   "card_last4": card_last4, "card_fingerprint": card_fingerprint}
+                   "card_last4": card_last4}
+        if card_fingerprint is not None:  # absent, the request hashes as before fingerprints existed
+            request["card_fingerprint"] = card_fingerprint
         return self._execute(command_id, "attach_payment_method", request, session_id, decide)
 
     def cancel_session(
@@ -626,6 +634,13 @@ class Ledger(Application):
         charges twice; (3) record the outcome on the payment and its session together. An
         unknown outcome (timeout) records nothing and is settled by ``resolve_authorization``.
         """
+        with self._authorization_lock(payment_id):
+            return self._authorize(payment_id, cvv)
+
+    def _authorization_lock(self, payment_id: UUID) -> AbstractContextManager[None]:
+        return self.locks.hold(f"authorize:{payment_id}") if self.locks is not None else nullcontext()
+
+    def _authorize(self, payment_id: UUID, cvv: str | None) -> CommandResult:
         payment = self.get_payment(payment_id)
         started_here = False
         if payment.status == PaymentStatus.INITIATED:
@@ -665,14 +680,15 @@ class Ledger(Application):
 
     def resolve_authorization(self, payment_id: UUID) -> CommandResult:
         """Settle an authorization whose outcome was unknown by asking, never by charging again."""
-        payment = self.get_payment(payment_id)
-        if payment.status != PaymentStatus.PROCESSING:
-            return CommandResult(_payment_result(payment), None, replayed=True)
-        outcome = self._processor_of(payment).status(idempotency_key=f"authorize:{payment_id}")
-        if outcome is None:
-            # The processor never received it: asking with the same key is safe.
-            return self.authorize_payment(payment_id)
-        return self._record_authorization(payment_id, outcome)
+        with self._authorization_lock(payment_id):
+            payment = self.get_payment(payment_id)
+            if payment.status != PaymentStatus.PROCESSING:
+                return CommandResult(_payment_result(payment), None, replayed=True)
+            outcome = self._processor_of(payment).status(idempotency_key=f"authorize:{payment_id}")
+            if outcome is None:
+                # The processor never received it: asking with the same key is safe.
+                return self._authorize(payment_id, None)
+            return self._record_authorization(payment_id, outcome)
 
     def _start_processing(self, payment_id: UUID) -> tuple[Sequence[Aggregate], dict[str, Any]]:
         """The risk rules, then (unless they decline) the processor is chosen and recorded."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 
@@ -73,14 +74,12 @@ class PaymentProcessor(Protocol):
 
 
 class ProcessorRouter(Protocol):
-    """Which processor gets a new authorization (failover happens here, before anything is
-    sent), and which one holds an earlier call (captures, refunds and status questions go back
-    to the processor that authorized)."""
+    """Which processor gets a new authorization (the primary unless its circuit is open), which
+    one may take over an authorization the chosen one provably never received (``alternative``:
+    a refused connection), and which one holds an earlier call (captures, refunds and status
+    questions go back to the processor that authorized)."""
 
     def select(self) -> PaymentProcessor: ...
-
-    def alternative(self, name: str) -> PaymentProcessor | None:
-        return None
 
     def named(self, name: str) -> PaymentProcessor: ...
 
@@ -100,6 +99,9 @@ class SingleProcessor:
 
     def named(self, name: str) -> PaymentProcessor:
         return self.processor
+
+    def alternative(self, name: str) -> PaymentProcessor | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,16 @@ class VelocityCounter(Protocol):
 
     ``record_and_count`` records ``attempt_id`` at ``at`` under every key (idempotent: recording
     the same attempt again keeps its first time) and returns, per key, the attempts in the
-    window ending at that attempt's recorded time, itself included. Attempts recorded later do
-    not count, so asking again for the same attempt gives the same answer."""
+    window ending at that attempt's recorded time, itself included. Attempts on one key are
+    counted one at a time, so parallel attempts see each other. Asking again for the same
+    attempt counts it once; it may then also see attempts recorded at the same instant since."""
 
     def record_and_count(
         self, attempt_id: str, at: datetime, window_seconds: int, keys: dict[str, str]
     ) -> dict[str, int]: ...
+
+
+class Locks(Protocol):
+    """Mutual exclusion per key across every process of the deployment."""
+
+    def hold(self, key: str) -> AbstractContextManager[None]: ...

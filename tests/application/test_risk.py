@@ -5,6 +5,7 @@ is idempotent per attempt."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -148,10 +149,30 @@ def test_counting_one_attempt_again_gives_the_same_numbers(ledger: Ledger, clock
                                             {"card": "k"}) == {"card": 2}  # a-1 and a-2 left the window
 
 
+def test_parallel_attempts_on_one_card_see_each_other(ledger: Ledger, clock: ManualClock) -> None:
+    """Card testing comes in bursts: attempts counted at the same moment must not all see 1."""
+    assert ledger.velocity is not None
+    velocity = ledger.velocity
+    barrier = threading.Barrier(8)
+    counts: list[int] = []
+
+    def count(i: int) -> None:
+        barrier.wait()
+        counts.append(velocity.record_and_count(f"burst-{i}", clock.now(), 600, {"card": "k-burst"})["card"])
+
+    threads = [threading.Thread(target=count, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(counts) == list(range(1, 9))
+
+
 def test_risk_rules_are_configurable_and_a_bad_setting_is_a_readable_error() -> None:
     policy = parse_risk_rules("max_attempts_per_card=5, velocity_window_minutes=30")
     assert (policy.max_attempts_per_card, policy.velocity_window_minutes) == (5, 30)
     assert parse_risk_rules("") == DEFAULT_POLICY
-    for bad in ("max_attempts_per_card", "nonsense=3", "review_score=-1", "review_score=90,decline_score=80"):
+    for bad in ("max_attempts_per_card", "nonsense=3", "review_score=-1", "review_score=90,decline_score=80",
+                "velocity_window_minutes=0", "max_attempts_per_phone=0"):
         with pytest.raises(ConfigurationError, match="ECHOTRANSACT_RISK_RULES"):
             parse_risk_rules(bad)

@@ -532,6 +532,29 @@ def test_a_payment_sent_to_a_primary_that_refuses_connections_is_rerouted_at_onc
     assert secondary_server.requests(key) == 1
 
 
+def test_two_callers_authorizing_one_payment_at_once_ask_the_processor_once(
+    http_ledger: Ledger, primary_server: SandboxProcessorServer, secondary_server: SandboxProcessorServer,
+) -> None:
+    """A double submit, a page reload or the resolver may authorize the same payment while a
+    call is with the processor: the per-payment lock makes them wait and read its answer."""
+    payment_id = new_payment(http_ledger, new_merchant(http_ledger), 1)
+    http_ledger.authorize_payment(new_payment(http_ledger, new_merchant(http_ledger, "m2"), 2))  # warm up
+    primary_server.set_latency(150)  # under the client's 0.25 s timeout
+    results: list[str] = []
+
+    def authorize() -> None:
+        results.append(http_ledger.authorize_payment(payment_id).result["status"])
+
+    first = threading.Thread(target=authorize)
+    first.start()
+    time.sleep(0.05)  # the first call is with the processor now
+    authorize()
+    first.join()
+    assert results == ["authorized", "authorized"]
+    key = f"authorize:{payment_id}"
+    assert primary_server.requests(key) == 1 and secondary_server.requests(key) == 0
+
+
 def test_ledger_settles_a_timed_out_authorization_by_asking_not_by_charging_again(
     http_ledger: Ledger, primary_server: SandboxProcessorServer
 ) -> None:

@@ -14,6 +14,8 @@ from adapters.destinations import UnsafeDestination, check_destination
     "http://[::1]/", "http://[fe80::1]/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/",
     "http://localhost:9000/", "http://db.internal/", "http://printer.local/", "http://224.0.0.1/",
     "ftp://example.com/", "http:///nohost",
+    "http://100.100.100.200/", "http://100.64.0.1/",  # shared range, another cloud's metadata
+    "http://[2002:7f00:1::]/", "http://[64:ff9b::a9fe:a9fe]/", "http://2130706433/", "http://0x7f.1/",
 ])
 def test_internal_destinations_are_refused(url: str) -> None:
     with pytest.raises(UnsafeDestination):
