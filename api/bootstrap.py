@@ -22,6 +22,8 @@ from adapters.clock import SystemClock
 from adapters.dev_identity import DevIdentityVerifier
 from adapters.sandbox_processor import SandboxProcessor
 from adapters.locks import PostgresAdvisoryLocks
+from adapters.retention import RetentionPolicy
+from adapters.retention import parse_policy as parse_retention
 from adapters.velocity import PostgresVelocityCounter
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
@@ -73,6 +75,10 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS": "1: webhooks and commerce orders may go to loopback/private "
                                                "addresses (0; `echotransact run` sets 1 for development)",
     "ECHOTRANSACT_IDENTITY_REUSE_DAYS": "days a passed identity check spares the customer a new one (365; 0: always ask)",
+    "ECHOTRANSACT_RETENTION_EVERY_S": "how often `dispatch` deletes rows past retention (3600; 0: never)",
+    "ECHOTRANSACT_RETENTION": "retention overrides as name=duration,... (idempotency_after_expiry=24h, sms_after=30d, "
+                              "dev_sms_after=1d, webhook_attempts_after=30d, webhook_deliveries_after=30d, "
+                              "risk_attempts_after=1d, batch_size=1000)",
     "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
                                "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
                                "decline_score=80)",
@@ -175,6 +181,8 @@ class Settings:
     resolve_every_s: float = 15
     allow_private_destinations: bool = False
     identity_reuse_days: int = 365
+    retention_every_s: float = 3600
+    retention_policy: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -194,7 +202,8 @@ class Settings:
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "3600"),
                               ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4"),
                               ("ECHOTRANSACT_RESOLVE_AFTER_S", "30"), ("ECHOTRANSACT_RESOLVE_EVERY_S", "15"),
-                              ("ECHOTRANSACT_IDENTITY_REUSE_DAYS", "365")):
+                              ("ECHOTRANSACT_IDENTITY_REUSE_DAYS", "365"),
+                              ("ECHOTRANSACT_RETENTION_EVERY_S", "3600")):
             try:
                 numbers[name] = float(env.get(name, default))
             except ValueError:
@@ -210,6 +219,14 @@ class Settings:
                 "ECHOTRANSACT_HASH_KEY is required (base64, 32 bytes); `echotransact run` makes a "
                 "development one under the data directory"
             )
+        risk_policy = parse_risk_rules(env.get("ECHOTRANSACT_RISK_RULES", ""))
+        try:
+            retention_policy = parse_retention(env.get("ECHOTRANSACT_RETENTION", ""))
+        except ValueError as error:
+            raise ConfigurationError(f"ECHOTRANSACT_RETENTION: {error}") from None
+        # Velocity rows are kept at least as long as the window they count in.
+        retention_policy = replace(retention_policy,
+                                   velocity_window=timedelta(minutes=risk_policy.velocity_window_minutes))
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
@@ -237,7 +254,9 @@ class Settings:
             webhook_concurrency=max(1, int(numbers["ECHOTRANSACT_WEBHOOK_CONCURRENCY"])),
             sms={k: env[f"ECHOTRANSACT_SMS_{k.upper()}"] for k in ("url", "account", "token", "from")
                  if env.get(f"ECHOTRANSACT_SMS_{k.upper()}")},
-            risk_policy=parse_risk_rules(env.get("ECHOTRANSACT_RISK_RULES", "")),
+            risk_policy=risk_policy,
+            retention_every_s=max(0.0, numbers["ECHOTRANSACT_RETENTION_EVERY_S"]),
+            retention_policy=retention_policy,
             resolve_after_s=max(1.0, numbers["ECHOTRANSACT_RESOLVE_AFTER_S"]),
             resolve_every_s=max(0.5, numbers["ECHOTRANSACT_RESOLVE_EVERY_S"]),
             allow_private_destinations=_flag(env, "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"),

@@ -299,9 +299,10 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    """Send the outbox's messages (SMS), and settle authorizations whose outcome was unknown,
-    until SIGTERM."""
+    """Send the outbox's messages (SMS), settle authorizations whose outcome was unknown, and
+    delete rows past retention, until SIGTERM."""
     from adapters.resolver import run_resolver
+    from adapters.retention import run_retention
     from api.bootstrap import build_ledger, build_message_dispatcher
 
     data_dir = _data_dir()
@@ -316,11 +317,31 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             kwargs={"every_s": settings.resolve_every_s, "older_than": timedelta(seconds=settings.resolve_after_s)},
         )
         resolver.start()
+        retention = None
+        if settings.retention_every_s > 0:
+            retention = threading.Thread(
+                target=run_retention, args=(database_url, stop), daemon=True, name="retention",
+                kwargs={"every_s": settings.retention_every_s, "policy": settings.retention_policy},
+            )
+            retention.start()
         try:
             build_message_dispatcher(settings, database_url, ledger).run(stop)
         finally:
             resolver.join(5)
+            if retention is not None:
+                retention.join(5)
             ledger.close()
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Delete rows past retention once and print how many per table."""
+    from adapters.retention import purge
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        print(json.dumps(purge(database_url, None, settings.retention_policy)))
     return 0
 
 
@@ -518,7 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--projection", default="all", help="all, or status, analytics, audit, balances")
     replay.add_argument("--verify", action="store_true",
                         help="rebuild into scratch tables, list differences from the live ones (exit 1 if any)")
-    sub.add_parser("dispatch", help="send the outbox's messages (SMS); settle unknown authorizations")
+    sub.add_parser("dispatch", help="send the outbox's messages (SMS); settle unknown authorizations; "
+                                    "delete rows past retention")
+    sub.add_parser("retention", help="delete rows past retention once (SMS, webhook log, idempotency "
+                                     "records, risk attempts)")
     sub.add_parser("demo", help="one complete voice payment against the running system")
     sms = sub.add_parser("sms", help="the development SMS mailbox")
     sms_sub = sms.add_subparsers(dest="sms_command", required=True)
@@ -559,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
-        "webhooks": cmd_webhooks, "demo": cmd_demo,
+        "webhooks": cmd_webhooks, "demo": cmd_demo, "retention": cmd_retention,
     }
     from api.logging import configure_logging
 
