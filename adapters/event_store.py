@@ -41,6 +41,11 @@ class OutboxRecorder(PostgresApplicationRecorder):
             " SELECT m, 'sms', a, p FROM unnest(%s::uuid[], %s::uuid[], %s::bytea[]) AS t(m, a, p)"
             " ON CONFLICT (message_id) DO NOTHING"
         )
+        self._mark_attached = SQL(
+            "UPDATE card_vault SET attached_at = now(), payment_id = t.p"
+            " FROM unnest(%s::text[], %s::uuid[]) AS t(tok, p)"
+            " WHERE card_vault.token = t.tok AND card_vault.attached_at IS NULL"
+        )
         self._insert_command = SQL(
             "INSERT INTO command_log"
             " (command_id, command_name, request_hash, aggregate_id, result, position)"
@@ -54,6 +59,7 @@ class OutboxRecorder(PostgresApplicationRecorder):
         outbox: Sequence[OutboxMessage] = kwargs.get("outbox", ())
         command: CommandRecord | None = kwargs.get("command")
         sms: Sequence[OutboxSms] = kwargs.get("messages", ())
+        attached: Sequence[tuple[str, Any]] = kwargs.get("vault_attachments", ())
         by_event = {(m.aggregate_id, m.version): m for m in outbox}
         # Checked before the transaction opens: a mismatch is a bug and must not commit events
         # without their outbox rows.
@@ -99,6 +105,9 @@ class OutboxRecorder(PostgresApplicationRecorder):
                     ([m.message_id for m in sms], [m.session_id for m in sms], [m.payload for m in sms]),
                     prepare=True,
                 )
+            if attached:
+                # Cards never attached are the vault rows retention may delete.
+                curs.execute(self._mark_attached, ([t for t, _ in attached], [p for _, p in attached]))
             if command is not None:
                 curs.execute(
                     self._insert_command,

@@ -15,6 +15,9 @@ What goes (``RetentionPolicy`` holds the ages):
   deleted with their delivery (``ON DELETE CASCADE``), so a delivery waits for its attempts.
   Redelivery (``webhooks redeliver``) is possible within that window only.
 * ``risk_attempts``: after a day, and never inside the velocity window (plus an hour).
+* ``card_vault``: cards typed on the payment page but never attached to a payment, after a day.
+  The event store marks a card attached (``attached_at``) in the transaction that records
+  ``payment_method_attached``; attached cards stay.
 
 What stays, on purpose:
 
@@ -24,8 +27,6 @@ What stays, on purpose:
   re-plans from its checkpoint. Deleting published, applied and planned rows would silently
   make a rebuild differ from the live read models. Events themselves are the ledger and are
   never deleted either.
-* ``card_vault``: nothing ties a vault row to the payment that uses it, except the card token
-  inside encrypted events, so there is no cheap and safe rule for "never attached" yet.
 * ``command_log``: commands' own idempotency (a retry must return the recorded result).
 
 Every batch is one short transaction: ``DELETE ... WHERE ctid = ANY(ARRAY(SELECT ctid ... LIMIT
@@ -64,6 +65,9 @@ class RetentionPolicy:
     # Counted from delivered_at / dead_at.
     webhook_deliveries_after: timedelta = timedelta(days=30)
     risk_attempts_after: timedelta = timedelta(days=1)
+    # Cards typed on the payment page but never attached to a payment (the customer gave up,
+    # or the link expired): card data is kept no longer than it can be used.
+    vault_unattached_after: timedelta = timedelta(days=1)
     # The risk rules' velocity window (RiskPolicy.velocity_window_minutes): attempts are kept at
     # least this long plus an hour, whatever risk_attempts_after says.
     velocity_window: timedelta = timedelta(minutes=10)
@@ -81,7 +85,7 @@ class RetentionPolicy:
             if isinstance(value, timedelta) and value < timedelta(0):
                 raise ValueError(f"retention {f.name} must not be negative")
         for name in ("sms_after", "dev_sms_after", "webhook_attempts_after", "webhook_deliveries_after",
-                     "risk_attempts_after"):
+                     "risk_attempts_after", "vault_unattached_after"):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"retention {name} must be positive")
         if self.batch_size < 1 or self.max_batches < 1:
@@ -145,6 +149,7 @@ _RULES: tuple[_Rule, ...] = (
           " AND NOT EXISTS (SELECT FROM webhook_attempts a WHERE a.delivery_id = r.delivery_id"
           " AND a.attempted_at >= %(webhook_attempts)s)"),
     _Rule("risk_attempts", "r.at < %(risk)s"),
+    _Rule("card_vault", "r.attached_at IS NULL AND r.created_at < %(vault)s"),
 )
 
 TABLES: tuple[str, ...] = tuple(dict.fromkeys(rule.table for rule in _RULES))
@@ -167,6 +172,7 @@ def _cutoffs(now: datetime, policy: RetentionPolicy) -> dict[str, datetime]:
         "webhook_attempts": now - policy.webhook_attempts_after,
         "webhook_deliveries": now - policy.webhook_deliveries_after,
         "risk": now - policy.risk_attempts_kept,
+        "vault": now - policy.vault_unattached_after,
     }
 
 

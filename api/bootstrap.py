@@ -78,7 +78,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_RETENTION_EVERY_S": "how often `dispatch` deletes rows past retention (3600; 0: never)",
     "ECHOTRANSACT_RETENTION": "retention overrides as name=duration,... (idempotency_after_expiry=24h, sms_after=30d, "
                               "dev_sms_after=1d, webhook_attempts_after=30d, webhook_deliveries_after=30d, "
-                              "risk_attempts_after=1d, batch_size=1000)",
+                              "risk_attempts_after=1d, vault_unattached_after=1d, batch_size=1000)",
     "ECHOTRANSACT_RISK_RULES": "risk rule overrides as name=number,... (max_attempts_per_card=3, "
                                "max_attempts_per_phone=5, velocity_window_minutes=10, review_score=50, "
                                "decline_score=80)",

@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("dispatch", help="send the outbox's messages (SMS); settle unknown authorizations; "
                                     "delete rows past retention")
     sub.add_parser("retention", help="delete rows past retention once (SMS, webhook log, idempotency "
-                                     "records, risk attempts)")
+                                     "records, risk attempts, unattached cards)")
     sub.add_parser("demo", help="one complete voice payment against the running system")
     sms = sub.add_parser("sms", help="the development SMS mailbox")
     sms_sub = sms.add_subparsers(dest="sms_command", required=True)

@@ -197,6 +197,10 @@ class Ledger(Application):
                 )
             )
         processing_event.saved_kwargs["outbox"] = outbox
+        processing_event.saved_kwargs["vault_attachments"] = [
+            (event.card_token, event.payment_id) for event in processing_event.events
+            if isinstance(event, PaymentSession.PaymentMethodAttached)
+        ]
         return super()._record(processing_event)
 
     def keyed_hash(self, purpose: str, *parts: object) -> str:

@@ -304,17 +304,31 @@ def test_the_outbox_is_never_purged_and_a_rebuild_still_matches(
     assert verify(database_url, projections, opener) != []
 
 
-def test_the_card_vault_is_never_purged(conn: psycopg.Connection[Any], database_url: str) -> None:
-    """No cheap, safe rule tells an orphan card from an attached one yet (the report proposes an
-    attached_at column): even a year-old card stays."""
+def test_cards_never_attached_go_after_a_day_attached_ones_stay(
+    conn: psycopg.Connection[Any], database_url: str, ledger: Ledger
+) -> None:
+    """The event store marks a vaulted card attached in the transaction that attaches it to a
+    payment; a card typed but never attached is deleted after a day, an attached one is kept."""
     database_now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     vault = CardVault(database_url, b"v" * 32)
     try:
-        card = vault.tokenize("4242 4242 4242 4242", 12, database_now.year + 2, now=database_now - 365 * DAY)
+        year = database_now.year + 2
+        old_orphan = vault.tokenize("4242 4242 4242 4242", 12, year, now=database_now - 2 * DAY)
+        young_orphan = vault.tokenize("5555 5555 5555 4444", 12, year, now=database_now - timedelta(hours=1))
+        paid = vault.tokenize("4000 0566 5566 5556", 12, year, now=database_now - 2 * DAY)
     finally:
         vault.close()
+    session_id = open_session(ledger, new_merchant(ledger))
+    link = ledger.send_link("send", session_id)
+    ledger.verify_code("code", session_id, link.code)
+    payment_id = ledger.attach_payment_method("attach", session_id, card_token=paid.token, card_brand=paid.brand,
+                                              card_last4=paid.last4).result["payment_id"]
+    assert column(conn, "SELECT payment_id::text FROM card_vault WHERE token = %s", paid.token) == [payment_id]
+
+    assert purge(database_url) == only(card_vault=1)
+    assert sorted(column(conn, "SELECT token FROM card_vault")) == sorted([young_orphan.token, paid.token])
+    assert old_orphan.token not in column(conn, "SELECT token FROM card_vault")
     assert purge(database_url) == NOTHING
-    assert column(conn, "SELECT token FROM card_vault") == [card.token]
 
 
 # -- policy and loop -----------------------------------------------------------------------------------
