@@ -14,7 +14,6 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 

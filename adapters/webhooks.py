@@ -40,7 +40,6 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from adapters.clock import SystemClock
-from adapters.destinations import UnsafeDestination, check_destination
 from adapters.commerce import (
     CommerceBackend,
     CommerceOrder,
@@ -49,6 +48,7 @@ from adapters.commerce import (
     encode_order,
     post,
 )
+from adapters.destinations import UnsafeDestination, check_destination
 from adapters.pg import ReconnectingConnection
 from application.envelope import EventEnvelope
 from application.ports import Clock

@@ -20,19 +20,18 @@ from psycopg.conninfo import conninfo_to_dict
 
 from adapters.clock import SystemClock
 from adapters.dev_identity import DevIdentityVerifier
-from adapters.sandbox_processor import SandboxProcessor
 from adapters.locks import PostgresAdvisoryLocks
 from adapters.retention import RetentionPolicy
 from adapters.retention import parse_policy as parse_retention
+from adapters.sandbox_processor import SandboxProcessor
 from adapters.velocity import PostgresVelocityCounter
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
 from application.ports import Clock, PaymentProcessor, ProcessorRouter
-from domain.money import check_amount, check_currency
 from domain.errors import DomainError
+from domain.money import check_amount, check_currency
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
-
 
 if TYPE_CHECKING:
     from adapters.messages import MessageDispatcher
@@ -378,13 +377,12 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
 
     from adapters.idempotency import IdempotencyStore
     from adapters.rate_limit import RateLimiter
+    from adapters.vault import CardVault
     from api.http.health import Dependencies
     from api.http.services import ApiServices
     from projections.queries import StatusQueries
     from projections.status_cache import StatusCache
     from projections.views import ReadViews
-
-    from adapters.vault import CardVault
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     views = ReadViews(database_url)

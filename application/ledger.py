@@ -40,11 +40,11 @@ from application.ports import (
     Decision,
     IdentityClaim,
     IdentityVerifier,
+    Locks,
     OutboxMessage,
     OutboxSms,
     PaymentProcessor,
     ProcessorRouter,
-    Locks,
     SingleProcessor,
     VelocityCounter,
 )
@@ -156,7 +156,7 @@ class Ledger(Application):
     ) -> None:
         super().__init__(env)
         # Per-payment authorization locks across processes (api/bootstrap.py supplies them);
-        # without, only this process's calls are ordered (by nothing): fine for one caller.
+        # a Ledger built without them does not serialize authorizations of one payment.
         self.locks = locks
         # The composition root supplies it (api/bootstrap.py: in the event store's database).
         self.velocity = velocity

@@ -6,10 +6,10 @@ the composition root picks which.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 

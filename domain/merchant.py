@@ -13,6 +13,7 @@ from domain.ledger import FeeSchedule
 from domain.money import check_amount, check_currency
 from domain.values import check_text, check_url
 
+
 def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
     """Risk limits: the largest single payment per currency, in minor units."""
     if not isinstance(limits, Mapping):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-
 from litestar import Litestar, Request
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.di import Provide

@@ -13,8 +13,8 @@ from litestar.params import Parameter
 from api.http import schemas
 from api.http.auth import Principal, merchant_scope, require
 from api.http.commands import run_command
-from api.http.openapi import PROCESSOR_PROBLEMS, command, problems
 from api.http.controllers._common import payment_from_aggregate, payment_from_row
+from api.http.openapi import PROCESSOR_PROBLEMS, command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from projections.views import Scope

@@ -12,8 +12,8 @@ from litestar.params import Parameter
 from api.http import schemas
 from api.http.auth import Principal, merchant_scope, require
 from api.http.commands import run_command
-from api.http.openapi import command, problems
 from api.http.controllers._common import session_from_aggregate, session_from_row
+from api.http.openapi import command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from application.errors import NotFound
