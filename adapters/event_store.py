@@ -9,6 +9,8 @@ none of it does; the outbox's foreign key to the events makes an orphan row impo
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +21,12 @@ from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier
 
 from application.ports import CommandRecord, OutboxMessage, OutboxSms
+from domain.errors import InvalidPaymentMethod
 
 _json = msgspec.json.Encoder()
+
+
+_VAULT_TOKEN = re.compile(r"card_[a-z]{30}")  # adapters/vault.py; other tokens come from elsewhere
 
 
 class OutboxRecorder(PostgresApplicationRecorder):
@@ -42,9 +48,9 @@ class OutboxRecorder(PostgresApplicationRecorder):
             " ON CONFLICT (message_id) DO NOTHING"
         )
         self._mark_attached = SQL(
-            "UPDATE card_vault SET attached_at = now(), payment_id = t.p"
-            " FROM unnest(%s::text[], %s::uuid[]) AS t(tok, p)"
-            " WHERE card_vault.token = t.tok AND card_vault.attached_at IS NULL"
+            "UPDATE card_vault SET attached_at = COALESCE(attached_at, now()),"
+            " payment_id = COALESCE(payment_id, t.p)"
+            " FROM unnest(%s::text[], %s::uuid[]) AS t(tok, p) WHERE card_vault.token = t.tok"
         )
         self._insert_command = SQL(
             "INSERT INTO command_log"
@@ -106,8 +112,12 @@ class OutboxRecorder(PostgresApplicationRecorder):
                     prepare=True,
                 )
             if attached:
-                # Cards never attached are the vault rows retention may delete.
+                # Cards never attached are the vault rows retention may delete. A vault token
+                # whose row is gone (deleted as never attached) must not be attached: no commit.
                 curs.execute(self._mark_attached, ([t for t, _ in attached], [p for _, p in attached]))
+                vaulted = sum(1 for t, _ in attached if _VAULT_TOKEN.fullmatch(t))
+                if curs.rowcount < vaulted:
+                    raise InvalidPaymentMethod("this card is no longer on file; please enter it again")
             if command is not None:
                 curs.execute(
                     self._insert_command,

@@ -88,6 +88,10 @@ class RetentionPolicy:
                      "risk_attempts_after", "vault_unattached_after"):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"retention {name} must be positive")
+        if self.vault_unattached_after < timedelta(hours=1):
+            # Longer than any payment link lives (15 min by default): a card being attached
+            # right now is never old enough to go.
+            raise ValueError("retention vault_unattached_after must be at least 1h")
         if self.batch_size < 1 or self.max_batches < 1:
             raise ValueError("retention batch_size and max_batches must be positive")
 

@@ -168,7 +168,7 @@ class CardVault:
                 row = conn.execute(
                     "SELECT ciphertext, nonce FROM card_vault WHERE token = %s", (token,)
                 ).fetchone()
-                assert row is not None, "a vault row is never deleted between insert and read"
+                assert row is not None, "retention deletes only rows a day old, never one just written"
                 if not self._same_card(self._open(token, bytes(row[1]), bytes(row[0])), sealed):
                     raise IdempotencyKeyReused("this form was already submitted with another card")
         fingerprint = "fp_" + hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).hexdigest()[:40]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import secrets
@@ -211,6 +212,8 @@ class Settings:
         prefix = env.get("ECHOTRANSACT_TOPIC_PREFIX", DEFAULT_TOPIC_PREFIX)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", prefix):
             raise ConfigurationError("ECHOTRANSACT_TOPIC_PREFIX may hold letters, digits, '.', '_' and '-'")
+        if not all(math.isfinite(v) for v in numbers.values()):
+            raise ConfigurationError("numeric settings must be finite numbers")
         if not 0 <= port <= 65535 or lifetime <= 0:
             raise ConfigurationError("ECHOTRANSACT_PORT must be 0-65535 and the lifetime positive")
         if not hash_key:
@@ -347,7 +350,7 @@ def build_ledger(
         # Velocity counts live next to the events, through the event store's own pool.
         ledger.velocity = PostgresVelocityCounter(datastore)
     if ledger.locks is None:
-        ledger.locks = PostgresAdvisoryLocks(datastore)
+        ledger.locks = PostgresAdvisoryLocks(database_url)
     return ledger
 
 

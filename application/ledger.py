@@ -167,6 +167,12 @@ class Ledger(Application):
         )
         self.identity_verifier = identity_verifier
 
+    def close(self) -> None:
+        close_locks = getattr(self.locks, "close", None)
+        if close_locks is not None:
+            close_locks()
+        super().close()
+
     # -- plumbing ------------------------------------------------------------------------------
 
     @property

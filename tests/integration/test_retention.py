@@ -1,7 +1,7 @@
 """Data retention on real PostgreSQL: per rule, old rows go and young or still-needed rows stay;
 a second run deletes nothing; batches larger than the limit are purged across batches and runs;
-the outbox and the card vault are never touched. Times are the database's (rows are written
-relative to its now())."""
+the outbox is never touched and only vaulted cards never attached to a payment go. Times are
+the database's (rows are written relative to its now())."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from adapters.vault import CardVault
 from adapters.webhooks import WebhookPlanner
 from api.bootstrap import Settings, envelope_opener
 from application.ledger import Ledger
+from domain.errors import InvalidPaymentMethod
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
 from projections.replay import verify
@@ -329,6 +330,15 @@ def test_cards_never_attached_go_after_a_day_attached_ones_stay(
     assert sorted(column(conn, "SELECT token FROM card_vault")) == sorted([young_orphan.token, paid.token])
     assert old_orphan.token not in column(conn, "SELECT token FROM card_vault")
     assert purge(database_url) == NOTHING
+
+    # A card deleted as never attached cannot be attached afterwards: the attach is refused whole.
+    second = open_session(ledger, new_merchant(ledger, "m-late"), "open-late")
+    link = ledger.send_link("send-late", second)
+    ledger.verify_code("code-late", second, link.code)
+    with pytest.raises(InvalidPaymentMethod, match="no longer on file"):
+        ledger.attach_payment_method("attach-late", second, card_token=old_orphan.token, card_brand="visa",
+                                     card_last4="4242")
+    assert ledger.get_session(second).status == "code_verified"
 
 
 # -- policy and loop -----------------------------------------------------------------------------------
