@@ -171,7 +171,13 @@ class CardVault:
                 assert row is not None, "retention deletes only rows a day old, never one just written"
                 if not self._same_card(self._open(token, bytes(row[1]), bytes(row[0])), sealed):
                     raise IdempotencyKeyReused("this form was already submitted with another card")
-        fingerprint = "fp_" + hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).hexdigest()[:40]
+        # Letters only, like tokens: no run of digits a card scanner could mistake for a number.
+        value = int.from_bytes(hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).digest())
+        letters = []
+        for _ in range(_TOKEN_LETTERS):
+            value, index = divmod(value, len(_ALPHABET))
+            letters.append(_ALPHABET[index])
+        fingerprint = "fp_" + "".join(letters)
         return VaultedCard(token, brand, digits[-4:], fingerprint)
 
     def detokenize(self, token: str) -> CardDetails:

@@ -641,6 +641,9 @@ def test_the_vault_stores_ciphertext_under_its_own_key(database_url: str) -> Non
         second = vault.tokenize("4242424242424242", 12, 2034, now=NOW)
         assert first.token != second.token and re.fullmatch(r"card_[a-z]{30}", first.token)
         assert (first.brand, first.last4) == ("visa", "4242")
+        # One card, one fingerprint whatever its token (card velocity counts on it); letters only.
+        assert first.fingerprint == second.fingerprint and re.fullmatch(r"fp_[a-z]{30}", first.fingerprint)
+        assert vault.tokenize("5555 5555 5555 4444", 12, 2034, now=NOW).fingerprint != first.fingerprint
         retried = vault.tokenize("4242424242424242", 12, 2034, now=NOW, idempotency_key="form-1")
         assert vault.tokenize("4242424242424242", 12, 2034, now=NOW, idempotency_key="form-1") == retried
         with pytest.raises(IdempotencyKeyReused):
