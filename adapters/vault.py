@@ -83,6 +83,16 @@ _encode = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder(_Sealed)
 
 
+def _letters(digest: bytes) -> str:
+    """A keyed digest as lowercase letters (about 141 bits in 30 of them)."""
+    value = int.from_bytes(digest)
+    letters = []
+    for _ in range(_TOKEN_LETTERS):
+        value, index = divmod(value, len(_ALPHABET))
+        letters.append(_ALPHABET[index])
+    return "".join(letters)
+
+
 def luhn_valid(digits: str) -> bool:
     if not digits.isascii() or not digits.isdigit():
         return False
@@ -172,12 +182,7 @@ class CardVault:
                 if not self._same_card(self._open(token, bytes(row[1]), bytes(row[0])), sealed):
                     raise IdempotencyKeyReused("this form was already submitted with another card")
         # Letters only, like tokens: no run of digits a card scanner could mistake for a number.
-        value = int.from_bytes(hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).digest())
-        letters = []
-        for _ in range(_TOKEN_LETTERS):
-            value, index = divmod(value, len(_ALPHABET))
-            letters.append(_ALPHABET[index])
-        fingerprint = "fp_" + "".join(letters)
+        fingerprint = "fp_" + _letters(hmac.new(self._fingerprint_key, digits.encode(), hashlib.sha256).digest())
         return VaultedCard(token, brand, digits[-4:], fingerprint)
 
     def detokenize(self, token: str) -> CardDetails:
@@ -196,12 +201,7 @@ class CardVault:
         return TOKEN_PREFIX + "".join(secrets.choice(_ALPHABET) for _ in range(_TOKEN_LETTERS))
 
     def _token_for(self, idempotency_key: str) -> str:
-        value = int.from_bytes(hmac.new(self._token_key, idempotency_key.encode(), hashlib.sha256).digest())
-        letters = []
-        for _ in range(_TOKEN_LETTERS):
-            value, index = divmod(value, len(_ALPHABET))
-            letters.append(_ALPHABET[index])
-        return TOKEN_PREFIX + "".join(letters)
+        return TOKEN_PREFIX + _letters(hmac.new(self._token_key, idempotency_key.encode(), hashlib.sha256).digest())
 
     def _seal(self, token: str, sealed: _Sealed) -> tuple[bytes, bytes]:
         nonce = secrets.token_bytes(_NONCE_BYTES)
