@@ -47,6 +47,7 @@ import pytest
 
 from adapters.processor_server import SandboxProcessorServer
 from adapters.servers import ServerURLs, free_port
+from tests.integration.test_webhooks import Received  # the same record of a received request
 
 REPO = Path(__file__).resolve().parents[2]
 HASH_KEY = b"j" * 32
@@ -368,17 +369,6 @@ def test_with_the_primary_down_payments_fail_over_to_the_secondary_and_none_is_c
 
 
 # -- 3. the merchant's receivers are down ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    @property
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.body)
 
 
 @dataclass
