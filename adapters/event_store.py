@@ -5,6 +5,10 @@ It keeps the library's guarantee that notification ids are issued in commit orde
 EXCLUSIVE table lock around the insert, readers are not blocked) and adds, inside the same
 transaction, one outbox row per event and the command-log row. Either all of it commits or
 none of it does; the outbox's foreign key to the events makes an orphan row impossible.
+
+The whole save is one statement, a call of the ``ledger_append`` function, run in autocommit
+mode: the lock is taken and released by the server within that one round trip, so writers no
+longer queue behind a lock held while its owner waits for the network or for Python.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import msgspec
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
+from psycopg.errors import RaiseException
 from psycopg.sql import SQL, Identifier
 
 from application.ports import CommandRecord, OutboxMessage, OutboxSms
@@ -32,117 +37,81 @@ _VAULT_TOKEN = re.compile(r"card_[a-z]{30}")  # adapters/vault.py; other tokens 
 class OutboxRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
         super().__init__(datastore, events_table_name=events_table_name)
-        table = Identifier(self.datastore.schema or "public", self.events_table_name)
-        self._insert_returning = SQL(
-            "INSERT INTO {table} (originator_id, originator_version, topic, state)"
-            " SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
-            " RETURNING originator_id, originator_version, notification_id"
-        ).format(table=table)
-        self._insert_outbox = SQL(
-            "INSERT INTO outbox (position, event_id, topic, message_key, envelope)"
-            " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::bytea[])"
-        )
-        self._insert_messages = SQL(
-            "INSERT INTO outbox_messages (message_id, kind, aggregate_id, payload)"
-            " SELECT m, 'sms', a, p FROM unnest(%s::uuid[], %s::uuid[], %s::bytea[]) AS t(m, a, p)"
-            " ON CONFLICT (message_id) DO NOTHING"
-        )
-        self._mark_attached = SQL(
-            "UPDATE card_vault SET attached_at = COALESCE(attached_at, now()),"
-            " payment_id = COALESCE(payment_id, t.p)"
-            " FROM unnest(%s::text[], %s::uuid[]) AS t(tok, p) WHERE card_vault.token = t.tok"
-        )
-        self._insert_command = SQL(
-            "INSERT INTO command_log"
-            " (command_id, command_name, request_hash, aggregate_id, result, position)"
-            " VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
-        )
+        self._append = SQL(
+            "SELECT {function}(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[],"
+            " %s::uuid[], %s::text[], %s::text[], %s::bytea[],"
+            " %s::uuid[], %s::uuid[], %s::bytea[],"
+            " %s::text[], %s::uuid[], %s::integer,"
+            " %s::text, %s::text, %s::text, %s::uuid, %s::jsonb) AS positions"
+        ).format(function=Identifier(self.datastore.schema or "public", "ledger_append"))
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
+        """Events, outbox rows, SMS, card attachments and the command record in one statement
+        (migrations/0013_append_function.sql): one round trip, the table lock held only inside
+        the server. A lost race raises IntegrityError and nothing is written."""
+        if stored_events and self.events_table_name != "ledger_events":
+            raise AssertionError("ledger_append writes ledger_events; the recorder names another table")
         outbox: Sequence[OutboxMessage] = kwargs.get("outbox", ())
         command: CommandRecord | None = kwargs.get("command")
         sms: Sequence[OutboxSms] = kwargs.get("messages", ())
         attached: Sequence[tuple[str, Any]] = kwargs.get("vault_attachments", ())
         by_event = {(m.aggregate_id, m.version): m for m in outbox}
-        # Checked before the transaction opens: a mismatch is a bug and must not commit events
+        # Checked before anything is sent: a mismatch is a bug and must not commit events
         # without their outbox rows.
         if len(by_event) != len(stored_events) or any(
             (e.originator_id, e.originator_version) not in by_event for e in stored_events
         ):
             raise AssertionError("every stored event needs exactly one outbox message")
-        notification_ids: list[int] = []
-        with self.datastore.transaction(commit=True) as curs:
-            if stored_events:
-                self._lock_table(curs)
-                self._notify_channel(curs)
-                curs.execute(
-                    self._insert_returning,
-                    (
-                        [e.originator_id for e in stored_events],
-                        [e.originator_version for e in stored_events],
-                        [e.topic for e in stored_events],
-                        [e.state for e in stored_events],
-                    ),
-                    prepare=True,
-                )
-                ids = {
-                    (row["originator_id"], row["originator_version"]): row["notification_id"]
-                    for row in curs.fetchall()
-                }
-                notification_ids = [ids[(e.originator_id, e.originator_version)] for e in stored_events]
-                messages = [by_event[(e.originator_id, e.originator_version)] for e in stored_events]
-                curs.execute(
-                    self._insert_outbox,
-                    (
-                        notification_ids,
-                        [m.event_id for m in messages],
-                        [m.topic for m in messages],
-                        [m.key for m in messages],
-                        [m.envelope for m in messages],
-                    ),
-                    prepare=True,
-                )
-            if sms:
-                curs.execute(
-                    self._insert_messages,
-                    ([m.message_id for m in sms], [m.session_id for m in sms], [m.payload for m in sms]),
-                    prepare=True,
-                )
-            if attached:
-                # Cards never attached are the vault rows retention may delete. A vault token
-                # whose row is gone (deleted as never attached) must not be attached: no commit.
-                curs.execute(self._mark_attached, ([t for t, _ in attached], [p for _, p in attached]))
-                vaulted = sum(1 for t, _ in attached if _VAULT_TOKEN.fullmatch(t))
-                if curs.rowcount < vaulted:
-                    raise InvalidPaymentMethod("this card is no longer on file; please enter it again")
-            if command is not None:
-                curs.execute(
-                    self._insert_command,
-                    (
-                        command.command_id,
-                        command.command_name,
-                        command.request_hash,
-                        command.aggregate_id,
-                        _json.encode(command.result).decode(),
-                        notification_ids[-1] if notification_ids else None,
-                    ),
-                    prepare=True,
-                )
-        return notification_ids
+        if not stored_events and not sms and not attached and command is None:
+            return []
+        messages = [by_event[(e.originator_id, e.originator_version)] for e in stored_events]
+        params = (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+            [m.event_id for m in messages],
+            [m.topic for m in messages],
+            [m.key for m in messages],
+            [m.envelope for m in messages],
+            [m.message_id for m in sms],
+            [m.session_id for m in sms],
+            [m.payload for m in sms],
+            [t for t, _ in attached],
+            [p for _, p in attached],
+            # Cards never attached are the vault rows retention may delete. A vault token whose
+            # row is gone (deleted as never attached) must not be attached: no commit.
+            sum(1 for t, _ in attached if _VAULT_TOKEN.fullmatch(t)),
+            command.command_id if command else None,
+            command.command_name if command else None,
+            command.request_hash if command else None,
+            command.aggregate_id if command else None,
+            _json.encode(command.result).decode() if command else None,
+        )
+        with self.datastore.get_connection() as conn:
+            try:
+                row = conn.execute(self._append, params, prepare=True).fetchone()
+            except RaiseException as error:
+                if error.diag.message_primary == "card_not_on_file":
+                    raise InvalidPaymentMethod("this card is no longer on file; please enter it again") from None
+                raise
+        assert row is not None
+        return list(row["positions"] or ())
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def get_command(self, command_id: str) -> CommandRecord | None:
-        with self.datastore.transaction(commit=False) as curs:
-            curs.execute(
+        # One autocommit statement: no BEGIN, and no ROLLBACK (after which psycopg would
+        # deallocate the connection's prepared statements).
+        with self.datastore.get_connection() as conn:
+            row = conn.execute(
                 "SELECT command_id, command_name, request_hash, aggregate_id, result, position"
                 " FROM command_log WHERE command_id = %s",
                 (command_id,),
                 prepare=True,
-            )
-            row = curs.fetchone()
+            ).fetchone()
         if row is None:
             return None
         return CommandRecord(

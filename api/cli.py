@@ -151,7 +151,10 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
 
     # Listen before saying "serving on": a caller that reads the line may connect at once (its
     # connection waits in the backlog until uvicorn accepts it, instead of being refused).
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it every reused keep-alive response waits about 40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))

@@ -62,7 +62,8 @@ def test_an_outbox_row_cannot_exist_without_its_event(database_url: str) -> None
 
 
 def _slow_outbox_inserts(database_url: str) -> None:
-    """Make the outbox insert stall, after the events are inserted in the same transaction."""
+    """Make the outbox insert stall, after the events are inserted in the same transaction
+    (the same statement: ledger_append inserts events, then outbox rows)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS"
@@ -78,7 +79,7 @@ def _wait_for_stalled_backend(database_url: str, other_than: int = 0) -> int:
     with psycopg.connect(database_url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO outbox%%'"
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE '%%ledger_append%%'"
                 " AND state = 'active' AND datname = current_database() AND pid <> %s",
                 (other_than,),
             ).fetchone()
