@@ -28,7 +28,8 @@ CLAIM_TIMEOUT = timedelta(seconds=60)
 @dataclass(frozen=True)
 class Begin:
     """``proceed``: run the request. ``replay``: answer with the recorded response.
-    ``conflict``: a different request used this key. ``in_progress``: the first is still running."""
+    ``conflict``: a different request used this key. ``in_progress``: the first is still running.
+    (``retry`` stays inside ``IdempotencyStore.begin``.)"""
 
     outcome: str
     status: int | None = None
@@ -60,15 +61,24 @@ class IdempotencyStore:
             if cached["request_hash"] != request_hash:
                 return Begin("conflict")
             return Begin("replay", cached["status"], cached["body"])
-        with self.pool.connection() as conn, conn.transaction():
-            inserted = conn.execute(
-                "INSERT INTO idempotency_records (scope, idempotency_key, request_hash, state,"
-                " locked_until, expires_at) VALUES (%s, %s, %s, 'in_progress', now() + %s, now() + %s)"
-                " ON CONFLICT DO NOTHING RETURNING 1",
-                (scope, key, request_hash, CLAIM_TIMEOUT, KEY_LIFETIME),
-            ).fetchone()
-            if inserted:
-                return Begin("proceed")
+        with self.pool.connection() as conn:
+            while True:
+                # The usual case, a new key, is one autocommit statement; a key seen before is
+                # decided in a transaction that locks its row.
+                inserted = conn.execute(
+                    "INSERT INTO idempotency_records (scope, idempotency_key, request_hash, state,"
+                    " locked_until, expires_at) VALUES (%s, %s, %s, 'in_progress', now() + %s, now() + %s)"
+                    " ON CONFLICT DO NOTHING RETURNING 1",
+                    (scope, key, request_hash, CLAIM_TIMEOUT, KEY_LIFETIME), prepare=True,
+                ).fetchone()
+                if inserted:
+                    return Begin("proceed")
+                begun = self._begin_seen(conn, scope, key, request_hash)
+                if begun.outcome != "retry":  # "retry": the row was deleted meanwhile
+                    return begun
+
+    def _begin_seen(self, conn: psycopg.Connection[Any], scope: str, key: str, request_hash: str) -> Begin:
+        with conn.transaction():
             row = conn.execute(
                 "SELECT request_hash, state, response_status, response_body, locked_until > now(),"
                 " expires_at <= now() FROM idempotency_records"
@@ -76,7 +86,7 @@ class IdempotencyStore:
                 (scope, key),
             ).fetchone()
             if row is None:  # deleted between the two statements: claim it now
-                return self.begin(scope, key, request_hash)
+                return Begin("retry")
             stored_hash, state, status, body, locked, expired = row
             if expired or (state == "in_progress" and not locked and stored_hash == request_hash):
                 # An expired key starts afresh; a stale claim of the same request is taken over.

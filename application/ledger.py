@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
 from domain.money import CURRENCY_EXPONENTS, Money, check_currency
 from domain.payment import Payment, PaymentStatus
-from domain.payment_session import PaymentSession
+from domain.payment_session import PaymentSession, SessionStatus
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
 from domain.risk import assess as assess_risk
@@ -113,6 +114,12 @@ class CommandResult:
     result: dict[str, Any]
     position: int | None
     replayed: bool = False
+    # The aggregates this command saved, as saved (empty for a replay): a caller answers from
+    # them instead of loading them again.
+    saved: tuple[Aggregate, ...] = field(default=(), compare=False, repr=False)
+
+    def saved_one(self, cls: type[Any], aggregate_id: UUID) -> Any | None:
+        return next((a for a in self.saved if isinstance(a, cls) and a.id == aggregate_id), None)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class Ledger(Application):
             processor if hasattr(processor, "select") else SingleProcessor(processor)  # type: ignore[arg-type]
         )
         self.identity_verifier = identity_verifier
+        self._merchants_read: dict[UUID, Merchant] = {}
+        self._merchants_read_lock = threading.Lock()
 
     def close(self) -> None:
         close_locks = getattr(self.locks, "close", None)
@@ -215,11 +224,15 @@ class Ledger(Application):
 
     def _execute(
         self, command_id: str, command_name: str, request: Mapping[str, Any], aggregate_id: UUID | None,
-        decide: Decide, messages: Callable[[], Sequence[OutboxSms]] | None = None,
+        decide: Decide, messages: Callable[[], Sequence[OutboxSms]] | None = None, *,
+        creates: bool = False,
     ) -> CommandResult:
+        """``creates``: the command creates ``aggregate_id`` (derived from the command id), so a
+        command that already ran cannot save again (its version 1 exists): the command log is
+        read only after such a lost race, not before every first attempt."""
         request_hash = self.keyed_hash("request", _canonical.encode([command_name, request]).decode())
-        for _ in range(_MAX_SAVE_ATTEMPTS):
-            existing = self.command_log.get_command(command_id)
+        for attempt in range(_MAX_SAVE_ATTEMPTS):
+            existing = None if creates and attempt == 0 else self.command_log.get_command(command_id)
             if existing is not None:
                 if existing.request_hash != request_hash or existing.command_name != command_name:
                     raise IdempotencyKeyReused(
@@ -235,7 +248,7 @@ class Ledger(Application):
                 # first. Look again; the loop re-reads the log and the aggregates.
                 continue
             position = recordings[-1].notification.id if recordings else None
-            return CommandResult(result, position)
+            return CommandResult(result, position, saved=tuple(aggregates))
         raise ConcurrencyConflict(
             f"{command_name} kept losing the race for {aggregate_id}; retry the request"
         )
@@ -264,6 +277,20 @@ class Ledger(Application):
 
     def get_merchant(self, merchant_id: UUID) -> Merchant:
         return self._get(Merchant, merchant_id)
+
+    def _merchant_to_read(self, merchant_id: UUID) -> Merchant:
+        """The merchant as it is now, for reading only: a command that changes a merchant loads
+        it with ``get_merchant``. Kept in memory and checked with one query for newer events;
+        a newer merchant replaces the kept one, which is never changed, so threads share it."""
+        kept = self._merchants_read.get(merchant_id)
+        if kept is not None and not self.recorder.select_events(merchant_id, gt=kept.version, limit=1):
+            return kept
+        merchant = self.get_merchant(merchant_id)
+        with self._merchants_read_lock:
+            if len(self._merchants_read) >= 10_000:
+                self._merchants_read.clear()
+            self._merchants_read[merchant_id] = merchant
+        return merchant
 
     # -- merchants -----------------------------------------------------------------------------
 
@@ -376,10 +403,19 @@ class Ledger(Application):
 
     # -- the payment session -------------------------------------------------------------------
 
-    def open_session(
+    def open_session(self, command_id: str, **fields: Any) -> CommandResult:
+        """Open a payment session (the fields of ``_open_session``); the link is sent apart."""
+        return self._open_session(command_id, send_link=False, **fields).result
+
+    def open_session_and_send_link(self, command_id: str, **fields: Any) -> LinkIssued:
+        """Open a payment session and text the customer its link and code, in one save."""
+        return self._open_session(command_id, send_link=True, **fields)
+
+    def _open_session(
         self,
         command_id: str,
         *,
+        send_link: bool,
         merchant_id: UUID,
         amount_minor: int,
         currency: str,
@@ -390,7 +426,12 @@ class Ledger(Application):
         conversation_id: str,
         callback_url: str | None = None,
         metadata: Mapping[str, str] | None = None,
-    ) -> CommandResult:
+    ) -> LinkIssued:
+        """Open a payment session; with ``send_link``, also issue the link and code and queue
+        the SMS that carries them, in the same save (one transaction, one command record).
+
+        Both forms are the same command (name and request hash): a retry of a request that an
+        earlier version opened, but did not text, sends the link now."""
         session_id = self._derived_id(command_id, "payment_session")
         request = {
             "merchant_id": str(merchant_id), "amount_minor": amount_minor, "currency": currency,
@@ -399,9 +440,11 @@ class Ledger(Application):
             "conversation_id": conversation_id, "callback_url": callback_url,
             "metadata": dict(metadata or {}),
         }
+        issued: dict[str, str] = {}
+        sms: list[OutboxSms] = []
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
-            merchant = self.get_merchant(merchant_id)
+            merchant = self._merchant_to_read(merchant_id)
             check_currency(currency)
             session = PaymentSession.open(
                 session_id,
@@ -424,9 +467,20 @@ class Ledger(Application):
                 if customer is not None and customer.identity_on_file(self.clock.now(), self.policy.identity_reuse):
                     assert customer.identity_verified_at is not None
                     session.recognize_identity(customer.id, customer.identity_verified_at)
+            if send_link:
+                issued["token"], issued["code"] = self._issue_link(session)
+                text = self._sms_text(session, merchant, issued["token"], issued["code"])
+                sms[:] = [self._sms(f"{command_id}:send_link", session, text)]
             return [session], _session_result(session)
 
-        return self._execute(command_id, "open_session", request, session_id, decide)
+        result = self._execute(command_id, "open_session", request, session_id, decide,
+                               messages=lambda: sms, creates=True)
+        if not send_link or not result.replayed:
+            return LinkIssued(result, issued.get("token", ""), issued.get("code", ""))
+        if self.get_session(session_id).status == SessionStatus.AWAITING_CUSTOMER:
+            # Opened by an earlier version, which sent the link as a second command.
+            return self.send_link(f"{command_id}:send_link", session_id)
+        return LinkIssued(result, "", "")
 
     def _session_command(
         self,
@@ -452,38 +506,43 @@ class Ledger(Application):
             payload = self.mapper.cipher.encrypt(payload)
         return OutboxSms(self._derived_id(command_id, "sms"), session.id, payload)
 
-    def _sms_text(self, session: PaymentSession, token: str, code: str) -> str:
-        merchant = self.get_merchant(session.merchant_id)
+    def _sms_text(self, session: PaymentSession, merchant: Merchant, token: str, code: str) -> str:
         amount = Money(session.amount_minor, session.currency).format()
         minutes = max(1, round((session.expires_at - self.clock.now()).total_seconds() / 60))
         return (f"{merchant.name}: pay {amount} for order {session.order_reference} at "
                 f"{self.policy.public_url}/pay/{token} - your code is {code}. "
                 f"The link expires in {minutes} min. Never share this code.")
 
-    def send_link(self, command_id: str, session_id: UUID) -> LinkIssued:
-        """Issue the single-use link token and the one-time code, and queue the SMS that carries
-        them in the same transaction. Only keyed hashes are recorded in the event; the SMS
-        payload is encrypted. A replay of the same command cannot show them again."""
-        # The token starts with the session id, so the page finds the session; the rest is the
-        # unguessable secret, recorded only as a keyed hash.
-        token = session_id.hex + secrets.token_urlsafe(32)
+    def _issue_link(self, session: PaymentSession) -> tuple[str, str]:
+        """A single-use link token and a one-time code; the session records only their keyed
+        hashes. The token starts with the session id, so the page finds the session; the rest
+        is the unguessable secret."""
+        token = session.id.hex + secrets.token_urlsafe(32)
         code = f"{secrets.randbelow(10**6):06d}"
-        loaded: dict[str, PaymentSession] = {}
+        session.send_link(self.keyed_hash("link", token), self.keyed_hash("code", session.id, code),
+                          self.clock.now())
+        return token, code
+
+    def send_link(self, command_id: str, session_id: UUID) -> LinkIssued:
+        """Issue the link and code, and queue the SMS that carries them in the same transaction.
+        Only keyed hashes are recorded in the event; the SMS payload is encrypted. A replay of
+        the same command cannot show them again."""
+        issued: dict[str, str] = {}
+        sms: list[OutboxSms] = []
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
-            session = loaded["session"] = self.get_session(session_id)
-            session.send_link(self.keyed_hash("link", token), self.keyed_hash("code", session_id, code),
-                              self.clock.now())
+            session = self.get_session(session_id)
+            issued["token"], issued["code"] = self._issue_link(session)
+            text = self._sms_text(session, self._merchant_to_read(session.merchant_id),
+                                  issued["token"], issued["code"])
+            sms[:] = [self._sms(command_id, session, text)]
             return [session], _session_result(session)
 
-        result = self._execute(
-            command_id, "send_link", {"session_id": str(session_id)}, session_id, decide,
-            messages=lambda: [self._sms(command_id, loaded["session"],
-                                        self._sms_text(loaded["session"], token, code))],
-        )
+        result = self._execute(command_id, "send_link", {"session_id": str(session_id)}, session_id,
+                               decide, messages=lambda: sms)
         if result.replayed:
             return LinkIssued(result, "", "")
-        return LinkIssued(result, token, code)
+        return LinkIssued(result, issued["token"], issued["code"])
 
     def session_for_link(self, link_token: str) -> PaymentSession:
         """The session a payment link belongs to; NotFound for anything else, malformed or not."""
@@ -516,7 +575,7 @@ class Ledger(Application):
 
         def sms() -> list[OutboxSms]:
             session = loaded["session"]
-            merchant = self.get_merchant(session.merchant_id)
+            merchant = self._merchant_to_read(session.merchant_id)
             return [self._sms(command_id, session,
                               f"{merchant.name}: your new code is {code}. Never share this code.")]
 
@@ -590,7 +649,7 @@ class Ledger(Application):
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             session = self.get_session(session_id)
-            merchant = self.get_merchant(session.merchant_id)
+            merchant = self._merchant_to_read(session.merchant_id)
             session.attach_payment_method(
                 payment_id=payment_id, card_token=card_token, card_brand=card_brand,
                 card_last4=card_last4, now=self.clock.now(),
@@ -729,7 +788,7 @@ class Ledger(Application):
         )
         recent_by_phone, recent_by_card = counts.get("phone", 1), counts["card"]
         prior_declines = session.declines if session is not None else 0
-        merchant = self.get_merchant(payment.merchant_id)
+        merchant = self._merchant_to_read(payment.merchant_id)
         verdict = assess_risk(
             payment.amount_minor, payment.currency, merchant.max_amount_minor.get(payment.currency),
             recent_by_phone, recent_by_card, prior_declines=prior_declines,

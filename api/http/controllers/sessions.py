@@ -17,6 +17,7 @@ from api.http.openapi import command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from application.errors import NotFound
+from domain.payment_session import PaymentSession
 from projections.views import Scope
 
 
@@ -32,8 +33,10 @@ class PaymentSessionController(Controller):
         merchant_id = merchant_scope(principal)
 
         def run(command_id: str) -> tuple[int, Any]:
+            # Opening a session texts the customer the link and code (through the outbox), in
+            # the same save as the opening.
             ledger = services.ledger
-            result = ledger.open_session(
+            issued = ledger.open_session_and_send_link(
                 command_id, merchant_id=merchant_id, amount_minor=data.amount, currency=data.currency,
                 customer_phone=data.customer_phone, order_reference=data.order.reference,
                 line_items=[{"sku": i.sku, "name": i.name, "quantity": i.quantity,
@@ -41,12 +44,10 @@ class PaymentSessionController(Controller):
                 voice_platform=data.voice.platform, conversation_id=data.voice.conversation_id,
                 callback_url=data.callback_url, metadata=data.metadata,
             )
+            result = issued.result
             session_id = UUID(result.result["session_id"])
-            # Opening a session texts the customer the link and code (through the outbox). Its own
-            # command id: a retried request that opened but did not send finishes the job.
-            sent = ledger.send_link(f"{command_id}:send_link", session_id)
-            position = sent.result.position or result.position
-            return 201, session_from_aggregate(ledger.get_session(session_id), position)
+            session = result.saved_one(PaymentSession, session_id) or ledger.get_session(session_id)
+            return 201, session_from_aggregate(session, result.position)
 
         return await run_command(request, services, principal, data, run)
 
