@@ -49,7 +49,7 @@ class PostgresAdvisoryLocks:
 
                 self._pool = ConnectionPool(
                     self._database_url, min_size=1, max_size=self._max_size, timeout=self._timeout_s,
-                    kwargs={"autocommit": True}, configure=configure, open=True,
+                    kwargs={"autocommit": True}, configure=configure, max_idle=2.0, open=True,
                 )
             return self._pool
 

@@ -145,7 +145,8 @@ class CardVault:
         self._fingerprint_key = hmac.new(key, b"echotransact-vault-fingerprint", hashlib.sha256).digest()
         self._owns_pool = isinstance(database, str)
         self.pool = (
-            ConnectionPool(database, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True)
+            ConnectionPool(database, min_size=1, max_size=4, kwargs={"autocommit": True}, max_idle=2.0,
+                           open=True)
             if isinstance(database, str) else database
         )
 

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from api.http.services import ApiServices
 
 
+# Connections above a pool's minimum close after this long unused (psycopg_pool closes one per
+# period): the whole system at rest holds a handful, not one per thread that was ever busy.
+POOL_MAX_IDLE_S = 2.0
+
+
 class ConfigurationError(Exception):
     """A setting in the environment is missing or malformed; the message names it."""
 
@@ -294,8 +299,10 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         "POSTGRES_PORT": str(parts.get("port") or "5432"),
         "POSTGRES_USER": str(parts.get("user") or os.environ.get("USER", "postgres")),
         "POSTGRES_PASSWORD": str(parts.get("password") or ""),
-        "POSTGRES_POOL_SIZE": "4",
-        "POSTGRES_MAX_OVERFLOW": "16",
+        # One connection kept at rest; more opened under load, and closed again after
+        # POOL_MAX_IDLE_S without use (build_ledger), so an idle system holds few connections.
+        "POSTGRES_POOL_SIZE": "1",
+        "POSTGRES_MAX_OVERFLOW": "15",
         "POSTGRES_LOCK_TIMEOUT": "5",
         # Kept on although it costs a round trip per checkout (about 13% of a command's time
         # measured): after a database restart no request fails on a dead pooled connection.
@@ -307,6 +314,17 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
         env["CIPHER_KEY"] = base64.b64encode(encryption_key).decode()
     return env
+
+
+def _close_idle_connections(pool: Any) -> None:
+    """Give the event store's pool (built and opened by the library with psycopg_pool's default
+    of ten minutes) the short idle period of the others. The pool reads ``max_idle`` only when
+    it schedules its next shrink, so a shrink is scheduled now."""
+    from psycopg_pool.pool import Schedule, ShrinkPool
+
+    pool.max_idle = POOL_MAX_IDLE_S
+    if not pool.closed:
+        pool.run_task(Schedule(pool, ShrinkPool(pool), POOL_MAX_IDLE_S))
 
 
 def build_processors(settings: Settings) -> PaymentProcessor | ProcessorRouter:
@@ -346,6 +364,7 @@ def build_ledger(
         **extra,
     )
     datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
+    _close_idle_connections(datastore.pool)
     if ledger.velocity is None:
         # Velocity counts live next to the events, through the event store's own pool.
         ledger.velocity = PostgresVelocityCounter(datastore)
@@ -396,7 +415,8 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
         views=views,
         status=StatusQueries(views, cache=StatusCache(client)),
         idempotency=IdempotencyStore(
-            ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True),
+            ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True},
+                           max_idle=POOL_MAX_IDLE_S, open=True),
             client,
         ),
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),

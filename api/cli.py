@@ -90,6 +90,7 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
     env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
+    env["PGAPPNAME"] = f"echotransact-{command.replace(' ', '-')}"
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
 
 
@@ -591,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from api.logging import configure_logging
 
     configure_logging(os.environ.get("ECHOTRANSACT_LOG_LEVEL", "info"))
+    # Every PostgreSQL connection names the process it belongs to (pg_stat_activity).
+    os.environ.setdefault("PGAPPNAME", f"echotransact-{args.command}"[:63])
     try:
         return handlers[args.command](args)
     except (ConfigurationError, OSError) as error:

@@ -69,7 +69,7 @@ class ReadViews:
         self.statement_timeout_ms = statement_timeout_ms
         self._pool = ConnectionPool(
             database_url, min_size=1, max_size=max_size, open=True, configure=self._configure,
-            check=ConnectionPool.check_connection, name="read-views",
+            check=ConnectionPool.check_connection, name="read-views", max_idle=2.0,
         )
         self._pool.wait(timeout=open_timeout_s)
 
