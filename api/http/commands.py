@@ -69,11 +69,22 @@ async def run_command(
         f"{request.method} {path}\n".encode() + _encoder.encode(payload)
     ).hexdigest()
     scope = principal.idempotency_scope
+    command_id = f"{scope}:{key}"
+    # Claim, run and record in one worker thread: one hand-off per command, not three.
+    status, encoded, replayed = await anyio.to_thread.run_sync(
+        _claim_run_record, services, scope, key, request_hash, command_id, path, run)
+    return _response(status, encoded, replayed=replayed)
+
+
+def _claim_run_record(
+    services: ApiServices, scope: str, key: str, request_hash: str, command_id: str, path: str,
+    run: Callable[[str], Outcome],
+) -> tuple[int, bytes | str, bool]:
     store = services.idempotency
-    begin = await anyio.to_thread.run_sync(store.begin, scope, key, request_hash)
+    begin = store.begin(scope, key, request_hash)
     if begin.outcome == "replay":
         assert begin.status is not None and begin.body is not None
-        return _response(begin.status, begin.body, replayed=True)
+        return begin.status, begin.body, True
     if begin.outcome == "conflict":
         raise ApiProblem(409, "idempotency_key_reused",
                          "this Idempotency-Key was already used for a different request")
@@ -81,19 +92,18 @@ async def run_command(
         raise ApiProblem(409, "request_in_progress",
                          "a request with this Idempotency-Key is still running; retry in a moment",
                          headers={"Retry-After": "1"})
-    command_id = f"{scope}:{key}"
     try:
-        status, body = await anyio.to_thread.run_sync(run, command_id)
+        status, body = run(command_id)
         encoded = _encoder.encode(body)
     except DomainError as error:
         status = status_for(error)
         if status >= 500:
-            await anyio.to_thread.run_sync(store.release, scope, key, request_hash)
+            store.release(scope, key, request_hash)
             raise
         encoded = _encoder.encode(_problem_body(status, error, path))
     except BaseException:
         # Our failure, not the request's: forget the claim so that a retry runs.
-        await anyio.to_thread.run_sync(store.release, scope, key, request_hash)
+        store.release(scope, key, request_hash)
         raise
-    await anyio.to_thread.run_sync(store.complete, scope, key, request_hash, status, encoded.decode())
-    return _response(status, encoded, replayed=False)
+    store.complete(scope, key, request_hash, status, encoded.decode())
+    return status, encoded, False
