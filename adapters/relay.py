@@ -43,6 +43,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from adapters.kafka_topics import event_topics
+from adapters.pg import listen_for_commits, wait_for_commit
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, encode
 
 __all__ = ["EVENT_TOPICS", "OutboxRelay", "RelayStats", "run_relay"]
@@ -152,7 +153,7 @@ class OutboxRelay:
         *,
         open_envelope: Callable[[bytes], EventEnvelope],
         batch_size: int = 500,
-        poll_interval_s: float = 0.2,
+        poll_interval_s: float = 1.0,
         partitions_per_topic: int = 8,
         lock_partitions: int = 16,
         rebalance_interval_s: float = 2.0,
@@ -303,9 +304,21 @@ class OutboxRelay:
                 stop.wait(backoff_s * random.uniform(0.8, 1.2))
                 continue
             backoff_s = 0.0
-            if not published:
-                stop.wait(self.poll_interval_s)
+            if not published or published < self.batch_size:
+                self._wait_for_events(stop)
         _log.info("outbox_relay.stopped", **vars(self.stats))
+
+    def _wait_for_events(self, stop: threading.Event) -> None:
+        """Until a save commits (NOTIFY), or ``poll_interval_s``: the fallback for a notification
+        missed while reconnecting."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            stop.wait(self.poll_interval_s)
+            return
+        try:
+            wait_for_commit(conn, stop, self.poll_interval_s)
+        except psycopg.Error:
+            self._close_connection()  # reconnect (and listen again) on the next loop
 
     def close(self) -> None:
         """Wait briefly for messages in flight, then release the partitions (by closing the session)."""
@@ -329,6 +342,7 @@ class OutboxRelay:
             )
             # Never contended: backend pids are unique among live sessions.
             conn.execute("SELECT pg_try_advisory_lock(%s, pg_backend_pid())", (_MEMBER_LOCK_NAMESPACE,))
+            listen_for_commits(conn)  # woken by every save
             self._conn = conn
             self._held = set()
             self._next_rebalance = 0.0

@@ -544,3 +544,25 @@ def test_a_down_broker_leaves_rows_waiting_and_the_relay_resumes_by_itself(
     records = read(address, {}, {r.message_key for r in rows})
     assert assert_complete_and_ordered(rows, records) == 0
     assert all(r.published for r in outbox(database_url))
+
+
+def test_a_commit_wakes_the_relay_long_before_its_fallback_poll(
+    ledger: Ledger, database_url: str, bootstrap: str, settings: Settings, topics: None
+) -> None:
+    """The relay LISTENs to the event store's commit notifications: with a fallback poll of a
+    minute, rows committed while it waits are still published within seconds."""
+    merchant_id = new_merchant(ledger, command_id="wake-merchant")
+    relay = OutboxRelay(database_url, bootstrap, open_envelope=envelope_opener(settings), poll_interval_s=60)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), name="relay")
+    thread.start()
+    try:
+        wait_drained(database_url, timeout_s=15)  # its first pass; now it waits on the channel
+        time.sleep(0.5)
+        journeys(ledger, merchant_id, 2, "wake-")
+        wait_drained(database_url, timeout_s=15)
+    finally:
+        stop.set()
+        thread.join(10)
+        relay.close()
+    assert not thread.is_alive()
