@@ -28,6 +28,7 @@ import httpx
 import psycopg
 import structlog
 
+from adapters.pg import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.ports import SmsResult, SmsSender
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,7 @@ class MessageDispatcher:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.batch_size = batch_size
+        self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
 
     def _backoff(self, attempts: int) -> timedelta:
         delay = min(self.backoff_cap.total_seconds(), self.backoff_base.total_seconds() * 2 ** (attempts - 1))
@@ -117,60 +119,69 @@ class MessageDispatcher:
 
     def run_once(self) -> DispatchReport:
         sent = retried = failed = 0
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            for _ in range(self.batch_size):
-                # One message per transaction: the row lock is held while we talk to the provider,
-                # so a second dispatcher skips it instead of sending it too.
-                with conn.transaction():
-                    row = conn.execute(
-                        "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
-                        " WHERE state = 'pending' AND next_attempt_at <= now()"
-                        " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-                    ).fetchone()
-                    if row is None:
-                        break
-                    message_id, session_id, payload, attempts = row
-                    attempts += 1
-                    try:
-                        message = json.loads(self.open_payload(bytes(payload)))
-                        result = self.sender.send(message_id=str(message_id), to=message["to"], body=message["body"])
-                    except Exception as error:  # noqa: BLE001 - a broken row must not stop the others
-                        result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
-                    if result.sent:
-                        conn.execute(
-                            "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
-                            " provider_reference = %s, last_error = NULL WHERE message_id = %s",
-                            (attempts, result.provider_reference, message_id),
-                        )
-                        sent += 1
-                        continue
-                    final = not result.retryable or attempts >= self.max_attempts
+        conn = self._conn.get()
+        # One long-lived connection, which also listens for commits (run).
+        for _ in range(self.batch_size):
+            # One message per transaction: the row lock is held while we talk to the provider,
+            # so a second dispatcher skips it instead of sending it too.
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
+                    " WHERE state = 'pending' AND next_attempt_at <= now()"
+                    " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+                ).fetchone()
+                if row is None:
+                    break
+                message_id, session_id, payload, attempts = row
+                attempts += 1
+                try:
+                    message = json.loads(self.open_payload(bytes(payload)))
+                    result = self.sender.send(message_id=str(message_id), to=message["to"], body=message["body"])
+                except Exception as error:  # noqa: BLE001 - a broken row must not stop the others
+                    result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
+                if result.sent:
                     conn.execute(
-                        "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
-                        " state = CASE WHEN %s THEN 'failed' ELSE 'pending' END,"
-                        " next_attempt_at = now() + %s WHERE message_id = %s",
-                        (attempts, result.error[:500], final, self._backoff(attempts), message_id),
+                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
+                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
+                        (attempts, result.provider_reference, message_id),
                     )
-                    log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
-                                error=result.error[:200])
-                if final:
-                    failed += 1
-                    # After the commit: the event is recorded once (its command id is the message's).
-                    try:
-                        self.on_failed(message_id, session_id, result.error[:500])
-                    except Exception as error:  # noqa: BLE001 - e.g. the session has moved on
-                        log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(error))
-                else:
-                    retried += 1
+                    sent += 1
+                    continue
+                final = not result.retryable or attempts >= self.max_attempts
+                conn.execute(
+                    "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
+                    " state = CASE WHEN %s THEN 'failed' ELSE 'pending' END,"
+                    " next_attempt_at = now() + %s WHERE message_id = %s",
+                    (attempts, result.error[:500], final, self._backoff(attempts), message_id),
+                )
+                log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
+                            error=result.error[:200])
+            if final:
+                failed += 1
+                # After the commit: the event is recorded once (its command id is the message's).
+                try:
+                    self.on_failed(message_id, session_id, result.error[:500])
+                except Exception as error:  # noqa: BLE001 - e.g. the session has moved on
+                    log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(error))
+            else:
+                retried += 1
         return DispatchReport(sent, retried, failed)
 
-    def run(self, stop: threading.Event, idle_s: float = 0.5) -> None:
-        while not stop.is_set():
-            try:
-                report = self.run_once()
-            except psycopg.Error as error:
-                log.warning("sms_dispatch_database_error", error=str(error))
-                report = DispatchReport()
-                stop.wait(2.0)
-            if report == DispatchReport():
-                stop.wait(idle_s)
+    def run(self, stop: threading.Event, idle_s: float = 1.0) -> None:
+        """Send until ``stop``; between passes, wait for a commit (a new SMS is written with the
+        events of its save) or ``idle_s``, when retries that fell due are picked up."""
+        try:
+            while not stop.is_set():
+                try:
+                    report = self.run_once()
+                    if report == DispatchReport():
+                        wait_for_commit(self._conn.get(), stop, idle_s)
+                except psycopg.Error as error:
+                    log.warning("sms_dispatch_database_error", error=str(error))
+                    self._conn.close()
+                    stop.wait(2.0)
+        finally:
+            self._conn.close()
+
+    def close(self) -> None:
+        self._conn.close()

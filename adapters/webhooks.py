@@ -49,7 +49,7 @@ from adapters.commerce import (
     post,
 )
 from adapters.destinations import UnsafeDestination, check_destination
-from adapters.pg import ReconnectingConnection
+from adapters.pg import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.envelope import EventEnvelope
 from application.ports import Clock
 from projections.masking import SECRET_FIELDS, mask_event_data
@@ -188,7 +188,7 @@ class WebhookPlanner:
         self.open_envelope = open_envelope
         self.clock = clock or SystemClock()
         self.batch_size = batch_size
-        self._conn = ReconnectingConnection(database_url)
+        self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
 
     def connection(self) -> psycopg.Connection[Any]:
         return self._conn.get()
@@ -643,29 +643,37 @@ def run_webhooks(
     """Plan and dispatch until ``stop`` is set: one planner loop, ``concurrency`` dispatchers.
     A step that fails (a database restart, say) is logged and tried again with a growing pause."""
 
-    def guarded(name: str, step: Callable[[], bool], close: Callable[[], None]) -> None:
+    def guarded(name: str, step: Callable[[], bool], close: Callable[[], None],
+                idle: Callable[[float], object] = stop.wait) -> None:
         pause = poll_interval_s
         try:
             while not stop.is_set():
                 try:
                     busy = step()
                     pause = poll_interval_s
+                    if not busy:
+                        idle(pause)
                 except Exception:
-                    busy, pause = False, min(pause * 2, 30.0)
+                    pause = min(pause * 2, 30.0)
                     log.exception("webhooks_step_failed", step=name, retry_in_s=pause)
-                if not busy:
                     stop.wait(pause)
         finally:
             close()
 
     planner = WebhookPlanner(database_url, open_envelope, clock=clock)
 
+    def planner_idle(timeout_s: float) -> None:
+        # Woken by the commit of any save (its connection LISTENs), so deliveries are planned
+        # as soon as their events are in the outbox.
+        wait_for_commit(planner.connection(), stop, timeout_s)
+
     def plan() -> bool:
         planner.plan()  # up to the end of the feed
         return False
 
     threads = [
-        threading.Thread(target=guarded, args=("planner", plan, planner.close), name="webhooks-planner")
+        threading.Thread(target=guarded, args=("planner", plan, planner.close, planner_idle),
+                         name="webhooks-planner")
     ]
     for index in range(concurrency):
         dispatcher = WebhookDispatcher(database_url, hash_key, clock=clock, **dispatcher_options)

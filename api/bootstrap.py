@@ -66,7 +66,7 @@ ENV_VARS: Mapping[str, str] = {
     "ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S": "how long a webhook is retried before the dead letter (86400)",
     "ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S": "first webhook retry delay, doubled each time (30)",
     "ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S": "longest webhook retry delay (3600)",
-    "ECHOTRANSACT_WEBHOOK_CONCURRENCY": "webhook sender threads per dispatcher (4)",
+    "ECHOTRANSACT_WEBHOOK_CONCURRENCY": "webhook sender threads per dispatcher (2), each with a connection",
     "ECHOTRANSACT_SMS_URL": "an SMS provider's API base URL (unset: the development mailbox)",
     "ECHOTRANSACT_SMS_ACCOUNT": "the SMS provider account id",
     "ECHOTRANSACT_SMS_TOKEN": "the SMS provider token",
@@ -179,7 +179,7 @@ class Settings:
     webhook_retry_horizon_s: float = 86_400
     webhook_backoff_base_s: float = 30
     webhook_backoff_cap_s: float = 3_600
-    webhook_concurrency: int = 4
+    webhook_concurrency: int = 2
     sms: dict[str, str] = field(default_factory=dict)
     risk_policy: RiskPolicy = DEFAULT_RISK_POLICY
     resolve_after_s: float = 30
@@ -205,7 +205,7 @@ class Settings:
                               ("ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S", "86400"),
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_BASE_S", "30"),
                               ("ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "3600"),
-                              ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "4"),
+                              ("ECHOTRANSACT_WEBHOOK_CONCURRENCY", "2"),
                               ("ECHOTRANSACT_RESOLVE_AFTER_S", "30"), ("ECHOTRANSACT_RESOLVE_EVERY_S", "15"),
                               ("ECHOTRANSACT_IDENTITY_REUSE_DAYS", "365"),
                               ("ECHOTRANSACT_RETENTION_EVERY_S", "3600")):
@@ -408,17 +408,16 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     views = ReadViews(database_url)
+    # Short autocommit statements of the API's own tables (idempotency records, the vault).
+    pool: ConnectionPool[Any] = ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True},
+                                               max_idle=POOL_MAX_IDLE_S, open=True)
     return ApiServices(
-        vault=CardVault(database_url, settings.vault_key) if settings.vault_key else None,
+        vault=CardVault(pool, settings.vault_key) if settings.vault_key else None,
         settings=settings,
         ledger=build_ledger(settings, database_url, **ledger_extra),
         views=views,
         status=StatusQueries(views, cache=StatusCache(client)),
-        idempotency=IdempotencyStore(
-            ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True},
-                           max_idle=POOL_MAX_IDLE_S, open=True),
-            client,
-        ),
+        idempotency=IdempotencyStore(pool, client),
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
         redis=client,
         health=Dependencies(database_url, redis_url, kafka_bootstrap_servers),
