@@ -1,8 +1,15 @@
-"""Status: the current state of every payment session and payment, for integrators and merchants."""
+"""Status: the current state of every payment session and payment, for integrators and merchants.
+
+A batch is folded in Python into the latest row per aggregate (the rows it does not create are
+read first), then written with one INSERT for new rows and one UPDATE for changed ones per table.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import psycopg
 
@@ -27,111 +34,195 @@ PAYMENT_STATUS_AFTER = {
     "payment.settled": "settled",
 }
 
+# The columns an event after the first can change (the others are set once, at creation), with
+# the SQL type each is written as.
+SESSION_MUTABLE = {
+    "status": "text", "end_reason": "text", "code_attempts": "integer", "identity_required": "boolean",
+    "payment_id": "uuid", "updated_at": "timestamptz", "version": "bigint", "position": "bigint",
+}
+SESSION_CREATED = {
+    "session_id": "uuid", "merchant_id": "uuid", "amount_minor": "bigint", "currency": "text",
+    "customer_phone_masked": "text", "order_reference": "text", "voice_platform": "text",
+    "conversation_id": "text", "expires_at": "timestamptz", "opened_at": "timestamptz", **SESSION_MUTABLE,
+}
+PAYMENT_MUTABLE = {
+    "status": "text", "processor": "text", "authorized_minor": "bigint", "captured_minor": "bigint",
+    "fee_minor": "bigint", "refunded_minor": "bigint", "failure_code": "text", "risk_score": "integer",
+    "risk_decision": "text", "updated_at": "timestamptz", "version": "bigint", "position": "bigint",
+}
+PAYMENT_CREATED = {
+    "payment_id": "uuid", "merchant_id": "uuid", "session_id": "uuid", "amount_minor": "bigint",
+    "currency": "text", "card_brand": "text", "card_last4": "text", "created_at": "timestamptz",
+    **PAYMENT_MUTABLE,
+}
+
+
+def _uuid(value: Any) -> str | None:
+    """UUIDs travel as text: event data has strings, rows read back have UUIDs."""
+    return None if value is None else str(value)
+
+
+def _text(value: Any) -> Any:
+    """A time as the event carried it (ISO text once decoded); PostgreSQL parses it, as before."""
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _opened(e: EventEnvelope) -> dict[str, Any]:
+    d = e.data
+    return {
+        "session_id": str(e.aggregate_id), "merchant_id": _uuid(d["merchant_id"]), "status": "awaiting_customer",
+        "amount_minor": d["amount_minor"], "currency": d["currency"],
+        "customer_phone_masked": mask_phone(d["customer_phone"]), "order_reference": d["order_reference"],
+        "voice_platform": d["voice_platform"], "conversation_id": d["conversation_id"],
+        "identity_required": d["identity_required"], "payment_id": None, "code_attempts": 0, "end_reason": None,
+        "expires_at": _text(d["expires_at"]), "opened_at": e.occurred_at,
+    }
+
+
+def _initiated(e: EventEnvelope) -> dict[str, Any]:
+    d = e.data
+    return {
+        "payment_id": str(e.aggregate_id), "merchant_id": _uuid(d["merchant_id"]),
+        "session_id": _uuid(d["session_id"]), "status": "initiated", "amount_minor": d["amount_minor"],
+        "currency": d["currency"], "card_brand": d["card_brand"], "card_last4": d["card_last4"],
+        "processor": None, "authorized_minor": 0, "captured_minor": 0, "fee_minor": 0, "refunded_minor": 0,
+        "failure_code": None, "risk_score": None, "risk_decision": None, "created_at": e.occurred_at,
+    }
+
+
+def change_session(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> None:
+    """What one session event does to its status row (after the opening)."""
+    if event_type in SESSION_STATUS_AFTER:
+        row["status"] = SESSION_STATUS_AFTER[event_type]
+        if "reason" in d:
+            row["end_reason"] = d["reason"]
+        if event_type == "payment_session.locked":
+            row["end_reason"] = "too_many_code_attempts"
+            row["code_attempts"] = d["attempts"]
+        elif event_type == "payment_session.expired":
+            row["end_reason"] = "link_expired"
+    elif event_type == "payment_session.identity_recognized":
+        # A check on file stands in for a new one: the customer will not be asked.
+        row["identity_required"] = False
+    elif event_type == "payment_session.code_rejected":
+        row["code_attempts"] = d["attempts"]
+    elif event_type == "payment_session.payment_method_attached":
+        row["status"] = "payment_method_attached"
+        row["payment_id"] = _uuid(d["payment_id"])
+    elif event_type == "payment_session.payment_declined":
+        row["status"] = "identity_verified" if row["identity_required"] else "code_verified"
+        row["payment_id"] = None
+    # code_resent, identity_rejected: nothing a status reader sees
+
+
+def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> None:
+    """What one payment event does to its status row (after the initiation)."""
+    if event_type in PAYMENT_STATUS_AFTER:
+        row["status"] = PAYMENT_STATUS_AFTER[event_type]
+    elif event_type == "payment.processing_rerouted":
+        row["processor"] = d["processor"]
+    elif event_type == "payment.processing_started":
+        row["status"], row["processor"] = "processing", d["processor"]
+    elif event_type == "payment.authorized":
+        row["status"], row["processor"], row["authorized_minor"] = "authorized", d["processor"], d["amount_minor"]
+    elif event_type == "payment.failed":
+        row["status"], row["failure_code"] = "failed", d["reason_code"]
+    elif event_type == "payment.risk_assessed":
+        row["risk_score"], row["risk_decision"] = d["score"], d["decision"]
+    elif event_type == "payment.captured":
+        row["status"], row["captured_minor"], row["fee_minor"] = "captured", d["amount_minor"], d["fee_minor"]
+    elif event_type == "payment.refunded":
+        total = d["refunded_total_minor"]
+        if total == row["captured_minor"]:
+            row["status"] = "refunded"
+        row["refunded_minor"] = total
+
+
+class _Table:
+    """One status table: its rows folded over a batch, then written set-based."""
+
+    def __init__(self, table: str, key: str, created: dict[str, str], mutable: dict[str, str]) -> None:
+        self.table, self.key, self.created, self.mutable = table, key, created, mutable
+
+    def write(
+        self, cur: psycopg.Cursor[Any], events: list[EventEnvelope], creation: str,
+        create: Callable[[EventEnvelope], dict[str, Any]],
+        change: Callable[[dict[str, Any], str, dict[str, Any]], None],
+    ) -> None:
+        if not events:
+            return
+        # Rows this batch does not create are read first; a creation event for a row that exists
+        # is written as an INSERT, so it fails as before instead of overwriting.
+        firsts: dict[UUID, str] = {}
+        for e in events:
+            firsts.setdefault(e.aggregate_id, e.event_type)
+        existing_ids = [a for a, first in firsts.items() if first != creation]
+        rows: dict[UUID, dict[str, Any]] = {}
+        if existing_ids:
+            columns = [c for c in self.mutable if c not in ("updated_at", "version", "position")]
+            cur.execute(
+                f"SELECT {self.key}, {', '.join(columns)} FROM {self.table} WHERE {self.key} = ANY(%s)",  # noqa: S608
+                (existing_ids,), binary=True,
+            )
+            for values in cur.fetchall():
+                row = dict(zip(columns, values[1:], strict=True))
+                if "payment_id" in row:
+                    row["payment_id"] = _uuid(row["payment_id"])
+                rows[values[0]] = row
+        # Rows created by this batch are inserted in their final state; rows read are updated.
+        new: list[dict[str, Any]] = []
+        changed: dict[UUID, dict[str, Any]] = {}
+        created: set[UUID] = set()
+        for e in events:
+            if e.event_type == creation:
+                row = create(e)
+                rows[e.aggregate_id] = row
+                new.append(row)
+                created.add(e.aggregate_id)
+            else:
+                row = rows.get(e.aggregate_id)
+                if row is None:
+                    continue  # no row to change (the UPDATE of old matched nothing)
+                change(row, e.event_type, e.data)
+                if e.aggregate_id not in created:
+                    changed[e.aggregate_id] = row
+            row["updated_at"], row["version"], row["position"] = e.occurred_at, e.version, e.position
+        if new:
+            self._insert(cur, new)
+        if changed:
+            self._update(cur, changed)
+
+    def _unnest(self, columns: dict[str, str]) -> str:
+        return ", ".join(f"%b::{kind}[]" for kind in columns.values())
+
+    def _insert(self, cur: psycopg.Cursor[Any], rows: list[dict[str, Any]]) -> None:
+        names = list(self.created)
+        cur.execute(
+            f"INSERT INTO {self.table} ({', '.join(names)})"  # noqa: S608
+            f" SELECT * FROM unnest({self._unnest(self.created)})",
+            [[row[c] for row in rows] for c in names], binary=True,
+        )
+
+    def _update(self, cur: psycopg.Cursor[Any], rows: dict[UUID, dict[str, Any]]) -> None:
+        names = list(self.mutable)
+        cur.execute(
+            f"UPDATE {self.table} t SET {', '.join(f'{c} = u.{c}' for c in names)}"  # noqa: S608
+            f" FROM unnest(%b::uuid[], {self._unnest(self.mutable)}) AS u(_id, {', '.join(names)})"
+            f" WHERE t.{self.key} = u._id",
+            [list(rows), *([row[c] for row in rows.values()] for c in names)], binary=True,
+        )
+
+
+_SESSIONS = _Table("session_status", "session_id", SESSION_CREATED, SESSION_MUTABLE)
+_PAYMENTS = _Table("payment_status", "payment_id", PAYMENT_CREATED, PAYMENT_MUTABLE)
+
 
 class StatusProjection:
     name = "status"
     tables = ("session_status", "payment_status")
 
-    def apply(self, cur: psycopg.Cursor[Any], e: EventEnvelope) -> None:
-        d = e.data
-        stamp = {"id": e.aggregate_id, "at": e.occurred_at, "version": e.version, "position": e.position}
-        if e.event_type == "payment_session.opened":
-            cur.execute(
-                "INSERT INTO session_status (session_id, merchant_id, status, amount_minor, currency,"
-                " customer_phone_masked, order_reference, voice_platform, conversation_id,"
-                " identity_required, expires_at, opened_at, updated_at, version, position)"
-                " VALUES (%(id)s, %(merchant_id)s, 'awaiting_customer', %(amount)s, %(currency)s,"
-                " %(phone)s, %(reference)s, %(platform)s, %(conversation)s, %(identity)s,"
-                " %(expires_at)s, %(at)s, %(at)s, %(version)s, %(position)s)",
-                {**stamp, "merchant_id": d["merchant_id"], "amount": d["amount_minor"],
-                 "currency": d["currency"], "phone": mask_phone(d["customer_phone"]),
-                 "reference": d["order_reference"], "platform": d["voice_platform"],
-                 "conversation": d["conversation_id"], "identity": d["identity_required"],
-                 "expires_at": d["expires_at"]},
-            )
-        elif e.aggregate_type == "payment_session":
-            sets, params = self._session_change(e.event_type, d)
-            cur.execute(
-                "UPDATE session_status SET " + ", ".join([*sets, "updated_at = %(at)s",
-                "version = %(version)s", "position = %(position)s"]) + " WHERE session_id = %(id)s",
-                {**stamp, **params},
-            )
-        elif e.event_type == "payment.initiated":
-            cur.execute(
-                "INSERT INTO payment_status (payment_id, merchant_id, session_id, status, amount_minor,"
-                " currency, card_brand, card_last4, created_at, updated_at, version, position)"
-                " VALUES (%(id)s, %(merchant_id)s, %(session_id)s, 'initiated', %(amount)s,"
-                " %(currency)s, %(brand)s, %(last4)s, %(at)s, %(at)s, %(version)s, %(position)s)",
-                {**stamp, "merchant_id": d["merchant_id"], "session_id": d["session_id"],
-                 "amount": d["amount_minor"], "currency": d["currency"], "brand": d["card_brand"],
-                 "last4": d["card_last4"]},
-            )
-        elif e.aggregate_type == "payment":
-            sets, params = self._payment_change(e.event_type, d)
-            cur.execute(
-                "UPDATE payment_status SET " + ", ".join([*sets, "updated_at = %(at)s",
-                "version = %(version)s", "position = %(position)s"]) + " WHERE payment_id = %(id)s",
-                {**stamp, **params},
-            )
-
-    @staticmethod
-    def _session_change(event_type: str, d: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-        if event_type in SESSION_STATUS_AFTER:
-            sets = ["status = %(status)s"]
-            params: dict[str, Any] = {"status": SESSION_STATUS_AFTER[event_type]}
-            if "reason" in d:
-                sets.append("end_reason = %(reason)s")
-                params["reason"] = d["reason"]
-            if event_type == "payment_session.locked":
-                sets += ["end_reason = 'too_many_code_attempts'", "code_attempts = %(attempts)s"]
-                params["attempts"] = d["attempts"]
-            elif event_type == "payment_session.expired":
-                sets.append("end_reason = 'link_expired'")
-            return sets, params
-        if event_type == "payment_session.identity_recognized":
-            # A check on file stands in for a new one: the customer will not be asked.
-            return ["identity_required = false"], {}
-        if event_type == "payment_session.code_rejected":
-            return ["code_attempts = %(attempts)s"], {"attempts": d["attempts"]}
-        if event_type == "payment_session.payment_method_attached":
-            return ["status = 'payment_method_attached'", "payment_id = %(payment_id)s"], {
-                "payment_id": d["payment_id"]
-            }
-        if event_type == "payment_session.payment_declined":
-            return [
-                "status = CASE WHEN identity_required THEN 'identity_verified' ELSE 'code_verified' END",
-                "payment_id = NULL",
-            ], {}
-        return [], {}  # code_resent, identity_rejected: nothing a status reader sees
-
-    @staticmethod
-    def _payment_change(event_type: str, d: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-        if event_type in PAYMENT_STATUS_AFTER:
-            return ["status = %(status)s"], {"status": PAYMENT_STATUS_AFTER[event_type]}
-        if event_type == "payment.processing_rerouted":
-            return ["processor = %(processor)s"], {"processor": d["processor"]}
-        if event_type == "payment.processing_started":
-            return ["status = 'processing'", "processor = %(processor)s"], {"processor": d["processor"]}
-        if event_type == "payment.authorized":
-            return ["status = 'authorized'", "processor = %(processor)s", "authorized_minor = %(amount)s"], {
-                "processor": d["processor"], "amount": d["amount_minor"]
-            }
-        if event_type == "payment.failed":
-            return ["status = 'failed'", "failure_code = %(code)s"], {"code": d["reason_code"]}
-        if event_type == "payment.risk_assessed":
-            return ["risk_score = %(score)s", "risk_decision = %(decision)s"], {
-                "score": d["score"], "decision": d["decision"]
-            }
-        if event_type == "payment.captured":
-            return ["status = 'captured'", "captured_minor = %(amount)s", "fee_minor = %(fee)s"], {
-                "amount": d["amount_minor"], "fee": d["fee_minor"]
-            }
-        if event_type == "payment.refunded":
-            return [
-                "refunded_minor = %(total)s",
-                "status = CASE WHEN %(total)s = captured_minor THEN 'refunded' ELSE status END",
-            ], {"total": d["refunded_total_minor"]}
-        return [], {}
-
-    def after_batch(self, cur: psycopg.Cursor[Any]) -> None:
-        pass
+    def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
+        sessions = [e for e in envelopes if e.aggregate_type == "payment_session"]
+        payments = [e for e in envelopes if e.aggregate_type == "payment"]
+        _SESSIONS.write(cur, sessions, "payment_session.opened", _opened, change_session)
+        _PAYMENTS.write(cur, payments, "payment.initiated", _initiated, change_payment)
