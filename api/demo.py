@@ -35,6 +35,32 @@ def _hidden_fields(html: str) -> dict[str, str]:
     return fields
 
 
+def wait_for_state(
+    what: str, fetch: Callable[[], httpx.Response], reached: Callable[[dict[str, Any]], bool], *,
+    seen: Callable[[dict[str, Any]], Any], hint: str, dead_ends: frozenset[str] = frozenset(),
+    timeout_s: float = 30.0, every_s: float = 0.1,
+) -> dict[str, Any]:
+    """Poll until the read side shows the state a step needs; a DemoError naming the step, the
+    state waited for and the last one seen when ``timeout_s`` passes, or at once on a state from
+    which the wanted one cannot follow (``dead_ends``)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = "nothing (no answer yet)"
+    while True:
+        response = fetch()
+        if response.status_code == 200:
+            body = response.json()
+            if reached(body):
+                return body
+            last = seen(body)
+            if last in dead_ends:
+                raise DemoError(f"{what} will not happen: it is {last}")
+        else:
+            last = f"HTTP {response.status_code}"
+        if time.monotonic() > deadline:
+            raise DemoError(f"waited {timeout_s:g} s for {what}; the last state seen was {last} ({hint})")
+        time.sleep(every_s)
+
+
 def run_demo(api_url: str, database_url: str, merchant_key: str, say: Callable[[str], None]) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     api = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {merchant_key}"}, timeout=30)
@@ -79,12 +105,16 @@ def run_demo(api_url: str, database_url: str, merchant_key: str, say: Callable[[
     if done.status_code != 200:
         raise DemoError(f"the payment did not go through ({done.status_code})")
 
-    status = api.get(f"/v1/payment-sessions/{session['id']}",
-                     params={"wait_for_position": session["position"]}).json()
+    status = wait_for_state(
+        "the session to show its payment",
+        lambda: api.get(f"/v1/payment-sessions/{session['id']}"),
+        lambda body: body.get("status") == "completed" and bool(body.get("payment_id")),
+        seen=lambda body: body.get("status"),
+        hint="is `echotransact worker` running?",
+        dead_ends=frozenset({"failed", "cancelled", "expired", "locked"}),
+    )
     say(f"voice platform: session is {status['status']}")
     payment_id = status["payment_id"]
-    if not payment_id:
-        raise DemoError(f"the session has no payment ({status['status']})")
 
     say("merchant: capturing the payment")
     captured = api.post(f"/v1/payments/{payment_id}/capture", headers={"Idempotency-Key": f"demo-cap-{run}"})
@@ -92,15 +122,13 @@ def run_demo(api_url: str, database_url: str, merchant_key: str, say: Callable[[
         raise DemoError(f"capture failed: {captured.status_code} {captured.text}")
 
     say("read side: the payment's timeline")
-    deadline = time.monotonic() + 30
-    while True:
-        read = api.get(f"/v1/payments/{payment_id}")
-        if read.status_code == 200 and read.json()["status"] == "captured":
-            break
-        if time.monotonic() > deadline:
-            raise DemoError("the read side did not show the capture within 30 s (is the worker running?)")
-        time.sleep(0.5)
-    payment = read.json()
+    payment = wait_for_state(
+        "the payment to show its capture",
+        lambda: api.get(f"/v1/payments/{payment_id}"),
+        lambda body: body.get("status") == "captured",
+        seen=lambda body: body.get("status"),
+        hint="is `echotransact worker` running?",
+    )
     for entry in payment["timeline"]:
         say(f"  v{entry['version']}  {entry['occurred_at']}  {entry['event_type']}")
     say(f"captured {payment['captured_amount']} {payment['currency']} minor units, fee {payment['fee']}")
