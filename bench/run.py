@@ -36,6 +36,7 @@ from api.logging import configure_logging
 from bench.api_latency import ApiLatency
 from bench.cache_memory import CacheMemory
 from bench.context import BenchContext, Sizes
+from bench.e2e import E2eGetSession, E2eOpenSession
 from bench.harness import Benchmark, BenchmarkResult, format_table, run_interleaved
 from bench.projection_apply import ProjectionApply
 from bench.relay_throughput import RelayThroughput
@@ -55,6 +56,9 @@ def all_benchmarks(ctx: BenchContext, sizes: Sizes) -> list[Benchmark]:
         ApiLatency(ctx, sizes.api_requests, sizes.api_sessions, cached=True),
         ApiLatency(ctx, sizes.api_requests, sizes.api_sessions, cached=False),
         CacheMemory(ctx, sizes.cache_rows),
+        E2eOpenSession(ctx, sizes.e2e_commands),
+        E2eOpenSession(ctx, sizes.e2e_commands, versus="insert"),
+        E2eGetSession(ctx, sizes.e2e_requests),
     ]
 
 
@@ -221,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ctx.close()
     print()
     print(format_table(report.results))
+    for result in report.results:  # absolute figures reported beside their conditions
+        for label, figures in result.details.items():
+            if isinstance(figures, dict) and "target" in figures:
+                print(f"{result.name} {label}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
     for bench_name, error in report.errors.items():
         print(f"\n{bench_name} could not run:\n{error}", file=sys.stderr)
     path = write_report(report, args.out, name)
