@@ -35,11 +35,13 @@ class Sizes:
     cache_rows: int = 1_000
     e2e_commands: int = 2_000
     e2e_requests: int = 1_000
+    e2e_journeys: int = 160
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(write_commands=150, relay_rows=300, projection_events=300, api_requests=200,
-                   api_sessions=20, cache_rows=200, e2e_commands=300, e2e_requests=200)
+                   api_sessions=20, cache_rows=200, e2e_commands=300, e2e_requests=200,
+                   e2e_journeys=48)
 
     @classmethod
     def uniform(cls, n: int) -> Sizes:
@@ -47,7 +49,8 @@ class Sizes:
         if n < 1:
             raise ValueError("n must be positive")
         return cls(write_commands=n, relay_rows=n, projection_events=n, api_requests=n,
-                   api_sessions=min(n, 50), cache_rows=n, e2e_commands=n, e2e_requests=n)
+                   api_sessions=min(n, 50), cache_rows=n, e2e_commands=n, e2e_requests=n,
+                   e2e_journeys=n)
 
 
 def bench_settings(run_token: str) -> Settings:

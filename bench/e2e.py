@@ -7,6 +7,8 @@ with keep-alive clients, against baselines run side by side.
   saved per command, 8 threads) on the same PostgreSQL.
 - ``e2e.open_session_http.vs_insert``: the same load against single-row INSERT + COMMIT, 8
   connections.
+- ``e2e.journey``: full voice journeys over HTTP, 16 at once, no think time, against the
+  library's plain 3-save lifecycle of one aggregate, 16 threads.
 - ``e2e.get_session``: ``GET /v1/payment-sessions/{id}`` (cached) against a trivial Litestar
   endpoint with the same path and body, served the same way (uvicorn on a socket made as
   ``echotransact run`` makes it), 1 keep-alive client.
@@ -20,6 +22,7 @@ system holds at rest after the load.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -55,9 +58,10 @@ def _session_body(reference: str) -> dict[str, Any]:
 class RunningSystem:
     """``echotransact run`` in a data directory of its own, on the bench's servers."""
 
-    def __init__(self, ctx: BenchContext, tag: str) -> None:
+    def __init__(self, ctx: BenchContext, tag: str, extra_env: dict[str, str] | None = None) -> None:
         self.ctx = ctx
         self.tag = tag
+        self.extra_env = extra_env or {}
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"echotransact-bench-{tag}-"))
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
@@ -77,6 +81,7 @@ class RunningSystem:
             "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "0",
             # The keys of the bench's database (each system here is one more deployment of it).
             **_keys(self.ctx),
+            **self.extra_env,
         }
         env.pop("PGAPPNAME", None)
         self.process = subprocess.Popen(
@@ -242,6 +247,12 @@ _PLAIN_APP = textwrap.dedent('''
         @event("Opened")
         def __init__(self, reference: str, amount_minor: int) -> None:
             self.reference, self.amount_minor = reference, amount_minor
+
+        class Paid(Aggregate.Event):
+            pass
+
+        class Captured(Aggregate.Event):
+            pass
 
     class BenchPlain(Application):
         pass
@@ -447,3 +458,113 @@ def _wait_for_port(port: int, timeout_s: float = 30) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port}")
+
+
+JOURNEYS = 16
+_TEST_CARD = "4242 4242 4242 4242"
+
+
+def _journey(url: str, key: str, database_url: str, phone: str) -> None:
+    """One voice journey with no think time: open, the SMS, the page, the code, the card (which
+    authorizes), the session read until it names its payment, the capture."""
+    from adapters.messages import dev_inbox
+    from api.demo import _hidden_fields
+
+    reference = uuid.uuid4().hex
+    body = {**_session_body(reference), "customer_phone": phone}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api, \
+            httpx.Client(base_url=url, timeout=60, follow_redirects=True) as page:
+        created = api.post("/v1/payment-sessions", headers={"Idempotency-Key": reference}, json=body)
+        created.raise_for_status()
+        session_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while not (messages := dev_inbox(database_url, to=phone, limit=1)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no SMS within 60 s")
+            time.sleep(0.005)
+        link, code = messages[0]["body"].split("/pay/")[1].split(" - your code is ")
+        link, code = "/pay/" + link, code[:6]
+        summary = page.get(link)
+        summary.raise_for_status()
+        card_page = page.post(f"{link}/code", data={"code": code, **_hidden_fields(summary.text)})
+        if "card_number" not in card_page.text:
+            raise RuntimeError(f"the code was refused ({card_page.status_code})")
+        expiry = f"12/{(time.gmtime().tm_year + 3) % 100:02d}"
+        paid = page.post(f"{link}/card", data={"card_number": _TEST_CARD, "expiry": expiry, "cvv": "123",
+                                               **_hidden_fields(card_page.text)})
+        if paid.status_code != 200:
+            raise RuntimeError(f"the card was refused ({paid.status_code}): {re.sub(r'<[^>]+>', ' ', paid.text)[-400:]}")
+        while True:
+            status = api.get(f"/v1/payment-sessions/{session_id}").json()
+            if status.get("payment_id") and status.get("status") == "completed":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the session never showed its payment ({status.get('status')})")
+            time.sleep(0.005)
+        captured = api.post(f"/v1/payments/{status['payment_id']}/capture",
+                            headers={"Idempotency-Key": f"cap-{reference}"})
+        if captured.status_code != 200:
+            raise RuntimeError(f"capture failed: {captured.status_code} {captured.text[:200]}")
+
+
+class E2eJourney(Benchmark):
+    name = "e2e.journey"
+    ours = (f"full voice journeys over HTTP to `echotransact run` (open, SMS, page, code, card + authorize, "
+            f"capture), {JOURNEYS} at once, no think time")
+    baseline = f"the eventsourcing library's plain 3-save lifecycle of one aggregate, {JOURNEYS} threads"
+    metrics = (Metric("journeys_per_s", "journeys/s", higher_is_better=True, target_ratio=5.0,
+                      target_why="issue 8: at least 0.2x the library's plain lifecycles/s"),)
+
+    def __init__(self, ctx: BenchContext, journeys: int) -> None:
+        self.ctx = ctx
+        self.journeys = max(JOURNEYS, journeys)
+        self.system: RunningSystem | None = None
+        self._phones = (f"+1415{n:07d}" for n in range(1_000_000, 9_999_999))
+
+    def setup(self) -> None:
+        # Every journey pays with the same test card, which the velocity rules (3 per card in 10
+        # minutes) would decline: a load test raises the limits, as a sandbox would.
+        self.system = RunningSystem(self.ctx, "journey", {
+            "ECHOTRANSACT_RISK_RULES": "max_attempts_per_card=100000000,max_attempts_per_phone=100000000,"
+                                       "card_velocity_points=0,phone_velocity_points=0"})
+        self.system.start()
+        self._app, self._order = _plain_application(self.ctx.database_url)
+
+    def run_ours(self, round_no: int) -> Sample:
+        assert self.system is not None
+        system = self.system
+        phones = [next(self._phones) for _ in range(self.journeys)]
+        errors: list[BaseException] = []
+
+        def work(client: int, share: int) -> None:
+            for index in range(share):
+                try:
+                    _journey(system.url, system.merchant_key, self.ctx.database_url,
+                             phones[client + index * JOURNEYS])
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+        elapsed = _threads(JOURNEYS, self.journeys, work)
+        if errors:
+            raise RuntimeError(f"{len(errors)} journeys failed, e.g. {errors[0]!r}")
+        return {"journeys_per_s": self.journeys / elapsed}
+
+    def run_baseline(self, round_no: int) -> Sample:
+        app, order = self._app, self._order
+
+        def work(_client: int, share: int) -> None:
+            for _ in range(share):
+                aggregate = order(reference=uuid.uuid4().hex, amount_minor=2500)
+                app.save(aggregate)
+                aggregate.trigger_event(order.Paid)
+                app.save(aggregate)
+                aggregate.trigger_event(order.Captured)
+                app.save(aggregate)
+
+        return {"journeys_per_s": self.journeys / _threads(JOURNEYS, self.journeys, work)}
+
+    def close(self) -> None:
+        if self.system is not None:
+            self.system.stop()
+        if hasattr(self, "_app"):
+            self._app.close()

@@ -36,7 +36,7 @@ from api.logging import configure_logging
 from bench.api_latency import ApiLatency
 from bench.cache_memory import CacheMemory
 from bench.context import BenchContext, Sizes
-from bench.e2e import E2eGetSession, E2eOpenSession
+from bench.e2e import E2eGetSession, E2eJourney, E2eOpenSession
 from bench.harness import Benchmark, BenchmarkResult, format_table, run_interleaved
 from bench.projection_apply import ProjectionApply
 from bench.relay_throughput import RelayThroughput
@@ -59,6 +59,7 @@ def all_benchmarks(ctx: BenchContext, sizes: Sizes) -> list[Benchmark]:
         E2eOpenSession(ctx, sizes.e2e_commands),
         E2eOpenSession(ctx, sizes.e2e_commands, versus="insert"),
         E2eGetSession(ctx, sizes.e2e_requests),
+        E2eJourney(ctx, sizes.e2e_journeys),
     ]
 
 
