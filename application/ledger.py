@@ -51,6 +51,7 @@ from application.ports import (
 )
 from domain.api_key import ApiKey
 from domain.customer import Customer
+from domain.errors import DomainError
 from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
 from domain.money import CURRENCY_EXPONENTS, Money, check_currency
@@ -239,7 +240,14 @@ class Ledger(Application):
                         f"command id {command_id!r} was already used for a different request"
                     )
                 return CommandResult(existing.result, existing.position, replayed=True)
-            aggregates, result = decide()
+            try:
+                aggregates, result = decide()
+            except DomainError:
+                if creates and attempt == 0:
+                    # The command may have run before, when its decision still went through
+                    # (a merchant deactivated since, say): its recorded result, if any, wins.
+                    continue
+                raise
             record = CommandRecord(command_id, command_name, request_hash, aggregate_id, result)
             try:
                 recordings = self.save(*aggregates, command=record, messages=messages() if messages else ())

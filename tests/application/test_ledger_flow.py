@@ -227,3 +227,14 @@ def test_a_payment_link_names_its_session_and_nothing_else(ledger: Ledger) -> No
     for forged in (link.link_token[:-1], session_id.hex, "not-a-link", link.link_token[:32] + "x" * 43, ""):
         with pytest.raises(NotFound):
             ledger.session_for_link(forged)
+
+
+def test_a_session_opened_before_a_new_merchant_limit_replays_its_first_result(ledger: Ledger) -> None:
+    """A retried creation is answered from the command log even when deciding it again would
+    now be refused: the command already ran."""
+    merchant_id = new_merchant(ledger, command_id="limited-merchant")
+    first = open_session(ledger, merchant_id, command_id="before-the-limit", amount_minor=2_500)
+    ledger.change_merchant_settings("limited-merchant:limit", merchant_id, max_amount_minor={"USD": 1_000})
+    with pytest.raises(MerchantLimitExceeded):
+        open_session(ledger, merchant_id, command_id="after-the-limit", amount_minor=2_500)
+    assert open_session(ledger, merchant_id, command_id="before-the-limit", amount_minor=2_500) == first
