@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from psycopg.conninfo import conninfo_to_dict
 
 from adapters.clock import SystemClock
-from adapters.dev_identity import DevIdentityVerifier
-from adapters.locks import PostgresAdvisoryLocks
-from adapters.retention import RetentionPolicy
-from adapters.retention import parse_policy as parse_retention
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.velocity import PostgresVelocityCounter
+from adapters.dev.identity import DevIdentityVerifier
+from adapters.postgres.locks import PostgresAdvisoryLocks
+from adapters.postgres.retention import RetentionPolicy
+from adapters.postgres.retention import parse_policy as parse_retention
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.postgres.velocity import PostgresVelocityCounter
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy, default_identity_thresholds_minor
 from application.ports import Clock, PaymentProcessor, ProcessorRouter
@@ -35,7 +35,7 @@ from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
 
 if TYPE_CHECKING:
-    from adapters.messages import MessageDispatcher
+    from adapters.notifications.sms import MessageDispatcher
     from api.http.services import ApiServices
 
 
@@ -332,7 +332,7 @@ def build_processors(settings: Settings) -> PaymentProcessor | ProcessorRouter:
     configured, the in-process sandbox."""
     if not settings.processors:
         return SandboxProcessor()
-    from adapters.processor_client import FailoverRouter, HttpProcessor
+    from adapters.processors.client import FailoverRouter, HttpProcessor
 
     (primary, primary_url), (secondary, secondary_url) = settings.processors.items()
     return FailoverRouter(HttpProcessor(primary, primary_url), HttpProcessor(secondary, secondary_url))
@@ -397,9 +397,9 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
     import redis
     from psycopg_pool import ConnectionPool
 
-    from adapters.idempotency import IdempotencyStore
-    from adapters.rate_limit import RateLimiter
-    from adapters.vault import CardVault
+    from adapters.postgres.idempotency import IdempotencyStore
+    from adapters.redis.rate_limit import RateLimiter
+    from adapters.postgres.vault import CardVault
     from api.http.health import Dependencies
     from api.http.services import ApiServices
     from projections.queries import StatusQueries
@@ -426,7 +426,7 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
 
 def build_message_dispatcher(settings: Settings, database_url: str, ledger: Ledger) -> MessageDispatcher:
     """The SMS dispatcher: a real provider when ECHOTRANSACT_SMS_URL is set, else the mailbox."""
-    from adapters.messages import DevSmsSender, HttpSmsSender, MessageDispatcher
+    from adapters.notifications.sms import DevSmsSender, HttpSmsSender, MessageDispatcher
 
     sender: Any
     if settings.sms.get("url"):

@@ -56,7 +56,7 @@ def _settings(data_dir: Path) -> Settings:
 @contextlib.contextmanager
 def _servers(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, str]]:
     """(database, redis, kafka) URLs for as long as the block runs."""
-    from adapters.servers import LocalServers
+    from adapters.dev.servers import LocalServers
 
     running = data_dir / RUNNING_FILE
     configured = all(os.environ.get(k) for k in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS"))
@@ -220,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # No processors configured: two sandbox processors, as real local HTTP services.
         from dataclasses import replace
 
-        from adapters.processor_server import SandboxProcessorServer
+        from adapters.dev.processor_server import SandboxProcessorServer
 
         sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
         settings = replace(settings, processors={s.name: s.start() for s in sandboxes})
@@ -276,7 +276,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     data_dir = _data_dir()
     settings = _settings(data_dir)
     with _servers(data_dir) as (database_url, redis_url, kafka):
-        from adapters.kafka_topics import ensure_topics
+        from adapters.kafka.topics import ensure_topics
 
         ensure_topics(kafka, settings.topic_prefix)
         run_worker(
@@ -289,7 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from adapters.relay import run_relay
+    from adapters.kafka.relay import run_relay
     from api.bootstrap import envelope_opener
 
     data_dir = _data_dir()
@@ -305,8 +305,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     """Send the outbox's messages (SMS), settle authorizations whose outcome was unknown, and
     delete rows past retention, until SIGTERM."""
-    from adapters.resolver import run_resolver
-    from adapters.retention import run_retention
+    from adapters.processors.resolver import run_resolver
+    from adapters.postgres.retention import run_retention
     from api.bootstrap import build_ledger, build_message_dispatcher
 
     data_dir = _data_dir()
@@ -340,7 +340,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
 def cmd_retention(args: argparse.Namespace) -> int:
     """Delete rows past retention once and print how many per table."""
-    from adapters.retention import purge
+    from adapters.postgres.retention import purge
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
@@ -351,7 +351,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     """Send webhooks and commerce orders (dispatch), or an operator's tools on them."""
-    from adapters.webhooks import WebhookAdmin, run_webhooks, webhook_secret
+    from adapters.notifications.webhooks import WebhookAdmin, run_webhooks, webhook_secret
     from api.bootstrap import envelope_opener
 
     data_dir = _data_dir()
@@ -416,7 +416,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_sms(args: argparse.Namespace) -> int:
     """The development SMS mailbox, newest first."""
-    from adapters.messages import dev_inbox
+    from adapters.notifications.sms import dev_inbox
 
     with _servers(_data_dir()) as (database_url, _redis, _kafka):
         messages = dev_inbox(database_url, to=args.to, limit=args.limit)

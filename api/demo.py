@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from adapters.messages import dev_inbox
+from adapters.notifications.sms import dev_inbox
 
 HIDDEN = re.compile(r'<input[^>]*name="(csrf|form_id)"[^>]*value="([^"]*)"|'
                     r'<input[^>]*value="([^"]*)"[^>]*name="(csrf|form_id)"')

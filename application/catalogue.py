@@ -9,8 +9,7 @@ import dataclasses
 
 from eventsourcing.domain import CanMutateAggregate
 
-from application.envelope import snake
-from application.ledger import AGGREGATE_TYPES
+from application.envelope import AGGREGATE_TYPES, snake
 
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 

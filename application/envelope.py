@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 from uuid import UUID, uuid5
 
 import msgspec
+
+from domain.api_key import ApiKey
+from domain.customer import Customer
+from domain.merchant import Merchant
+from domain.payment import Payment
+from domain.payment_session import PaymentSession
 
 # Event ids are derived, not random, so the same stored event always has the same id and a
 # consumer can drop a redelivered copy by id.
@@ -51,6 +59,12 @@ def event_id_for(aggregate_id: UUID, version: int) -> UUID:
 
 DEFAULT_TOPIC_PREFIX = "echotransact"
 
+# Each aggregate class and the name its events travel under (envelope and topic).
+AGGREGATE_TYPES: Mapping[type, str] = MappingProxyType(
+    {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key",
+     Customer: "customer"}
+)
+
 
 def topic_for(aggregate_type: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
     """One Kafka topic per aggregate type; the key (aggregate id) keeps each one's order. The
@@ -71,3 +85,8 @@ def envelope_for(event: Any, aggregate_type: str, merchant_id: UUID | None) -> E
         merchant_id=merchant_id,
         data=data,
     )
+
+
+def event_topics(prefix: str = DEFAULT_TOPIC_PREFIX) -> list[str]:
+    """The event topics, one per aggregate type."""
+    return [topic_for(t, prefix) for t in AGGREGATE_TYPES.values()]

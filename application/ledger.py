@@ -9,7 +9,6 @@ and retry on a lost optimistic-concurrency race.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import threading
@@ -26,7 +25,8 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
-from application.envelope import DEFAULT_TOPIC_PREFIX, encode, envelope_for, topic_for
+from application.envelope import AGGREGATE_TYPES, DEFAULT_TOPIC_PREFIX, encode, envelope_for, topic_for
+from application.hashing import keyed_hash
 from application.errors import (
     ConcurrencyConflict,
     IdempotencyKeyReused,
@@ -61,10 +61,6 @@ from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
 from domain.risk import assess as assess_risk
 
-AGGREGATE_TYPES: Mapping[type[Aggregate], str] = MappingProxyType(
-    {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key",
-     Customer: "customer"}
-)
 API_KEY_PREFIX = "et"
 
 # Above these amounts (major units) a customer must pass an identity check. USD 100.00 is the
@@ -139,7 +135,7 @@ class Ledger(Application):
     name = "Ledger"
     env: ClassVar[dict[str, str]] = {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "APPLICATION_RECORDER_TOPIC": "adapters.event_store:OutboxRecorder",
+        "APPLICATION_RECORDER_TOPIC": "adapters.postgres.event_store:OutboxRecorder",
         "CREATE_TABLE": "no",  # tables come from migrations/
         "ORIGINATOR_ID_TYPE": "uuid",
     }
@@ -220,8 +216,7 @@ class Ledger(Application):
         return super()._record(processing_event)
 
     def keyed_hash(self, purpose: str, *parts: object) -> str:
-        message = ":".join([purpose, *map(str, parts)]).encode()
-        return hmac.new(self.policy.secret_key, message, hashlib.sha256).hexdigest()
+        return keyed_hash(self.policy.secret_key, purpose, *parts)
 
     def _execute(
         self, command_id: str, command_name: str, request: Mapping[str, Any], aggregate_id: UUID | None,

@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 from litestar import Litestar, get
 
-from adapters.servers import free_port
+from adapters.dev.servers import free_port
 from api.bootstrap import build_api_services, envelope_opener
 from api.http.app import asgi_app
 from api.http.services import ApiServices

@@ -15,7 +15,7 @@ from uuid import UUID
 import msgspec
 import psycopg
 
-from adapters.servers import ServerURLs
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings, build_ledger, envelope_opener
 from application.envelope import EventEnvelope
 from application.ledger import Ledger

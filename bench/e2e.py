@@ -467,7 +467,7 @@ _TEST_CARD = "4242 4242 4242 4242"
 def _journey(url: str, key: str, database_url: str, phone: str) -> None:
     """One voice journey with no think time: open, the SMS, the page, the code, the card (which
     authorizes), the session read until it names its payment, the capture."""
-    from adapters.messages import dev_inbox
+    from adapters.notifications.sms import dev_inbox
     from api.demo import _hidden_fields
 
     reference = uuid.uuid4().hex

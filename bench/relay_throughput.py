@@ -1,4 +1,4 @@
-"""Relay throughput: publishing outbox rows through adapters/relay.py against producing the same
+"""Relay throughput: publishing outbox rows through adapters/kafka/relay.py against producing the same
 messages with a bare confluent-kafka Producer.
 
 Both sides use the relay's own producer settings (idempotence, acks=all, lz4, linger) and send
@@ -17,7 +17,7 @@ import msgspec
 import psycopg
 from confluent_kafka import KafkaError, Message, Producer
 
-from adapters.relay import OutboxRelay
+from adapters.kafka.relay import OutboxRelay
 from api.bootstrap import envelope_opener
 from application.envelope import encode
 from bench.context import BenchContext

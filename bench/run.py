@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from adapters.servers import LocalServers, ServerURLs
+from adapters.dev.servers import LocalServers, ServerURLs
 from api.logging import configure_logging
 from bench.api_latency import ApiLatency
 from bench.cache_memory import CacheMemory

@@ -1,5 +1,5 @@
 -- The transactional outbox and the command log, both written in the same transaction as the
--- events they belong to (adapters/event_store.py).
+-- events they belong to (adapters/postgres/event_store.py).
 
 CREATE TABLE IF NOT EXISTS outbox (
     outbox_id bigserial PRIMARY KEY,

@@ -1,6 +1,6 @@
 -- Messages to the outside world that are not events (an SMS carrying a one-time code),
--- written in the same transaction as the event that causes them (adapters/event_store.py) and
--- sent by the dispatcher (adapters/messages.py). The payload is encrypted like the events.
+-- written in the same transaction as the event that causes them (adapters/postgres/event_store.py) and
+-- sent by the dispatcher (adapters/notifications/sms.py). The payload is encrypted like the events.
 
 CREATE TABLE IF NOT EXISTS outbox_messages (
     message_id uuid PRIMARY KEY,          -- also the provider's idempotency key

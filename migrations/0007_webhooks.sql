@@ -1,4 +1,4 @@
--- Webhooks and commerce orders (adapters/webhooks.py, adapters/commerce.py).
+-- Webhooks and commerce orders (adapters/notifications/webhooks.py, adapters/notifications/commerce.py).
 --
 -- The planner reads the outbox past its checkpoint and writes, in one transaction with the
 -- checkpoint, what it must remember (merchant endpoints, sessions' orders, payments' sessions)

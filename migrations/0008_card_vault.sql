@@ -1,4 +1,4 @@
--- The card vault (adapters/vault.py): card numbers and expiry dates, AES-GCM encrypted under the
+-- The card vault (adapters/postgres/vault.py): card numbers and expiry dates, AES-GCM encrypted under the
 -- vault's own key (ECHOTRANSACT_VAULT_KEY, not the event store's), referred to elsewhere only by
 -- token, brand and last four digits. The CVV is never stored anywhere.
 

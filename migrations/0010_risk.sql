@@ -2,7 +2,7 @@
 
 -- Payment attempts per velocity key (a keyed hash of the customer's phone, or of the card's
 -- fingerprint), so "attempts by this phone / card in the last N minutes" survives restarts and
--- is shared by every process. Written by adapters/velocity.py, idempotent per attempt.
+-- is shared by every process. Written by adapters/postgres/velocity.py, idempotent per attempt.
 CREATE TABLE IF NOT EXISTS risk_attempts (
     kind text NOT NULL CHECK (kind IN ('phone', 'card')),
     key text NOT NULL,

@@ -1,4 +1,4 @@
--- Indexes for data retention (adapters/retention.py): each rule finds its oldest rows by index
+-- Indexes for data retention (adapters/postgres/retention.py): each rule finds its oldest rows by index
 -- instead of scanning the table. idempotency_records (expires_at), risk_attempts (at) and dead
 -- webhook deliveries (dead_at) have theirs already.
 --

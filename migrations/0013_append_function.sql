@@ -1,4 +1,4 @@
--- One round trip for a whole save (adapters/event_store.py): the command's events, their outbox
+-- One round trip for a whole save (adapters/postgres/event_store.py): the command's events, their outbox
 -- rows, the SMS it queues, the cards it attaches and its command record, written by one
 -- statement. Called in autocommit mode, the statement is its own transaction, so the event
 -- table's EXCLUSIVE lock (positions gap-free in commit order, as the eventsourcing library

@@ -23,7 +23,7 @@ import msgspec
 import psycopg
 
 from application.envelope import EventEnvelope
-from projections.masking import mask_event_data
+from application.masking import mask_event_data
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 0x41_55_44_54  # "AUDT": one chain extender at a time

@@ -29,7 +29,6 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from adapters.pg import ReconnectingConnection
 from application.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
@@ -150,7 +149,7 @@ class ProjectionStore:
         self.projections = list(projections)
         self.open_envelope = open_envelope
         self.schema = schema
-        self._conn = ReconnectingConnection(database_url, self._use_schema if schema else None)
+        self._conn: psycopg.Connection[Any] | None = None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -159,10 +158,17 @@ class ProjectionStore:
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema)))
 
     def connection(self) -> psycopg.Connection[Any]:
-        return self._conn.get()
+        """The store's one autocommit connection, opened again if it was lost."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True)
+            if self.schema:
+                self._use_schema(self._conn)
+        return self._conn
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     # -- the outbox as the event feed ------------------------------------------------------------
 

@@ -23,8 +23,7 @@ import msgspec
 import psycopg
 import structlog
 
-from adapters.kafka_topics import event_topics
-from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
+from application.envelope import event_topics, DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
 from projections.engine import OpenEnvelope, Projection, ProjectionStore
 from projections.status_cache import StatusCache
 

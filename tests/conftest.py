@@ -14,8 +14,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import LocalServers, ServerURLs
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import LocalServers, ServerURLs
 from api.bootstrap import Settings, build_ledger
 from application.ledger import Ledger
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY

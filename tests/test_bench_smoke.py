@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adapters.servers import ServerURLs
+from adapters.dev.servers import ServerURLs
 from bench.context import BenchContext, Sizes
 from bench.harness import format_table
 from bench.run import all_benchmarks, run_benchmarks, write_report

@@ -29,7 +29,7 @@ from litestar.datastructures import FormMultiDict
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect
 
-from adapters.vault import CardVault, card_brand, normalize_number
+from adapters.postgres.vault import CardVault, card_brand, normalize_number
 from api.http.services import ApiServices
 from application.errors import IdempotencyKeyReused, NotFound, ProcessorUnavailable
 from application.ledger import Ledger

@@ -7,9 +7,9 @@ from typing import Any
 
 import redis
 
-from adapters.idempotency import IdempotencyStore
-from adapters.rate_limit import RateLimiter
-from adapters.vault import CardVault
+from adapters.postgres.idempotency import IdempotencyStore
+from adapters.redis.rate_limit import RateLimiter
+from adapters.postgres.vault import CardVault
 from api.bootstrap import Settings
 from api.http.health import Dependencies
 from application.ledger import Ledger

@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs, free_port
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs, free_port
 from api.bootstrap import Settings, build_api_services, envelope_opener
 from api.http.app import asgi_app
 from api.http.services import ApiServices
@@ -106,7 +106,7 @@ def customer_link(api: Api, session_id: UUID) -> tuple[str, str]:
     """(link token, code) from the SMS the customer received, via the development mailbox."""
     import re
 
-    from adapters.messages import dev_inbox
+    from adapters.notifications.sms import dev_inbox
     from api.bootstrap import build_message_dispatcher
 
     build_message_dispatcher(api.services.settings, api.database_url, api.services.ledger).run_once()

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 

@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings
 from api.http.app import MAX_BODY_BYTES
 from tests.api.conftest import Api, make_api, paid_payment, session_body

@@ -25,11 +25,11 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from adapters.clock import ManualClock
-from adapters.messages import dev_inbox
-from adapters.relay import OutboxRelay
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs
-from adapters.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
+from adapters.notifications.sms import dev_inbox
+from adapters.kafka.relay import OutboxRelay
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs
+from adapters.postgres.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
 from api.bootstrap import Settings, build_api_services, build_message_dispatcher, envelope_opener
 from api.http.app import asgi_app
 from api.http.pages import CONTENT_SECURITY_POLICY, redact_path

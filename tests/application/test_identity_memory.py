@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
+from adapters.dev.sandbox_processor import SandboxProcessor
 from api.bootstrap import Settings, build_ledger
 from application.ledger import Ledger
 from application.ports import IdentityClaim

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
+from adapters.dev.sandbox_processor import SandboxProcessor
 from application.envelope import decode
 from application.errors import IdempotencyKeyReused, NotFound, ProcessorUnavailable
 from application.ledger import Ledger

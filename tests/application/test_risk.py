@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
+from adapters.dev.sandbox_processor import SandboxProcessor
 from api.bootstrap import ConfigurationError, Settings, build_ledger, envelope_opener, parse_risk_rules
 from application.ledger import Ledger
 from application.ports import IdentityClaim

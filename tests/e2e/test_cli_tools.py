@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from adapters.servers import ServerURLs
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings, envelope_opener
 from api.cli import main
 from application.ledger import Ledger

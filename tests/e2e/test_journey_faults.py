@@ -15,7 +15,7 @@ and the merchant would, under three faults of the outside world:
    with a fast backoff the signed webhooks arrive once they are back, and exactly one order
    is created even though an answer of the backend was lost and the order was sent again.
 
-Fakes stand in only for the outside world: two sandbox processors (adapters/processor_server.py,
+Fakes stand in only for the outside world: two sandbox processors (adapters/dev/processor_server.py,
 real HTTP services started here so the test can stop one and read their counters) and the
 merchant's receivers (tiny HTTP servers below). Every wait polls with a generous deadline.
 """
@@ -45,8 +45,8 @@ import psutil
 import psycopg
 import pytest
 
-from adapters.processor_server import SandboxProcessorServer
-from adapters.servers import ServerURLs, free_port
+from adapters.dev.processor_server import SandboxProcessorServer
+from adapters.dev.servers import ServerURLs, free_port
 from tests.integration.test_webhooks import Received  # the same record of a received request
 
 REPO = Path(__file__).resolve().parents[2]

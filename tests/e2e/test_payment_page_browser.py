@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings
 from tests.api.test_payment_page import (
     VISA_DECLINED,

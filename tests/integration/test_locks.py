@@ -1,4 +1,4 @@
-"""Per-payment authorization locks (adapters/locks.py) on the real PostgreSQL: exclusive across
+"""Per-payment authorization locks (adapters/postgres/locks.py) on the real PostgreSQL: exclusive across
 connections, bounded waits that end in a retryable error, released on errors, and the lock's
 connection is not returned to the pool still holding it."""
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from adapters.locks import PostgresAdvisoryLocks
+from adapters.postgres.locks import PostgresAdvisoryLocks
 from application.errors import ProcessorUnavailable
 
 

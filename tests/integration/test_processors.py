@@ -21,10 +21,10 @@ from uuid import UUID
 import httpx
 import pytest
 
-from adapters.circuit_breaker import CircuitBreaker, CircuitState
+from adapters.processors.circuit_breaker import CircuitBreaker, CircuitState
 from adapters.clock import ManualClock
-from adapters.processor_client import FailoverRouter, HttpProcessor, ProcessorProtocolError
-from adapters.processor_server import SandboxProcessorServer
+from adapters.processors.client import FailoverRouter, HttpProcessor, ProcessorProtocolError
+from adapters.dev.processor_server import SandboxProcessorServer
 from api.bootstrap import Settings, build_ledger
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger
@@ -418,7 +418,7 @@ def test_with_both_circuits_open_there_is_nothing_to_select(
 
 def test_the_server_runs_as_a_process_with_http_controls(connect: Callable[..., HttpProcessor]) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "adapters.processor_server", "--name", "primary", "--port", "0"],
+        [sys.executable, "-m", "adapters.dev.processor_server", "--name", "primary", "--port", "0"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )
     try:

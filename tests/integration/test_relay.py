@@ -28,11 +28,12 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from adapters.relay import EVENT_TOPICS, OutboxRelay
-from adapters.servers import ServerURLs, free_port, wait_for_port
+from adapters.kafka.relay import EVENT_TOPICS, OutboxRelay
+from adapters.dev.servers import ServerURLs, free_port, wait_for_port
 from api.bootstrap import Settings, envelope_opener
 from application.envelope import EventEnvelope, decode
-from application.ledger import AGGREGATE_TYPES, Ledger
+from application.envelope import AGGREGATE_TYPES
+from application.ledger import Ledger
 from tests.application.flows import new_merchant, open_session, pay
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,7 +216,7 @@ def assert_complete_and_ordered(rows: list[OutboxRow], records: list[Record]) ->
 RELAY_SCRIPT = textwrap.dedent(
     """
     import signal, sys, threading
-    from adapters.relay import run_relay
+    from adapters.kafka.relay import run_relay
     from api.bootstrap import Settings, envelope_opener
 
     database_url, bootstrap, key_hex = sys.argv[1:4]

@@ -7,8 +7,8 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from adapters.resolver import resolve_stuck
-from adapters.sandbox_processor import SandboxProcessor
+from adapters.processors.resolver import resolve_stuck
+from adapters.dev.sandbox_processor import SandboxProcessor
 from api.bootstrap import Settings, envelope_opener
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger

@@ -15,11 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from adapters import retention
-from adapters.messages import DevSmsSender
-from adapters.retention import TABLES, RetentionPolicy, parse_policy, purge, run_retention
-from adapters.vault import CardVault
-from adapters.webhooks import WebhookPlanner
+from adapters.postgres import retention
+from adapters.notifications.sms import DevSmsSender
+from adapters.postgres.retention import TABLES, RetentionPolicy, parse_policy, purge, run_retention
+from adapters.postgres.vault import CardVault
+from adapters.notifications.webhooks import WebhookPlanner
 from api.bootstrap import Settings, envelope_opener
 from application.ledger import Ledger
 from domain.errors import InvalidPaymentMethod

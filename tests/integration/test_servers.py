@@ -1,4 +1,4 @@
-"""Integration tests for adapters.servers: real embedded PostgreSQL, Redis and Kafka (Tansu) servers."""
+"""Integration tests for adapters.dev.servers: real embedded PostgreSQL, Redis and Kafka (Tansu) servers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from adapters.servers import LocalServers, ServerURLs
+from adapters.dev.servers import LocalServers, ServerURLs
 
 ENV_VARS = ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -159,7 +159,7 @@ _CRASHING_CHILD = """
 import json, sys
 from pathlib import Path
 import psycopg
-from adapters.servers import LocalServers
+from adapters.dev.servers import LocalServers
 servers = LocalServers(Path(sys.argv[1]), persistent=True)
 urls = servers.start()
 with psycopg.connect(urls.database_url) as conn:

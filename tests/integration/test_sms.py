@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 import psycopg
 import pytest
 
-from adapters.messages import DevSmsSender, DispatchReport, HttpSmsSender, MessageDispatcher, dev_inbox
+from adapters.notifications.sms import DevSmsSender, DispatchReport, HttpSmsSender, MessageDispatcher, dev_inbox
 from api.bootstrap import Settings, build_message_dispatcher
 from application.ledger import Ledger
 from tests.application.flows import PHONE, new_merchant, open_session

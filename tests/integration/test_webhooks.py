@@ -27,9 +27,9 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.commerce import HttpCommerceBackend, MissingIdempotencyKey, decode_order
-from adapters.servers import free_port
-from adapters.webhooks import (
+from adapters.notifications.commerce import HttpCommerceBackend, MissingIdempotencyKey, decode_order
+from adapters.dev.servers import free_port
+from adapters.notifications.webhooks import (
     Delivery,
     WebhookAdmin,
     WebhookDispatcher,
@@ -474,7 +474,7 @@ def test_an_order_sent_twice_by_a_crashed_dispatcher_is_created_once(
     planner.plan()
     script = textwrap.dedent("""
         import sys
-        from adapters.webhooks import WebhookDispatcher
+        from adapters.notifications.webhooks import WebhookDispatcher
         WebhookDispatcher(sys.argv[1], bytes.fromhex(sys.argv[2]), allow_private_destinations=True).dispatch_due()
         sys.exit(3)  # only reached if the kill did not happen
     """)

@@ -17,7 +17,7 @@ from application.envelope import EventEnvelope
 from domain.values import mask_phone
 from projections.audit import COLUMNS, GENESIS_HASH, _CHAIN_LOCK_ID, row_hash
 from projections.balances import merchant_of
-from projections.masking import mask_event_data
+from application.masking import mask_event_data
 
 # Session events that only move the status.
 SESSION_STATUS_AFTER = {

@@ -20,8 +20,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from adapters.clock import ManualClock
-from adapters.sandbox_processor import SandboxProcessor
-from adapters.servers import ServerURLs
+from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings, build_ledger, envelope_opener
 from application.ledger import Ledger
 from migrations import migrate

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from adapters.kafka_topics import ensure_topics
-from adapters.servers import ServerURLs
+from adapters.kafka.topics import ensure_topics
+from adapters.dev.servers import ServerURLs
 from api.bootstrap import Settings, build_ledger, envelope_opener
 from application.envelope import encode
 from application.ledger import Ledger

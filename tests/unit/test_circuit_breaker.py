@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from adapters.circuit_breaker import CircuitBreaker, CircuitState
+from adapters.processors.circuit_breaker import CircuitBreaker, CircuitState
 
 
 class SteppedClock:

@@ -1,11 +1,11 @@
-"""The guard on merchant-chosen URLs (adapters/destinations.py), on literal addresses and names
+"""The guard on merchant-chosen URLs (adapters/notifications/destinations.py), on literal addresses and names
 that need no DNS."""
 
 from __future__ import annotations
 
 import pytest
 
-from adapters.destinations import UnsafeDestination, check_destination
+from adapters.notifications.destinations import UnsafeDestination, check_destination
 
 
 @pytest.mark.parametrize("url", [

@@ -3,10 +3,10 @@ client, retries, circuit breaker and failover are exercised over real sockets.
 
 Run two of them as primary and secondary::
 
-    python -m adapters.processor_server --name primary --port 8101
-    python -m adapters.processor_server --name secondary --port 8102
+    python -m adapters.dev.processor_server --name primary --port 8101
+    python -m adapters.dev.processor_server --name secondary --port 8102
 
-Test cards, chosen by the card's last four digits (the same as adapters/sandbox_processor.py,
+Test cards, chosen by the card's last four digits (the same as adapters/dev/sandbox_processor.py,
 plus 0259):
 
     4242, 4444, 1881, 0005 (and any other)  approved

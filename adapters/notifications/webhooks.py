@@ -1,6 +1,6 @@
 """Webhooks: ledger events to the merchant's webhook URL and the session's callback URL, signed,
 retried with exponential backoff, dead-lettered past a horizon; and the order of a completed
-session into the merchant's commerce backend (adapters/commerce.py).
+session into the merchant's commerce backend (adapters/notifications/commerce.py).
 
 Two steps, each crash-safe:
 
@@ -40,7 +40,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from adapters.clock import SystemClock
-from adapters.commerce import (
+from adapters.notifications.commerce import (
     CommerceBackend,
     CommerceOrder,
     HttpCommerceBackend,
@@ -48,11 +48,12 @@ from adapters.commerce import (
     encode_order,
     post,
 )
-from adapters.destinations import UnsafeDestination, check_destination
-from adapters.pg import ReconnectingConnection, listen_for_commits, wait_for_commit
+from adapters.notifications.destinations import UnsafeDestination, check_destination
+from adapters.postgres.connection import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.envelope import EventEnvelope
+from application.hashing import keyed_hash
 from application.ports import Clock
-from projections.masking import SECRET_FIELDS, mask_event_data
+from application.masking import SECRET_FIELDS, mask_event_data
 
 __all__ = [
     "EVENT_ID_HEADER", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "AttemptResult", "Delivery",
@@ -107,9 +108,8 @@ class DeliveryStatus:
 
 def webhook_secret(hash_key: bytes, merchant_id: UUID | str) -> str:
     """The merchant's signing secret, derived (never stored): the admin API can show it, and
-    every dispatcher computes the same one from the hash key. Same construction as
-    ``Ledger.keyed_hash("webhook-secret", merchant_id)``."""
-    return hmac.new(hash_key, f"webhook-secret:{merchant_id}".encode(), hashlib.sha256).hexdigest()
+    every dispatcher computes the same one from the hash key."""
+    return keyed_hash(hash_key, "webhook-secret", merchant_id)
 
 
 def _mac(secret: str, timestamp: int, body: bytes) -> str:

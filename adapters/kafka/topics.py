@@ -5,15 +5,9 @@ from __future__ import annotations
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from application.envelope import DEFAULT_TOPIC_PREFIX, topic_for
-from application.ledger import AGGREGATE_TYPES as _TYPES
+from application.envelope import DEFAULT_TOPIC_PREFIX, event_topics
 
-AGGREGATE_TYPES = tuple(_TYPES.values())
 DEFAULT_PARTITIONS = 8
-
-
-def event_topics(prefix: str = DEFAULT_TOPIC_PREFIX) -> list[str]:
-    return [topic_for(t, prefix) for t in AGGREGATE_TYPES]
 
 
 def ensure_topics(

@@ -31,7 +31,7 @@ from domain.errors import InvalidPaymentMethod
 _json = msgspec.json.Encoder()
 
 
-_VAULT_TOKEN = re.compile(r"card_[a-z]{30}")  # adapters/vault.py; other tokens come from elsewhere
+_VAULT_TOKEN = re.compile(r"card_[a-z]{30}")  # adapters/postgres/vault.py; other tokens come from elsewhere
 
 
 class OutboxRecorder(PostgresApplicationRecorder):

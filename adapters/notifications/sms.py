@@ -28,7 +28,7 @@ import httpx
 import psycopg
 import structlog
 
-from adapters.pg import ReconnectingConnection, listen_for_commits, wait_for_commit
+from adapters.postgres.connection import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.ports import SmsResult, SmsSender
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""The PaymentProcessor port over HTTP (adapters/processor_server.py speaks the same API), with a
+"""The PaymentProcessor port over HTTP (adapters/dev/processor_server.py speaks the same API), with a
 circuit breaker per processor, retries for retryable errors only, and failover between two.
 
 Why each failure is handled the way it is:
@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import httpx
 
-from adapters.circuit_breaker import CircuitBreaker
+from adapters.processors.circuit_breaker import CircuitBreaker
 from application.errors import ProcessorUnavailable
 from application.ports import Decision, ProcessorOutcome
 

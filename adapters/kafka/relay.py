@@ -42,9 +42,8 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from adapters.kafka_topics import event_topics
-from adapters.pg import listen_for_commits, wait_for_commit
-from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, encode
+from adapters.postgres.connection import listen_for_commits, wait_for_commit
+from application.envelope import event_topics, DEFAULT_TOPIC_PREFIX, EventEnvelope, encode
 
 __all__ = ["EVENT_TOPICS", "OutboxRelay", "RelayStats", "run_relay"]
 

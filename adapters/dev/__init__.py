@@ -1,0 +1,1 @@
+"""Development only: embedded PostgreSQL, Redis and Kafka servers, the sandbox processors and the test identity verifier. Installed with the `embedded` extra; a production install neither needs nor pulls them."""

@@ -1,0 +1,1 @@
+"""Kafka: the event topics and the outbox relay that publishes to them."""

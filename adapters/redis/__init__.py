@@ -1,0 +1,1 @@
+"""Redis: per-key request rate limits."""
