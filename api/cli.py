@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from api.bootstrap import ENV_VARS, ConfigurationError, Settings, development_keys
+from api.settings import ENV_VARS, ConfigurationError, Settings, development_keys
 
 RUNNING_FILE = "running.json"  # URLs of the servers of a live `echotransact run`
 
@@ -54,30 +54,59 @@ def _settings(data_dir: Path) -> Settings:
 
 
 @contextlib.contextmanager
-def _servers(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, str]]:
-    """(database, redis, kafka) URLs for as long as the block runs."""
-    from adapters.dev.servers import LocalServers
+def _server_urls(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, str, str]]:
+    """(owner's database, application's database, redis, kafka) URLs for as long as the block runs.
+
+    The owner (MIGRATION_DATABASE_URL, else DATABASE_URL) migrates and replays; everything else
+    connects as the application (DATABASE_URL). An embedded PostgreSQL's URL names its superuser,
+    which owns the tables; the application then logs in to it as echotransact_app."""
+    from adapters.dev.servers import EmbeddedServerUnavailable, LocalServers
+    from api.bootstrap import app_database_url
 
     running = data_dir / RUNNING_FILE
     configured = all(os.environ.get(k) for k in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS"))
     if not own and not configured and running.exists():
         urls = json.loads(running.read_text())
-        yield urls["database_url"], urls["redis_url"], urls["kafka_bootstrap_servers"]
+        yield (urls.get("migration_database_url") or urls["database_url"], urls["database_url"], urls["redis_url"],
+               urls["kafka_bootstrap_servers"])
         return
     data_dir.mkdir(parents=True, exist_ok=True)
     servers = LocalServers.from_env(data_dir, persistent=True)
+    global _local_servers
+    _local_servers = servers
     try:
-        u = servers.start()
-        yield u.database_url, u.redis_url, u.kafka_bootstrap_servers
+        try:
+            u = servers.start()
+        except EmbeddedServerUnavailable as error:
+            raise ConfigurationError(str(error)) from None
+        app_url = os.environ.get("DATABASE_URL")
+        if app_url:
+            owner_url = os.environ.get("MIGRATION_DATABASE_URL") or app_url
+        else:
+            owner_url, app_url = u.database_url, app_database_url(u.database_url)
+        yield owner_url, app_url, u.redis_url, u.kafka_bootstrap_servers
     finally:
+        _local_servers = None
         servers.stop()
+
+
+@contextlib.contextmanager
+def _servers(data_dir: Path, *, own: bool = False, owner: bool = False) -> Iterator[tuple[str, str, str]]:
+    """(database, redis, kafka) URLs for as long as the block runs: the application's database
+    URL, or with ``owner`` the tables' owner's (operators' tools that migrate or rebuild)."""
+    with _server_urls(data_dir, own=own) as (owner_url, app_url, redis_url, kafka):
+        yield owner_url if owner else app_url, redis_url, kafka
+
+
+# The embedded servers of this process's `_servers` block, if it started them (run watches them).
+_local_servers: Any = None
 
 
 def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subprocess.Popen[bytes]:
     import base64
 
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MIGRATION_DATABASE_URL"},  # the owner's: not theirs
         "DATABASE_URL": urls[0],
         "REDIS_URL": urls[1],
         "KAFKA_BOOTSTRAP_SERVERS": urls[2],
@@ -98,8 +127,11 @@ class Supervisor:
     """Keeps the relay and the worker running beside the API: a child that dies is started
     again (with a growing pause), until ``stop``."""
 
-    def __init__(self, commands: Sequence[str], start: Callable[[str], subprocess.Popen[bytes]]) -> None:
+    def __init__(self, commands: Sequence[str], start: Callable[[str], subprocess.Popen[bytes]],
+                 servers: Any = None) -> None:
         self._start = start
+        # The embedded servers (adapters/dev/servers.py), whose broker is started again if it dies.
+        self._servers = servers
         self.children = {command: start(command) for command in commands}
         self.started_at = dict.fromkeys(commands, time.monotonic())
         self._stopping = threading.Event()
@@ -110,6 +142,11 @@ class Supervisor:
         log = structlog.get_logger("echotransact.supervisor")
         pauses = dict.fromkeys(self.children, 0.5)
         while not self._stopping.wait(0.5):
+            if self._servers is not None:
+                try:
+                    self._servers.revive_broker()
+                except Exception as error:  # tried again on the next round
+                    log.warning("broker_restart_failed", error=str(error))
             for command, child in list(self.children.items()):
                 if child.poll() is not None and not self._stopping.is_set():
                     # A child that had been running, or was killed by a signal (an operator, the
@@ -166,9 +203,8 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
         ) from None
     sock.listen(2048)
     port = sock.getsockname()[1]
-    from dataclasses import replace
 
-    settings = replace(settings, port=port)  # so SMS links name the port actually served
+    settings = settings.replace(port=port)  # so SMS links name the port actually served
     services = build_api_services(settings, *urls)
     app = asgi_app(services)
     if demo:
@@ -218,27 +254,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     sandboxes: list[Any] = []
     if not settings.processors:
         # No processors configured: two sandbox processors, as real local HTTP services.
-        from dataclasses import replace
 
         from adapters.dev.processor_server import SandboxProcessorServer
 
         sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
-        settings = replace(settings, processors={s.name: s.start() for s in sandboxes})
+        settings = settings.replace(processors={s.name: s.start() for s in sandboxes})
         log.info("sandbox_processors", **settings.processors)
     if "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS" not in os.environ:
         # Development: the merchant's receivers (and the demo's) run on this machine.
-        from dataclasses import replace as _replace
 
-        settings = _replace(settings, allow_private_destinations=True)
-    with _servers(data_dir, own=True) as urls:
+        settings = settings.replace(allow_private_destinations=True)
+    with _server_urls(data_dir, own=True) as (owner_url, app_url, redis_url, kafka):
+        # Migrations as the tables' owner; the API and the children as the application's role.
+        urls = (app_url, redis_url, kafka)
         try:
-            applied = migrate(urls[0])
+            applied = migrate(owner_url)
             log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
             running.write_text(json.dumps(
-                {"database_url": urls[0], "redis_url": urls[1], "kafka_bootstrap_servers": urls[2]}
+                {"database_url": urls[0], "migration_database_url": owner_url, "redis_url": urls[1],
+                 "kafka_bootstrap_servers": urls[2]}
             ))
             supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
-                                    lambda command: _child(command, urls, settings))
+                                    lambda command: _child(command, urls, settings), servers=_local_servers)
             _serve_api(settings, urls, demo=True, running=running)
         finally:
             running.unlink(missing_ok=True)
@@ -262,79 +299,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from migrations import migrate
 
-    with _servers(_data_dir()) as urls:
+    with _servers(_data_dir(), owner=True) as urls:
         applied = migrate(urls[0])
     print(f"applied {len(applied)} migration(s)" + "".join(f"\n  {m.version:04d}_{m.name}" for m in applied))
     return 0
 
 
+def _until_signalled() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the loops finish their batch and return."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    from api.bootstrap import envelope_opener
-    from projections.registry import all_projections
-    from projections.worker import run_worker
+    from api.bootstrap import ServerUrls, build_worker
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
-    with _servers(data_dir) as (database_url, redis_url, kafka):
-        from adapters.kafka.topics import ensure_topics
-
-        ensure_topics(kafka, settings.topic_prefix)
-        run_worker(
-            database_url=database_url, kafka_bootstrap_servers=kafka, redis_url=redis_url,
-            projections=list(all_projections().values()), open_envelope=envelope_opener(settings),
-            topic_prefix=settings.topic_prefix, catch_up_every_s=settings.catch_up_every_s,
-            catch_up_grace=timedelta(seconds=settings.catch_up_grace_s),
-        )
+    with _servers(data_dir) as urls:
+        build_worker(settings, ServerUrls(*urls))()
     return 0
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from adapters.kafka.relay import run_relay
-    from api.bootstrap import envelope_opener
+    from api.bootstrap import ServerUrls, build_relay
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with _servers(data_dir) as (database_url, _redis, kafka):
-        run_relay(database_url, kafka, envelope_opener(settings), stop, topic_prefix=settings.topic_prefix)
+    stop = _until_signalled()
+    with _servers(data_dir) as urls:
+        build_relay(settings, ServerUrls(*urls))(stop)
     return 0
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     """Send the outbox's messages (SMS), settle authorizations whose outcome was unknown, and
     delete rows past retention, until SIGTERM."""
-    from adapters.processors.resolver import run_resolver
-    from adapters.postgres.retention import run_retention
-    from api.bootstrap import build_ledger, build_message_dispatcher
+    from api.bootstrap import ServerUrls, build_dispatch
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with _servers(data_dir) as (database_url, _redis, _kafka):
-        ledger = build_ledger(settings, database_url)
-        resolver = threading.Thread(
-            target=run_resolver, args=(ledger, database_url, stop), daemon=True,
-            kwargs={"every_s": settings.resolve_every_s, "older_than": timedelta(seconds=settings.resolve_after_s)},
-        )
-        resolver.start()
-        retention = None
-        if settings.retention_every_s > 0:
-            retention = threading.Thread(
-                target=run_retention, args=(database_url, stop), daemon=True, name="retention",
-                kwargs={"every_s": settings.retention_every_s, "policy": settings.retention_policy},
-            )
-            retention.start()
-        try:
-            build_message_dispatcher(settings, database_url, ledger).run(stop)
-        finally:
-            resolver.join(5)
-            if retention is not None:
-                retention.join(5)
-            ledger.close()
+    stop = _until_signalled()
+    with _servers(data_dir) as urls:
+        build_dispatch(settings, ServerUrls(*urls))(stop)
     return 0
 
 
@@ -351,24 +360,16 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     """Send webhooks and commerce orders (dispatch), or an operator's tools on them."""
-    from adapters.notifications.webhooks import WebhookAdmin, run_webhooks, webhook_secret
-    from api.bootstrap import envelope_opener
+    from adapters.notifications.webhooks import WebhookAdmin, webhook_secret
+    from api.bootstrap import ServerUrls, build_webhooks
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
-    with _servers(data_dir) as (database_url, _redis, _kafka):
+    with _servers(data_dir) as urls:
         if args.webhooks_command == "dispatch":
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
-            run_webhooks(database_url, envelope_opener(settings), settings.hash_key, stop,
-                         concurrency=settings.webhook_concurrency,
-                         allow_private_destinations=settings.allow_private_destinations,
-                         retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
-                         backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
-                         backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
+            build_webhooks(settings, ServerUrls(*urls))(_until_signalled())
             return 0
-        admin = WebhookAdmin(database_url)
+        admin = WebhookAdmin(urls[0])
         if args.webhooks_command == "redeliver":
             if not (args.delivery or args.endpoint or args.dead):
                 raise ConfigurationError("name what to send again: --delivery ID, --endpoint URL or --dead")
@@ -427,6 +428,16 @@ def cmd_sms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stale_cache_entries(database_url: str, redis_url: str) -> list[tuple[str, str, Any]]:
+    import psycopg
+
+    from projections.status_cache import StatusCache
+
+    cache = StatusCache.from_url(redis_url)
+    with psycopg.connect(database_url) as conn:
+        return cache.differences(conn)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from api.bootstrap import envelope_opener
     from projections.registry import select
@@ -438,14 +449,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise ConfigurationError(str(error)) from None
     data_dir = _data_dir()
     settings = _settings(data_dir)
-    with _servers(data_dir) as (database_url, _redis, _kafka):
+    # An operator's tool: emptying read models (TRUNCATE) and --verify's scratch schema are the
+    # tables' owner's to do, not the application's.
+    with _servers(data_dir, owner=True) as (database_url, redis_url, _kafka):
         if args.verify:
             differences = verify(database_url, chosen, envelope_opener(settings))
             for d in differences:
                 print(json.dumps({"table": d.table, "side": d.side, "row": d.row}, default=str))
             names = ", ".join(p.name for p in chosen)
             print(f"{len(differences)} difference(s) in {names}", file=sys.stderr)
-            return 1 if differences else 0
+            stale = _stale_cache_entries(database_url, redis_url) if "status" in {p.name for p in chosen} else []
+            for kind, aggregate_id, cached in stale:
+                print(json.dumps({"cache": kind, "id": aggregate_id, "cached": cached}, default=str))
+            if stale:
+                print(f"{len(stale)} status cache entr{'y' if len(stale) == 1 else 'ies'} differ from the read model",
+                      file=sys.stderr)
+            return 1 if differences or stale else 0
         applied = rebuild(database_url, chosen, envelope_opener(settings))
         print(f"rebuilt {', '.join(p.name for p in chosen)} from {applied} event applications")
     return 0
@@ -475,7 +494,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"audit chain broken at position {report.first_broken_position}: {report.reason}"
                   f" ({report.rows_checked} rows checked)", file=sys.stderr)
             return 1
-        out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+        out = open(args.output, "w") if args.output else sys.stdout
         count = 0
         with conn.transaction():
             for row in export_rows(conn, aggregate_id=args.aggregate, merchant_id=args.merchant,

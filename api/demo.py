@@ -8,6 +8,7 @@ captures; the read side shows what happened.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 
 from adapters.notifications.sms import dev_inbox
+from adapters.postgres.vault import luhn_valid
 
 HIDDEN = re.compile(r'<input[^>]*name="(csrf|form_id)"[^>]*value="([^"]*)"|'
                     r'<input[^>]*value="([^"]*)"[^>]*name="(csrf|form_id)"')
@@ -61,6 +63,15 @@ def wait_for_state(
         time.sleep(every_s)
 
 
+def fresh_test_card(last4: str = "4242", rng: random.Random | None = None) -> str:
+    """A Luhn-valid Visa test number ending in ``last4``, different on each call."""
+    rng = rng or random.Random()
+    while True:
+        number = "4" + "".join(rng.choice("0123456789") for _ in range(11)) + last4
+        if luhn_valid(number):
+            return number
+
+
 def run_demo(api_url: str, database_url: str, merchant_key: str, say: Callable[[str], None]) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     api = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {merchant_key}"}, timeout=30)
@@ -98,9 +109,12 @@ def run_demo(api_url: str, database_url: str, merchant_key: str, say: Callable[[
     if "card_number" not in card_page.text:
         raise DemoError(f"the code was not accepted ({card_page.status_code})")
 
-    say("customer: paying with the test card 4242 4242 4242 4242")
+    # A card of its own per run, ending in 4242 (the sandbox approves it): the risk rules allow
+    # a card only a few payments in ten minutes, and the demo may be run again and again.
+    card = fresh_test_card()
+    say(f"customer: paying with the test card {card[:4]} ... {card[-4:]}")
     expiry = f"12/{(time.gmtime().tm_year + 3) % 100:02d}"
-    done = page.post(f"{link}/card", data={"card_number": "4242 4242 4242 4242", "expiry": expiry, "cvv": "123",
+    done = page.post(f"{link}/card", data={"card_number": card, "expiry": expiry, "cvv": "123",
                                            **_hidden_fields(card_page.text)})
     if done.status_code != 200:
         raise DemoError(f"the payment did not go through ({done.status_code})")

@@ -1,21 +1,23 @@
-"""The event envelope that leaves the ledger through the outbox and travels on Kafka."""
+"""The event envelope that leaves the ledger through the outbox and travels on Kafka, and the
+outbox rows that carry it (encoded, compressed and encrypted as the event store's own state).
+
+The read side imports this module, so it names no aggregate class: callers pass the mapping of
+classes to aggregate types (application/aggregate_types.py).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid5
 
 import msgspec
 
-from domain.api_key import ApiKey
-from domain.customer import Customer
-from domain.merchant import Merchant
-from domain.payment import Payment
-from domain.payment_session import PaymentSession
+if TYPE_CHECKING:
+    from eventsourcing.persistence import Mapper
 
 # Event ids are derived, not random, so the same stored event always has the same id and a
 # consumer can drop a redelivered copy by id.
@@ -59,11 +61,9 @@ def event_id_for(aggregate_id: UUID, version: int) -> UUID:
 
 DEFAULT_TOPIC_PREFIX = "echotransact"
 
-# Each aggregate class and the name its events travel under (envelope and topic).
-AGGREGATE_TYPES: Mapping[type, str] = MappingProxyType(
-    {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key",
-     Customer: "customer"}
-)
+# The names events travel under (envelope and topic), one per aggregate type; which class has
+# which name is application/aggregate_types.py (the read side needs the names, not the classes).
+AGGREGATE_TYPE_NAMES = ("payment_session", "payment", "merchant", "api_key", "customer")
 
 
 def topic_for(aggregate_type: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
@@ -89,4 +89,47 @@ def envelope_for(event: Any, aggregate_type: str, merchant_id: UUID | None) -> E
 
 def event_topics(prefix: str = DEFAULT_TOPIC_PREFIX) -> list[str]:
     """The event topics, one per aggregate type."""
-    return [topic_for(t, prefix) for t in AGGREGATE_TYPES.values()]
+    return [topic_for(t, prefix) for t in AGGREGATE_TYPE_NAMES]
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One outbox row to write with the event (aggregate_id, version) it carries."""
+
+    event_id: Any
+    aggregate_id: Any
+    version: int
+    topic: str
+    key: str
+    envelope: bytes
+
+
+def outbox_rows(
+    events: Iterable[Any], aggregates: Mapping[Any, Any], *, aggregate_types: Mapping[type, str],
+    mapper: Mapper[Any], topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+) -> list[OutboxMessage]:
+    """One outbox row per event, in order. ``aggregates`` maps each event's originator id to its
+    aggregate (for its type and merchant). The envelope is compressed and encrypted with the
+    event store's mapper, so it is as protected at rest as the event itself."""
+    rows = []
+    for event in events:
+        aggregate = aggregates[event.originator_id]
+        aggregate_type = aggregate_types[type(aggregate)]
+        # Every aggregate names its merchant (a merchant itself, a customer None).
+        envelope = envelope_for(event, aggregate_type, aggregate.merchant_id)
+        payload = encode(envelope)
+        if mapper.compressor:
+            payload = mapper.compressor.compress(payload)
+        if mapper.cipher:
+            payload = mapper.cipher.encrypt(payload)
+        rows.append(
+            OutboxMessage(
+                event_id=envelope.event_id,
+                aggregate_id=event.originator_id,
+                version=event.originator_version,
+                topic=topic_for(aggregate_type, topic_prefix),
+                key=str(event.originator_id),
+                envelope=payload,
+            )
+        )
+    return rows

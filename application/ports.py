@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
-from enum import Enum
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+# The outbox row is defined beside the envelope it carries (the read side imports that module,
+# not this one); the event store's recorder takes it from here, with the other ports.
+from application.envelope import OutboxMessage as OutboxMessage
+from domain.money import Money
 
 
 class Clock(Protocol):
@@ -19,7 +24,7 @@ class Clock(Protocol):
         ...
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     APPROVED = "approved"
     DECLINED = "declined"
     # The processor did not answer in time: the charge may or may not exist. Never retried
@@ -73,6 +78,7 @@ class PaymentProcessor(Protocol):
         ...
 
 
+@runtime_checkable
 class ProcessorRouter(Protocol):
     """Which processor gets a new authorization (the primary unless its circuit is open), which
     one may take over an authorization the chosen one provably never received (``alternative``:
@@ -140,18 +146,6 @@ class CommandLog(Protocol):
 
 
 @dataclass(frozen=True)
-class OutboxMessage:
-    """One outbox row to write with the event (aggregate_id, version) it carries."""
-
-    event_id: Any
-    aggregate_id: Any
-    version: int
-    topic: str
-    key: str
-    envelope: bytes
-
-
-@dataclass(frozen=True)
 class OutboxSms:
     """An SMS to send once the transaction that asked for it commits."""
 
@@ -166,6 +160,22 @@ class SmsResult:
     retryable: bool = False
     provider_reference: str = ""
     error: str = ""
+
+
+class MessageWording(Protocol):
+    """The words of the texts the ledger sends a customer; the notification adapter owns them
+    (language, tone, format of amounts), the ledger only supplies the facts."""
+
+    def payment_link(
+        self, *, merchant_name: str, amount: Money, order_reference: str, link_url: str, code: str,
+        expires_in: timedelta,
+    ) -> str:
+        """The SMS that carries the payment link and its one-time code."""
+        ...
+
+    def new_code(self, *, merchant_name: str, code: str) -> str:
+        """The SMS that carries a new one-time code for a link already sent."""
+        ...
 
 
 class SmsSender(Protocol):

@@ -16,7 +16,8 @@ import msgspec
 import psycopg
 
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings, build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener
+from api.settings import Settings
 from application.envelope import EventEnvelope
 from application.ledger import Ledger
 

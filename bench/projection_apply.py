@@ -50,7 +50,7 @@ class ProjectionApply(Benchmark):
     ours = "ProjectionStore.apply_batch, all four projections, batches of 500"
     baseline = "executemany INSERT of one row per event, same batches and transactions"
     metrics = (
-        # The read side must keep up with the write side (~500-670 events/s, STACK-NOTES) with
+        # The read side must keep up with the write side (hundreds of events/s, write.* below) with
         # room to catch up after an outage; raw executemany takes in well over 10k rows/s.
         Metric("events_per_s", "events/s", higher_is_better=True, target_ratio=20.0,
                target_why="keeps well ahead of the write path while catching up"),

@@ -120,7 +120,7 @@ def run_benchmarks(
         progress(f"{bench.name}: {bench.ours}  vs  {bench.baseline}")
         try:
             report.results.append(run_interleaved(bench, rounds=rounds, warmup=warmup, progress=progress))
-        except Exception as error:  # noqa: BLE001 - one broken benchmark must not hide the others' numbers
+        except Exception as error:
             report.errors[bench.name] = "".join(traceback.format_exception(error)).strip()
             progress(f"{bench.name}: FAILED: {type(error).__name__}: {error}")
     report.finished_at = _now()

@@ -12,7 +12,7 @@ postings that balance per currency.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -60,6 +60,13 @@ def _postings(postings: tuple[Posting, ...]) -> list[dict[str, Any]]:
 
 
 class Payment(Aggregate):
+    if TYPE_CHECKING:
+        # Their types, for mypy only: class annotations at run time would make eventsourcing
+        # process the aggregate as a dataclass.
+        card_fingerprint: str | None
+        risk_score: int | None
+        risk_decision: str | None
+
     # Defaults for state added after the first release: a snapshot taken before it lacks them.
     card_fingerprint = None
     risk_score = None
@@ -209,8 +216,8 @@ class Payment(Aggregate):
         self.settled_minor = 0
         self.refund_ids: list[str] = []
         self.failure_code: str | None = None
-        self.risk_score: int | None = None
-        self.risk_decision: str | None = None
+        self.risk_score = None
+        self.risk_decision = None
 
     def _require(self, command: str, *allowed: str) -> None:
         if self.status not in allowed:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 from uuid import UUID
 
@@ -33,7 +34,7 @@ from domain.errors import (
     ResendLimitReached,
     SessionLocked,
 )
-from domain.money import check_amount, check_currency
+from domain.money import CURRENCY_EXPONENTS, check_amount, check_currency
 from domain.values import check_line_items, check_phone, check_text, check_url
 
 MAX_CODE_ATTEMPTS = 5
@@ -42,6 +43,24 @@ MAX_IDENTITY_ATTEMPTS = 3
 MAX_DECLINES = 3
 CARD_BRANDS = ("visa", "mastercard", "amex", "discover", "jcb", "diners", "unionpay", "unknown")
 MAX_METADATA_KEYS = 20
+
+# Above these amounts (major units) a customer must pass an identity check. USD 100.00 is the
+# product's rule; the others are set near that value and are configuration, not law. The one
+# table: the application's policy and the settings start from it.
+DEFAULT_IDENTITY_THRESHOLDS_MAJOR: Mapping[str, int] = MappingProxyType(
+    {"USD": 100, "EUR": 100, "GBP": 80, "CAD": 135, "AUD": 150, "NZD": 165, "CHF": 90,
+     "SEK": 1_000, "NOK": 1_000, "DKK": 700, "MXN": 1_700, "INR": 8_300, "SGD": 135,
+     "JPY": 15_000, "KRW": 135_000, "KWD": 30, "BHD": 38}
+)
+
+
+def default_identity_thresholds_minor() -> dict[str, int]:
+    """The thresholds in minor units, for every currency we accept (100 major units where the
+    table names none); a new dict each call, so a caller may change its copy."""
+    return {
+        currency: DEFAULT_IDENTITY_THRESHOLDS_MAJOR.get(currency, 100) * 10**exp
+        for currency, exp in CURRENCY_EXPONENTS.items()
+    }
 
 
 class SessionStatus:
@@ -81,7 +100,7 @@ TERMINAL = frozenset({S.COMPLETED, S.EXPIRED, S.CANCELLED, S.FAILED, S.LOCKED})
 IN_FLIGHT = frozenset({S.PAYMENT_METHOD_ATTACHED})
 
 
-class CodeCheck(str, Enum):
+class CodeCheck(StrEnum):
     VERIFIED = "verified"
     INCORRECT = "incorrect"
     LOCKED = "locked"

@@ -62,7 +62,7 @@ def _adds(columns: Sequence[str], table: str) -> str:
 
 class AnalyticsProjection:
     name = "analytics"
-    tables = ("analytics_session_cohorts", "analytics_payments", "funnel_daily", "volume_daily")
+    tables: tuple[str, ...] = ("analytics_session_cohorts", "analytics_payments", "funnel_daily", "volume_daily")
 
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
         cohorts: list[tuple[UUID, Any, date, Any]] = []
@@ -95,14 +95,15 @@ class AnalyticsProjection:
             cols = ", ".join(FUNNEL_COLUMNS)
             # A session without a cohort row is not counted, as the UPDATE of old counted nothing.
             cur.execute(
-                f"INSERT INTO funnel_daily (merchant_id, day, voice_platform, {cols})"  # noqa: S608
+                f"INSERT INTO funnel_daily (merchant_id, day, voice_platform, {cols})"
                 " SELECT c.merchant_id, c.day, c.voice_platform, "
                 + ", ".join(f"sum(u.{c})" for c in FUNNEL_COLUMNS)
                 + f" FROM unnest(%b::uuid[], {', '.join(['%b::bigint[]'] * len(FUNNEL_COLUMNS))})"
                 f" AS u(session_id, {cols})"
                 " JOIN analytics_session_cohorts c ON c.session_id = u.session_id"
                 " GROUP BY c.merchant_id, c.day, c.voice_platform"
-                f" ON CONFLICT (merchant_id, day, voice_platform) DO UPDATE SET {_adds(FUNNEL_COLUMNS, 'funnel_daily')}",
+                " ON CONFLICT (merchant_id, day, voice_platform)"
+                f" DO UPDATE SET {_adds(FUNNEL_COLUMNS, 'funnel_daily')}",
                 [ids, *([funnel[i][n] for i in ids] for n in range(len(FUNNEL_COLUMNS)))], binary=True,
             )
         if payments:
@@ -116,7 +117,7 @@ class AnalyticsProjection:
             keys = list(volume)
             cols = ", ".join(VOLUME_COLUMNS)
             cur.execute(
-                f"INSERT INTO volume_daily (merchant_id, day, currency, {cols})"  # noqa: S608
+                f"INSERT INTO volume_daily (merchant_id, day, currency, {cols})"
                 " SELECT p.merchant_id, u.day, p.currency, "
                 + ", ".join(f"sum(u.{c})" for c in VOLUME_COLUMNS)
                 + f" FROM unnest(%b::uuid[], %b::date[], {', '.join(['%b::bigint[]'] * len(VOLUME_COLUMNS))})"

@@ -91,7 +91,7 @@ _MAY_CHANGE_IN_JSONB = re.compile(rb"[:,\[]-?\d+(?:\.\d+)?e\d|[:,\[]-0\.0[,\]}]"
 
 class AuditProjection:
     name = "audit"
-    tables = ("audit_log",)
+    tables: tuple[str, ...] = ("audit_log",)
 
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
         rows = []

@@ -20,7 +20,7 @@ def merchant_of(account: str) -> str | None:
 
 class BalancesProjection:
     name = "balances"
-    tables = ("ledger_balances",)
+    tables: tuple[str, ...] = ("ledger_balances",)
 
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
         deltas: dict[tuple[str, str], int] = {}

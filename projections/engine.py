@@ -52,6 +52,10 @@ class Projection(Protocol):
         ...
 
 
+# What runs inside a batch's transaction once its rows are written (ProjectionStore.on_batch).
+OnBatch = Callable[[psycopg.Connection[Any], Sequence[UUID]], object]
+
+
 @dataclass
 class BatchResult:
     applied: int = 0
@@ -143,9 +147,14 @@ def plan(
 class ProjectionStore:
     def __init__(
         self, database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope,
-        *, schema: str | None = None,
+        *, schema: str | None = None, on_batch: OnBatch | None = None,
     ) -> None:
         self.database_url = database_url
+        # Called inside each batch's transaction, after the projections wrote their rows, with
+        # every aggregate of the batch (duplicates included): the worker copies the rows to the
+        # Redis cache there, so no commit can land without its cache write having been made,
+        # and a redelivered batch repairs a cache write that was lost.
+        self.on_batch = on_batch
         self.projections = list(projections)
         self.open_envelope = open_envelope
         self.schema = schema
@@ -230,6 +239,8 @@ class ProjectionStore:
             if todo.apply:
                 projection.apply_batch(cur, todo.apply)
                 self._store_versions(cur, projection.name, todo.last, versions)
+        if self.on_batch is not None:
+            self.on_batch(cur.connection, aggregate_ids)
 
     def _plan(
         self, cur: psycopg.Cursor[Any], batch: list[EventEnvelope], versions: dict[UUID, int],

@@ -161,7 +161,7 @@ class _Table:
         if existing_ids:
             columns = [c for c in self.mutable if c not in ("updated_at", "version", "position")]
             cur.execute(
-                f"SELECT {self.key}, {', '.join(columns)} FROM {self.table} WHERE {self.key} = ANY(%s)",  # noqa: S608
+                f"SELECT {self.key}, {', '.join(columns)} FROM {self.table} WHERE {self.key} = ANY(%s)",
                 (existing_ids,), binary=True,
             )
             for values in cur.fetchall():
@@ -180,9 +180,10 @@ class _Table:
                 new.append(row)
                 created.add(e.aggregate_id)
             else:
-                row = rows.get(e.aggregate_id)
-                if row is None:
+                found = rows.get(e.aggregate_id)
+                if found is None:
                     continue  # no row to change (the UPDATE of old matched nothing)
+                row = found
                 change(row, e.event_type, e.data)
                 if e.aggregate_id not in created:
                     changed[e.aggregate_id] = row
@@ -198,7 +199,7 @@ class _Table:
     def _insert(self, cur: psycopg.Cursor[Any], rows: list[dict[str, Any]]) -> None:
         names = list(self.created)
         cur.execute(
-            f"INSERT INTO {self.table} ({', '.join(names)})"  # noqa: S608
+            f"INSERT INTO {self.table} ({', '.join(names)})"
             f" SELECT * FROM unnest({self._unnest(self.created)})",
             [[row[c] for row in rows] for c in names], binary=True,
         )
@@ -206,7 +207,7 @@ class _Table:
     def _update(self, cur: psycopg.Cursor[Any], rows: dict[UUID, dict[str, Any]]) -> None:
         names = list(self.mutable)
         cur.execute(
-            f"UPDATE {self.table} t SET {', '.join(f'{c} = u.{c}' for c in names)}"  # noqa: S608
+            f"UPDATE {self.table} t SET {', '.join(f'{c} = u.{c}' for c in names)}"
             f" FROM unnest(%b::uuid[], {self._unnest(self.mutable)}) AS u(_id, {', '.join(names)})"
             f" WHERE t.{self.key} = u._id",
             [list(rows), *([row[c] for row in rows.values()] for c in names)], binary=True,
@@ -219,7 +220,7 @@ _PAYMENTS = _Table("payment_status", "payment_id", PAYMENT_CREATED, PAYMENT_MUTA
 
 class StatusProjection:
     name = "status"
-    tables = ("session_status", "payment_status")
+    tables: tuple[str, ...] = ("session_status", "payment_status")
 
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
         sessions = [e for e in envelopes if e.aggregate_type == "payment_session"]

@@ -1,14 +1,17 @@
 """Redis as a cache in front of the status read model, for hot reads by integrators.
 
-The worker writes a row to Redis after the transaction that changed it commits. Two workers
-may race; the compare-and-set keeps the highest version, so the cache never goes back in time.
-A miss or a stale entry only costs a PostgreSQL read: PostgreSQL is the truth.
+The worker writes the rows of a batch to Redis inside the batch's transaction, just before it
+commits (ProjectionStore.on_batch), for every aggregate of the batch, already applied or not. So
+a worker killed between its commit and its cache write cannot exist: the cache write came first,
+and if the commit is then lost, the redelivered batch writes the same rows again. Two workers may
+race; the compare-and-set keeps the highest version, so the cache never goes back in time.
+``differences`` lists entries that disagree with the read model (``echotransact replay --verify``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -34,6 +37,15 @@ def _row_json(row: dict[str, Any]) -> str:
     return json.dumps(row, default=str, sort_keys=True)
 
 
+def _rows(conn: psycopg.Connection[Any], ids: list[UUID]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for kind, (table, id_column) in TABLES.items():
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT * FROM {table} WHERE {id_column} = ANY(%s)", (ids,))
+            names = [c.name for c in cur.description or ()]
+            for values in cur.fetchall():
+                yield kind, dict(zip(names, values, strict=True))
+
+
 class StatusCache:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -41,26 +53,43 @@ class StatusCache:
 
     @classmethod
     def from_url(cls, url: str) -> StatusCache:
-        return cls(redis.Redis.from_url(url))
+        # Bounded waits: the worker writes inside a PostgreSQL transaction.
+        return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0))
 
     def refresh(self, conn: psycopg.Connection[Any], aggregate_ids: Iterable[UUID]) -> int:
-        """Copy the committed rows of these aggregates into the cache; returns rows written."""
+        """Copy the rows of these aggregates, as ``conn`` sees them, into the cache (one pipelined
+        round trip); returns how many entries changed."""
         ids = list(aggregate_ids)
-        written = 0
         if not ids:
             return 0
+        pipe = self.client.pipeline(transaction=False)
+        for kind, row in _rows(conn, ids):
+            id_column = TABLES[kind][1]
+            self._set_if_newer(keys=[_key(kind, row[id_column])], args=[row["version"], _row_json(row), TTL_S],
+                               client=pipe)
+        return sum(int(changed) for changed in pipe.execute())
+
+    def differences(self, conn: psycopg.Connection[Any], *, batch: int = 1_000,
+                    max_rows: int = 50) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """Cache entries that disagree with the read model: (kind, id, cached row). A missing
+        entry is fine (a miss reads PostgreSQL); one that differs is not."""
+        found: list[tuple[str, str, dict[str, Any] | None]] = []
         for kind, (table, id_column) in TABLES.items():
-            with conn.cursor() as cur:
-                cur.execute(f"SELECT * FROM {table} WHERE {id_column} = ANY(%s)", (ids,))  # noqa: S608
+            with conn.cursor(name=f"cache_check_{kind}") as cur:  # server side: tables may be large
+                cur.itersize = batch
+                cur.execute(f"SELECT * FROM {table}")
                 names = [c.name for c in cur.description or ()]
-                for values in cur.fetchall():
-                    row = dict(zip(names, values, strict=True))
-                    written += int(
-                        self._set_if_newer(
-                            keys=[_key(kind, row[id_column])], args=[row["version"], _row_json(row), TTL_S]
-                        )
-                    )
-        return written
+                while rows := cur.fetchmany(batch):
+                    live = [dict(zip(names, values, strict=True)) for values in rows]
+                    pipe = self.client.pipeline(transaction=False)
+                    for row in live:
+                        pipe.hget(_key(kind, row[id_column]), "row")
+                    for row, cached in zip(live, pipe.execute(), strict=True):
+                        if cached is not None and json.loads(cached) != json.loads(_row_json(row)):
+                            found.append((kind, str(row[id_column]), json.loads(cached)))
+                            if len(found) >= max_rows:
+                                return found
+        return found
 
     def get(self, kind: str, aggregate_id: UUID | str) -> dict[str, Any] | None:
         raw = self.client.hget(_key(kind, aggregate_id), "row")

@@ -2,12 +2,14 @@
 PostgreSQL's row-level security (migrations/0004) shows only what the caller's scope may see.
 
 Every query filters by merchant in SQL as well; the policies are the second wall, so a wrong or
-missing filter here still cannot show one merchant another's rows.
+missing filter here still cannot show one merchant another's rows. The compliance reports (the
+audit chain's verification and the audit export) read the same way, on a connection of their own
+because they run long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -18,11 +20,16 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from projections.audit import COLUMNS as AUDIT_COLUMNS
+from projections.audit import ChainReport, verify_chain
+
 READER_ROLE = "echotransact_reader"
 ROLES = ("merchant", "analyst", "compliance", "admin")
 GRANULARITIES = ("day", "week", "month")
 MAX_PAGE = 100
 MAX_AUDIT_PAGE = 1_000
+# The hash chain runs through every audit row: only a scope that sees them all can check it.
+WHOLE_AUDIT_ROLES = ("compliance", "admin")
 
 Granularity = Literal["day", "week", "month"]
 Row = dict[str, Any]
@@ -64,9 +71,12 @@ def _ratio(part: int, whole: int) -> float | None:
 class ReadViews:
     def __init__(
         self, database_url: str, *, max_size: int = 8, statement_timeout_ms: int = 5_000,
-        open_timeout_s: float = 10.0,
+        open_timeout_s: float = 10.0, report_statement_timeout_ms: int = 300_000,
     ) -> None:
+        self._database_url = database_url
         self.statement_timeout_ms = statement_timeout_ms
+        # A report's cursor fetches in batches; each fetch is one statement under this bound.
+        self.report_statement_timeout_ms = report_statement_timeout_ms
         self._pool = ConnectionPool(
             database_url, min_size=1, max_size=max_size, open=True, configure=self._configure,
             check=ConnectionPool.check_connection, name="read-views", max_idle=2.0,
@@ -88,19 +98,35 @@ class ReadViews:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @staticmethod
+    def _become_reader(conn: psycopg.Connection[Any], scope: Scope, statement_timeout_ms: int) -> None:
+        """Inside a transaction: run as the reader role with the scope's settings. Everything is
+        transaction-local (SET LOCAL, set_config(..., true)), so nothing outlives the transaction
+        on a pooled connection."""
+        conn.execute(f"SET LOCAL ROLE {READER_ROLE}")
+        conn.execute(
+            "SELECT set_config('app.role', %s, true), set_config('app.merchant_id', %s, true),"
+            " set_config('statement_timeout', %s, true)",
+            (scope.role, str(scope.merchant_id or ""), str(statement_timeout_ms)),
+        )
+
     @contextmanager
     def _scoped(self, scope: Scope) -> Iterator[psycopg.Cursor[Row]]:
-        """A cursor in a transaction running as the reader role with the scope's settings.
-        Everything is transaction-local (SET LOCAL, set_config(..., true)), so nothing outlives
-        the transaction on the pooled connection."""
+        """A cursor in a transaction running as the reader role with the scope's settings."""
         with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(f"SET LOCAL ROLE {READER_ROLE}")
-            cur.execute(
-                "SELECT set_config('app.role', %s, true), set_config('app.merchant_id', %s, true),"
-                " set_config('statement_timeout', %s, true)",
-                (scope.role, str(scope.merchant_id or ""), str(self.statement_timeout_ms)),
-            )
+            self._become_reader(conn, scope, self.statement_timeout_ms)
             yield cur
+
+    @contextmanager
+    def _report(self, scope: Scope) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of its own, in one read-only snapshot as the reader role with the
+        scope's settings: a report can stream for minutes, and must not hold one of the pool's
+        connections that answer the API's short reads meanwhile."""
+        with psycopg.connect(self._database_url, connect_timeout=10) as conn:
+            self._configure(conn)
+            with conn.transaction():
+                self._become_reader(conn, scope, self.report_statement_timeout_ms)
+                yield conn
 
     def _all(self, scope: Scope, query: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Row]:
         with self._scoped(scope) as cur:
@@ -300,3 +326,37 @@ class ReadViews:
             " occurred_at, data, prev_hash, hash FROM audit_log" + where + " ORDER BY position LIMIT %s",
             [*params, limit],
         )
+
+    # -- compliance reports ----------------------------------------------------------------------
+
+    def verify_audit_chain(self, scope: Scope) -> ChainReport:
+        """Recompute the audit log's hash chain from its first row; the report names the first
+        row that does not hold. Only for a scope that sees every row (compliance, admin): one
+        merchant's rows are not a chain, and would look broken."""
+        if scope.role not in WHOLE_AUDIT_ROLES:
+            raise ValueError(f"verifying the audit chain needs one of {', '.join(WHOLE_AUDIT_ROLES)}, "
+                             f"not {scope.role!r}")
+        with self._report(scope) as conn:
+            return verify_chain(conn)
+
+    def audit_export(
+        self, scope: Scope, *, aggregate_id: UUID | None = None, merchant_id: UUID | None = None,
+        since: datetime | None = None, until: datetime | None = None,
+    ) -> Generator[Row, None, None]:
+        """Every audit row in view, in position order, with its hashes (``since`` inclusive,
+        ``until`` exclusive, on ``occurred_at``): streamed from a server-side cursor, all from one
+        snapshot. Close the iterator when stopping early; that ends its transaction."""
+        where, params = self._where(scope, [
+            ("aggregate_id = %s", aggregate_id),
+            ("merchant_id = %s", merchant_id),
+            ("occurred_at >= %s", since),
+            ("occurred_at < %s", until),
+        ])
+        with self._report(scope) as conn, conn.cursor(name="audit_export", row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT " + ", ".join(AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_log" + where
+                + " ORDER BY position",
+                params,
+            )
+            for row in cur:
+                yield _plain(row)

@@ -12,23 +12,29 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import faust
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 import msgspec
 import psycopg
+import redis
 import structlog
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 
-from application.envelope import event_topics, DEFAULT_TOPIC_PREFIX, EventEnvelope, decode
+from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode, event_topics
 from projections.engine import OpenEnvelope, Projection, ProjectionStore
 from projections.status_cache import StatusCache
 
 log = structlog.get_logger(__name__)
 
+# Beyond this many aggregates with a failed cache write, older ones are forgotten (their entries
+# expire within the cache's TTL at most).
+MAX_STALE_IN_CACHE = 100_000
 RETRYABLE = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
 
@@ -49,9 +55,13 @@ class ProjectionWorker:
         partitions: int = 8,
         topic_prefix: str = DEFAULT_TOPIC_PREFIX,
     ) -> None:
-        self.stream_store = ProjectionStore(database_url, projections, open_envelope)
-        self.catch_up_store = ProjectionStore(database_url, projections, open_envelope)
         self.cache = StatusCache.from_url(redis_url) if redis_url else None
+        # Aggregates whose cache write failed (Redis unreachable): retried with the next batch.
+        self._stale_in_cache: set[UUID] = set()
+        self._stale_lock = threading.Lock()
+        on_batch = self._write_cache if self.cache is not None else None
+        self.stream_store = ProjectionStore(database_url, projections, open_envelope, on_batch=on_batch)
+        self.catch_up_store = ProjectionStore(database_url, projections, open_envelope, on_batch=on_batch)
         self.catch_up_grace = catch_up_grace
         datadir = os.path.join(tempfile.gettempdir(), "echotransact-faust", topic_prefix)
         os.makedirs(datadir, exist_ok=True)
@@ -74,7 +84,8 @@ class ProjectionWorker:
         )
         # Fetch with a short wait (see _PromptConsumer); an instance attribute, read when the
         # app creates its consumer.
-        self.app.transport.Consumer = _PromptConsumer
+        # faust types Consumer as a ClassVar; setting it on this app's transport only is intended.
+        self.app.transport.Consumer = _PromptConsumer  # type: ignore[misc]
         topics = self.app.topic(*event_topics(topic_prefix), value_type=bytes, key_type=bytes)
 
         @self.app.agent(topics, name="project")
@@ -106,10 +117,24 @@ class ProjectionWorker:
                 log.info("projection_batch_retry", attempt=attempt, error=type(error).__name__)
         else:
             raise RuntimeError("projection batch kept conflicting; the catch-up will apply it")
-        if self.cache is not None and result.touched.get("status"):
-            self.cache.refresh(store.connection(), result.touched["status"])
         log.debug("projection_batch", applied=result.applied, duplicates=result.duplicates,
                   gaps_filled=result.gaps_filled)
+
+    def _write_cache(self, conn: psycopg.Connection[Any], aggregate_ids: Sequence[UUID]) -> None:
+        """The batch's status rows to Redis, inside the batch's transaction. Redis being down must
+        not stop the read model, so a failed write lets the commit go on and is retried, with
+        these aggregates, at the next batch."""
+        assert self.cache is not None
+        with self._stale_lock:
+            ids = [*self._stale_in_cache, *aggregate_ids]
+            self._stale_in_cache.clear()
+        try:
+            self.cache.refresh(conn, ids)
+        except redis.RedisError as error:
+            log.warning("status_cache_write_failed", aggregates=len(ids), error=str(error))
+            with self._stale_lock:
+                if len(self._stale_in_cache) < MAX_STALE_IN_CACHE:
+                    self._stale_in_cache.update(ids)
 
     def _catch_up(self) -> None:
         try:

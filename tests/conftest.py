@@ -16,7 +16,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import LocalServers, ServerURLs
-from api.bootstrap import Settings, build_ledger
+from api.bootstrap import app_database_url, build_ledger
+from api.settings import Settings
 from application.ledger import Ledger
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from migrations import migrate
@@ -36,7 +37,7 @@ def servers() -> Iterator[ServerURLs]:
 def _with_db(url: str, dbname: str) -> str:
     parts = conninfo_to_dict(url)
     parts["dbname"] = dbname
-    return make_conninfo(**parts)
+    return make_conninfo("", **parts)
 
 
 @pytest.fixture(scope="session")
@@ -64,14 +65,28 @@ def _fresh_database(servers: ServerURLs) -> Iterator[str]:
 
 
 @pytest.fixture
-def database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
+def owner_database_url(servers: ServerURLs, template_database: str) -> Iterator[str]:
+    """The test's database as the tables' owner (the servers' superuser), who migrates and rebuilds:
+    for what the application may not do (replay, tampering with rows a test then detects)."""
+    yield from _fresh_database(servers)
+
+
+@pytest.fixture
+def database_url(owner_database_url: str) -> str:
+    """The same database as the application connects to it: the role echotransact_app."""
+    return app_database_url(owner_database_url)
+
+
+@pytest.fixture(scope="module")
+def module_owner_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
+    """One database for a whole module whose tests share one served API, as the tables' owner."""
     yield from _fresh_database(servers)
 
 
 @pytest.fixture(scope="module")
-def module_database(servers: ServerURLs, template_database: str) -> Iterator[str]:
-    """One database for a whole module whose tests share one served API."""
-    yield from _fresh_database(servers)
+def module_database(module_owner_database: str) -> str:
+    """``module_owner_database`` as the application connects to it."""
+    return app_database_url(module_owner_database)
 
 
 # Most tests pay many times from one phone with one card within minutes, which the production

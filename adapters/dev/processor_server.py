@@ -6,20 +6,10 @@ Run two of them as primary and secondary::
     python -m adapters.dev.processor_server --name primary --port 8101
     python -m adapters.dev.processor_server --name secondary --port 8102
 
-Test cards, chosen by the card's last four digits (the same as adapters/dev/sandbox_processor.py,
-plus 0259):
-
-    4242, 4444, 1881, 0005 (and any other)  approved
-    0002                                    declined (402): insufficient_funds
-    0019                                    declined (402): suspected_fraud
-    0119                                    timeout: the approval is recorded at once, but the
-                                            answer comes only after ``timeout_card_delay_s``
-                                            (longer than any sane client timeout); asking for
-                                            the key's status gives the approval
-    0259                                    server error: the approval is recorded, then the first
-                                            ``server_error_attempts`` requests with that key are
-                                            answered 500 (a lost answer); a retry with the same
-                                            key gets the recorded approval
+Test cards, chosen by the card's last four digits: adapters/dev/test_cards.py (the table the
+in-process adapters/dev/sandbox_processor.py uses too). Over HTTP, the 0119 card's answer comes
+only after ``timeout_card_delay_s`` (longer than any sane client timeout), and the first
+``server_error_attempts`` requests with a 0259 card's key are answered 500.
 
 API (JSON bodies; amounts are integer minor units):
 
@@ -43,7 +33,12 @@ Sandbox controls (no key needed; not affected by latency or by being down):
     POST /v1/sandbox/latency   {"latency_ms": n}
     POST /v1/sandbox/down      {"down": true|false}
 
-Listens on loopback by default and has no authentication: a development and test tool only.
+A small Litestar app served by uvicorn, in a thread of the calling process (tests read its
+counters and stop it) or as a process of its own (the command above). Every answer says
+``Connection: close``: a stopped server then refuses the next call at once, instead of leaving
+clients a kept-alive connection that breaks mid-request (which reads as a timeout, not as
+"refused"). Listens on loopback by default and has no authentication: a development and test
+tool only.
 """
 
 from __future__ import annotations
@@ -53,27 +48,33 @@ import hashlib
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
-from urllib.parse import unquote
+
+import uvicorn
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import Headers
+from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
+
+from adapters.dev.test_cards import DECLINES, SERVER_ERROR_LAST4, TIMEOUT_LAST4
 
 _log = logging.getLogger(__name__)
 
-CARD_DECLINES = {
-    "0002": ("insufficient_funds", "Insufficient funds"),
-    "0019": ("suspected_fraud", "Suspected fraud"),
-}
-TIMEOUT_LAST4 = "0119"
-SERVER_ERROR_LAST4 = "0259"
 AUTHORIZATION_LIFETIME = timedelta(days=7)
 MAX_BODY_BYTES = 64 * 1024
+START_TIMEOUT_S = 10.0
+# Requests still running at stop() (held back by latency or the timeout card) are woken at once;
+# this only bounds a stuck one.
+STOP_GRACE_S = 2
 
 OPERATIONS = {
     "/v1/authorizations": "authorize",
@@ -151,7 +152,7 @@ class SandboxProcessorServer:
         self._lock = threading.Lock()
         self._state = _Ledger()
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -162,31 +163,49 @@ class SandboxProcessorServer:
 
     def start(self) -> str:
         """Listen (on the port it had before, when restarted) and return the base URL."""
-        if self._httpd is not None:
+        if self._server is not None:
             return self.url
         self._stopping.clear()
-        httpd = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
-        httpd.daemon_threads = True
-        self.port = httpd.server_address[1]
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"sandbox-processor-{self.name}", daemon=True,
-        )
-        self._thread.start()
+        # Bound and listening before start() returns, so a caller may connect at once; SO_REUSEADDR
+        # so a restart gets the same port back while the old connections are in TIME_WAIT.
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(
+            _app_for(self), log_config=None, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=STOP_GRACE_S,
+        ))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                  name=f"sandbox-processor-{self.name}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                sock.close()
+                raise RuntimeError(f"sandbox processor {self.name} did not start on {self.url}")
+            time.sleep(0.005)
+        self._server, self._thread = server, thread
         return self.url
 
     def stop(self) -> None:
         """Stop listening: new connections are refused. Requests held back by latency or the
         timeout card are released (their clients have given up)."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+        server, self._server = self._server, None
+        if server is None:
             return
         self._stopping.set()
-        httpd.shutdown()
-        httpd.server_close()
+        server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=STOP_GRACE_S + 3)
             self._thread = None
 
     def __enter__(self) -> Self:
@@ -321,8 +340,8 @@ class SandboxProcessorServer:
         last4 = _text(body, "card_last4")
         if len(last4) != 4 or not last4.isdigit():
             raise InvalidRequest("card_last4 must be four digits")
-        if last4 in CARD_DECLINES:
-            code, message = CARD_DECLINES[last4]
+        if last4 in DECLINES:
+            code, message = DECLINES[last4]
             answer = self._declined("authorize", key, fingerprint, HTTPStatus.PAYMENT_REQUIRED, code, message)
         else:
             answer = self._approved(
@@ -395,108 +414,108 @@ def _currency(body: dict[str, Any]) -> str:
     return value
 
 
-def _handler_for(sandbox: SandboxProcessorServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.0: one request per connection, so a stopped server refuses the next call at
-        # once instead of leaving clients with half-dead keep-alive connections.
-        protocol_version = "HTTP/1.0"
-        server_version = f"EchoTransactSandbox/{sandbox.name}"
+class _Unavailable(Exception):
+    """Down (after the latency): answered 503, and nothing is recorded."""
 
-        def log_message(self, message_format: str, *args: Any) -> None:
-            _log.debug("%s %s", sandbox.name, message_format % args)
 
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/v1/sandbox/counters":
-                self._send(HTTPStatus.OK, sandbox.counters())
-                return
-            if not self._available():
-                return
-            if path.startswith("/v1/operations/") and len(path) > len("/v1/operations/"):
-                self._send(*sandbox.operation_status(unquote(path[len("/v1/operations/"):])))
-                return
-            self._send(HTTPStatus.NOT_FOUND, _error("not_found", f"no route {path}"))
+def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:
+    # Connection: close on every answer: see the module docstring.
+    return Response(body, status_code=status, headers={"Connection": "close", **(headers or {})})
 
-        def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0]
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise InvalidRequest("the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return value
+
+
+def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
+    """The HTTP API of one sandbox. Handlers that may wait (latency, the timeout card) or take
+    the state's lock run in worker threads (``sync_to_thread=True``), never on the event loop."""
+
+    def available() -> None:
+        sandbox.pause(sandbox.latency_ms / 1000)
+        if sandbox.down:
+            raise _Unavailable
+
+    @get("/v1/sandbox/counters", sync_to_thread=False)
+    def counters() -> Response[Any]:
+        return _answer(HTTPStatus.OK, sandbox.counters())
+
+    def control(path: str, apply: Callable[[dict[str, Any]], None]) -> HTTPRouteHandler:
+        @post(path, sync_to_thread=False, name=path)
+        def set_control(body: bytes) -> Response[Any]:
             try:
-                body = self._json_body()
-            except InvalidRequest as error:
-                self._send(HTTPStatus.BAD_REQUEST, _error("invalid_request", str(error)))
-                return
-            control = controls.get(path)
-            if control is not None:
-                self._control(control, body)
-                return
-            if not self._available():
-                return
-            operation = OPERATIONS.get(path)
-            if operation is None:
-                self._send(HTTPStatus.NOT_FOUND, _error("not_found", f"no route {path}"))
-                return
-            key = (self.headers.get("Idempotency-Key") or "").strip()
+                apply(_json_object(body))
+            except (KeyError, TypeError, ValueError) as error:
+                raise InvalidRequest(str(error)) from None
+            return _answer(HTTPStatus.OK, {"latency_ms": sandbox.latency_ms, "down": sandbox.down})
+
+        return set_control
+
+    # ``path``, not ``str``: a key with a slash arrives percent-encoded and uvicorn decodes it.
+    @get("/v1/operations/{key:path}", sync_to_thread=True)
+    def operation_status(key: str) -> Response[Any]:
+        available()
+        return _answer(*sandbox.operation_status(key.removeprefix("/")))
+
+    def operation(path: str, name: str) -> HTTPRouteHandler:
+        @post(path, sync_to_thread=True, name=name)
+        def handle(body: bytes, headers: Headers) -> Response[Any]:
+            request = _json_object(body)  # a malformed body is refused before latency or down
+            available()
+            key = (headers.get("Idempotency-Key") or "").strip()
             if not key or len(key) > 255:
-                self._send(HTTPStatus.BAD_REQUEST, _error(
+                return _answer(HTTPStatus.BAD_REQUEST, _error(
                     "idempotency_key_required", "an Idempotency-Key header (1-255 chars) is required"
                 ))
-                return
-            try:
-                status, answer = sandbox.handle_operation(operation, key, body)
-            except InvalidRequest as error:
-                self._send(HTTPStatus.BAD_REQUEST, _error("invalid_request", str(error)))
-                return
-            headers = {"Idempotent-Replayed": "true"} if answer.pop("replayed", False) else {}
-            self._send(status, answer, headers)
+            status, answer = sandbox.handle_operation(name, key, request)
+            replayed = {"Idempotent-Replayed": "true"} if answer.pop("replayed", False) else {}
+            return _answer(status, answer, replayed)
 
-        def _control(self, control: Callable[[dict[str, Any]], None], body: dict[str, Any]) -> None:
-            try:
-                control(body)
-            except (KeyError, TypeError, ValueError) as error:
-                self._send(HTTPStatus.BAD_REQUEST, _error("invalid_request", str(error)))
-                return
-            self._send(HTTPStatus.OK, {"latency_ms": sandbox.latency_ms, "down": sandbox.down})
+        return handle
 
-        def _available(self) -> bool:
-            sandbox.pause(sandbox.latency_ms / 1000)
-            if sandbox.down:
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, _error("unavailable", f"{sandbox.name} is down"))
-                return False
-            return True
+    def invalid(_: Request[Any, Any, Any], error: InvalidRequest) -> Response[Any]:
+        return _answer(HTTPStatus.BAD_REQUEST, _error("invalid_request", str(error)))
 
-        def _json_body(self) -> dict[str, Any]:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise InvalidRequest("bad Content-Length") from None
-            if length > MAX_BODY_BYTES:
-                raise InvalidRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
-            raw = self.rfile.read(length) if length else b"{}"
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise InvalidRequest("the body is not JSON") from None
-            if not isinstance(body, dict):
-                raise InvalidRequest("the body must be a JSON object")
-            return body
+    def unavailable(_: Request[Any, Any, Any], __: _Unavailable) -> Response[Any]:
+        return _answer(HTTPStatus.SERVICE_UNAVAILABLE, _error("unavailable", f"{sandbox.name} is down"))
 
-        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            payload = json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timed out) before the answer came
+    def http_error(request: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
+        if error.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # as it always was: a bad request
+            return invalid(request, InvalidRequest(f"the body is larger than {MAX_BODY_BYTES} bytes"))
+        if error.status_code == HTTPStatus.NOT_FOUND:
+            return _answer(HTTPStatus.NOT_FOUND, _error("not_found", f"no route {request.url.path}"))
+        return _answer(error.status_code, _error(HTTPStatus(error.status_code).phrase.lower().replace(" ", "_"),
+                                                 str(error.detail)))
 
-    controls: dict[str, Callable[[dict[str, Any]], None]] = {
-        "/v1/sandbox/latency": lambda body: sandbox.set_latency(int(body["latency_ms"])),
-        "/v1/sandbox/down": lambda body: sandbox.set_down(bool(body["down"])),
-    }
-    return Handler
+    def crashed(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+        _log.exception("sandbox processor %s failed on %s", sandbox.name, request.url.path)
+        return _answer(HTTPStatus.INTERNAL_SERVER_ERROR, _error("internal_error", f"{type(error).__name__}"))
+
+    return Litestar(
+        route_handlers=[
+            counters,
+            control("/v1/sandbox/latency", lambda body: sandbox.set_latency(int(body["latency_ms"]))),
+            control("/v1/sandbox/down", lambda body: sandbox.set_down(bool(body["down"]))),
+            operation_status,
+            *(operation(path, name) for path, name in OPERATIONS.items()),
+        ],
+        exception_handlers={
+            InvalidRequest: invalid, _Unavailable: unavailable, HTTPException: http_error, Exception: crashed,
+        },
+        request_max_body_size=MAX_BODY_BYTES,
+        # The host process (a test run, `echotransact run`) keeps its own logging as it is.
+        logging_config=None,
+        openapi_config=None,
+        debug=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

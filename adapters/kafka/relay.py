@@ -42,8 +42,9 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from adapters.backoff import backoff_s
 from adapters.postgres.connection import listen_for_commits, wait_for_commit
-from application.envelope import event_topics, DEFAULT_TOPIC_PREFIX, EventEnvelope, encode
+from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, encode, event_topics
 
 __all__ = ["EVENT_TOPICS", "OutboxRelay", "RelayStats", "run_relay"]
 
@@ -56,6 +57,7 @@ EVENT_TOPICS = tuple(event_topics(DEFAULT_TOPIC_PREFIX))
 _PARTITION_LOCK_NAMESPACE = 0x4F52_0001  # "OR" 1: outbox relay, partition locks
 _MEMBER_LOCK_NAMESPACE = 0x4F52_0002  # "OR" 2: outbox relay, one per live relay
 
+_MIN_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 30.0
 # Keys skipped after a row that cannot be opened. Bounded: when every row fails (a wrong key in
 # the configuration, say) skipping stops helping, and the relay simply retries with back-off.
@@ -274,7 +276,7 @@ class OutboxRelay:
         """Publish until ``stop`` is set. Errors are logged and retried with back-off, never raised:
         the rows wait in the outbox until PostgreSQL and Kafka are both reachable again."""
         self._stop = stop
-        backoff_s = 0.0
+        failures = 0  # consecutive loops that got nothing through
         _log.info("outbox_relay.started", lock_partitions=self.lock_partitions, batch_size=self.batch_size)
         while not stop.is_set():
             try:
@@ -299,10 +301,11 @@ class OutboxRelay:
                 if not published:
                     self._close_producer(timeout_s=0)
             if failed_now and not published:
-                backoff_s = min(_MAX_BACKOFF_S, max(0.5, backoff_s * 2))
-                stop.wait(backoff_s * random.uniform(0.8, 1.2))
+                # Give or take a fifth, so relays that lost the same broker do not all return at once.
+                stop.wait(backoff_s(failures, base_s=_MIN_BACKOFF_S, cap_s=_MAX_BACKOFF_S, jitter=(0.8, 1.2)))
+                failures += 1
                 continue
-            backoff_s = 0.0
+            failures = 0
             if not published or published < self.batch_size:
                 self._wait_for_events(stop)
         _log.info("outbox_relay.stopped", **vars(self.stats))
@@ -392,10 +395,10 @@ class OutboxRelay:
             self._producer = Producer(self.producer_config)
         return self._producer
 
-    def _send(self, rows: list[_Row]) -> list[str | None | _Pending]:
+    def _send(self, rows: list[_Row]) -> list[str | _Pending | None]:
         """Produce the rows and wait for their delivery reports: None = delivered, str = error."""
         producer = self._producer_instance()
-        outcomes: list[str | None | _Pending] = [_PENDING] * len(rows)
+        outcomes: list[str | _Pending | None] = [_PENDING] * len(rows)
         blocked: set[str] = set()  # keys with a row that could not be produced: keep their order
 
         def reporter(index: int) -> Callable[[KafkaError | None, Message], None]:
@@ -453,7 +456,7 @@ class OutboxRelay:
         return value, headers
 
     def _settle(
-        self, rows: list[_Row], outcomes: list[str | None | _Pending]
+        self, rows: list[_Row], outcomes: list[str | _Pending | None]
     ) -> tuple[list[int], list[tuple[int, str]]]:
         """Rows to mark published (per key, up to the first failure) and rows that failed."""
         published: list[int] = []

@@ -1,1 +1,3 @@
-"""Telling the outside world: SMS through the outbox, signed webhooks, commerce orders, and the guard on merchant-chosen destinations."""
+"""Telling the outside world: SMS through the outbox, signed webhooks, commerce orders, and the
+guard on merchant-chosen destinations.
+"""

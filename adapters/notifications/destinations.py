@@ -57,7 +57,7 @@ def check_destination(url: str, *, allow_private: bool) -> None:
                                        type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
             return
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     for address in addresses:
         if _is_internal(address):
             raise UnsafeDestination(f"{host} resolves to {address}, an internal address")

@@ -16,7 +16,6 @@ idempotency token header).
 from __future__ import annotations
 
 import json
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import httpx
 import psycopg
 import structlog
 
+from adapters.backoff import backoff_s
 from adapters.postgres.connection import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.ports import SmsResult, SmsSender
 
@@ -114,8 +114,10 @@ class MessageDispatcher:
         self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
 
     def _backoff(self, attempts: int) -> timedelta:
-        delay = min(self.backoff_cap.total_seconds(), self.backoff_base.total_seconds() * 2 ** (attempts - 1))
-        return timedelta(seconds=delay * random.uniform(0.8, 1.2))
+        """The pause after the ``attempts``-th failed send (1-based): base, doubling up to the
+        cap, give or take a fifth so messages that failed together are not retried together."""
+        return timedelta(seconds=backoff_s(attempts - 1, base_s=self.backoff_base.total_seconds(),
+                                           cap_s=self.backoff_cap.total_seconds(), jitter=(0.8, 1.2)))
 
     def run_once(self) -> DispatchReport:
         sent = retried = failed = 0
@@ -137,7 +139,7 @@ class MessageDispatcher:
                 try:
                     message = json.loads(self.open_payload(bytes(payload)))
                     result = self.sender.send(message_id=str(message_id), to=message["to"], body=message["body"])
-                except Exception as error:  # noqa: BLE001 - a broken row must not stop the others
+                except Exception as error:  # a broken row must not stop the others
                     result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
                 if result.sent:
                     conn.execute(
@@ -161,7 +163,7 @@ class MessageDispatcher:
                 # After the commit: the event is recorded once (its command id is the message's).
                 try:
                     self.on_failed(message_id, session_id, result.error[:500])
-                except Exception as error:  # noqa: BLE001 - e.g. the session has moved on
+                except Exception as error:  # e.g. the session has moved on
                     log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(error))
             else:
                 retried += 1

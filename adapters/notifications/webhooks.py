@@ -39,6 +39,7 @@ import structlog
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from adapters.backoff import backoff_s
 from adapters.clock import SystemClock
 from adapters.notifications.commerce import (
     CommerceBackend,
@@ -52,8 +53,8 @@ from adapters.notifications.destinations import UnsafeDestination, check_destina
 from adapters.postgres.connection import ReconnectingConnection, listen_for_commits, wait_for_commit
 from application.envelope import EventEnvelope
 from application.hashing import keyed_hash
-from application.ports import Clock
 from application.masking import SECRET_FIELDS, mask_event_data
+from application.ports import Clock
 
 __all__ = [
     "EVENT_ID_HEADER", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "AttemptResult", "Delivery",
@@ -268,7 +269,7 @@ class WebhookPlanner:
             for column in ("webhook_url", "commerce_backend_uri"):
                 if column in changes:
                     cur.execute(
-                        f"UPDATE webhook_merchants SET {column} = %s WHERE merchant_id = %s",  # noqa: S608
+                        f"UPDATE webhook_merchants SET {column} = %s WHERE merchant_id = %s",
                         (changes[column], e.aggregate_id),
                     )
         elif e.event_type == "payment_session.opened":
@@ -388,7 +389,7 @@ _DELIVERY_COLUMNS = (
 )
 
 _CLAIM = (
-    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"  # noqa: S608
+    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
     " WHERE status = 'pending' AND next_attempt_at <= %s"
     " ORDER BY next_attempt_at, delivery_id LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
@@ -441,9 +442,9 @@ class WebhookDispatcher:
     def retry_delay(self, attempts: int) -> timedelta:
         """The pause after the ``attempts``-th failed attempt: base * 2^(attempts - 1), at most
         the cap, less up to ``jitter`` of it so receivers coming back are not hit all at once."""
-        exponent = min(max(attempts - 1, 0), 40)
-        seconds = min(self.backoff_base.total_seconds() * 2**exponent, self.backoff_cap.total_seconds())
-        return timedelta(seconds=seconds * (1 - self.jitter * self.rng.random()))
+        return timedelta(seconds=backoff_s(attempts - 1, base_s=self.backoff_base.total_seconds(),
+                                           cap_s=self.backoff_cap.total_seconds(), jitter=(1 - self.jitter, 1.0),
+                                           rng=self.rng))
 
     def headers_for(self, delivery: Delivery, *, timestamp: int | None = None) -> dict[str, str]:
         # Wall-clock time, not self.clock: the receiver checks it against its own clock.
@@ -479,7 +480,9 @@ class WebhookDispatcher:
             row = cur.execute(_CLAIM, (self.clock.now(),)).fetchone()
             if row is None:
                 return None
-            delivery = Delivery(*row[:6], bytes(row[6]), *row[7:])
+            delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body, key, attempts, first = row
+            delivery = Delivery(delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, bytes(body),
+                                key, attempts, first)
             attempted_at = self.clock.now()
             permanent = False
             try:

@@ -4,11 +4,10 @@ waiting on such a connection for the event store's commit notifications instead 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 

@@ -14,7 +14,6 @@ longer queue behind a lock held while its owner waits for the network or for Pyt
 from __future__ import annotations
 
 import re
-
 from collections.abc import Sequence
 from typing import Any
 

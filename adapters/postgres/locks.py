@@ -82,7 +82,8 @@ class PostgresAdvisoryLocks:
                         conn.close()
         except (PoolTimeout, _Busy) as error:
             raise ProcessorUnavailable(
-                "another request is settling this payment's authorization; try again shortly"
+                "another request is moving this payment's money (authorization, capture, void or refund); "
+                "try again shortly"
             ) from error
 
 

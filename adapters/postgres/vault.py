@@ -20,10 +20,10 @@ import secrets
 import string
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import msgspec
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg_pool import ConnectionPool
 
 from application.errors import IdempotencyKeyReused, NotFound
@@ -134,6 +134,24 @@ def check_expiry(exp_month: int, exp_year: int, now: datetime) -> tuple[int, int
     return exp_month, exp_year
 
 
+def seal(key: bytes, token: str, nonce: bytes, plaintext: bytes) -> bytes:
+    """AES-GCM under ``key``, with the token as associated data: a ciphertext copied to another
+    row does not open. The stored layout is the ciphertext followed by the 16-byte tag (the
+    ``ciphertext`` column; the 12-byte nonce has a column of its own), which is what
+    ``AESGCM.encrypt`` returns and what the vault has always stored."""
+    return AESGCM(key).encrypt(nonce, plaintext, token.encode())
+
+
+def unseal(key: bytes, token: str, nonce: bytes, ciphertext: bytes) -> bytes:
+    """The plaintext of ``seal``'s output. ValueError if the key, token or nonce is not the one
+    it was sealed with, or a byte was changed (ValueError, as the vault raised before it used
+    ``cryptography``; its own InvalidTag is no ValueError)."""
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, token.encode())
+    except InvalidTag:
+        raise ValueError("the vaulted card does not open: wrong key, or not this token's ciphertext") from None
+
+
 class CardVault:
     def __init__(self, database: str | ConnectionPool, key: bytes) -> None:
         if len(key) not in (16, 24, 32):
@@ -206,17 +224,10 @@ class CardVault:
 
     def _seal(self, token: str, sealed: _Sealed) -> tuple[bytes, bytes]:
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        cipher: Any = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
-        # The token is authenticated data: a ciphertext copied to another row does not open.
-        cipher.update(token.encode())
-        ciphertext, tag = cipher.encrypt_and_digest(_encode.encode(sealed))
-        return nonce, ciphertext + tag
+        return nonce, seal(self._key, token, nonce, _encode.encode(sealed))
 
     def _open(self, token: str, nonce: bytes, ciphertext: bytes) -> _Sealed:
-        cipher: Any = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(token.encode())
-        body, tag = ciphertext[:-16], ciphertext[-16:]
-        return _decode.decode(cipher.decrypt_and_verify(body, tag))
+        return _decode.decode(unseal(self._key, token, nonce, ciphertext))
 
     @staticmethod
     def _same_card(stored: _Sealed, given: _Sealed) -> bool:

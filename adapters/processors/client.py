@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import httpx
 
+from adapters.backoff import EQUAL_JITTER, backoff_s
 from adapters.processors.circuit_breaker import CircuitBreaker
 from application.errors import ProcessorUnavailable
 from application.ports import Decision, ProcessorOutcome
@@ -213,10 +214,10 @@ class HttpProcessor:
         return failure if not sent else _Attempted(None, failure.reason_code, failure.message, sent=True)
 
     def _backoff_s(self, retry: int) -> float:
-        """Exponential backoff with "equal jitter": half the step fixed, half random, so
-        retries from many callers spread out but none retries immediately."""
-        step = min(self.backoff_max_s, self.backoff_base_s * 2**retry)
-        return step / 2 + self._rng.uniform(0, step / 2)
+        # Equal jitter: retries from many callers spread out, but none retries at once (a
+        # processor that just failed is unlikely to be back within a millisecond).
+        return backoff_s(retry, base_s=self.backoff_base_s, cap_s=self.backoff_max_s, jitter=EQUAL_JITTER,
+                         rng=self._rng)
 
     def _unknown(self, attempted: _Attempted) -> ProcessorOutcome:
         return ProcessorOutcome(

@@ -1,6 +1,10 @@
-"""Settles authorizations whose outcome was unknown (the processor timed out): every so often,
-payments that have been processing for a while are resolved by asking their processor with the
-same idempotency key, never by charging again."""
+"""Finishes payments that a crash or a silent processor left half way, every so often:
+
+* ``processing`` for a while (the processor timed out): resolved by asking their processor with
+  the same idempotency key, never by charging again;
+* ``initiated`` for a while (the card was attached, then the request died before authorization
+  started, so no processor heard of it): failed with ``authorization_not_started``, and the
+  customer is taken back to the card step."""
 
 from __future__ import annotations
 
@@ -18,19 +22,29 @@ from domain.errors import DomainError
 log = structlog.get_logger(__name__)
 
 
-def stuck_payments(database_url: str, older_than: timedelta, limit: int = 100) -> list[Any]:
+def stuck_payments(database_url: str, older_than: timedelta, limit: int = 100,
+                   status: str = "processing") -> list[Any]:
     """From the status read model: it may lag, and a payment resolved meanwhile is a no-op."""
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT payment_id FROM payment_status WHERE status = 'processing' AND updated_at < now() - %s"
+            "SELECT payment_id FROM payment_status WHERE status = %s AND updated_at < now() - %s"
             " ORDER BY updated_at LIMIT %s",
-            (older_than, limit),
+            (status, older_than, limit),
         ).fetchall()
     return [row[0] for row in rows]
 
 
 def resolve_stuck(ledger: Ledger, database_url: str, older_than: timedelta = timedelta(seconds=30)) -> int:
     resolved = 0
+    for payment_id in stuck_payments(database_url, older_than, status="initiated"):
+        try:
+            result = ledger.abandon_unstarted_payment(payment_id)
+        except (ProcessorUnavailable, DomainError) as error:  # busy (a request holds it), or moved on
+            log.info("unstarted_payment_left", payment_id=str(payment_id), error=str(error))
+            continue
+        if not result.replayed and result.result.get("status") == "failed":
+            resolved += 1
+            log.warning("unstarted_payment_failed", payment_id=str(payment_id))
     for payment_id in stuck_payments(database_url, older_than):
         try:
             result = ledger.resolve_authorization(payment_id)

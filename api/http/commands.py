@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, Response
 
 from api.http.auth import Principal
-from api.http.problems import PROBLEM_JSON, TITLES, ApiProblem, status_for
+from api.http.problems import PROBLEM_JSON, ApiProblem, domain_problem_body, status_for
 from api.http.services import ApiServices
 from domain.errors import DomainError
 
@@ -26,21 +26,6 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _encoder = msgspec.json.Encoder(order="sorted")
 
 Outcome = tuple[int, Any]  # (HTTP status, a msgspec-encodable body)
-
-
-def _problem_body(status: int, error: DomainError, path: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": f"https://docs.echotransact.example/errors/{error.code}",
-        "title": TITLES.get(status, "Error"),
-        "status": status,
-        "code": error.code,
-        "detail": error.message,
-        "instance": path,
-    }
-    details = {k: v for k, v in error.details.items() if k != "phone"}
-    if details:
-        body["details"] = details
-    return body
 
 
 def _response(status: int, body: bytes | str, *, replayed: bool) -> Response[bytes]:
@@ -72,13 +57,13 @@ async def run_command(
     command_id = f"{scope}:{key}"
     # Claim, run and record in one worker thread: one hand-off per command, not three.
     status, encoded, replayed = await anyio.to_thread.run_sync(
-        _claim_run_record, services, scope, key, request_hash, command_id, path, run)
+        _claim_run_record, request, services, scope, key, request_hash, command_id, run)
     return _response(status, encoded, replayed=replayed)
 
 
 def _claim_run_record(
-    services: ApiServices, scope: str, key: str, request_hash: str, command_id: str, path: str,
-    run: Callable[[str], Outcome],
+    request: Request[Any, Any, Any], services: ApiServices, scope: str, key: str, request_hash: str,
+    command_id: str, run: Callable[[str], Outcome],
 ) -> tuple[int, bytes | str, bool]:
     store = services.idempotency
     begin = store.begin(scope, key, request_hash)
@@ -100,7 +85,9 @@ def _claim_run_record(
         if status >= 500:
             store.release(scope, key, request_hash)
             raise
-        encoded = _encoder.encode(_problem_body(status, error, path))
+        # Recorded with the rest: a replay answers with this body, request id included, which
+        # names the request whose log lines tell how it was decided.
+        encoded = _encoder.encode(domain_problem_body(error, request))
     except BaseException:
         # Our failure, not the request's: forget the claim so that a retry runs.
         store.release(scope, key, request_hash)

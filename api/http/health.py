@@ -6,12 +6,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient
-from litestar import Controller, MediaType, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+
+from api.http.problems import problem
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -76,39 +79,30 @@ async def _run(name: str, deps: Dependencies) -> dict[str, object]:
     started = time.perf_counter()
     try:
         await asyncio.wait_for(CHECKS[name](deps), CHECK_TIMEOUT_S + 1)
-    except Exception as error:  # noqa: BLE001 - any failure means "not ready", with its reason
+    except Exception as error:  # any failure means "not ready", with its reason
         return {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
 class HealthController(Controller):
     path = "/health"
-    tags = ["operations"]
+    tags = ["operations"]  # noqa: RUF012  (Litestar's layer attribute)
 
     @get("/live", operation_id="getLiveness", summary="The process is up")
     async def live(self) -> dict[str, str]:
         return {"status": "live"}
 
     @get("/ready", operation_id="getReadiness", summary="PostgreSQL, Redis and Kafka are reachable")
-    async def ready(self, deps: Dependencies) -> Response[dict[str, object]]:
+    async def ready(self, request: Request[Any, Any, Any], deps: Dependencies) -> Response[dict[str, Any]]:
         names = list(CHECKS)
         results = dict(zip(names, await asyncio.gather(*(_run(n, deps) for n in names)), strict=True))
         ok = all(r["ok"] for r in results.values())
         if ok:
             try:
                 read_side = await asyncio.wait_for(read_side_state(deps), CHECK_TIMEOUT_S)
-            except Exception as error:  # noqa: BLE001 - e.g. a database not yet migrated
+            except Exception as error:  # any failure, e.g. a database not yet migrated
                 read_side = {"error": f"{type(error).__name__}: {error}"[:300]}
             return Response({"status": "ready", "checks": results, "read_side": read_side}, status_code=HTTP_200_OK)
-        return Response(
-            {
-                "type": "about:blank",
-                "title": "Service not ready",
-                "status": HTTP_503_SERVICE_UNAVAILABLE,
-                "code": "not_ready",
-                "detail": ", ".join(f"{n}: {r['error']}" for n, r in results.items() if not r["ok"]),
-                "checks": results,
-            },
-            status_code=HTTP_503_SERVICE_UNAVAILABLE,
-            media_type=MediaType.JSON.value.replace("json", "problem+json"),
-        )
+        return problem(HTTP_503_SERVICE_UNAVAILABLE, "not_ready",
+                       ", ".join(f"{n}: {r['error']}" for n, r in results.items() if not r["ok"]),
+                       request, checks=results)

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.http.pages import redact_path
+from api.http.redaction import redact_path
 
 log = structlog.get_logger("echotransact.http")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")

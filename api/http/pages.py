@@ -6,6 +6,10 @@ link token) and a per-form id; command ids derive from the form id, so a form su
 is one command (a new code is texted once; the card is tokenized once, attached once and
 charged once). Card numbers go straight to the vault; the CVV goes only to
 ``authorize_payment``; neither is logged or echoed.
+
+The page renders; it decides nothing about money. Paying is the checkout use case
+(application/checkout.py), and what each rejection answers (status and words) comes from the one
+table in problems.py.
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ import contextlib
 import hmac
 import re
 import secrets
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from uuid import UUID
 
 import anyio
 import structlog
@@ -29,9 +31,12 @@ from litestar.datastructures import FormMultiDict
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect
 
-from adapters.postgres.vault import CardVault, card_brand, normalize_number
+from adapters.postgres.vault import card_brand, normalize_number
+from api.http.problems import INVALID_LINK, REFUSED_ON_PAGE, PageMessage, answer_for
+from api.http.redaction import redact_path
 from api.http.services import ApiServices
-from application.errors import IdempotencyKeyReused, NotFound, ProcessorUnavailable
+from application.checkout import CardEntry, FormSentWithAnotherCard
+from application.errors import IdempotencyKeyReused
 from application.ledger import Ledger
 from application.ports import IdentityClaim
 from domain.errors import (
@@ -80,7 +85,6 @@ _FORM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _CODE = re.compile(r"[0-9]{6}")
 _EXPIRY = re.compile(r"\s*([0-9]{1,2})\s*/?\s*([0-9]{2}|[0-9]{4})\s*")
 _POSTAL = re.compile(r"[A-Za-z0-9 -]{3,10}")
-_TOKEN_IN_PATH = re.compile(r"^/pay/(?!assets/)[^/]+")
 S = SessionStatus
 
 DECLINE_MESSAGES = {
@@ -92,11 +96,6 @@ FAILURE_MESSAGES = {
     "too_many_declines": "The card was declined too many times, so this payment link is closed.",
     "identity_not_verified": "We could not confirm your identity, so this payment link is closed.",
 }
-
-
-def redact_path(path: str) -> str:
-    """``/pay/<token>/code`` -> ``/pay/{token}/code``: the link token is a secret; keep it out of logs."""
-    return _TOKEN_IN_PATH.sub("/pay/{token}", path)
 
 
 def masked_phone(phone: str) -> str:
@@ -122,31 +121,28 @@ def _message(status: int, title: str, text: str, *, tone: str = "info", merchant
                  retry_url=retry_url, retry_label=retry_label)
 
 
-def _invalid_link() -> Response[str]:
-    return _message(404, "This link is not valid",
-                    "Check that you opened the whole link from the text message. If it still does not "
-                    "work, ask for a new link.", tone="error")
+def _refusal(error: DomainError | type[DomainError], merchant_name: str = "") -> Response[str]:
+    """The page for a rejection, as problems.py's table says. A class stands for a session whose
+    state says the same as the error would (an expired link, a locked session)."""
+    answer = answer_for(error)
+    message = answer.page_message
+    if message is None:
+        told = error.message if isinstance(error, DomainError) else "this is not possible now"
+        message = PageMessage(REFUSED_ON_PAGE, f"{told.capitalize()}.")
+    return _message(answer.page_status, message.title, message.text, tone="error", merchant_name=merchant_name)
 
 
-def _expired(merchant_name: str = "") -> Response[str]:
-    return _message(410, "This payment link has expired",
-                    "For your security, payment links work for a short time only. Ask the merchant for "
-                    "a new link; you have not been charged.", tone="error", merchant_name=merchant_name)
-
-
-def _locked(merchant_name: str = "") -> Response[str]:
-    return _message(423, "This payment is locked",
-                    "The code was entered wrongly too many times, so we locked this payment to protect "
-                    "you. You have not been charged. Ask the merchant for a new link.",
-                    tone="error", merchant_name=merchant_name)
+def _page_status(error: DomainError) -> int:
+    """The status of a step shown again after a rejection: the table's, like every other."""
+    return answer_for(error).page_status
 
 
 class _Page:
     """One request's view of a session: what the templates need, computed once."""
 
     def __init__(self, services: ApiServices, token: str, session: PaymentSession) -> None:
-        self.services = services
         self.ledger = services.ledger
+        self.checkout = services.checkout
         self.token = token
         self.session = session
         self.merchant_name = self.ledger.get_merchant(session.merchant_id).name
@@ -207,9 +203,9 @@ class _Page:
                 # Record it; if someone else moved the session on, the customer still sees "expired".
                 with contextlib.suppress(DomainError):
                     self.ledger.expire_session(s.id)
-            return _expired(self.merchant_name)
+            return _refusal(LinkExpired, self.merchant_name)
         if s.status == S.LOCKED:
-            return _locked(self.merchant_name)
+            return _refusal(SessionLocked, self.merchant_name)
         if s.status == S.CANCELLED:
             return _message(410, "This payment was cancelled",
                             "The merchant cancelled this payment. You have not been charged.",
@@ -237,16 +233,7 @@ class _Page:
     def _settle_in_flight(self) -> Response[str]:
         """A payment is with the processor (its answer was lost): ask again, never charge again."""
         assert self.session.payment_id is not None
-        payment_id = self.session.payment_id
-        try:
-            payment = self.ledger.get_payment(payment_id)
-            if payment.status == PaymentStatus.INITIATED:
-                # Attached but never sent (a crash in between): the CVV is gone, so authorize
-                # without it; the processor's idempotency key still makes this one charge.
-                self.ledger.authorize_payment(payment_id)
-            elif payment.status == PaymentStatus.PROCESSING:
-                self.ledger.resolve_authorization(payment_id)
-        except ProcessorUnavailable:
+        if self.checkout.settle_in_flight(self.session.payment_id).status == PaymentStatus.PROCESSING:
             return self.step("pay/pending.html", 202)
         self.reload()
         if self.session.status == S.PAYMENT_METHOD_ATTACHED:
@@ -300,20 +287,14 @@ def _parse_expiry(text: str) -> tuple[int, int] | None:
 
 def _page_error(request: Request[Any, Any, Any], error: Exception) -> Response[str]:
     """Errors as friendly pages, never JSON and never a stack trace."""
-    if isinstance(error, NotFound):
-        return _invalid_link()
-    if isinstance(error, LinkExpired):
-        return _expired()
-    if isinstance(error, SessionLocked):
-        return _locked()
+    if isinstance(error, DomainError):
+        return _refusal(error)
     if isinstance(error, HTTPException) and error.status_code < 500:
-        if error.status_code == 404:
-            return _invalid_link()
+        if error.status_code == 404:  # no such route: to the customer, a link that is not right
+            return _message(404, INVALID_LINK.title, INVALID_LINK.text, tone="error")
         return _message(error.status_code, "We could not read that",
                         "Something in the request was not right. Open the payment page again and retry.",
                         tone="error")
-    if isinstance(error, DomainError):
-        return _message(409, "We could not do that", f"{error.message.capitalize()}.", tone="error")
     log.error("payment_page_error", error_type=type(error).__name__, path=redact_path(request.url.path),
               exc_info=error)
     return _message(500, "Something went wrong on our side",
@@ -368,15 +349,16 @@ class PaymentPageController(Controller):
             session_id = page.session.id
             try:
                 result = page.ledger.verify_code(f"page:code:{session_id}:{form_id}", session_id, code)
-            except IdempotencyKeyReused:
-                return page.code_step(409, message="That form was already sent. Please enter the code again.")
+            except IdempotencyKeyReused as reused:
+                return page.code_step(_page_status(reused),
+                                      message="That form was already sent. Please enter the code again.")
             except InvalidTransition:
                 return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
             check = result.result["code_check"]
             if check == "verified":
                 return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
             if check == "locked":
-                return _locked(page.merchant_name)
+                return _refusal(SessionLocked, page.merchant_name)
             left = int(result.result["attempts_left"])
             return page.code_step(422, errors={
                 "code": f"That code is not right. You have {left} {'try' if left == 1 else 'tries'} left."})
@@ -399,8 +381,8 @@ class PaymentPageController(Controller):
             session_id = page.session.id
             try:
                 page.ledger.resend_code(f"page:resend:{session_id}:{form_id}", session_id)
-            except ResendLimitReached:
-                return page.code_step(409, message=(
+            except ResendLimitReached as refused:
+                return page.code_step(_page_status(refused), message=(
                     f"We cannot send any more codes: we already sent {MAX_CODE_RESENDS} new ones for this "
                     "payment. Enter the last code we sent, or ask the merchant for a new link."))
             except InvalidTransition:
@@ -436,8 +418,8 @@ class PaymentPageController(Controller):
             try:
                 page.ledger.verify_identity(f"page:identity:{session_id}:{form_id}", session_id,
                                             IdentityClaim(born, postal))
-            except IdempotencyKeyReused:
-                return page.identity_step(409, values=values,
+            except IdempotencyKeyReused as reused:
+                return page.identity_step(_page_status(reused), values=values,
                                           message="That form was already sent. Please send it again.")
             except (InvalidTransition, IdentityCheckNotRequired):
                 return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
@@ -461,9 +443,7 @@ class PaymentPageController(Controller):
             if form_id is None:
                 return _forbidden(page)
             command_id = f"page:card:{page.session.id}:{form_id}"
-            resubmitted = page.ledger.command_log.get_command(command_id) is not None
-            if resubmitted or (page.session.ready_for_payment_method and not page.expired):
-                # A form sent again replays its recorded commands whatever the session's state.
+            if page.checkout.accepts_card(command_id, page.session):
                 return _pay(page, form, command_id)
             # Nothing to pay for yet (or any more): show where the session is.
             return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
@@ -472,7 +452,7 @@ class PaymentPageController(Controller):
 
 
 def _pay(page: _Page, form: FormMultiDict, command_id: str) -> Response[Any]:
-    """Tokenize, attach and authorize, each idempotent on the form id; then show the outcome."""
+    """Check the card form, pay through checkout (idempotent on the form id), show the outcome."""
     number, expiry, cvv = _field(form, "card_number", 40), _field(form, "expiry", 10), _field(form, "cvv", 8)
     errors: dict[str, str] = {}
     brand = None
@@ -490,56 +470,29 @@ def _pay(page: _Page, form: FormMultiDict, command_id: str) -> Response[Any]:
     if errors:
         return page.card_step(422, errors=errors, values=values)
     assert parsed is not None
-    ledger, session_id = page.ledger, page.session.id
-    vault: CardVault | None = getattr(page.services, "vault", None)
-    if vault is None:
-        raise ProcessorUnavailable("card payments are not configured here (no vault key)")
     try:
-        card = vault.tokenize(number, parsed[0], parsed[1], now=ledger.clock.now(),
-                              idempotency_key=command_id)
+        outcome = page.checkout.pay_by_card(command_id, page.session.id, CardEntry(number, *parsed, cvv))
     except InvalidPaymentMethod as rejection:
         reason = rejection.details.get("reason", "")
         field = "expiry" if reason in ("expired", "invalid_expiry") else "card_number"
         text = {"expired": "This card has expired.", "invalid_expiry": "Enter a valid expiry date (MM/YY)."}
-        return page.card_step(422, values=values, errors={
+        return page.card_step(_page_status(rejection), values=values, errors={
             field: text.get(reason, "Check the card number: it is not valid.")})
-    except IdempotencyKeyReused:
-        return page.card_step(409, message="That form was already sent with another card. Please try again.")
-    try:
-        attached = ledger.attach_payment_method(
-            command_id, session_id, card_token=card.token, card_brand=card.brand, card_last4=card.last4,
-            card_fingerprint=card.fingerprint or None)
-        payment_id = UUID(attached.result["payment_id"])
-        if attached.replayed and ledger.get_payment(payment_id).status == PaymentStatus.PROCESSING:
-            # The same form, sent again while its first submission is with the processor: wait
-            # for that answer instead of asking the processor a second time.
-            status = _await_outcome(ledger, payment_id)
-        else:
-            status = ledger.authorize_payment(payment_id, cvv=cvv).result["status"]
-    except ProcessorUnavailable:
-        return page.step("pay/pending.html", 202)
+    except FormSentWithAnotherCard as reused:
+        return page.card_step(_page_status(reused),
+                              message="That form was already sent with another card. Please try again.")
     except (InvalidTransition, IdentityCheckRequired):
         return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
-    except IdempotencyKeyReused:
-        return page.card_step(409, message="That form was already sent. Please enter your card again.")
-    if status == PaymentStatus.PROCESSING:
+    except IdempotencyKeyReused as reused:
+        return page.card_step(_page_status(reused),
+                              message="That form was already sent. Please enter your card again.")
+    if outcome.status == PaymentStatus.PROCESSING:
         return page.step("pay/pending.html", 202)
-    if status == PaymentStatus.FAILED:
+    if outcome.status == PaymentStatus.FAILED:
         page.reload()
         if page.session.status == S.FAILED:
             return page.outcome()
-        reason = ledger.get_payment(payment_id).failure_code or ""
-        return page.card_step(402, message=DECLINE_MESSAGES.get(
-            reason, "Your bank declined the card.") + " You have not been charged. Try another card.")
+        declined = DECLINE_MESSAGES.get(outcome.failure_code or "", "Your bank declined the card.")
+        return page.card_step(402, message=declined + " You have not been charged. Try another card.")
     # Authorized (or any later state): the result page, fetched with GET so a reload is harmless.
     return Redirect(page.base_url, status_code=303, headers=SECURITY_HEADERS)
-
-
-def _await_outcome(ledger: Ledger, payment_id: UUID, timeout_s: float = 5.0) -> str:
-    """The payment's status once it leaves processing, or still processing after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = ledger.get_payment(payment_id).status
-        if status != PaymentStatus.PROCESSING or time.monotonic() >= deadline:
-            return status
-        time.sleep(0.1)

@@ -1,11 +1,14 @@
 """Every error as RFC 9457 problem+json with a stable ``code``: one mapping, one place.
 
 Business rejections keep their domain codes; the HTTP status says what kind of no it is.
-Never a stack trace, never a 500 for bad input.
+Never a stack trace, never a 500 for bad input. ``ANSWERS`` is the one table from a rejection to
+its answer, for the JSON API and for the payment page's HTML alike; ``problem_body`` is the one
+place a problem+json body is built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -29,20 +32,61 @@ from domain import errors as d
 
 log = structlog.get_logger(__name__)
 PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://docs.echotransact.example/errors/"
 
-# Most specific first: the first matching class decides the status.
-STATUS_BY_ERROR: list[tuple[type[d.DomainError], int]] = [
-    (NotFound, 404),
-    (IdempotencyKeyReused, 409),
-    (ConcurrencyConflict, 409),
-    (ProcessorRejected, 402),
-    (ProcessorUnavailable, 503),
-    (d.InvalidTransition, 409),
-    (d.SessionLocked, 409),
-    (d.LinkExpired, 409),
-    (d.AuthorizationLapsed, 409),
-    (d.MerchantInactive, 409),
-    (d.DomainError, 422),  # every other business rule: the request is well formed but refused
+
+@dataclass(frozen=True)
+class PageMessage:
+    """What the customer's payment page says for an error, in words for people."""
+
+    title: str
+    text: str
+
+
+INVALID_LINK = PageMessage(
+    "This link is not valid",
+    "Check that you opened the whole link from the text message. If it still does not work, ask for a new link.")
+LINK_EXPIRED = PageMessage(
+    "This payment link has expired",
+    "For your security, payment links work for a short time only. Ask the merchant for a new link; you have "
+    "not been charged.")
+SESSION_LOCKED = PageMessage(
+    "This payment is locked",
+    "The code was entered wrongly too many times, so we locked this payment to protect you. You have not been "
+    "charged. Ask the merchant for a new link.")
+REFUSED_ON_PAGE = "We could not do that"  # the title of a refusal without a message of its own
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How one kind of rejection is answered: by the JSON API (problem+json, ``status`` and the
+    error's own ``code`` and message), and by the payment page (HTML, ``page_status`` and
+    ``page_message``, or the error's message under REFUSED_ON_PAGE when it has none)."""
+
+    error: type[d.DomainError]
+    status: int
+    page_status: int
+    page_message: PageMessage | None = None
+
+
+# The one table. Most specific first: the first matching class decides. The page's statuses
+# differ where a browser is better told more (410 Gone, 423 Locked) or, for the rest, keep what the
+# page has always answered: 409 for a refusal the customer can do nothing about in this form,
+# 422 for a field to correct.
+ANSWERS: list[Answer] = [
+    Answer(NotFound, 404, 404, INVALID_LINK),
+    Answer(IdempotencyKeyReused, 409, 409),
+    Answer(ConcurrencyConflict, 409, 409),
+    Answer(ProcessorRejected, 402, 409),
+    Answer(ProcessorUnavailable, 503, 409),
+    Answer(d.InvalidTransition, 409, 409),
+    Answer(d.SessionLocked, 409, 423, SESSION_LOCKED),
+    Answer(d.LinkExpired, 409, 410, LINK_EXPIRED),
+    Answer(d.AuthorizationLapsed, 409, 409),
+    Answer(d.MerchantInactive, 409, 409),
+    Answer(d.ResendLimitReached, 422, 409),
+    Answer(d.InvalidPaymentMethod, 422, 422),
+    Answer(d.DomainError, 422, 409),  # every other business rule: the request is well formed but refused
 ]
 
 TITLES = {
@@ -64,10 +108,12 @@ class ApiProblem(Exception):
         self.extra = extra
 
 
-def problem(status: int, code: str, detail: str, request: Request[Any, Any, Any] | None = None,
-            headers: dict[str, str] | None = None, **extra: Any) -> Response[dict[str, Any]]:
+def problem_body(status: int, code: str, detail: str, request: Request[Any, Any, Any] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The problem+json body: the RFC 9457 members, our stable ``code``, and, given the request,
+    the path (``instance``) and the request id that finds its log line."""
     body: dict[str, Any] = {
-        "type": f"https://docs.echotransact.example/errors/{code}",
+        "type": PROBLEM_TYPE_BASE + code,
         "title": TITLES.get(status, "Error"),
         "status": status,
         "code": code,
@@ -79,18 +125,37 @@ def problem(status: int, code: str, detail: str, request: Request[Any, Any, Any]
         if request_id:
             body["request_id"] = request_id
     body.update(extra)
-    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return body
+
+
+def problem(status: int, code: str, detail: str, request: Request[Any, Any, Any] | None = None,
+            headers: dict[str, str] | None = None, **extra: Any) -> Response[dict[str, Any]]:
+    return Response(problem_body(status, code, detail, request, **extra), status_code=status,
+                    media_type=PROBLEM_JSON, headers=headers)
+
+
+def answer_for(error: d.DomainError | type[d.DomainError]) -> Answer:
+    """The table's row for a rejection (an instance or its class)."""
+    cls = error if isinstance(error, type) else type(error)
+    return next(answer for answer in ANSWERS if issubclass(cls, answer.error))
 
 
 def status_for(error: d.DomainError) -> int:
-    return next(status for cls, status in STATUS_BY_ERROR if isinstance(error, cls))
+    return answer_for(error).status
+
+
+def domain_problem_body(error: d.DomainError, request: Request[Any, Any, Any] | None) -> dict[str, Any]:
+    """A rejection's body: its code and message, and its details except any phone number."""
+    details = {k: v for k, v in error.details.items() if k != "phone"}
+    return problem_body(status_for(error), error.code, error.message, request,
+                        **({"details": details} if details else {}))
 
 
 def domain_error_handler(request: Request[Any, Any, Any], error: d.DomainError) -> Response[Any]:
     status = status_for(error)
     headers = {"Retry-After": "2"} if status == 503 else None
-    details = {k: v for k, v in error.details.items() if k != "phone"}
-    return problem(status, error.code, error.message, request, headers, **({"details": details} if details else {}))
+    return Response(domain_problem_body(error, request), status_code=status, media_type=PROBLEM_JSON,
+                    headers=headers)
 
 
 def api_problem_handler(request: Request[Any, Any, Any], error: ApiProblem) -> Response[Any]:
@@ -148,4 +213,5 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     Exception: internal_error_handler,
 }
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "ApiProblem", "MediaType", "problem", "status_for"]
+__all__ = ["ANSWERS", "EXCEPTION_HANDLERS", "PROBLEM_JSON", "Answer", "ApiProblem", "MediaType", "PageMessage",
+           "answer_for", "domain_problem_body", "problem", "problem_body", "status_for"]

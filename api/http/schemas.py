@@ -1,11 +1,13 @@
 """The API's request and response shapes (msgspec Structs, one per operation). Money is an
-integer of minor units plus an ISO 4217 code. Unknown fields are rejected; strings are bounded."""
+integer of minor units plus an ISO 4217 code. Unknown fields are rejected; strings are bounded.
+A customer's phone must also be a number its country's numbering plan can have (``phone_refusal``)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import phonenumbers
 from msgspec import Meta, Struct
 
 Text = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -16,6 +18,22 @@ Currency = Annotated[str, Meta(min_length=1, max_length=3, description="ISO 4217
 Amount = Annotated[int, Meta(description="integer minor units, e.g. 1250 = 12.50 USD")]
 Url = Annotated[str, Meta(min_length=1, max_length=2048, pattern="^https?://")]
 Phone = Annotated[str, Meta(min_length=1, max_length=32, description="E.164, e.g. +14155550123")]
+
+
+def phone_refusal(phone: str) -> str | None:
+    """Why a text message could never reach this number, or None when it could: the wrong length
+    for its country, or digits its numbering plan does not use (e.g. +1 555 000 0000). Checked
+    before a session opens, so no SMS is paid for a number that cannot exist. The domain's own
+    check of the E.164 form still follows; the words here never repeat the number."""
+    try:
+        number = phonenumbers.parse(phone, None)  # no default region: it must start with +country
+    except phonenumbers.NumberParseException:
+        return "must be a phone number in E.164 form: '+', the country code, then the number"
+    if not phonenumbers.is_possible_number(number):
+        return "has the wrong number of digits for its country"
+    if not phonenumbers.is_valid_number(number):
+        return "is not a number that exists in its country's numbering plan"
+    return None
 
 
 class Strict(Struct, forbid_unknown_fields=True, kw_only=True):

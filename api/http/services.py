@@ -8,10 +8,11 @@ from typing import Any
 import redis
 
 from adapters.postgres.idempotency import IdempotencyStore
-from adapters.redis.rate_limit import RateLimiter
 from adapters.postgres.vault import CardVault
-from api.bootstrap import Settings
+from adapters.redis.rate_limit import RateLimiter
 from api.http.health import Dependencies
+from api.settings import Settings
+from application.checkout import Checkout
 from application.ledger import Ledger
 from projections.queries import StatusQueries
 from projections.views import ReadViews
@@ -29,6 +30,12 @@ class ApiServices:
     health: Dependencies
     extra: dict[str, Any] | None = None
     vault: CardVault | None = None
+
+    @property
+    def checkout(self) -> Checkout:
+        """The payment page's use case, over this ledger and vault. Built on each use (it holds
+        nothing of its own), so it always sees the vault as configured now."""
+        return Checkout(self.ledger, self.vault)
 
     def close(self) -> None:
         if self.vault is not None:

@@ -17,9 +17,10 @@ import uvicorn
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs, free_port
-from api.bootstrap import Settings, build_api_services, envelope_opener
+from api.bootstrap import build_api_services, envelope_opener
 from api.http.app import asgi_app
 from api.http.services import ApiServices
+from api.settings import Settings
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
 

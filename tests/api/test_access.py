@@ -18,7 +18,8 @@ import pytest
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings
+from api.settings import Settings
+from projections.views import Scope
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 
 PROBLEM_JSON = "application/problem+json"
@@ -238,6 +239,22 @@ def test_compliance_reads_the_audit_trail_with_the_phone_masked(api: Api, world:
     assert verified.json()["ok"] is True
     for response in (events, export):
         assert PHONE not in response.text
+
+
+def test_the_audit_reports_read_through_the_views_as_the_callers_scope(api: Api, world: World) -> None:
+    """Verify and export run as the reader role under row-level security, like every other read:
+    a merchant's scope exports its own rows only, and cannot verify a chain it sees only part of."""
+    views, other = api.services.views, api.merchants["b"]  # B has its registration's rows, nothing more
+    everything = list(views.audit_export(Scope("compliance")))
+    mine = list(views.audit_export(Scope("merchant", world.merchant)))
+    assert {row["merchant_id"] for row in mine} == {str(world.merchant)}
+    assert str(other) in {row["merchant_id"] for row in everything}
+    assert [row["position"] for row in mine] == sorted(row["position"] for row in mine)
+    assert {row["position"] for row in mine} < {row["position"] for row in everything}
+    with pytest.raises(ValueError, match="audit chain"):
+        views.verify_audit_chain(Scope("merchant", world.merchant))
+    report = views.verify_audit_chain(Scope("compliance"))
+    assert report.ok and report.rows_checked + report.unchained == len(everything)
 
 
 # -- another merchant's data is indistinguishable from missing data --------------------------------

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from uuid import UUID
 
 import httpx
 import psycopg
+import pytest
+from litestar.testing import TestClient
 
+from api.http.app import create_app
+from api.http.health import Dependencies
 from tests.api.conftest import Api, paid_payment, session_body
 
 
@@ -69,6 +74,36 @@ def test_a_rejection_is_replayed_too(api: Api) -> None:
         again = client.post("/v1/payment-sessions", json=body, headers={"Idempotency-Key": "bad"})
     assert first.status_code == again.status_code == 422
     assert first.json()["code"] == "items_do_not_sum" and again.headers["idempotent-replayed"] == "true"
+    # One body builder for every problem: a command's carries the request id too (the first
+    # request's, in the replay as well: the recorded answer is sent again as it was).
+    assert first.json()["request_id"] == first.headers["x-request-id"]
+    assert again.json() == first.json()
+
+
+@pytest.mark.parametrize("phone", [
+    "+15550000000",    # area code 555 does not exist
+    "+14150000000",    # an exchange that cannot start with 0
+    "+1415555012",     # a digit short
+    "+141555501234",   # a digit too many
+    "+447700900123",   # the UK's range kept for drama: never a real line
+    "+99912345678",    # no such country code
+])
+def test_a_phone_number_that_cannot_exist_is_refused_before_any_sms(api: Api, database_url: str,
+                                                                   phone: str) -> None:
+    key = {"Idempotency-Key": f"phone-{uuid.uuid4().hex}"}  # the run's one Redis keeps keys across tests
+    with api.client("a") as client:
+        refused = client.post("/v1/payment-sessions", json=session_body(customer_phone=phone), headers=key)
+        # Refused at the edge: the key was not used, so the corrected request goes through with it.
+        corrected = client.post("/v1/payment-sessions", json=session_body(), headers=key)
+    assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
+    body = refused.json()
+    assert body["code"] == "invalid_phone" and body["detail"].startswith("customer_phone ")
+    assert [error["field"] for error in body["errors"]] == ["customer_phone"]
+    assert phone not in refused.text and phone[2:] not in refused.text
+    assert corrected.status_code == 201, corrected.text
+    with psycopg.connect(database_url) as conn:
+        texted = conn.execute("SELECT count(*) FROM outbox_messages").fetchone()[0]
+    assert texted == 1  # the corrected session's link, nothing for the refused number
 
 
 def test_concurrent_identical_requests_create_one_session(api: Api, database_url: str) -> None:
@@ -184,6 +219,20 @@ def test_payments_list_detail_timeline_and_balances(api: Api) -> None:
         assert client.get(f"/v1/payments/{ids[0]}").status_code == 404
         assert client.get("/v1/balances").json()["data"] == []
     assert UUID(seen[0])
+
+
+def test_not_ready_is_a_problem_like_every_other() -> None:
+    unreachable = Dependencies("postgresql://127.0.0.1:1/none?connect_timeout=1", "redis://127.0.0.1:1",
+                               "127.0.0.1:1")
+    with TestClient(app=create_app(health=unreachable)) as client:
+        response = client.get("/health/ready")
+    assert response.status_code == 503 and response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["code"], body["status"], body["type"]) == (
+        "not_ready", 503, "https://docs.echotransact.example/errors/not_ready")
+    assert body["instance"] == "/health/ready" and body["title"] and "postgres" in body["detail"]
+    assert set(body["checks"]) == {"postgres", "redis", "kafka"}
+    assert not any(check["ok"] for check in body["checks"].values())
 
 
 def test_readiness_reports_the_read_side(api: Api) -> None:

@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings
 from api.http.app import MAX_BODY_BYTES
+from api.settings import Settings
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 
 PROBLEM_JSON = "application/problem+json"
@@ -207,7 +207,7 @@ def test_a_nul_character_is_refused_before_it_can_stop_the_read_models(api: Api,
 @pytest.fixture
 def limited_api(settings: Settings, database_url: str, servers: ServerURLs, clock: ManualClock,
                 processor: SandboxProcessor) -> Iterator[Api]:
-    yield from make_api(dataclasses.replace(settings, rate_limit_per_minute=3), database_url, servers, clock,
+    yield from make_api(settings.replace(rate_limit_per_minute=3), database_url, servers, clock,
                         processor)
 
 

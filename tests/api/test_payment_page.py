@@ -25,15 +25,17 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from adapters.clock import ManualClock
-from adapters.notifications.sms import dev_inbox
-from adapters.kafka.relay import OutboxRelay
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
+from adapters.kafka.relay import OutboxRelay
+from adapters.notifications.sms import dev_inbox
 from adapters.postgres.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
-from api.bootstrap import Settings, build_api_services, build_message_dispatcher, envelope_opener
+from api.bootstrap import build_api_services, build_message_dispatcher, envelope_opener
 from api.http.app import asgi_app
-from api.http.pages import CONTENT_SECURITY_POLICY, redact_path
+from api.http.pages import CONTENT_SECURITY_POLICY
+from api.http.redaction import redact_path
 from api.http.services import ApiServices
+from api.settings import Settings
 from application.errors import IdempotencyKeyReused, NotFound
 from domain.errors import InvalidPaymentMethod
 from projections.engine import ProjectionStore

@@ -4,7 +4,6 @@ phone, within a year); one who failed it, or another phone, is; and the memory h
 from __future__ import annotations
 
 import base64
-from dataclasses import replace
 from datetime import timedelta
 from uuid import UUID
 
@@ -13,7 +12,8 @@ import pytest
 
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
-from api.bootstrap import Settings, build_ledger
+from api.bootstrap import build_ledger
+from api.settings import Settings
 from application.ledger import Ledger
 from application.ports import IdentityClaim
 from domain.errors import IdentityCheckNotRequired
@@ -77,7 +77,8 @@ def test_another_phone_and_a_failed_check_are_asked(ledger: Ledger) -> None:
     verified_code(ledger, first, 1)
     ledger.verify_identity("id-1", first, BAD)  # rejected: nothing remembered
 
-    assert ledger.get_session(session_above_threshold(ledger, merchant_id, 2, phone="+14155550999")).needs_identity_check
+    another_phone = session_above_threshold(ledger, merchant_id, 2, phone="+14155550999")
+    assert ledger.get_session(another_phone).needs_identity_check
     assert ledger.get_session(session_above_threshold(ledger, merchant_id, 3)).needs_identity_check
 
 
@@ -114,7 +115,7 @@ def test_the_reuse_period_is_configurable_and_zero_always_asks(
 ) -> None:
     assert Settings.from_env({"ECHOTRANSACT_HASH_KEY": base64.b64encode(b"h" * 32).decode(),
                               "ECHOTRANSACT_IDENTITY_REUSE_DAYS": "30"}).identity_reuse_days == 30
-    ledger = build_ledger(replace(settings, identity_reuse_days=0), database_url, clock=clock, processor=processor)
+    ledger = build_ledger(settings.replace(identity_reuse_days=0), database_url, clock=clock, processor=processor)
     try:
         merchant_id = new_merchant(ledger)
         first = session_above_threshold(ledger, merchant_id, 1)

@@ -5,10 +5,11 @@ is idempotent per attempt."""
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -16,7 +17,8 @@ import pytest
 
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
-from api.bootstrap import ConfigurationError, Settings, build_ledger, envelope_opener, parse_risk_rules
+from api.bootstrap import build_ledger, envelope_opener
+from api.settings import ConfigurationError, Settings, parse_risk_rules
 from application.ledger import Ledger
 from application.ports import IdentityClaim
 from domain.risk import DEFAULT_POLICY
@@ -31,7 +33,7 @@ FINGERPRINT = "fp_" + "a" * 40
 def ledger(settings: Settings, database_url: str, clock: ManualClock,
            processor: SandboxProcessor) -> Iterator[Ledger]:
     """The default (production) risk policy, not the relaxed one most tests use."""
-    built = build_ledger(replace(settings, risk_policy=DEFAULT_POLICY), database_url, clock=clock,
+    built = build_ledger(settings.replace(risk_policy=DEFAULT_POLICY), database_url, clock=clock,
                          processor=processor)
     yield built
     built.close()
@@ -67,7 +69,7 @@ def test_every_payment_is_assessed_before_it_is_sent_and_a_clean_one_is_approved
     assert (payment.status, payment.risk_decision, payment.risk_score) == ("authorized", "approve", 0)
     events = list(ledger.events.get(payment_id))
     assert [type(e).__name__ for e in events][:3] == ["Initiated", "RiskAssessed", "ProcessingStarted"]
-    event = events[1]
+    event: Any = events[1]  # Payment.RiskAssessed
     assert (event.recent_by_phone, event.recent_by_card, event.prior_declines) == (1, 1, 0)
     assert [op for op, _ in processor.calls] == ["authorize"]
 
@@ -86,6 +88,7 @@ def test_the_fourth_attempt_with_one_card_in_ten_minutes_is_declined_without_ask
     payment = ledger.get_payment(payment_id)
     assert (payment.status, payment.failure_code, payment.risk_decision) == ("failed", "risk_declined", "decline")
     assert len(processor.calls) == calls_before, "a risk decline must never reach the processor"
+    assert payment.session_id is not None
     session = ledger.get_session(payment.session_id)
     assert (session.status, session.declines) == ("code_verified", 1)  # the customer may try another card
 
@@ -175,4 +178,5 @@ def test_risk_rules_are_configurable_and_a_bad_setting_is_a_readable_error() -> 
     for bad in ("max_attempts_per_card", "nonsense=3", "review_score=-1", "review_score=90,decline_score=80",
                 "velocity_window_minutes=0", "max_attempts_per_phone=0"):
         with pytest.raises(ConfigurationError, match="ECHOTRANSACT_RISK_RULES"):
-            parse_risk_rules(bad)
+            Settings.from_env({"ECHOTRANSACT_HASH_KEY": base64.b64encode(b"h" * 32).decode(),
+                               "ECHOTRANSACT_RISK_RULES": bad})

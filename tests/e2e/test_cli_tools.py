@@ -11,8 +11,9 @@ import psycopg
 import pytest
 
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings, envelope_opener
+from api.bootstrap import envelope_opener
 from api.cli import main
+from api.settings import Settings
 from application.ledger import Ledger
 from projections.engine import ProjectionStore
 from projections.registry import all_projections

@@ -20,7 +20,7 @@ def statuses() -> Iterator[tuple[str, list[str]]]:
     answers: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             status = answers.pop(0) if len(answers) > 1 else answers[0]
             body = json.dumps({"status": status, "payment_id": "p-1" if status == "completed" else None}).encode()
             self.send_response(200)
@@ -69,3 +69,12 @@ def test_a_dead_end_ends_the_wait_at_once(statuses: tuple[str, list[str]]) -> No
     answers[:] = ["link_sent", "failed"]
     with pytest.raises(DemoError, match="will not happen: it is failed"):
         _wait(url, timeout_s=60)
+
+
+def test_each_demo_run_pays_with_a_card_of_its_own_that_the_sandbox_approves() -> None:
+    from adapters.postgres.vault import luhn_valid
+    from api.demo import fresh_test_card
+
+    cards = {fresh_test_card() for _ in range(50)}
+    assert len(cards) == 50 and all(luhn_valid(c) and c.startswith("4") and c.endswith("4242") for c in cards)
+    assert luhn_valid("4242424242424242") and not luhn_valid("4242424242424241")

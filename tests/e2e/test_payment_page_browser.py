@@ -20,7 +20,7 @@ import pytest
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings
+from api.settings import Settings
 from tests.api.test_payment_page import (
     VISA_DECLINED,
     PageSystem,

@@ -25,7 +25,7 @@ def test_the_folders_named_exist() -> None:
 
 
 def test_the_readme_names_every_environment_variable() -> None:
-    from api.bootstrap import ENV_VARS
+    from api.settings import ENV_VARS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in ENV_VARS:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from api.bootstrap import ENV_VARS
 from api.cli import main
+from api.settings import ENV_VARS
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())

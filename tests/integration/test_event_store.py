@@ -100,7 +100,7 @@ def test_a_transaction_killed_between_events_and_outbox_leaves_neither(
     def open_one() -> None:
         try:
             open_session(ledger, merchant_id, command_id="killed")
-        except BaseException as error:  # noqa: BLE001 - the test inspects it
+        except BaseException as error:
             errors.append(error)
 
     worker = threading.Thread(target=open_one)
@@ -132,7 +132,8 @@ def test_a_process_killed_mid_transaction_leaves_neither(
     _slow_outbox_inserts(database_url)
     script = textwrap.dedent(
         f"""
-        from api.bootstrap import Settings, build_ledger
+        from api.bootstrap import build_ledger
+        from api.settings import Settings
         from tests.application.flows import open_session
         from uuid import UUID
         ledger = build_ledger(Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32), {database_url!r})
@@ -230,7 +231,7 @@ def test_raw_tables_hold_no_personal_data_in_plain_text(ledger: Ledger, database
             ("ledger_events", "state"), ("ledger_snapshots", "state"),
             ("outbox", "envelope"), ("command_log", "result::text::bytea"),
         ]:
-            for (blob,) in conn.execute(f"SELECT {column} FROM {table}"):  # noqa: S608 - fixed names
+            for (blob,) in conn.execute(f"SELECT {column} FROM {table}"):
                 assert not any(n in bytes(blob) for n in needles), table
     # ...and the application still reads it all back.
     assert ledger.get_payment(payment_id).status == "authorized"
@@ -238,7 +239,8 @@ def test_raw_tables_hold_no_personal_data_in_plain_text(ledger: Ledger, database
 
 def test_unencrypted_configuration_would_show_the_phone(database_url: str, settings: object) -> None:
     """The previous test can fail: without a key the phone is visible in the raw table."""
-    from api.bootstrap import Settings, build_ledger
+    from api.bootstrap import build_ledger
+    from api.settings import Settings
 
     plain = build_ledger(Settings(hash_key=b"h" * 32), database_url)
     open_session(plain, new_merchant(plain))

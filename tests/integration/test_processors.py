@@ -21,11 +21,12 @@ from uuid import UUID
 import httpx
 import pytest
 
-from adapters.processors.circuit_breaker import CircuitBreaker, CircuitState
 from adapters.clock import ManualClock
-from adapters.processors.client import FailoverRouter, HttpProcessor, ProcessorProtocolError
 from adapters.dev.processor_server import SandboxProcessorServer
-from api.bootstrap import Settings, build_ledger
+from adapters.processors.circuit_breaker import CircuitBreaker, CircuitState
+from adapters.processors.client import FailoverRouter, HttpProcessor, ProcessorProtocolError
+from api.bootstrap import build_ledger
+from api.settings import Settings
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger
 from application.ports import Decision

@@ -28,11 +28,12 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from adapters.kafka.relay import EVENT_TOPICS, OutboxRelay
 from adapters.dev.servers import ServerURLs, free_port, wait_for_port
-from api.bootstrap import Settings, envelope_opener
+from adapters.kafka.relay import EVENT_TOPICS, OutboxRelay
+from api.bootstrap import envelope_opener
+from api.settings import Settings
+from application.aggregate_types import AGGREGATE_TYPES
 from application.envelope import EventEnvelope, decode
-from application.envelope import AGGREGATE_TYPES
 from application.ledger import Ledger
 from tests.application.flows import new_merchant, open_session, pay
 
@@ -217,7 +218,8 @@ RELAY_SCRIPT = textwrap.dedent(
     """
     import signal, sys, threading
     from adapters.kafka.relay import run_relay
-    from api.bootstrap import Settings, envelope_opener
+    from api.bootstrap import envelope_opener
+    from api.settings import Settings
 
     database_url, bootstrap, key_hex = sys.argv[1:4]
     stop = threading.Event()

@@ -7,9 +7,10 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from adapters.processors.resolver import resolve_stuck
 from adapters.dev.sandbox_processor import SandboxProcessor
-from api.bootstrap import Settings, envelope_opener
+from adapters.processors.resolver import resolve_stuck
+from api.bootstrap import envelope_opener
+from api.settings import Settings
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger
 from projections.engine import ProjectionStore
@@ -35,3 +36,24 @@ def test_a_stuck_authorization_is_resolved_by_asking_the_processor(
         assert conn.execute("SELECT status FROM payment_status WHERE payment_id = %s",
                             (payment_id,)).fetchone() == ("authorized",)
     assert resolve_stuck(ledger, database_url, older_than=timedelta(0)) == 0
+
+
+def test_a_payment_left_initiated_by_a_dead_request_is_failed_and_the_customer_may_pay_again(
+    ledger: Ledger, database_url: str, settings: Settings, processor: SandboxProcessor
+) -> None:
+    session_id = open_session(ledger, new_merchant(ledger))
+    payment_id = pay(ledger, session_id)  # card attached; the request died before authorizing
+    store = ProjectionStore(database_url, select("status"), envelope_opener(settings))
+    try:
+        store.catch_up(grace=timedelta(0))
+        assert resolve_stuck(ledger, database_url, older_than=timedelta(hours=1)) == 0  # not old enough
+        assert resolve_stuck(ledger, database_url, older_than=timedelta(0)) == 1
+        payment = ledger.get_payment(payment_id)
+        assert (payment.status, payment.failure_code) == ("failed", "authorization_not_started")
+        assert processor.calls == []  # no processor ever heard of it
+        session = ledger.get_session(session_id)
+        assert session.payment_id is None and session.status == "code_verified"  # back at the card step
+        store.catch_up(grace=timedelta(0))
+        assert resolve_stuck(ledger, database_url, older_than=timedelta(0)) == 0
+    finally:
+        store.close()

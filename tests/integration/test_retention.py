@@ -15,12 +15,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from adapters.postgres import retention
 from adapters.notifications.sms import DevSmsSender
+from adapters.notifications.webhooks import WebhookPlanner
+from adapters.postgres import retention
 from adapters.postgres.retention import TABLES, RetentionPolicy, parse_policy, purge, run_retention
 from adapters.postgres.vault import CardVault
-from adapters.notifications.webhooks import WebhookPlanner
-from api.bootstrap import Settings, envelope_opener
+from api.bootstrap import envelope_opener
+from api.settings import Settings
 from application.ledger import Ledger
 from domain.errors import InvalidPaymentMethod
 from projections.engine import ProjectionStore

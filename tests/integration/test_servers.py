@@ -59,7 +59,7 @@ def _kafka_round_trip(bootstrap: str) -> bytes:
         "bootstrap.servers": bootstrap,
         "group.id": f"group-{topic}",
         "auto.offset.reset": "earliest",
-        # Tansu holds a group join for the whole rebalance timeout (STACK-NOTES). librdkafka requires
+        # Tansu holds a group join for the whole rebalance timeout (30 s by default). librdkafka requires
         # max.poll.interval.ms >= session.timeout.ms, so 6000 is the lowest value next to a 6 s session.
         "session.timeout.ms": 6000,
         "max.poll.interval.ms": 6000,

@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from adapters.notifications.sms import DevSmsSender, DispatchReport, HttpSmsSender, MessageDispatcher, dev_inbox
-from api.bootstrap import Settings, build_message_dispatcher
+from api.bootstrap import build_message_dispatcher
+from api.settings import Settings
 from application.ledger import Ledger
 from tests.application.flows import PHONE, new_merchant, open_session
 

@@ -27,8 +27,8 @@ import psycopg
 import pytest
 
 from adapters.clock import ManualClock
-from adapters.notifications.commerce import HttpCommerceBackend, MissingIdempotencyKey, decode_order
 from adapters.dev.servers import free_port
+from adapters.notifications.commerce import HttpCommerceBackend, MissingIdempotencyKey, decode_order
 from adapters.notifications.webhooks import (
     Delivery,
     WebhookAdmin,
@@ -40,7 +40,8 @@ from adapters.notifications.webhooks import (
     verify_signature,
     webhook_secret,
 )
-from api.bootstrap import Settings, envelope_opener
+from api.bootstrap import envelope_opener
+from api.settings import Settings
 from application.ledger import Ledger
 from tests.application.flows import PHONE, new_merchant, pay
 

@@ -5,7 +5,7 @@ that test_set_based.py compares the set-based engine with; not used by the appli
 # ruff: noqa
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
@@ -307,7 +307,15 @@ def extend_chain(cur: psycopg.Cursor[Any], limit: int = 5_000) -> int:
             return chained
 
 
-PROJECTIONS = {"status": Status(), "analytics": Analytics(), "audit": Audit(), "balances": Balances()}
+class RowProjection(Protocol):
+    def apply(self, cur: psycopg.Cursor[Any], e: EventEnvelope) -> None: ...
+
+    def after_batch(self, cur: psycopg.Cursor[Any]) -> None: ...
+
+
+PROJECTIONS: dict[str, RowProjection] = {
+    "status": Status(), "analytics": Analytics(), "audit": Audit(), "balances": Balances(),
+}
 
 
 def _missing_versions(cur: psycopg.Cursor[Any], open_envelope: Any, aggregate_id: UUID, after: int,
@@ -337,7 +345,7 @@ def apply_batch(conn: psycopg.Connection[Any], open_envelope: Any, envelopes: li
                 (name, aggregate_ids),
             )
             versions: dict[UUID, int] = {row[0]: row[1] for row in cur.fetchall()}
-            last_position: dict[UUID, int] = {}
+            last_position: dict[UUID, int | None] = {}
             for envelope in batch:
                 current = versions.get(envelope.aggregate_id, 0)
                 if envelope.version <= current:

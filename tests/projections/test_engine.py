@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from uuid import UUID
 
 import psycopg
 import pytest
 
-from api.bootstrap import Settings, envelope_opener
+from api.bootstrap import envelope_opener
+from api.settings import Settings
 from application.envelope import EventEnvelope
 from application.ledger import Ledger
 from projections.audit import verify_chain
@@ -31,6 +33,12 @@ def feed(database_url: str, settings: Settings) -> list[EventEnvelope]:
         e = open_envelope(payload)
         out.append(EventEnvelope(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "position": position}))
     return out
+
+
+def outbox_position(e: EventEnvelope) -> int:
+    """The outbox position feed() gave the envelope."""
+    assert e.position is not None
+    return e.position
 
 
 def scenario(ledger: Ledger) -> dict[str, UUID]:
@@ -66,7 +74,7 @@ def scenario(ledger: Ledger) -> dict[str, UUID]:
 
 
 @pytest.fixture
-def store(database_url: str, settings: Settings) -> ProjectionStore:
+def store(database_url: str, settings: Settings) -> Iterator[ProjectionStore]:
     s = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
     yield s
     s.close()
@@ -77,7 +85,9 @@ def rows(database_url: str, query: str, *params: object) -> list[tuple]:
         return conn.execute(query, params).fetchall()
 
 
-def test_read_models_match_expectations(ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings) -> None:
+def test_read_models_match_expectations(
+    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+) -> None:
     ids = scenario(ledger)
     store.catch_up(grace=timedelta(0))
 
@@ -113,7 +123,8 @@ def test_read_models_match_expectations(ledger: Ledger, store: ProjectionStore, 
     for e in feed(database_url, settings):
         for p in e.data.get("postings", []):
             expected[(p["account"], p["currency"])] += p["amount_minor"] * (1 if p["direction"] == "debit" else -1)
-    balances = {(a, c): b for a, c, b in rows(database_url, "SELECT account, currency, balance_minor FROM ledger_balances")}
+    found = rows(database_url, "SELECT account, currency, balance_minor FROM ledger_balances")
+    balances = {(a, c): b for a, c, b in found}
     assert balances == dict(expected)
     assert sum(balances.values()) == 0
     assert balances[(f"merchant:{ids['m1']}:payable", "USD")] == -(5_500 - 220 - 500)
@@ -135,7 +146,7 @@ def test_duplicates_reordering_and_gaps_are_applied_exactly_once(
     random.Random(7).shuffle(shuffled)
     # Some events never arrive on their own: their later versions must pull them in.
     dropped = set(random.Random(8).sample(range(len(envelopes)), len(envelopes) // 4))
-    arriving = [e for e in shuffled if (e.position - envelopes[0].position) not in dropped]
+    arriving = [e for e in shuffled if (outbox_position(e) - outbox_position(envelopes[0])) not in dropped]
     for start in range(0, len(arriving), 7):
         store.apply_batch(arriving[start:start + 7])
     store.catch_up(grace=timedelta(0))  # anything whose later versions never came either
@@ -151,7 +162,9 @@ def test_verify_lists_differences_and_replay_repairs_them(
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE payment_status SET captured_minor = 1 WHERE payment_id = %s", (ids["p1"],))
     differences = verify(database_url, select("status"), envelope_opener(settings))
-    assert {(d.table, d.side) for d in differences} == {("payment_status", "live only"), ("payment_status", "rebuild only")}
+    assert {(d.table, d.side) for d in differences} == {
+        ("payment_status", "live only"), ("payment_status", "rebuild only")
+    }
     store.rebuild()
     assert verify(database_url, select("all"), envelope_opener(settings)) == []
 

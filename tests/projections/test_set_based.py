@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from api.bootstrap import Settings, envelope_opener
+from api.bootstrap import envelope_opener
+from api.settings import Settings
 from application.envelope import EventEnvelope
 from application.ledger import Ledger
 from projections.audit import stored_json, verify_chain

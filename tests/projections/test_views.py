@@ -22,7 +22,8 @@ from psycopg.conninfo import make_conninfo
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings, build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener
+from api.settings import Settings
 from application.ledger import Ledger
 from migrations import migrate
 from projections.engine import ProjectionStore

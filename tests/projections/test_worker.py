@@ -18,9 +18,10 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from adapters.kafka.topics import ensure_topics
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import Settings, build_ledger, envelope_opener
+from adapters.kafka.topics import ensure_topics
+from api.bootstrap import build_ledger, envelope_opener
+from api.settings import Settings
 from application.envelope import encode
 from application.ledger import Ledger
 from projections.audit import verify_chain
@@ -38,9 +39,8 @@ def prefix() -> str:
 
 @pytest.fixture
 def ledger(settings: Settings, database_url: str, clock, processor, prefix: str) -> Iterator[Ledger]:  # type: ignore[no-untyped-def]
-    from dataclasses import replace
 
-    app = build_ledger(replace(settings, topic_prefix=prefix), database_url, clock=clock, processor=processor)
+    app = build_ledger(settings.replace(topic_prefix=prefix), database_url, clock=clock, processor=processor)
     yield app
     app.close()
 
@@ -107,7 +107,8 @@ def wait_until_projected(database_url: str, timeout_s: float = 60) -> None:
         while True:
             behind = conn.execute(
                 "SELECT count(*) FROM (SELECT originator_id, max(originator_version) v FROM ledger_events"
-                " GROUP BY originator_id) e CROSS JOIN (VALUES ('status'), ('analytics'), ('audit'), ('balances')) p(name)"
+                " GROUP BY originator_id) e"
+                " CROSS JOIN (VALUES ('status'), ('analytics'), ('audit'), ('balances')) p(name)"
                 " LEFT JOIN projection_versions pv ON pv.projection = p.name AND pv.aggregate_id = e.originator_id"
                 " WHERE pv.version IS DISTINCT FROM e.v"
             ).fetchone()[0]
@@ -150,8 +151,9 @@ def test_worker_builds_the_read_models_from_kafka_and_drops_duplicates(
 
     cache = StatusCache(redis.Redis.from_url(servers.redis_url))
     with psycopg.connect(database_url) as conn:
-        payment_id, status, version = conn.execute(
-            "SELECT payment_id, status, version FROM payment_status LIMIT 1").fetchone()
+        row = conn.execute("SELECT payment_id, status, version FROM payment_status LIMIT 1").fetchone()
+    assert row is not None
+    payment_id, status, version = row
     cached = cache.get("payment", payment_id)
     assert cached is not None and (cached["status"], cached["version"]) == (status, version)
 

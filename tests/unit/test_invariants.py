@@ -158,7 +158,11 @@ class PaymentMachine(EventSourcedMachine):
 
     @rule()
     def start_processing(self) -> None:
-        self.run(lambda: (clear_risk(self.live), self.live.start_processing("stripe")))
+        def command() -> None:
+            clear_risk(self.live)
+            self.live.start_processing("stripe")
+
+        self.run(command)
 
     @rule(data=st.data())
     def authorize(self, data: st.DataObject) -> None:

@@ -63,8 +63,14 @@ ALLOWED: dict[str, set[str]] = {
     "settle": {"captured"},
 }
 
+
+def _start_processing(p: Payment) -> None:
+    clear_risk(p)
+    p.start_processing("stripe")
+
+
 COMMANDS: dict[str, Callable[[Payment], Any]] = {
-    "start_processing": lambda p: (clear_risk(p), p.start_processing("stripe")),
+    "start_processing": _start_processing,
     "authorize": lambda p: authorize(p, PAYMENT_AMOUNT_MINOR),
     "reroute": lambda p: p.reroute("other"),
     "assess_risk": clear_risk,
@@ -325,7 +331,9 @@ def test_a_risk_decline_fails_the_payment_with_its_reasons() -> None:
     assert (payment.status, payment.failure_code, payment.risk_score) == ("failed", "risk_declined", 100)
     events = payment.collect_events()
     assert [type(e).__name__ for e in events] == ["Initiated", "RiskAssessed", "Failed"]
-    assert "card_velocity_limit" in events[-1].message
+    failed = events[-1]
+    assert isinstance(failed, Payment.Failed)
+    assert "card_velocity_limit" in failed.message
     with pytest.raises(InvalidTransition):
         payment.start_processing("stripe")
 
@@ -339,8 +347,10 @@ def test_a_snapshot_from_before_the_risk_rules_still_loads() -> None:
 
     payment = initiate_payment()
     snapshot = Snapshot.take(payment)
-    old_state = {k: v for k, v in snapshot.state.items() if k not in ("card_fingerprint", "risk_score", "risk_decision")}
+    new_fields = ("card_fingerprint", "risk_score", "risk_decision")
+    old_state = {k: v for k, v in snapshot.state.items() if k not in new_fields}
     restored = replace_event(snapshot, state=old_state).mutate(None)
+    assert isinstance(restored, Payment)
     assert (restored.risk_decision, restored.card_fingerprint, restored.status) == (None, None, "initiated")
     clear_risk(restored)
     restored.start_processing("stripe")

@@ -23,7 +23,7 @@ from projections.views import Scope
 
 class PaymentSessionController(Controller):
     path = "/v1/payment-sessions"
-    tags = ["voice integrators"]
+    tags = ["voice integrators"]  # noqa: RUF012  (Litestar's layer attribute)
 
     @post("/", operation_id="createPaymentSession", status_code=201,
           summary="Open a payment session for an order taken in conversation",
@@ -31,6 +31,12 @@ class PaymentSessionController(Controller):
     async def create(self, request: Request[Any, Any, Any], data: schemas.PaymentSessionCreate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
         merchant_id = merchant_scope(principal)
+        refusal = schemas.phone_refusal(data.customer_phone)
+        if refusal is not None:
+            # The domain's code for a bad phone, so callers keep one code to handle; refused
+            # before the Idempotency-Key is claimed, like any other malformed body.
+            raise ApiProblem(422, "invalid_phone", f"customer_phone {refusal}",
+                             errors=[{"field": "customer_phone", "message": refusal}])
 
         def run(command_id: str) -> tuple[int, Any]:
             # Opening a session texts the customer the link and code (through the outbox), in
@@ -85,8 +91,10 @@ class PaymentSessionController(Controller):
         body = data or schemas.PaymentSessionCancel()
 
         def run(command_id: str) -> tuple[int, Any]:
-            result = services.ledger.cancel_session(command_id, session_id, reason=body.reason,
-                                                    merchant_id=merchant_id)
-            return 200, session_from_aggregate(services.ledger.get_session(session_id), result.position)
+            ledger = services.ledger
+            result = ledger.cancel_session(command_id, session_id, reason=body.reason, merchant_id=merchant_id)
+            # The session as the command saved it; loaded again only for a replayed command.
+            session = result.saved_one(PaymentSession, session_id) or ledger.get_session(session_id)
+            return 200, session_from_aggregate(session, result.position)
 
         return await run_command(request, services, principal, body, run)

@@ -1,0 +1,71 @@
+"""Use cases of the merchant: register one, change its settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from application.unit_of_work import CommandResult, LedgerBase
+from domain.ledger import FeeSchedule
+from domain.merchant import Merchant
+
+
+class MerchantCommands(LedgerBase):
+    def register_merchant(
+        self,
+        command_id: str,
+        *,
+        name: str,
+        fee_percent_bps: int = 290,
+        fee_fixed_minor: int = 30,
+        webhook_url: str | None = None,
+        commerce_backend_uri: str | None = None,
+        max_amount_minor: Mapping[str, int] | None = None,
+    ) -> CommandResult:
+        merchant_id = self._derived_id(command_id, "merchant")
+        request = {
+            "name": name, "fee_percent_bps": fee_percent_bps, "fee_fixed_minor": fee_fixed_minor,
+            "webhook_url": webhook_url, "commerce_backend_uri": commerce_backend_uri,
+            "max_amount_minor": dict(max_amount_minor or {}),
+        }
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            merchant = Merchant.register(
+                merchant_id,
+                name=name,
+                fee_schedule=FeeSchedule(fee_percent_bps, fee_fixed_minor),
+                webhook_url=webhook_url,
+                commerce_backend_uri=commerce_backend_uri,
+                max_amount_minor=max_amount_minor,
+            )
+            return [merchant], {"merchant_id": str(merchant_id)}
+
+        return self._execute(command_id, "register_merchant", request, merchant_id, decide)
+
+    def change_merchant_settings(
+        self, command_id: str, merchant_id: UUID, **changes: Any
+    ) -> CommandResult:
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            merchant = self.get_merchant(merchant_id)
+            fees = None
+            if "fee_percent_bps" in changes or "fee_fixed_minor" in changes:
+                fees = FeeSchedule(
+                    changes.get("fee_percent_bps", merchant.fee_percent_bps),
+                    changes.get("fee_fixed_minor", merchant.fee_fixed_minor),
+                )
+            merchant.change_settings(
+                name=changes.get("name"),
+                fee_schedule=fees,
+                webhook_url=changes.get("webhook_url"),
+                commerce_backend_uri=changes.get("commerce_backend_uri"),
+                max_amount_minor=changes.get("max_amount_minor"),
+            )
+            return [merchant], {"merchant_id": str(merchant_id)}
+
+        return self._execute(
+            command_id, "change_merchant_settings", {"merchant_id": str(merchant_id), **changes},
+            merchant_id, decide,
+        )

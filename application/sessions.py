@@ -1,0 +1,324 @@
+"""Use cases of the payment session, the customer's journey: open it (and text the link), send or
+resend the link and code, open the link, verify the code and the identity, attach the card
+(which creates the payment), cancel, expire, and record an SMS the provider gave up on."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import msgspec
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.domain import Aggregate
+
+from application.errors import NotFound, ProcessorUnavailable
+from application.ports import IdentityClaim, IdentityVerifier, MessageWording, OutboxSms
+from application.unit_of_work import CommandResult, LedgerBase, LinkIssued
+from domain.customer import Customer
+from domain.merchant import Merchant
+from domain.money import Money, check_currency
+from domain.payment import Payment
+from domain.payment_session import PaymentSession, SessionStatus
+
+_CUSTOMER_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/customers")
+_sms_json = msgspec.json.Encoder(order="sorted")
+
+
+class SessionCommands(LedgerBase):
+    # Given by the composition root (through Ledger's constructor).
+    wording: MessageWording
+    identity_verifier: IdentityVerifier | None
+
+    def open_session(self, command_id: str, **fields: Any) -> CommandResult:
+        """Open a payment session (the fields of ``_open_session``); the link is sent apart."""
+        return self._open_session(command_id, send_link=False, **fields).result
+
+    def open_session_and_send_link(self, command_id: str, **fields: Any) -> LinkIssued:
+        """Open a payment session and text the customer its link and code, in one save."""
+        return self._open_session(command_id, send_link=True, **fields)
+
+    def _open_session(
+        self,
+        command_id: str,
+        *,
+        send_link: bool,
+        merchant_id: UUID,
+        amount_minor: int,
+        currency: str,
+        customer_phone: str,
+        order_reference: str,
+        line_items: Sequence[Mapping[str, Any]],
+        voice_platform: str,
+        conversation_id: str,
+        callback_url: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> LinkIssued:
+        """Open a payment session; with ``send_link``, also issue the link and code and queue
+        the SMS that carries them, in the same save (one transaction, one command record).
+
+        Both forms are the same command (name and request hash): a retry of a request that an
+        earlier version opened, but did not text, sends the link now."""
+        session_id = self._derived_id(command_id, "payment_session")
+        request = {
+            "merchant_id": str(merchant_id), "amount_minor": amount_minor, "currency": currency,
+            "customer_phone": customer_phone, "order_reference": order_reference,
+            "line_items": [dict(item) for item in line_items], "voice_platform": voice_platform,
+            "conversation_id": conversation_id, "callback_url": callback_url,
+            "metadata": dict(metadata or {}),
+        }
+        issued: dict[str, str] = {}
+        sms: list[OutboxSms] = []
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            merchant = self._merchant_to_read(merchant_id)
+            check_currency(currency)
+            session = PaymentSession.open(
+                session_id,
+                merchant_id=merchant_id,
+                amount_minor=amount_minor,
+                currency=currency,
+                customer_phone=customer_phone,
+                order_reference=order_reference,
+                line_items=line_items,
+                voice_platform=voice_platform,
+                conversation_id=conversation_id,
+                callback_url=callback_url,
+                identity_threshold_minor=self.policy.identity_threshold_minor(currency),
+                expires_at=self.clock.now() + self.policy.link_lifetime,
+                metadata=metadata,
+            )
+            merchant.check_can_accept(amount_minor, currency)
+            if session.identity_required:
+                customer = self._find_customer(customer_phone)
+                if customer is not None and customer.identity_on_file(self.clock.now(), self.policy.identity_reuse):
+                    assert customer.identity_verified_at is not None
+                    session.recognize_identity(customer.id, customer.identity_verified_at)
+            if send_link:
+                issued["token"], issued["code"] = self._issue_link(session)
+                text = self._link_text(session, merchant, issued["token"], issued["code"])
+                sms[:] = [self._sms(f"{command_id}:send_link", session, text)]
+            return [session], _session_result(session)
+
+        result = self._execute(command_id, "open_session", request, session_id, decide,
+                               messages=lambda: sms, creates=True)
+        if not send_link or not result.replayed:
+            return LinkIssued(result, issued.get("token", ""), issued.get("code", ""))
+        if self.get_session(session_id).status == SessionStatus.AWAITING_CUSTOMER:
+            # Opened by an earlier version, which sent the link as a second command.
+            return self.send_link(f"{command_id}:send_link", session_id)
+        return LinkIssued(result, "", "")
+
+    def _session_command(
+        self,
+        command_id: str,
+        name: str,
+        session_id: UUID,
+        request: Mapping[str, Any],
+        act: Callable[[PaymentSession], None],
+        merchant_id: UUID | None = None,
+    ) -> CommandResult:
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id, merchant_id)
+            act(session)
+            return [session], _session_result(session)
+
+        return self._execute(
+            command_id, name, {"session_id": str(session_id), **request}, session_id, decide
+        )
+
+    def _sms(self, command_id: str, session: PaymentSession, body: str) -> OutboxSms:
+        payload = _sms_json.encode({"to": session.customer_phone, "body": body})
+        if self.mapper.cipher:
+            payload = self.mapper.cipher.encrypt(payload)
+        return OutboxSms(self._derived_id(command_id, "sms"), session.id, payload)
+
+    def _link_text(self, session: PaymentSession, merchant: Merchant, token: str, code: str) -> str:
+        return self.wording.payment_link(
+            merchant_name=merchant.name,
+            amount=Money(session.amount_minor, session.currency),
+            order_reference=session.order_reference,
+            link_url=f"{self.policy.public_url}/pay/{token}",
+            code=code,
+            expires_in=session.expires_at - self.clock.now(),
+        )
+
+    def _issue_link(self, session: PaymentSession) -> tuple[str, str]:
+        """A single-use link token and a one-time code; the session records only their keyed
+        hashes. The token starts with the session id, so the page finds the session; the rest
+        is the unguessable secret."""
+        token = session.id.hex + secrets.token_urlsafe(32)
+        code = f"{secrets.randbelow(10**6):06d}"
+        session.send_link(self.keyed_hash("link", token), self.keyed_hash("code", session.id, code),
+                          self.clock.now())
+        return token, code
+
+    def send_link(self, command_id: str, session_id: UUID) -> LinkIssued:
+        """Issue the link and code, and queue the SMS that carries them in the same transaction.
+        Only keyed hashes are recorded in the event; the SMS payload is encrypted. A replay of
+        the same command cannot show them again."""
+        issued: dict[str, str] = {}
+        sms: list[OutboxSms] = []
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id)
+            issued["token"], issued["code"] = self._issue_link(session)
+            text = self._link_text(session, self._merchant_to_read(session.merchant_id),
+                                   issued["token"], issued["code"])
+            sms[:] = [self._sms(command_id, session, text)]
+            return [session], _session_result(session)
+
+        result = self._execute(command_id, "send_link", {"session_id": str(session_id)}, session_id,
+                               decide, messages=lambda: sms)
+        if result.replayed:
+            return LinkIssued(result, "", "")
+        return LinkIssued(result, issued["token"], issued["code"])
+
+    def session_for_link(self, link_token: str) -> PaymentSession:
+        """The session a payment link belongs to; NotFound for anything else, malformed or not."""
+        try:
+            session_id = UUID(hex=link_token[:32])
+            session = self.get_session(session_id)
+        except (ValueError, NotFound):
+            raise NotFound("this payment link is not valid") from None
+        if not session.link_token_matches(self.keyed_hash("link", link_token)):
+            raise NotFound("this payment link is not valid")
+        return session
+
+    def open_link(self, command_id: str, session_id: UUID, link_token: str) -> CommandResult:
+        def act(session: PaymentSession) -> None:
+            if not session.link_token_matches(self.keyed_hash("link", link_token)):
+                raise NotFound(f"no payment session {session_id}")
+            session.open_link(self.clock.now())
+
+        return self._session_command(command_id, "open_link", session_id, {}, act)
+
+    def resend_code(self, command_id: str, session_id: UUID) -> LinkIssued:
+        """A new code by SMS (the link stays the same; attempts are not reset)."""
+        code = f"{secrets.randbelow(10**6):06d}"
+        loaded: dict[str, PaymentSession] = {}
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = loaded["session"] = self.get_session(session_id)
+            session.resend_code(self.keyed_hash("code", session_id, code), self.clock.now())
+            return [session], _session_result(session)
+
+        def sms() -> list[OutboxSms]:
+            session = loaded["session"]
+            merchant = self._merchant_to_read(session.merchant_id)
+            return [self._sms(command_id, session, self.wording.new_code(merchant_name=merchant.name, code=code))]
+
+        result = self._execute(command_id, "resend_code", {"session_id": str(session_id)}, session_id,
+                               decide, messages=sms)
+        return LinkIssued(result, "", "" if result.replayed else code)
+
+    def record_sms_failure(self, message_id: UUID, session_id: UUID, reason: str) -> CommandResult:
+        return self._session_command(
+            f"sms_failed:{message_id}", "record_sms_failure", session_id, {"reason": reason},
+            lambda s: s.record_sms_failure(reason),
+        )
+
+    def verify_code(self, command_id: str, session_id: UUID, code: str) -> CommandResult:
+        """A wrong code is saved (it counts toward the lock) and reported in the result."""
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id)
+            check = session.verify_code(self.keyed_hash("code", session_id, code), self.clock.now())
+            return [session], {
+                **_session_result(session),
+                "code_check": check.value,
+                "attempts_left": session.code_attempts_left,
+            }
+
+        # The code itself goes into the request hash only through the keyed hash.
+        request = {"session_id": str(session_id), "code": self.keyed_hash("code", session_id, code)}
+        return self._execute(command_id, "verify_code", request, session_id, decide)
+
+    def verify_identity(self, command_id: str, session_id: UUID, claim: IdentityClaim) -> CommandResult:
+        """Ask the verifier; a pass is also remembered on the customer, so later purchases by the
+        same phone skip the check (``policy.identity_reuse``)."""
+        if self.identity_verifier is None:
+            raise ProcessorUnavailable("no identity verifier is configured")
+        verifier = self.identity_verifier
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id)
+            outcome = verifier.verify(phone=session.customer_phone, claim=claim)
+            now = self.clock.now()
+            session.record_identity_check(
+                verified=outcome.verified, verifier=outcome.verifier, reason=outcome.reason, now=now,
+            )
+            changed: list[Aggregate] = [session]
+            if outcome.verified:
+                customer = self._find_customer(session.customer_phone) or Customer.register(
+                    self._customer_id(session.customer_phone))
+                customer.record_identity_verified(verifier=outcome.verifier, session_id=session_id, now=now)
+                changed.append(customer)
+            return changed, _session_result(session)
+
+        request = {"session_id": str(session_id),
+                   "claim": self.keyed_hash("identity", claim.date_of_birth, claim.postal_code)}
+        return self._execute(command_id, "verify_identity", request, session_id, decide)
+
+    def _customer_id(self, phone: str) -> UUID:
+        return uuid5(_CUSTOMER_NAMESPACE, self.keyed_hash("customer", phone))
+
+    def _find_customer(self, phone: str) -> Customer | None:
+        try:
+            customer: Customer = self.repository.get(self._customer_id(phone))
+        except AggregateNotFoundError:
+            return None
+        return customer
+
+    def attach_payment_method(
+        self, command_id: str, session_id: UUID, *, card_token: str, card_brand: str, card_last4: str,
+        card_fingerprint: str | None = None,
+    ) -> CommandResult:
+        """Attach the tokenized card and create the Payment, atomically."""
+        payment_id = self._derived_id(command_id, "payment")
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            session = self.get_session(session_id)
+            merchant = self._merchant_to_read(session.merchant_id)
+            session.attach_payment_method(
+                payment_id=payment_id, card_token=card_token, card_brand=card_brand,
+                card_last4=card_last4, now=self.clock.now(),
+            )
+            payment = Payment.initiate(
+                payment_id,
+                merchant_id=session.merchant_id,
+                session_id=session.id,
+                amount_minor=session.amount_minor,
+                currency=session.currency,
+                card_token=card_token,
+                card_brand=card_brand,
+                card_last4=card_last4,
+                fee_schedule=merchant.fee_schedule,
+                card_fingerprint=card_fingerprint,
+            )
+            return [session, payment], {**_session_result(session), "payment_id": str(payment_id)}
+
+        request = {"session_id": str(session_id), "card_token": card_token, "card_brand": card_brand,
+                   "card_last4": card_last4}
+        if card_fingerprint is not None:  # absent, the request hashes as before fingerprints existed
+            request["card_fingerprint"] = card_fingerprint
+        return self._execute(command_id, "attach_payment_method", request, session_id, decide)
+
+    def cancel_session(
+        self, command_id: str, session_id: UUID, *, reason: str = "cancelled_by_merchant",
+        merchant_id: UUID | None = None,
+    ) -> CommandResult:
+        return self._session_command(
+            command_id, "cancel_session", session_id, {"reason": reason},
+            lambda s: s.cancel(reason), merchant_id,
+        )
+
+    def expire_session(self, session_id: UUID) -> CommandResult:
+        return self._session_command(
+            f"expire_session:{session_id}", "expire_session", session_id, {},
+            lambda s: s.expire(self.clock.now()),
+        )
+
+
+def _session_result(session: PaymentSession) -> dict[str, Any]:
+    return {"session_id": str(session.id), "status": session.status, "version": session.version}

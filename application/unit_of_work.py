@@ -1,0 +1,210 @@
+"""What every use case of the ledger shares: one command is one unit of work, idempotent by its
+command id.
+
+``_execute`` looks the command id up in the command log (same request -> the recorded result;
+different request -> ``IdempotencyKeyReused``), loads, decides, and saves the events together
+with their outbox rows, the SMS they queue and the command record in one transaction, retrying
+on a lost optimistic-concurrency race. The use cases (merchants.py, api_keys.py, sessions.py,
+payments.py) are mixins over ``LedgerBase``; ledger.py composes them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, ClassVar
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import msgspec
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
+from eventsourcing.persistence import IntegrityError
+
+from application import hashing
+from application.aggregate_types import AGGREGATE_TYPES
+from application.envelope import DEFAULT_TOPIC_PREFIX, outbox_rows
+from application.errors import ConcurrencyConflict, IdempotencyKeyReused, NotFound
+from application.ports import Clock, CommandLog, CommandRecord, OutboxSms
+from domain.api_key import ApiKey
+from domain.customer import Customer
+from domain.errors import DomainError
+from domain.merchant import Merchant
+from domain.money import check_currency
+from domain.payment import Payment
+from domain.payment_session import PaymentSession, default_identity_thresholds_minor
+from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
+from domain.risk import RiskPolicy
+
+_MAX_SAVE_ATTEMPTS = 8
+# The request hash of every recorded command depends on these bytes: keep the encoding.
+_canonical = msgspec.json.Encoder(order="sorted")
+_COMMAND_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/commands")
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    """Settings the business owns; the composition root builds them from the environment."""
+
+    secret_key: bytes
+    link_lifetime: timedelta = timedelta(minutes=15)
+    authorization_lifetime: timedelta = timedelta(days=7)
+    identity_thresholds_minor: Mapping[str, int] = field(
+        default_factory=default_identity_thresholds_minor
+    )
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    # Where customers reach the payment page; the SMS links to <public_url>/pay/<token>.
+    public_url: str = "http://127.0.0.1:8000"
+    risk: RiskPolicy = DEFAULT_RISK_POLICY
+    # How long a passed identity check spares the customer a new one on later purchases.
+    identity_reuse: timedelta = timedelta(days=365)
+
+    def identity_threshold_minor(self, currency: str) -> int:
+        check_currency(currency)
+        return self.identity_thresholds_minor[currency]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    result: dict[str, Any]
+    position: int | None
+    replayed: bool = False
+    # The aggregates this command saved, as saved (empty for a replay): a caller answers from
+    # them instead of loading them again.
+    saved: tuple[Aggregate, ...] = field(default=(), compare=False, repr=False)
+
+    def saved_one(self, cls: type[Any], aggregate_id: UUID) -> Any | None:
+        return next((a for a in self.saved if isinstance(a, cls) and a.id == aggregate_id), None)
+
+
+@dataclass(frozen=True)
+class LinkIssued:
+    """Returned only in memory to the caller that delivers the SMS; never stored in plain text."""
+
+    result: CommandResult
+    link_token: str
+    code: str
+
+
+Decide = Callable[[], tuple[Sequence[Aggregate], dict[str, Any]]]
+
+
+class LedgerBase(Application):
+    """The event store, the command log and the loaders; no use case of its own."""
+
+    env: ClassVar[dict[str, str]] = {
+        # Which event store (and recorder) holds the events is the composition root's choice.
+        "ORIGINATOR_ID_TYPE": "uuid",
+    }
+    snapshotting_intervals: ClassVar[dict[type[MutableOrImmutableAggregate[Any]], int]] = {
+        PaymentSession: 20,
+        Payment: 20,
+        Merchant: 50,
+        ApiKey: 50,
+        Customer: 50,
+    }
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, policy: LedgerPolicy, clock: Clock) -> None:
+        super().__init__(env)
+        self.policy = policy
+        self.clock = clock
+        self._merchants_read: dict[UUID, Merchant] = {}
+        self._merchants_read_lock = threading.Lock()
+
+    @property
+    def command_log(self) -> CommandLog:
+        return self.recorder  # type: ignore[return-value]
+
+    def _record(self, processing_event: Any) -> Any:
+        """Add one outbox row per event, so the recorder writes both in one transaction."""
+        processing_event.saved_kwargs["outbox"] = outbox_rows(
+            processing_event.events, processing_event.aggregates, aggregate_types=AGGREGATE_TYPES,
+            mapper=self.mapper, topic_prefix=self.policy.topic_prefix,
+        )
+        processing_event.saved_kwargs["vault_attachments"] = [
+            (event.card_token, event.payment_id) for event in processing_event.events
+            if isinstance(event, PaymentSession.PaymentMethodAttached)
+        ]
+        return super()._record(processing_event)
+
+    def keyed_hash(self, purpose: str, *parts: object) -> str:
+        return hashing.keyed_hash(self.policy.secret_key, purpose, *parts)
+
+    def _execute(
+        self, command_id: str, command_name: str, request: Mapping[str, Any], aggregate_id: UUID | None,
+        decide: Decide, messages: Callable[[], Sequence[OutboxSms]] | None = None, *,
+        creates: bool = False,
+    ) -> CommandResult:
+        """``creates``: the command creates ``aggregate_id`` (derived from the command id), so a
+        command that already ran cannot save again (its version 1 exists): the command log is
+        read only after such a lost race, not before every first attempt."""
+        request_hash = self.keyed_hash("request", _canonical.encode([command_name, request]).decode())
+        for attempt in range(_MAX_SAVE_ATTEMPTS):
+            existing = None if creates and attempt == 0 else self.command_log.get_command(command_id)
+            if existing is not None:
+                if existing.request_hash != request_hash or existing.command_name != command_name:
+                    raise IdempotencyKeyReused(
+                        f"command id {command_id!r} was already used for a different request"
+                    )
+                return CommandResult(existing.result, existing.position, replayed=True)
+            try:
+                aggregates, result = decide()
+            except DomainError:
+                if creates and attempt == 0:
+                    # The command may have run before, when its decision still went through
+                    # (a merchant deactivated since, say): its recorded result, if any, wins.
+                    continue
+                raise
+            record = CommandRecord(command_id, command_name, request_hash, aggregate_id, result)
+            try:
+                recordings = self.save(*aggregates, command=record, messages=messages() if messages else ())
+            except IntegrityError:
+                # Lost a race: another writer saved this aggregate version or this command id
+                # first. Look again; the loop re-reads the log and the aggregates.
+                continue
+            position = recordings[-1].notification.id if recordings else None
+            return CommandResult(result, position, saved=tuple(aggregates))
+        raise ConcurrencyConflict(
+            f"{command_name} kept losing the race for {aggregate_id}; retry the request"
+        )
+
+    def _derived_id(self, command_id: str, kind: str) -> UUID:
+        return uuid5(_COMMAND_NAMESPACE, f"{kind}:{command_id}")
+
+    def _get(self, cls: type[Any], aggregate_id: UUID, merchant_id: UUID | None = None) -> Any:
+        """Load an aggregate; another merchant's aggregate is as missing as a missing one."""
+        aggregate: Any
+        try:
+            aggregate = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            aggregate = None
+        if (
+            not isinstance(aggregate, cls)
+            or (merchant_id is not None and getattr(aggregate, "merchant_id", None) != merchant_id)
+        ):
+            raise NotFound(f"no {AGGREGATE_TYPES[cls].replace('_', ' ')} {aggregate_id}")
+        return aggregate
+
+    def get_session(self, session_id: UUID, merchant_id: UUID | None = None) -> PaymentSession:
+        return self._get(PaymentSession, session_id, merchant_id)
+
+    def get_payment(self, payment_id: UUID, merchant_id: UUID | None = None) -> Payment:
+        return self._get(Payment, payment_id, merchant_id)
+
+    def get_merchant(self, merchant_id: UUID) -> Merchant:
+        return self._get(Merchant, merchant_id)
+
+    def _merchant_to_read(self, merchant_id: UUID) -> Merchant:
+        """The merchant as it is now, for reading only: a command that changes a merchant loads
+        it with ``get_merchant``. Kept in memory and checked with one query for newer events;
+        a newer merchant replaces the kept one, which is never changed, so threads share it."""
+        kept = self._merchants_read.get(merchant_id)
+        if kept is not None and not self.recorder.select_events(merchant_id, gt=kept.version, limit=1):
+            return kept
+        merchant = self.get_merchant(merchant_id)
+        with self._merchants_read_lock:
+            if len(self._merchants_read) >= 10_000:
+                self._merchants_read.clear()
+            self._merchants_read[merchant_id] = merchant
+        return merchant

@@ -1,0 +1,248 @@
+"""Least privilege on real PostgreSQL (migrations/0015_roles.sql): the application's login role
+is no superuser, writes events only through ledger_append, cannot change or remove an event or
+an audit row, and every table's privileges were decided (README, "PostgreSQL roles")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict
+
+from api.bootstrap import APP_ROLE, envelope_opener
+from api.settings import Settings
+from application.ledger import Ledger
+from projections.engine import ProjectionStore
+from projections.registry import all_projections
+from tests.application.flows import new_merchant, open_session, pay
+
+ALL = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
+READ_WRITE = frozenset({"SELECT", "INSERT", "UPDATE"})
+
+# What echotransact_app may do per table: table privileges, and the columns it may UPDATE where
+# it may not update the whole row. A new table fails test_every_table_has_decided_privileges
+# until it is added here, to the migration that grants it, and to README's table.
+PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "ledger_events": (frozenset({"SELECT"}), frozenset()),
+    "ledger_snapshots": (frozenset({"SELECT", "INSERT"}), frozenset()),
+    "outbox": (frozenset({"SELECT"}), frozenset({"published_at", "publish_attempts", "last_error"})),
+    "command_log": (frozenset({"SELECT"}), frozenset()),
+    "schema_migrations": (frozenset(), frozenset()),
+    "idempotency_records": (READ_WRITE | {"DELETE"}, frozenset()),
+    "outbox_messages": (frozenset({"SELECT", "UPDATE", "DELETE"}), frozenset()),
+    "dev_sms_inbox": (frozenset({"SELECT", "INSERT", "DELETE"}), frozenset({"received_at"})),
+    "webhook_checkpoint": (READ_WRITE, frozenset()),
+    "webhook_merchants": (READ_WRITE, frozenset()),
+    "webhook_sessions": (READ_WRITE, frozenset()),
+    "webhook_payments": (READ_WRITE, frozenset()),
+    "webhook_deliveries": (READ_WRITE | {"DELETE"}, frozenset()),
+    "webhook_attempts": (frozenset({"SELECT", "INSERT", "DELETE"}), frozenset({"attempted_at"})),
+    "card_vault": (frozenset({"SELECT", "INSERT", "DELETE"}), frozenset({"created_at"})),
+    "risk_attempts": (frozenset({"SELECT", "INSERT", "DELETE"}), frozenset({"at"})),
+    "projection_versions": (READ_WRITE, frozenset()),
+    "projection_checkpoints": (READ_WRITE, frozenset()),
+    "session_status": (READ_WRITE, frozenset()),
+    "payment_status": (READ_WRITE, frozenset()),
+    "analytics_session_cohorts": (READ_WRITE, frozenset()),
+    "funnel_daily": (READ_WRITE, frozenset()),
+    "volume_daily": (READ_WRITE, frozenset()),
+    "analytics_payments": (READ_WRITE, frozenset()),
+    "ledger_balances": (READ_WRITE, frozenset()),
+    "audit_log": (frozenset({"SELECT", "INSERT"}), frozenset({"prev_hash", "hash"})),
+}
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def owner(owner_database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def history(ledger: Ledger, database_url: str, settings: Settings) -> dict[str, Any]:
+    """A paid and captured payment, saved by the ledger and projected, both as the application."""
+    merchant = new_merchant(ledger)
+    payment = pay(ledger, open_session(ledger, merchant))
+    ledger.authorize_payment(payment)
+    ledger.capture_payment("capture", payment)
+    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    try:
+        assert store.catch_up(grace=timedelta(0)) > 0
+    finally:
+        store.close()
+    return {"merchant": merchant, "payment": payment}
+
+
+def refused(conn: psycopg.Connection[Any], statement: str, *params: Any) -> bool:
+    """The statement fails for want of a privilege (and changes nothing)."""
+    try:
+        with conn.transaction():
+            conn.execute(statement, params or None)
+    except errors.InsufficientPrivilege:
+        return True
+    return False
+
+
+def test_the_application_role_is_no_superuser_and_is_bound_by_row_level_security(
+    app: psycopg.Connection[Any],
+) -> None:
+    assert conninfo_to_dict(app.info.dsn)["user"] == APP_ROLE
+    row = app.execute(
+        "SELECT current_user, rolsuper, rolbypassrls, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin"
+        " FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    assert row == (APP_ROLE, False, False, False, False, False, True)
+    # Owns nothing, so FORCE ROW LEVEL SECURITY's owner exemption is not its.
+    assert app.execute("SELECT count(*) FROM pg_class WHERE relowner = current_user::regrole").fetchone() == (0,)
+    # It may become the reader for the read views, without holding the reader's privileges itself.
+    assert app.execute("SELECT pg_has_role(current_user, 'echotransact_reader', 'SET'),"
+                       " pg_has_role(current_user, 'echotransact_reader', 'USAGE')").fetchone() == (True, False)
+
+
+def test_a_whole_save_and_its_projection_work_as_the_application(
+    history: dict[str, Any], ledger: Ledger, app: psycopg.Connection[Any]
+) -> None:
+    with ledger.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+        assert conn.execute("SELECT current_user AS u").fetchone()["u"] == APP_ROLE
+    counts = app.execute(
+        "SELECT (SELECT count(*) FROM ledger_events), (SELECT count(*) FROM outbox),"
+        " (SELECT count(*) FROM audit_log WHERE hash IS NOT NULL)"
+    ).fetchone()
+    assert counts is not None and counts[0] == counts[1] == counts[2] > 5
+    assert app.execute("SELECT status FROM payment_status WHERE payment_id = %s",
+                       (history["payment"],)).fetchone() == ("captured",)
+
+
+def test_the_application_cannot_change_or_remove_an_event(
+    history: dict[str, Any], app: psycopg.Connection[Any], owner: psycopg.Connection[Any]
+) -> None:
+    before = owner.execute("SELECT count(*), md5(string_agg(state::text, '' ORDER BY notification_id))"
+                           " FROM ledger_events").fetchone()
+    assert refused(app, "UPDATE ledger_events SET topic = topic")
+    assert refused(app, "UPDATE ledger_events SET state = NULL WHERE originator_id = %s", history["payment"])
+    assert refused(app, "DELETE FROM ledger_events")
+    assert refused(app, "DELETE FROM ledger_events WHERE originator_id = %s", history["payment"])
+    assert refused(app, "TRUNCATE ledger_events CASCADE")
+    assert refused(app, "LOCK TABLE ledger_events IN EXCLUSIVE MODE")
+    # Appending goes through ledger_append only (with its outbox row, under the table's lock):
+    # a bare INSERT would have no outbox row and could take a position out of commit order.
+    assert refused(app, "INSERT INTO ledger_events (originator_id, originator_version, topic, state)"
+                        " VALUES (gen_random_uuid(), 1, 'x', '')")
+    for table in ("ledger_snapshots", "command_log", "outbox"):
+        assert refused(app, f"DELETE FROM {table}"), table
+        assert refused(app, f"TRUNCATE {table} CASCADE"), table
+    assert refused(app, "UPDATE outbox SET envelope = ''::bytea")
+    assert refused(app, "UPDATE outbox SET position = position")
+    assert refused(app, "UPDATE command_log SET result = '{}'")
+    assert refused(app, "UPDATE ledger_snapshots SET state = NULL")
+    assert refused(app, "INSERT INTO outbox (position, event_id, topic, message_key, envelope)"
+                        " VALUES (1, gen_random_uuid(), 't', 'k', '')")
+    assert owner.execute("SELECT count(*), md5(string_agg(state::text, '' ORDER BY notification_id))"
+                         " FROM ledger_events").fetchone() == before
+
+
+def test_the_application_cannot_change_or_remove_an_audit_row(
+    history: dict[str, Any], app: psycopg.Connection[Any], owner: psycopg.Connection[Any]
+) -> None:
+    before = owner.execute("SELECT count(*), md5(string_agg(hash, '' ORDER BY position)) FROM audit_log").fetchone()
+    first = app.execute("SELECT position FROM audit_log ORDER BY position LIMIT 1").fetchone()
+    assert first is not None
+    assert refused(app, "UPDATE audit_log SET event_type = 'payment.settled' WHERE position = %s", first[0])
+    assert refused(app, "UPDATE audit_log SET data = '{}'")
+    assert refused(app, "DELETE FROM audit_log")
+    assert refused(app, "DELETE FROM audit_log WHERE position = %s", first[0])
+    assert refused(app, "TRUNCATE audit_log")
+    # The hashes it may set are those of a row still waiting for its predecessor, never a chained one's.
+    assert refused(app, "UPDATE audit_log SET hash = repeat('0', 64) WHERE position = %s", first[0])
+    assert refused(app, "UPDATE audit_log SET prev_hash = NULL, hash = NULL")
+    assert owner.execute("SELECT count(*), md5(string_agg(hash, '' ORDER BY position)) FROM audit_log"
+                         ).fetchone() == before
+    # The owner (a migration, an operator) still can: tests of `audit verify` tamper this way.
+    owner.execute("UPDATE audit_log SET event_type = event_type WHERE position = %s", first)
+
+
+def test_the_audit_chain_is_extended_over_rows_that_arrived_early_as_the_application(
+    history: dict[str, Any], app: psycopg.Connection[Any], owner: psycopg.Connection[Any], settings: Settings,
+) -> None:
+    # The last events arrive first and wait unchained; the batch that fills the gap chains them:
+    # an UPDATE of their hashes, the one change the application makes to a written audit row.
+    chained = owner.execute("SELECT position, hash FROM audit_log ORDER BY position").fetchall()
+    owner.execute("TRUNCATE audit_log")
+    opener = envelope_opener(settings)
+    envelopes = [msgspec.structs.replace(opener(bytes(payload)), position=position) for position, payload
+                 in app.execute("SELECT position, envelope FROM outbox ORDER BY position")]
+    audit = all_projections()["audit"]
+    for batch in (envelopes[-2:], envelopes[:-2]):
+        with app.transaction(), app.cursor() as cur:
+            audit.apply_batch(cur, batch)
+        if batch is envelopes[-2:]:
+            assert app.execute("SELECT count(*) FROM audit_log WHERE hash IS NULL").fetchone() == (2,)
+    assert app.execute("SELECT position, hash FROM audit_log ORDER BY position").fetchall() == chained
+
+
+def test_the_application_may_not_run_or_redefine_what_it_does_not_own(app: psycopg.Connection[Any]) -> None:
+    assert refused(app, "CREATE TABLE public.intruder (x int)")
+    assert refused(app, "CREATE SCHEMA intruder")
+    assert refused(app, "ALTER TABLE ledger_events DISABLE ROW LEVEL SECURITY")
+    assert refused(app, "ALTER FUNCTION ledger_append(uuid[], bigint[], text[], bytea[], uuid[], text[], text[],"
+                        " bytea[], uuid[], uuid[], bytea[], text[], uuid[], integer, text, text, text, uuid, jsonb)"
+                        " SECURITY INVOKER")
+    assert refused(app, "ALTER TABLE audit_log DISABLE TRIGGER audit_log_chained_rows_are_final")
+    assert refused(app, "SELECT nextval('ledger_events_notification_id_seq')")
+    assert refused(app, "SELECT * FROM schema_migrations")
+
+
+def test_ledger_append_runs_as_its_owner_with_a_fixed_search_path_and_only_for_the_application(
+    owner: psycopg.Connection[Any],
+) -> None:
+    row = owner.execute(
+        "SELECT p.prosecdef, p.proconfig, has_function_privilege('echotransact_reader', p.oid, 'EXECUTE'),"
+        " has_function_privilege(%s, p.oid, 'EXECUTE'), p.proacl::text LIKE '%%=X/%%' AND p.proacl::text ~ '(^|[{,])=X'"
+        " FROM pg_proc p WHERE p.proname = 'ledger_append'",
+        (APP_ROLE,),
+    ).fetchone()
+    assert row is not None
+    security_definer, config, reader_may, app_may, public_may = row
+    assert security_definer and app_may and not reader_may and not public_may
+    assert config == ["search_path=public, pg_temp"]
+
+
+def test_every_table_has_decided_privileges(owner: psycopg.Connection[Any]) -> None:
+    tables = [t for (t,) in owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace"
+        " AND c.relkind IN ('r', 'p') ORDER BY 1"
+    )]
+    undecided = sorted(set(tables) - set(PRIVILEGES))
+    assert undecided == [], f"decide what {APP_ROLE} may do on {undecided} (migration, README, this test)"
+    for table in tables:
+        granted = {p for p in ALL if owner.execute("SELECT has_table_privilege(%s, %s, %s)",
+                                                   (APP_ROLE, table, p)).fetchone() == (True,)}
+        columns = {c for (c,) in owner.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"
+            " AND has_column_privilege(%s, attrelid, attnum, 'UPDATE')", (table, APP_ROLE))}
+        tables_privileges, update_columns = PRIVILEGES[table]
+        assert granted == tables_privileges, table
+        if "UPDATE" not in granted:
+            assert columns == update_columns, table
+
+
+def test_the_migration_can_run_again_on_another_database_of_the_cluster(owner: psycopg.Connection[Any]) -> None:
+    # The roles are the cluster's: a second database (a test template's copy here, a staging one
+    # elsewhere) finds them and only grants.
+    from importlib import resources
+
+    sql = (resources.files("migrations") / "0015_roles.sql").read_text()
+    with owner.transaction():
+        owner.execute(sql)  # type: ignore[arg-type]  # the trusted migration file
+    assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone() == (1,)

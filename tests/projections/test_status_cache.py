@@ -1,0 +1,105 @@
+"""The Redis status cache against the read model it copies: written inside each batch's
+transaction, repaired by a redelivered batch, and checked by ``StatusCache.differences``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis
+
+from adapters.dev.servers import ServerURLs
+from api.bootstrap import envelope_opener
+from api.settings import Settings
+from application.ledger import Ledger
+from projections.engine import ProjectionStore
+from projections.registry import all_projections
+from projections.status_cache import StatusCache, _key, _row_json
+from tests.application.flows import new_merchant, open_session, pay
+from tests.projections.test_engine import feed
+
+
+@pytest.fixture
+def cache(servers: ServerURLs) -> StatusCache:
+    return StatusCache(redis.Redis.from_url(servers.redis_url))
+
+
+@pytest.fixture
+def cached_store(database_url: str, settings: Settings, cache: StatusCache) -> Iterator[ProjectionStore]:
+    s = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings),
+                        on_batch=cache.refresh)
+    yield s
+    s.close()
+
+
+def session_row(database_url: str, session_id: object) -> dict[str, object]:
+    with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT * FROM session_status WHERE session_id = %s", (session_id,))
+        values = cur.fetchone()
+        assert values is not None
+        return dict(zip([c.name for c in cur.description or ()], values, strict=True))
+
+
+def test_a_batch_writes_the_cache_in_its_transaction_and_a_redelivery_repairs_a_lost_write(
+    ledger: Ledger, cached_store: ProjectionStore, cache: StatusCache, database_url: str, settings: Settings
+) -> None:
+    merchant = new_merchant(ledger, "cache")
+    session_id = open_session(ledger, merchant, "cache-s")
+    first = feed(database_url, settings)
+    cached_store.apply_batch(first)
+    live = session_row(database_url, session_id)
+    assert cache.get("session", session_id) == _plain(live)
+
+    # A worker killed after its read-model commit but before its cache write (what the old
+    # post-commit write allowed): the cache still holds the session's previous version.
+    payment_id = pay(ledger, session_id, prefix="cache-")
+    ledger.authorize_payment(payment_id)
+    everything = feed(database_url, settings)
+    cached_store.apply_batch(everything)
+    newer = session_row(database_url, session_id)
+    assert newer["version"] != live["version"]
+    cache.client.delete(_key("session", session_id))
+    cache.client.hset(_key("session", session_id), mapping={"version": str(live["version"]), "row": _row_json(live)})
+    with psycopg.connect(database_url) as conn:
+        assert [(kind, str(i)) for kind, i, _ in cache.differences(conn)] == [("session", str(session_id))]
+
+    # Kafka redelivers the batch: every event is a duplicate, and the cache is repaired anyway.
+    result = cached_store.apply_batch(everything)
+    assert result.applied == 0 and result.duplicates > 0
+    assert cache.get("session", session_id) == _plain(newer)
+    with psycopg.connect(database_url) as conn:
+        assert cache.differences(conn) == []
+
+
+def test_a_cache_write_made_before_a_failed_commit_is_made_true_by_the_retry(
+    ledger: Ledger, cache: StatusCache, database_url: str, settings: Settings
+) -> None:
+    merchant = new_merchant(ledger, "cache2")
+    session_id = open_session(ledger, merchant, "cache2-s")
+    calls = []
+
+    def write_then_fail(conn: psycopg.Connection[object], ids: object) -> None:
+        cache.refresh(conn, ids)  # type: ignore[arg-type]
+        calls.append(ids)
+        if len(calls) == 1:
+            raise ConnectionError("the worker died before its commit")
+
+    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings),
+                            on_batch=write_then_fail)
+    try:
+        with pytest.raises(ConnectionError):
+            store.apply_batch(feed(database_url, settings))
+        with psycopg.connect(database_url) as conn:  # nothing committed, the cache is ahead of it
+            assert conn.execute("SELECT count(*) FROM session_status").fetchone() == (0,)
+        assert cache.get("session", session_id) is not None
+        store.apply_batch(feed(database_url, settings))  # the redelivery
+    finally:
+        store.close()
+    assert cache.get("session", session_id) == _plain(session_row(database_url, session_id))
+
+
+def _plain(row: dict[str, object]) -> dict[str, object]:
+    import json
+
+    return json.loads(_row_json(row))  # type: ignore[no-any-return]
