@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # Connections above a pool's minimum close after this long unused (psycopg_pool closes one per
 # period): the whole system at rest holds a handful, not one per thread that was ever busy.
 POOL_MAX_IDLE_S = 2.0
+# The longest a request waits for a pooled connection, in every pool of the API.
+CONNECTION_WAIT_S = 3
 
 
 def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[str, str]:
@@ -50,6 +52,9 @@ def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[s
         "POSTGRES_POOL_SIZE": "1",
         "POSTGRES_MAX_OVERFLOW": "15",
         "POSTGRES_LOCK_TIMEOUT": "5",
+        # How long a request waits for a connection (and to connect): during an outage it is told
+        # to retry (503) after this, instead of hanging for the library's default of 30 s.
+        "POSTGRES_CONNECT_TIMEOUT": str(CONNECTION_WAIT_S),
         # Kept on although it costs a round trip per checkout (about 13% of a command's time
         # measured): after a database restart no request fails on a dead pooled connection.
         # No aggregate cache (AGGREGATE_CACHE_MAXSIZE): in eventsourcing 9.5.6 a thread can
@@ -178,10 +183,12 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
     from projections.views import ReadViews
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    views = ReadViews(database_url)
-    # Short autocommit statements of the API's own tables (idempotency records, the vault).
-    pool: ConnectionPool[Any] = ConnectionPool(database_url, min_size=1, max_size=8, kwargs={"autocommit": True},
-                                               max_idle=POOL_MAX_IDLE_S, open=True)
+    views = ReadViews(database_url, connection_wait_s=CONNECTION_WAIT_S)
+    # Short autocommit statements of the API's own tables (idempotency records, the vault). A
+    # connection that died with the database (a restart) is found and replaced at checkout.
+    pool: ConnectionPool[Any] = ConnectionPool(
+        database_url, min_size=1, max_size=8, kwargs={"autocommit": True, "connect_timeout": CONNECTION_WAIT_S},
+        max_idle=POOL_MAX_IDLE_S, timeout=CONNECTION_WAIT_S, check=ConnectionPool.check_connection, open=True)
     return ApiServices(
         vault=CardVault(pool, settings.vault_key) if settings.vault_key else None,
         settings=settings,

@@ -71,7 +71,7 @@ def _ratio(part: int, whole: int) -> float | None:
 class ReadViews:
     def __init__(
         self, database_url: str, *, max_size: int = 8, statement_timeout_ms: int = 5_000,
-        open_timeout_s: float = 10.0, report_statement_timeout_ms: int = 300_000,
+        open_timeout_s: float = 10.0, report_statement_timeout_ms: int = 300_000, connection_wait_s: float = 30.0,
     ) -> None:
         self._database_url = database_url
         self.statement_timeout_ms = statement_timeout_ms
@@ -79,7 +79,8 @@ class ReadViews:
         self.report_statement_timeout_ms = report_statement_timeout_ms
         self._pool = ConnectionPool(
             database_url, min_size=1, max_size=max_size, open=True, configure=self._configure,
-            check=ConnectionPool.check_connection, name="read-views", max_idle=2.0,
+            check=ConnectionPool.check_connection, name="read-views", max_idle=2.0, timeout=connection_wait_s,
+            kwargs={"connect_timeout": max(1, int(connection_wait_s))},
         )
         self._pool.wait(timeout=open_timeout_s)
 

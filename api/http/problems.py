@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import structlog
+from eventsourcing import persistence as es
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -20,6 +22,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from psycopg_pool import PoolTimeout
 
 from application.errors import (
     ConcurrencyConflict,
@@ -197,6 +200,18 @@ def undecodable_body_handler(request: Request[Any, Any, Any], error: Exception) 
     return problem(400, "bad_request", detail, request)
 
 
+# The database is down, restarting, or every connection is busy: the request did nothing that
+# a retry would repeat wrongly (commands are idempotent), so the caller is told to retry.
+DATABASE_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, es.OperationalError,
+                        es.InterfaceError)
+
+
+def unavailable_handler(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    log.warning("database_unavailable", error_type=type(error).__name__, path=request.url.path)
+    return problem(503, "service_unavailable", "the ledger's database is unavailable; retry shortly", request,
+                   {"Retry-After": "2"})
+
+
 def internal_error_handler(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     log.error("unhandled_error", error_type=type(error).__name__, path=request.url.path, exc_info=error)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error",
@@ -210,6 +225,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: http_error_handler,
     UnicodeDecodeError: undecodable_body_handler,
     RecursionError: undecodable_body_handler,
+    **dict.fromkeys(DATABASE_UNAVAILABLE, unavailable_handler),
     Exception: internal_error_handler,
 }
 

@@ -71,9 +71,9 @@ class PaymentSessionController(Controller):
                                         scope=Scope(principal.role, principal.merchant_id)))
         if row is not None and reached:
             return session_from_row(row)
-        if wait_for_position is None and row is None:
-            raise ApiProblem(404, "not_found", f"no payment session {session_id}")
-        # The read model is behind the caller's own write: answer from the write model.
+        # The read model is behind: not there yet (the caller's own session, just created), or not
+        # at the caller's position. Answer from the write model, which has every acknowledged
+        # session: its creator sees it at once, with ``projection_caught_up: false``.
         try:
             session = await anyio.to_thread.run_sync(
                 lambda: services.ledger.get_session(session_id, principal.merchant_id))
