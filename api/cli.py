@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from api.settings import ENV_VARS, ConfigurationError, Settings, development_keys
+from migrations import MigrationError
 
 RUNNING_FILE = "running.json"  # URLs of the servers of a live `echotransact run`
 
@@ -615,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PGAPPNAME", f"echotransact-{args.command}"[:63])
     try:
         return handlers[args.command](args)
-    except (ConfigurationError, OSError) as error:
+    except (ConfigurationError, MigrationError, OSError) as error:
         print(f"echotransact: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

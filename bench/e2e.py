@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from api.bootstrap import app_database_url
 from bench.context import BenchContext
 from bench.harness import Benchmark, Metric, Sample
 
@@ -71,7 +72,9 @@ class RunningSystem:
     def start(self) -> None:
         env = {
             **os.environ,
-            "DATABASE_URL": self.ctx.database_url,
+            # As make run connects: migrations as the owner, everything else as echotransact_app.
+            "MIGRATION_DATABASE_URL": self.ctx.database_url,
+            "DATABASE_URL": app_database_url(self.ctx.database_url),
             "REDIS_URL": self.ctx.servers.redis_url,
             "KAFKA_BOOTSTRAP_SERVERS": self.ctx.servers.kafka_bootstrap_servers,
             "ECHOTRANSACT_DATA_DIR": str(self.data_dir),

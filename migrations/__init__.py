@@ -47,7 +47,20 @@ def available() -> list[Migration]:
 
 
 def migrate(database_url: str) -> list[Migration]:
-    """Apply every migration not yet applied; return the ones applied now."""
+    """Apply every migration not yet applied; return the ones applied now.
+
+    Only the tables' owner may (MIGRATION_DATABASE_URL; migrations/0015_roles.sql): the
+    application's role is refused with a MigrationError that says so."""
+    try:
+        return _migrate(database_url)
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise MigrationError(
+            f"migrations run as the tables' owner, and this role may not ({error.diag.message_primary}): "
+            "set MIGRATION_DATABASE_URL to the owner's URL"
+        ) from error
+
+
+def _migrate(database_url: str) -> list[Migration]:
     applied_now = []
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_ID,))

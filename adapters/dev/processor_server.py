@@ -154,6 +154,7 @@ class SandboxProcessorServer:
         self._stopping = threading.Event()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class SandboxProcessorServer:
                 sock.close()
                 raise RuntimeError(f"sandbox processor {self.name} did not start on {self.url}")
             time.sleep(0.005)
-        self._server, self._thread = server, thread
+        self._server, self._thread, self._socket = server, thread, sock
         return self.url
 
     def stop(self) -> None:
@@ -207,6 +208,9 @@ class SandboxProcessorServer:
         if self._thread is not None:
             self._thread.join(timeout=STOP_GRACE_S + 3)
             self._thread = None
+        if self._socket is not None:
+            self._socket.close()  # uvicorn closed it already, unless its thread died
+            self._socket = None
 
     def __enter__(self) -> Self:
         self.start()

@@ -97,7 +97,7 @@ class MessageDispatcher:
         sender: SmsSender,
         *,
         open_payload: Callable[[bytes], bytes],
-        on_failed: Callable[[UUID, UUID, str], None],
+        on_failed: Callable[[UUID, UUID, str], object],
         max_attempts: int = 6,
         backoff_base: timedelta = timedelta(seconds=2),
         backoff_cap: timedelta = timedelta(minutes=5),

@@ -23,8 +23,7 @@ KEY_PREFIX = "echotransact:ratelimit"
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    remaining: int
-    retry_after_s: int
+    retry_after_s: int = 0  # for a refusal: when a request would be let through again
 
 
 class RateLimiter:
@@ -45,14 +44,14 @@ class RateLimiter:
         A refused request is not counted, so a client that keeps calling while limited is let
         through again as soon as the window has room."""
         if self._limiter is None:
-            return Decision(True, self.per_minute, 0)
+            return Decision(True)
         try:
-            allowed = self._limiter.hit(self._item, subject)
-            reset_at, remaining = self._limiter.get_window_stats(self._item, subject)
+            if self._limiter.hit(self._item, subject):
+                return Decision(True)  # one round trip: the window is read only for a refusal
+            reset_at, _remaining = self._limiter.get_window_stats(self._item, subject)
         except redis.RedisError as error:
             log.warning("rate_limit_redis_unavailable", error=str(error))
-            return Decision(True, self.per_minute, 0)
+            return Decision(True)
         # When a request would be let through again; at least a second (Retry-After is whole
         # seconds, and 0 would invite an immediate retry), at most the window.
-        retry_after = min(WINDOW_S, max(1, math.ceil(reset_at - time.time())))
-        return Decision(allowed, remaining, retry_after)
+        return Decision(False, min(WINDOW_S, max(1, math.ceil(reset_at - time.time()))))

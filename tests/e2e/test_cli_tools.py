@@ -21,9 +21,10 @@ from tests.application.flows import new_merchant, open_session, pay
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, servers: ServerURLs, database_url: str, settings: Settings,
-            tmp_path: Path) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
+def cli_env(monkeypatch: pytest.MonkeyPatch, servers: ServerURLs, database_url: str, owner_database_url: str,
+            settings: Settings, tmp_path: Path) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)  # the application's role
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", owner_database_url)  # the owner's, for replay
     monkeypatch.setenv("REDIS_URL", servers.redis_url)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers.kafka_bootstrap_servers)
     monkeypatch.setenv("ECHOTRANSACT_HASH_KEY", base64.b64encode(settings.hash_key).decode())
@@ -46,11 +47,11 @@ def projected(ledger: Ledger, database_url: str, settings: Settings) -> dict[str
 
 
 def test_replay_verify_finds_a_tampered_row_and_replay_repairs_it(
-    cli_env: None, projected: dict[str, object], database_url: str, capsys: pytest.CaptureFixture[str]
+    cli_env: None, projected: dict[str, object], owner_database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["replay", "--verify"]) == 0
     assert "0 difference(s)" in capsys.readouterr().err
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute("UPDATE payment_status SET status = 'settled' WHERE payment_id = %s", (projected["payment"],))
     assert main(["replay", "--verify", "--projection", "status"]) == 1
     out = capsys.readouterr()
@@ -68,7 +69,7 @@ def test_unknown_projection_is_a_readable_error(cli_env: None, capsys: pytest.Ca
 
 
 def test_audit_verify_and_export(
-    cli_env: None, projected: dict[str, object], database_url: str, tmp_path: Path,
+    cli_env: None, projected: dict[str, object], database_url: str, owner_database_url: str, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["audit", "verify"]) == 0
@@ -83,7 +84,7 @@ def test_audit_verify_and_export(
     assert {row["merchant_id"] for row in exported} == {str(projected["merchant"])}
     assert "+14155550123" not in target.read_text()
 
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:  # the application may not
         victim = conn.execute("SELECT position FROM audit_log ORDER BY position OFFSET 3 LIMIT 1").fetchone()[0]
         conn.execute("UPDATE audit_log SET event_type = 'payment.settled' WHERE position = %s", (victim,))
     assert main(["audit", "verify"]) == 1

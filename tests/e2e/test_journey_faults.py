@@ -115,7 +115,8 @@ def processors() -> Iterator[tuple[SandboxProcessorServer, SandboxProcessorServe
 
 
 @pytest.fixture(scope="module")
-def system(servers: ServerURLs, module_database: str, processors: tuple[SandboxProcessorServer, ...],
+def system(servers: ServerURLs, module_database: str, module_owner_database: str,
+           processors: tuple[SandboxProcessorServer, ...],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
     """One `echotransact run` for the module (start-up costs a few seconds)."""
     primary, secondary = processors
@@ -123,7 +124,8 @@ def system(servers: ServerURLs, module_database: str, processors: tuple[SandboxP
     tmp.chmod(0o777)
     env = {
         **os.environ,
-        "DATABASE_URL": module_database,
+        "DATABASE_URL": module_database,  # the application's role, as in production
+        "MIGRATION_DATABASE_URL": module_owner_database,  # the start-up migration's
         "REDIS_URL": servers.redis_url,
         "KAFKA_BOOTSTRAP_SERVERS": servers.kafka_bootstrap_servers,
         "ECHOTRANSACT_HASH_KEY": base64.b64encode(HASH_KEY).decode(),

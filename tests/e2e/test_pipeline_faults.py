@@ -83,10 +83,12 @@ def ledger(pipeline_settings: Settings, database_url: str, clock, processor) -> 
 class System:
     """`echotransact run` against the test's servers."""
 
-    def __init__(self, servers: ServerURLs, database_url: str, broker: Broker, settings: Settings, tmp: Path) -> None:
+    def __init__(self, servers: ServerURLs, database_url: str, owner_database_url: str, broker: Broker,
+                 settings: Settings, tmp: Path) -> None:
         self.env = {
             **os.environ,
-            "DATABASE_URL": database_url,
+            "DATABASE_URL": database_url,  # the application's role, as in production
+            "MIGRATION_DATABASE_URL": owner_database_url,  # the start-up migration's
             "REDIS_URL": servers.redis_url,
             "KAFKA_BOOTSTRAP_SERVERS": broker.address,
             "ECHOTRANSACT_HASH_KEY": base64.b64encode(settings.hash_key).decode(),
@@ -139,9 +141,9 @@ class System:
 
 
 @pytest.fixture
-def system(servers: ServerURLs, database_url: str, broker: Broker, pipeline_settings: Settings,
-           tmp_path: Path) -> Iterator[System]:
-    s = System(servers, database_url, broker, pipeline_settings, tmp_path)
+def system(servers: ServerURLs, database_url: str, owner_database_url: str, broker: Broker,
+           pipeline_settings: Settings, tmp_path: Path) -> Iterator[System]:
+    s = System(servers, database_url, owner_database_url, broker, pipeline_settings, tmp_path)
     yield s
     s.stop()
     print(s.tail())  # shown by pytest when the test failed
@@ -155,10 +157,11 @@ def wait_until_published(database_url: str, timeout_s: float = 90) -> None:
             time.sleep(0.3)
 
 
-def assert_consistent(database_url: str, settings: Settings, redis_url: str) -> None:
+def assert_consistent(database_url: str, owner_database_url: str, settings: Settings, redis_url: str) -> None:
     wait_until_published(database_url)
     wait_until_projected(database_url, timeout_s=90)
-    assert verify(database_url, list(all_projections().values()), envelope_opener(settings)) == []
+    # replay --verify is an owner's tool (a scratch schema).
+    assert verify(owner_database_url, list(all_projections().values()), envelope_opener(settings)) == []
     # The status cache never contradicts the read model, whenever the worker was killed.
     from projections.status_cache import StatusCache
 
@@ -189,7 +192,7 @@ def test_relays_sigkilled_at_random_moments_lose_nothing(
         time.sleep(rng.uniform(0.1, 2.5))
         system.kill_child("relay")  # the supervisor starts a new one
     commands.join()
-    assert_consistent(database_url, pipeline_settings, system.env["REDIS_URL"])
+    assert_consistent(database_url, system.env["MIGRATION_DATABASE_URL"], pipeline_settings, system.env["REDIS_URL"])
 
 
 def test_a_worker_sigkilled_mid_stream_loses_nothing_and_applies_nothing_twice(
@@ -201,7 +204,7 @@ def test_a_worker_sigkilled_mid_stream_loses_nothing_and_applies_nothing_twice(
         time.sleep(rng.uniform(0.3, 1.5))
         system.kill_child("worker")
     commands.join()
-    assert_consistent(database_url, pipeline_settings, system.env["REDIS_URL"])
+    assert_consistent(database_url, system.env["MIGRATION_DATABASE_URL"], pipeline_settings, system.env["REDIS_URL"])
 
 
 def test_a_broker_restart_that_loses_every_topic_is_recovered_without_help(
@@ -213,4 +216,4 @@ def test_a_broker_restart_that_loses_every_topic_is_recovered_without_help(
     make_payments(ledger, 3, "down")  # the broker is down: rows wait in the outbox
     broker.start()  # same address, no topics, no offsets
     make_payments(ledger, 3, "after")
-    assert_consistent(database_url, pipeline_settings, system.env["REDIS_URL"])
+    assert_consistent(database_url, system.env["MIGRATION_DATABASE_URL"], pipeline_settings, system.env["REDIS_URL"])

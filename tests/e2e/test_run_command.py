@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,6 +95,27 @@ def test_run_serves_health_and_sigterm_leaves_no_server_behind(run_env: dict[str
             assert time.monotonic() < deadline, listed.stderr[-2000:]
             time.sleep(0.5)
         assert re.search(r"/pay/[0-9a-f]{32}\S+ - your code is \d{6}", listed.stdout)
+        # Every process of the system (the API, relay, worker, dispatchers) logs in to PostgreSQL as
+        # the application's role; the embedded server's superuser only migrated.
+        state = json.loads((Path(run_env["ECHOTRANSACT_DATA_DIR"]) / "running.json").read_text())
+        wanted = {"echotransact-outbox-relay", "echotransact-worker", "echotransact-dispatch",
+                  "echotransact-webhooks-dispatch"}
+        deadline = time.monotonic() + 30  # each process connects when it first needs to
+        with psycopg.connect(state["migration_database_url"], application_name="test-roles",
+                             autocommit=True) as conn:
+            while True:
+                logins = conn.execute(
+                    "SELECT DISTINCT application_name, usename FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND backend_type = 'client backend'"
+                    " AND pid <> pg_backend_pid()"
+                ).fetchall()
+                names = {name for name, _ in logins}
+                if wanted <= names or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+        assert wanted <= names, logins
+        assert len(names) > 4, logins  # and the API's own (named after this process's PGAPPNAME, if set)
+        assert {user for _, user in logins} == {"echotransact_app"}, logins
         server_pids = [
             p.pid for p in psutil.process_iter(["cmdline"])
             if run_env["ECHOTRANSACT_DATA_DIR"] in " ".join(p.info["cmdline"] or [])

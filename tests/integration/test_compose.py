@@ -43,7 +43,21 @@ def test_the_application_services_get_the_servers_and_keys_the_code_reads() -> N
 
 
 def test_the_database_url_points_at_the_compose_postgres() -> None:
-    url = SERVICES["api"]["environment"]["DATABASE_URL"]
     db = SERVICES["postgres"]["environment"]
-    assert re.fullmatch(rf"postgresql://{db['POSTGRES_USER']}:.+@postgres:5432/{db['POSTGRES_DB']}", url)
+    for name in ("migrate", "api", "relay", "worker"):
+        # Every service runs as the application's role, never as the image's superuser.
+        url = SERVICES[name]["environment"]["DATABASE_URL"]
+        assert re.fullmatch(rf"postgresql://echotransact_app:.+@postgres:5432/{db['POSTGRES_DB']}", url), name
     assert SERVICES["api"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+
+
+def test_only_the_migrate_service_gets_the_owners_url() -> None:
+    db = SERVICES["postgres"]["environment"]
+    owner = SERVICES["migrate"]["environment"]["MIGRATION_DATABASE_URL"]
+    assert re.fullmatch(rf"postgresql://{db['POSTGRES_USER']}:.+@postgres:5432/{db['POSTGRES_DB']}", owner)
+    assert [name for name, service in SERVICES.items()
+            if "MIGRATION_DATABASE_URL" in (service.get("environment") or {})] == ["migrate"]
+    # The application's role gets its password when the database is initialised (the migration sets none).
+    script = COMPOSE["configs"][SERVICES["postgres"]["configs"][0]["source"]]["content"]
+    assert "CREATE ROLE echotransact_app LOGIN NOSUPERUSER NOBYPASSRLS" in script
+    assert "ECHOTRANSACT_APP_DB_PASSWORD" in db and "$$ECHOTRANSACT_APP_DB_PASSWORD" in script

@@ -53,8 +53,9 @@ def test_every_event_has_one_outbox_row_with_its_position(ledger: Ledger, databa
     }
 
 
-def test_an_outbox_row_cannot_exist_without_its_event(database_url: str) -> None:
-    with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.ForeignKeyViolation):
+def test_an_outbox_row_cannot_exist_without_its_event(owner_database_url: str) -> None:
+    # Not even for the tables' owner (the application may not insert outbox rows at all).
+    with psycopg.connect(owner_database_url) as conn, pytest.raises(psycopg.errors.ForeignKeyViolation):
         conn.execute(
             "INSERT INTO outbox (position, event_id, topic, message_key, envelope)"
             " VALUES (424242, gen_random_uuid(), 't', 'k', '\\x00')"
@@ -90,11 +91,11 @@ def _wait_for_stalled_backend(database_url: str, other_than: int = 0) -> int:
 
 
 def test_a_transaction_killed_between_events_and_outbox_leaves_neither(
-    ledger: Ledger, database_url: str
+    ledger: Ledger, database_url: str, owner_database_url: str
 ) -> None:
     merchant_id = new_merchant(ledger)
     before = counts(database_url)
-    _slow_outbox_inserts(database_url)
+    _slow_outbox_inserts(owner_database_url)
     errors: list[BaseException] = []
 
     def open_one() -> None:
@@ -105,13 +106,13 @@ def test_a_transaction_killed_between_events_and_outbox_leaves_neither(
 
     worker = threading.Thread(target=open_one)
     worker.start()
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         # The events of this transaction are inserted by now; the outbox insert is stalled.
-        first = _wait_for_stalled_backend(database_url)
+        first = _wait_for_stalled_backend(owner_database_url)
         conn.execute("SELECT pg_terminate_backend(%s)", (first,))
         # The library retries a dropped connection: the retry stalls in the same place, and
         # while it does, nothing of the killed transaction is visible.
-        second = _wait_for_stalled_backend(database_url, other_than=first)
+        second = _wait_for_stalled_backend(owner_database_url, other_than=first)
         assert counts(database_url) == before
         conn.execute("SELECT pg_terminate_backend(%s)", (second,))
         conn.execute("DROP TRIGGER stall ON outbox")
@@ -125,11 +126,11 @@ def test_a_transaction_killed_between_events_and_outbox_leaves_neither(
 
 
 def test_a_process_killed_mid_transaction_leaves_neither(
-    ledger: Ledger, database_url: str, settings: object
+    ledger: Ledger, database_url: str, owner_database_url: str, settings: object
 ) -> None:
     merchant_id = new_merchant(ledger)
     before = counts(database_url)
-    _slow_outbox_inserts(database_url)
+    _slow_outbox_inserts(owner_database_url)
     script = textwrap.dedent(
         f"""
         from api.bootstrap import build_ledger
@@ -142,13 +143,13 @@ def test_a_process_killed_mid_transaction_leaves_neither(
     )
     child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        _wait_for_stalled_backend(database_url)
+        _wait_for_stalled_backend(owner_database_url)
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
         if child.poll() is None:
             child.kill()
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         # The client is gone; the server rolls back once the stalled statement ends, which we
         # hurry along. Nothing of the transaction may be visible before, during or after.
         assert counts(database_url) == before
@@ -249,7 +250,9 @@ def test_unencrypted_configuration_would_show_the_phone(database_url: str, setti
     assert any(PHONE.encode() in b for b in blobs)
 
 
-def test_snapshots_are_taken_and_loading_is_unchanged(ledger: Ledger, database_url: str) -> None:
+def test_snapshots_are_taken_and_loading_is_unchanged(
+    ledger: Ledger, database_url: str, owner_database_url: str
+) -> None:
     merchant_id = new_merchant(ledger)
     for i in range(25):
         ledger.change_merchant_settings(f"rename-{i}", merchant_id, name=f"Luigi {i}")
@@ -264,15 +267,15 @@ def test_snapshots_are_taken_and_loading_is_unchanged(ledger: Ledger, database_u
     assert merchant.name == "Luigi 59" and merchant.version == 62
     assert (merchant.fee_percent_bps, merchant.fee_fixed_minor) == (250, 20)
     # Loading from the events alone (no snapshot) gives the same aggregate.
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM ledger_snapshots")
     assert ledger.get_merchant(merchant_id).__dict__ == merchant.__dict__
 
 
-def test_migrations_are_rerunnable_and_guard_against_edits(database_url: str) -> None:
-    assert migrate(database_url) == []
-    with psycopg.connect(database_url, autocommit=True) as conn:
+def test_migrations_are_rerunnable_and_guard_against_edits(owner_database_url: str) -> None:
+    assert migrate(owner_database_url) == []
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
     with pytest.raises(MigrationError, match="changed after it was applied"):
-        migrate(database_url)
+        migrate(owner_database_url)
     assert [m.version for m in available()] == sorted(m.version for m in available())

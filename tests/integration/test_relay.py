@@ -395,13 +395,13 @@ def test_two_relays_share_the_partitions_and_keep_each_aggregate_in_order(
 
 
 def test_rows_delivered_but_not_marked_are_sent_again_in_order(
-    ledger: Ledger, database_url: str, bootstrap: str, settings: Settings, topics: None
+    ledger: Ledger, database_url: str, owner_database_url: str, bootstrap: str, settings: Settings, topics: None
 ) -> None:
     """The crash window between a delivery report and the UPDATE, made certain: the UPDATE fails."""
     start = watermarks(bootstrap)
     journeys(ledger, new_merchant(ledger, command_id="unmarked-merchant"), 5, "unmarked-")
     rows = outbox(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute(
             "CREATE FUNCTION crash() RETURNS trigger LANGUAGE plpgsql AS"
             " $$ BEGIN RAISE EXCEPTION 'relay crashed before marking'; END $$;"
@@ -411,7 +411,7 @@ def test_rows_delivered_but_not_marked_are_sent_again_in_order(
     with OutboxRelay(database_url, bootstrap, open_envelope=opener) as relay, \
             pytest.raises(psycopg.errors.RaiseException):
         relay.run_once()
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute("DROP TRIGGER crash ON outbox")
     assert unpublished(database_url) == len(rows)
 
@@ -422,7 +422,7 @@ def test_rows_delivered_but_not_marked_are_sent_again_in_order(
 
 
 def test_a_row_that_cannot_be_opened_holds_back_only_its_own_aggregate(
-    ledger: Ledger, database_url: str, bootstrap: str, settings: Settings, topics: None
+    ledger: Ledger, database_url: str, owner_database_url: str, bootstrap: str, settings: Settings, topics: None
 ) -> None:
     start = watermarks(bootstrap)
     merchant_id = new_merchant(ledger, command_id="poison-merchant")
@@ -431,7 +431,7 @@ def test_a_row_that_cannot_be_opened_holds_back_only_its_own_aggregate(
     # A session's second event: its first is published, the rest of it must wait.
     poisoned_key = rows[1].message_key
     bad = [r for r in rows if r.message_key == poisoned_key][1]
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:  # the application may not
         conn.execute("UPDATE outbox SET envelope = '\\x00' WHERE event_id = %s", (bad.event_id,))
     with OutboxRelay(database_url, bootstrap, open_envelope=envelope_opener(settings)) as relay:
         published = relay.run_once()

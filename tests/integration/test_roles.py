@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -14,9 +15,12 @@ import pytest
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
-from api.bootstrap import APP_ROLE, envelope_opener
+from api import cli
+from api.bootstrap import APP_ROLE, app_database_url, envelope_opener
+from api.cli import main
 from api.settings import Settings
 from application.ledger import Ledger
+from migrations import MigrationError, migrate
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
 from tests.application.flows import new_merchant, open_session, pay
@@ -208,7 +212,9 @@ def test_ledger_append_runs_as_its_owner_with_a_fixed_search_path_and_only_for_t
 ) -> None:
     row = owner.execute(
         "SELECT p.prosecdef, p.proconfig, has_function_privilege('echotransact_reader', p.oid, 'EXECUTE'),"
-        " has_function_privilege(%s, p.oid, 'EXECUTE'), p.proacl::text LIKE '%%=X/%%' AND p.proacl::text ~ '(^|[{,])=X'"
+        " has_function_privilege(%s, p.oid, 'EXECUTE'),"
+        " EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+        " WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')"
         " FROM pg_proc p WHERE p.proname = 'ledger_append'",
         (APP_ROLE,),
     ).fetchone()
@@ -246,3 +252,32 @@ def test_the_migration_can_run_again_on_another_database_of_the_cluster(owner: p
     with owner.transaction():
         owner.execute(sql)  # type: ignore[arg-type]  # the trusted migration file
     assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone() == (1,)
+
+
+def test_only_the_owner_migrates(database_url: str, owner_database_url: str) -> None:
+    with pytest.raises(MigrationError, match="MIGRATION_DATABASE_URL"):
+        migrate(database_url)
+    assert migrate(owner_database_url) == []
+
+
+def test_the_command_line_migrates_as_the_owner_and_runs_the_rest_as_the_application(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, owner_database_url: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("ECHOTRANSACT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PGAPPNAME", "echotransact-test")  # main() would set it for the rest of the run
+    for name in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.setenv(name, database_url if name == "DATABASE_URL" else "unused:1")
+    # An existing deployment whose DATABASE_URL now names the application's role, but no owner:
+    # a readable refusal, not a half-applied migration.
+    monkeypatch.delenv("MIGRATION_DATABASE_URL", raising=False)
+    assert main(["migrate"]) == 2
+    assert "MIGRATION_DATABASE_URL" in capsys.readouterr().err
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", owner_database_url)
+    assert main(["migrate"]) == 0
+    assert "applied 0 migration(s)" in capsys.readouterr().out
+    with cli._servers(tmp_path) as (app_url, _, _), cli._servers(tmp_path, owner=True) as (owner_url, _, _):
+        assert (app_url, owner_url) == (database_url, owner_database_url)
+    # With embedded servers, the application's URL is the superuser's with the user replaced.
+    assert conninfo_to_dict(app_database_url(owner_database_url)) == {
+        **conninfo_to_dict(owner_database_url), "user": APP_ROLE}

@@ -7,7 +7,7 @@ import json
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 import psycopg
@@ -26,7 +26,9 @@ def test_the_link_sms_is_queued_with_the_event_and_delivered_once(
     session_id = open_session(ledger, new_merchant(ledger))
     link = ledger.send_link("send", session_id)
     with psycopg.connect(database_url) as conn:
-        (payload,) = conn.execute("SELECT payload FROM outbox_messages").fetchone()
+        row = conn.execute("SELECT payload FROM outbox_messages").fetchone()
+    assert row is not None
+    (payload,) = row
     assert link.code.encode() not in bytes(payload) and PHONE.encode() not in bytes(payload)  # encrypted
     dispatcher = build_message_dispatcher(settings, database_url, ledger)
     assert dispatcher.run_once().sent == 1
@@ -49,10 +51,10 @@ class Provider(BaseHTTPRequestHandler):
 
     failures = 0
     status = 503
-    received: list[dict[str, Any]] = []
-    tokens: set[str] = set()
+    received: ClassVar[list[dict[str, Any]]] = []
+    tokens: ClassVar[set[str]] = set()
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         length = int(self.headers["Content-Length"])
         form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
         if Provider.failures > 0:

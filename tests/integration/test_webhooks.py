@@ -82,7 +82,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 request = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 status, reply = receiver.handle(request)
@@ -487,7 +487,8 @@ def test_an_order_sent_twice_by_a_crashed_dispatcher_is_created_once(
     assert rows(database_url, "SELECT status, attempts FROM webhook_deliveries") == [("pending", 0)]
 
     # The killed session's row lock goes when PostgreSQL notices the closed socket.
-    dispatcher, outcomes, deadline = dispatchers(), [], time.monotonic() + 10
+    dispatcher, deadline = dispatchers(), time.monotonic() + 10
+    outcomes: list[Any] = []
     while not outcomes and time.monotonic() < deadline:
         outcomes = dispatcher.dispatch_due()
         time.sleep(0.05)
@@ -497,7 +498,9 @@ def test_an_order_sent_twice_by_a_crashed_dispatcher_is_created_once(
     claimed = rows(database_url,
                    "SELECT delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body,"
                    " idempotency_key, attempts, first_attempt_at FROM webhook_deliveries")[0]
-    delivery = Delivery(*claimed[:6], bytes(claimed[6]), *claimed[7:])
+    names = ("delivery_id", "event_id", "event_type", "merchant_id", "kind", "endpoint_url", "body",
+             "idempotency_key", "attempts", "first_attempt_at")
+    delivery = Delivery(**{**dict(zip(names, claimed, strict=True)), "body": bytes(claimed[6])})
     assert [dispatcher.send(delivery).status_code for _ in range(2)] == [200, 200]
 
     assert len(commerce.requests) == 4 and len(commerce.orders) == 1

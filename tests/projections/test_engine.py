@@ -19,7 +19,7 @@ from application.ledger import Ledger
 from projections.audit import verify_chain
 from projections.engine import ProjectionStore
 from projections.registry import all_projections, select
-from projections.replay import verify
+from projections.replay import rebuild, verify
 from tests.application.flows import new_merchant, open_session, pay
 
 
@@ -138,7 +138,7 @@ def test_read_models_match_expectations(
 
 
 def test_duplicates_reordering_and_gaps_are_applied_exactly_once(
-    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+    ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
 ) -> None:
     scenario(ledger)
     envelopes = feed(database_url, settings)
@@ -150,29 +150,32 @@ def test_duplicates_reordering_and_gaps_are_applied_exactly_once(
     for start in range(0, len(arriving), 7):
         store.apply_batch(arriving[start:start + 7])
     store.catch_up(grace=timedelta(0))  # anything whose later versions never came either
-    assert verify(database_url, list(all_projections().values()), envelope_opener(settings)) == []
+    # Replay and verify are the tables' owner's (a scratch schema, TRUNCATE); the store is the application's.
+    assert verify(owner_database_url, list(all_projections().values()), envelope_opener(settings)) == []
     assert verify_chain(psycopg.connect(database_url)).ok
 
 
 def test_verify_lists_differences_and_replay_repairs_them(
-    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+    ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
 ) -> None:
     ids = scenario(ledger)
     store.catch_up(grace=timedelta(0))
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE payment_status SET captured_minor = 1 WHERE payment_id = %s", (ids["p1"],))
-    differences = verify(database_url, select("status"), envelope_opener(settings))
+    differences = verify(owner_database_url, select("status"), envelope_opener(settings))
     assert {(d.table, d.side) for d in differences} == {
         ("payment_status", "live only"), ("payment_status", "rebuild only")
     }
-    store.rebuild()
-    assert verify(database_url, select("all"), envelope_opener(settings)) == []
+    rebuild(owner_database_url, select("all"), envelope_opener(settings))
+    assert verify(owner_database_url, select("all"), envelope_opener(settings)) == []
 
 
-def test_tampering_with_one_audit_row_is_named(ledger: Ledger, store: ProjectionStore, database_url: str) -> None:
+def test_tampering_with_one_audit_row_is_named(
+    ledger: Ledger, store: ProjectionStore, owner_database_url: str
+) -> None:
     scenario(ledger)
     store.catch_up(grace=timedelta(0))
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:  # the application may not
         victim = conn.execute("SELECT position FROM audit_log ORDER BY position OFFSET 10 LIMIT 1").fetchone()[0]
         conn.execute(
             "UPDATE audit_log SET data = jsonb_set(data, '{amount_minor}', '1') WHERE position = %s", (victim,)

@@ -93,8 +93,9 @@ def differences(database_url: str, left: str, right: str) -> dict[str, list[tupl
 
 
 @pytest.fixture
-def pair(database_url: str) -> Iterator[tuple[Scratch, Scratch]]:
-    yield Scratch(database_url), Scratch(database_url)
+def pair(owner_database_url: str) -> Iterator[tuple[Scratch, Scratch]]:
+    """Scratch schemas are made (and read) by the tables' owner, like replay --verify's."""
+    yield Scratch(owner_database_url), Scratch(owner_database_url)
 
 
 def apply_both(
@@ -135,7 +136,7 @@ def arrivals(events: list[EventEnvelope], rng: random.Random, *, repeat: int, lo
     (3, 0.5, 50),
 ])
 def test_set_based_equals_row_at_a_time(
-    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, database_url: str,
+    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, owner_database_url: str,
     repeat: int, lost: float, batch_max: int,
 ) -> None:
     old, new = pair
@@ -144,7 +145,7 @@ def test_set_based_equals_row_at_a_time(
     if batch_max == 1:
         batches = [[e] for e in sorted(events, key=lambda e: e.position or 0)]
     apply_both(old, new, settings, batches)
-    assert differences(database_url, old.schema, new.schema) == {}
+    assert differences(owner_database_url, old.schema, new.schema) == {}
     with new.connect() as conn:
         assert verify_chain(conn).ok
         counts = conn.execute("SELECT count(*), count(hash) FROM audit_log").fetchone()
@@ -156,7 +157,7 @@ def test_set_based_equals_row_at_a_time(
 @given(seed=st.integers(0, 2**32), repeat=st.integers(1, 3), lost=st.sampled_from([0.0, 0.1, 0.5]),
        batch_max=st.integers(1, 40))
 def test_any_arrival_order_and_batching_gives_the_same_rows(
-    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, database_url: str,
+    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, owner_database_url: str,
     seed: int, repeat: int, lost: float, batch_max: int,
 ) -> None:
     old, new = pair
@@ -164,26 +165,26 @@ def test_any_arrival_order_and_batching_gives_the_same_rows(
     new.truncate()
     apply_both(old, new, settings, arrivals(events, random.Random(seed), repeat=repeat, lost=lost,
                                             batch_max=batch_max))
-    assert differences(database_url, old.schema, new.schema) == {}
+    assert differences(owner_database_url, old.schema, new.schema) == {}
 
 
 def test_catch_up_and_rebuild_equal_a_row_at_a_time_build(
-    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, database_url: str,
+    events: list[EventEnvelope], pair: tuple[Scratch, Scratch], settings: Settings, owner_database_url: str,
 ) -> None:
     old, new = pair
     with old.connect() as conn:
         conn.autocommit = False
         row_at_a_time.apply_batch(conn, envelope_opener(settings), events)
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings),
+    store = ProjectionStore(owner_database_url, list(all_projections().values()), envelope_opener(settings),
                             schema=new.schema)
     try:
         half = len(events) // 2
         store.apply_batch(events[:half])
         assert store.catch_up(grace=timedelta(0), batch_size=9) == (len(events) - half) * 4
         assert store.catch_up(grace=timedelta(0)) == 0  # a second run finds nothing
-        assert differences(database_url, old.schema, new.schema) == {}
+        assert differences(owner_database_url, old.schema, new.schema) == {}
         assert store.rebuild() == len(events) * 4
-        assert differences(database_url, old.schema, new.schema) == {}
+        assert differences(owner_database_url, old.schema, new.schema) == {}
     finally:
         store.close()
 
