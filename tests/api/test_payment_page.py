@@ -159,6 +159,14 @@ def pay_to_card_step(client: httpx.Client, token: str, code: str) -> str:
     return follow(client, submit(client, token, "code", page.text, code=code)).text
 
 
+CVV_FIELD = re.compile(r"(?<![A-Za-z0-9_+/-])cvv(?![A-Za-z0-9_+/-])", re.IGNORECASE)
+
+
+def test_cvv_field_pattern_finds_fields_and_not_token_letters() -> None:
+    assert all(CVV_FIELD.search(text) for text in ('{"cvv": "123"}', "card_number=1&cvv=123", 'name="cvv"'))
+    assert not any(CVV_FIELD.search(text) for text in ("/pay/Ab_cVvX9-q", "sealed:QkcvVw==x"))
+
+
 def card(number: str = VISA_OK, expiry: str = EXPIRY, cvv: str = "123") -> dict[str, str]:
     return {"card_number": number, "expiry": expiry, "cvv": cvv}
 
@@ -874,8 +882,10 @@ def test_no_card_number_anywhere_after_a_full_run(
     leaks = {where: found for where, values in everything.items()
              if (found := [n for text in values for n in card_numbers_in(text)])}
     assert leaks == {}
+    # A field named cvv (a form field, a JSON key, an HTML input): the word on its own, not three
+    # letters inside a random link token or ciphertext, where "cVv" turns up about once in 130 runs.
     assert not [where for where, values in everything.items()
-                if any("cvv" in text.lower() for text in values)], "a CVV field reached storage or logs"
+                if any(CVV_FIELD.search(text) for text in values)], "a CVV field reached storage or logs"
     for number in typed:
         assert not any(number in text for values in everything.values() for text in values)
     assert "/pay/{token}" in "".join(logs) or "/pay/" in "".join(logs), "the request logs were not captured"
