@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool
 
 from adapters.clock import SystemClock
 from adapters.dev.identity import DevIdentityVerifier
 from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.postgres.connection import open_pool
 from adapters.postgres.locks import PostgresAdvisoryLocks
 from adapters.postgres.velocity import PostgresVelocityCounter
 from api.settings import ConfigurationError, Settings
@@ -34,37 +36,31 @@ if TYPE_CHECKING:
 # Connections above a pool's minimum close after this long unused (psycopg_pool closes one per
 # period): the whole system at rest holds a handful, not one per thread that was ever busy.
 POOL_MAX_IDLE_S = 2.0
-# The longest a request waits for a pooled connection, in every pool of the API.
+# The longest a request waits for a pooled connection (or a new one to open).
 CONNECTION_WAIT_S = 3
+# A process's pool: enough for the API's worker threads, each holding one connection at a time
+# (two while it holds a payment's advisory lock: at most LOCK_HOLDERS do).
+POOL_MAX_SIZE = 20
+LOCK_HOLDERS = 8
 
 
-def eventsourcing_env(database_url: str, encryption_key: bytes | None) -> dict[str, str]:
-    """Translate a PostgreSQL URL into the eventsourcing library's settings."""
+def eventsourcing_env(database_url: str) -> dict[str, str]:
+    """The eventsourcing library's own PostgreSQL settings for ``database_url``, for the library
+    used on its own (the benchmark's baseline), sized and checked like the process's pool; the
+    ledger itself runs on that pool (build_ledger)."""
     parts = conninfo_to_dict(database_url)
-    env = {
+    return {
         "POSTGRES_DBNAME": str(parts.get("dbname") or "postgres"),
         "POSTGRES_HOST": str(parts.get("host") or "127.0.0.1"),
         "POSTGRES_PORT": str(parts.get("port") or "5432"),
         "POSTGRES_USER": str(parts.get("user") or os.environ.get("USER", "postgres")),
         "POSTGRES_PASSWORD": str(parts.get("password") or ""),
-        # One connection kept at rest; more opened under load, and closed again after
-        # POOL_MAX_IDLE_S without use (build_ledger), so an idle system holds few connections.
         "POSTGRES_POOL_SIZE": "1",
-        "POSTGRES_MAX_OVERFLOW": "15",
+        "POSTGRES_MAX_OVERFLOW": str(POOL_MAX_SIZE - 1),
         "POSTGRES_LOCK_TIMEOUT": "5",
-        # How long a request waits for a connection (and to connect): during an outage it is told
-        # to retry (503) after this, instead of hanging for the library's default of 30 s.
         "POSTGRES_CONNECT_TIMEOUT": str(CONNECTION_WAIT_S),
-        # Kept on although it costs a round trip per checkout (about 13% of a command's time
-        # measured): after a database restart no request fails on a dead pooled connection.
-        # No aggregate cache (AGGREGATE_CACHE_MAXSIZE): in eventsourcing 9.5.6 a thread can
-        # deep-copy a cached aggregate while another fast-forwards it in place, a torn copy.
         "POSTGRES_PRE_PING": "y",
     }
-    if encryption_key:
-        env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
-        env["CIPHER_KEY"] = base64.b64encode(encryption_key).decode()
-    return env
 
 
 APP_ROLE = "echotransact_app"  # the application's login role (migrations/0015_roles.sql)
@@ -81,15 +77,10 @@ def app_database_url(owner_url: str) -> str:
     return make_conninfo("", **parts)
 
 
-def _close_idle_connections(pool: Any) -> None:
-    """Give the event store's pool (built and opened by the library with psycopg_pool's default
-    of ten minutes) the short idle period of the others. The pool reads ``max_idle`` only when
-    it schedules its next shrink, so a shrink is scheduled now."""
-    from psycopg_pool.pool import Schedule, ShrinkPool
-
-    pool.max_idle = POOL_MAX_IDLE_S
-    if not pool.closed:
-        pool.run_task(Schedule(pool, ShrinkPool(pool), POOL_MAX_IDLE_S))
+def open_database(database_url: str) -> ConnectionPool[Any]:
+    """The process's one PostgreSQL pool: the event store, idempotency records, the vault,
+    velocity counts, advisory locks and the read views all borrow from it."""
+    return open_pool(database_url, max_size=POOL_MAX_SIZE, max_idle_s=POOL_MAX_IDLE_S, wait_s=CONNECTION_WAIT_S)
 
 
 def build_processors(settings: Settings) -> PaymentProcessor | ProcessorRouter:
@@ -105,13 +96,16 @@ def build_processors(settings: Settings) -> PaymentProcessor | ProcessorRouter:
 
 def build_ledger(
     settings: Settings,
-    database_url: str,
+    database: str | ConnectionPool[Any],
     *,
     clock: Clock | None = None,
     processor: PaymentProcessor | ProcessorRouter | None = None,
     **extra: Any,
 ) -> Ledger:
+    """The ledger on PostgreSQL: over the process's pool when given one (which its owner
+    closes), else over a pool of its own for ``database`` (closed with the ledger)."""
     from adapters.notifications.wording import SmsWording
+    from adapters.postgres.event_store import EventStoreFactory, PooledDatastore
 
     policy = LedgerPolicy(
         secret_key=settings.hash_key,
@@ -122,31 +116,28 @@ def build_ledger(
         risk=settings.risk_policy,
         identity_reuse=timedelta(days=settings.identity_reuse_days),
     )
+    owns_pool = isinstance(database, str)
+    pool = open_database(database) if isinstance(database, str) else database
+    datastore = PooledDatastore(pool, owns_pool=owns_pool)
     extra.setdefault("identity_verifier", DevIdentityVerifier())
     extra.setdefault("wording", SmsWording())
-    env = {
-        **eventsourcing_env(database_url, settings.encryption_key),
-        # The ledger's event store: PostgreSQL through our recorder, which writes the outbox rows,
-        # SMS and command record of a save with its events; the tables come from migrations/.
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "APPLICATION_RECORDER_TOPIC": "adapters.postgres.event_store:OutboxRecorder",
-        "CREATE_TABLE": "no",
-    }
-    ledger = Ledger(
-        env,
+    # Velocity counts live next to the events; authorizations lock per payment; both on the pool.
+    extra.setdefault("velocity", PostgresVelocityCounter(datastore))
+    extra.setdefault("locks", PostgresAdvisoryLocks(pool, max_holders=LOCK_HOLDERS))
+    cipher = {}
+    if settings.encryption_key:
+        cipher = {"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
+                  "CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()}
+    return Ledger(
+        # The event store: PostgreSQL through our recorder, which writes the outbox rows, SMS and
+        # command record of a save with its events; the tables come from migrations/.
+        cipher,
+        factory=lambda env: EventStoreFactory(env, datastore),
         policy=policy,
         clock=clock or SystemClock(),
         processor=processor or build_processors(settings),
         **extra,
     )
-    datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
-    _close_idle_connections(datastore.pool)
-    if ledger.velocity is None:
-        # Velocity counts live next to the events, through the event store's own pool.
-        ledger.velocity = PostgresVelocityCounter(datastore)
-    if ledger.locks is None:
-        ledger.locks = PostgresAdvisoryLocks(database_url)
-    return ledger
 
 
 def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
@@ -171,7 +162,6 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
                        **ledger_extra: Any) -> ApiServices:
     """Everything the HTTP API needs, connected to the given servers."""
     import redis
-    from psycopg_pool import ConnectionPool
 
     from adapters.postgres.idempotency import IdempotencyStore
     from adapters.postgres.vault import CardVault
@@ -183,22 +173,19 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
     from projections.views import ReadViews
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    views = ReadViews(database_url, connection_wait_s=CONNECTION_WAIT_S)
-    # Short autocommit statements of the API's own tables (idempotency records, the vault). A
-    # connection that died with the database (a restart) is found and replaced at checkout.
-    pool: ConnectionPool[Any] = ConnectionPool(
-        database_url, min_size=1, max_size=8, kwargs={"autocommit": True, "connect_timeout": CONNECTION_WAIT_S},
-        max_idle=POOL_MAX_IDLE_S, timeout=CONNECTION_WAIT_S, check=ConnectionPool.check_connection, open=True)
+    pool = open_database(database_url)
+    views = ReadViews(pool)
     return ApiServices(
         vault=CardVault(pool, settings.vault_key) if settings.vault_key else None,
         settings=settings,
-        ledger=build_ledger(settings, database_url, **ledger_extra),
+        ledger=build_ledger(settings, pool, **ledger_extra),
         views=views,
         status=StatusQueries(views, cache=StatusCache(client)),
         idempotency=IdempotencyStore(pool, client),
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
         redis=client,
         health=Dependencies(database_url, redis_url, kafka_bootstrap_servers),
+        pool=pool,
     )
 
 

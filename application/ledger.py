@@ -9,7 +9,11 @@ command record in one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from eventsourcing.persistence import InfrastructureFactory
+from eventsourcing.utils import Environment
 
 from application.api_keys import API_KEY_PREFIX, ApiKeyCommands
 from application.merchants import MerchantCommands
@@ -53,10 +57,11 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands)
         identity_verifier: IdentityVerifier | None = None,
         velocity: VelocityCounter | None = None,
         locks: Locks | None = None,
+        factory: Callable[[Environment], InfrastructureFactory[Any]] | None = None,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
-        super().__init__(env, policy=policy, clock=clock)
+        super().__init__(env, policy=policy, clock=clock, factory=factory)
         # Per-payment authorization locks across processes (api/bootstrap.py supplies them);
         # a Ledger built without them does not serialize authorizations of one payment.
         self.locks = locks

@@ -20,7 +20,8 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 import msgspec
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import InfrastructureFactory, IntegrityError
+from eventsourcing.utils import Environment
 
 from application import hashing
 from application.aggregate_types import AGGREGATE_TYPES
@@ -105,12 +106,24 @@ class LedgerBase(Application):
         Customer: 50,
     }
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, policy: LedgerPolicy, clock: Clock) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, *, policy: LedgerPolicy, clock: Clock,
+        factory: Callable[[Environment], InfrastructureFactory[Any]] | None = None,
+    ) -> None:
+        """``factory``: builds the event store's infrastructure from the ledger's environment
+        (the composition root's, over the process's one connection pool); without it the
+        library builds one from ``env`` (PERSISTENCE_MODULE; the in-memory store by default)."""
+        self._build_factory = factory
         super().__init__(env)
         self.policy = policy
         self.clock = clock
         self._merchants_read: dict[UUID, Merchant] = {}
         self._merchants_read_lock = threading.Lock()
+
+    def construct_factory(self, env: Environment) -> InfrastructureFactory[Any]:
+        if self._build_factory is not None:
+            return self._build_factory(env)
+        return super().construct_factory(env)
 
     @property
     def command_log(self) -> CommandLog:

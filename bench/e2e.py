@@ -272,7 +272,7 @@ def _plain_application(database_url: str) -> Any:
     if not _PLAIN_NAMESPACE:  # once per process: the library refuses a second class for one topic
         exec(compile(_PLAIN_APP, "bench_plain", "exec"), _PLAIN_NAMESPACE)
     namespace = _PLAIN_NAMESPACE
-    env = {**eventsourcing_env(database_url, None), "CREATE_TABLE": "y", "PERSISTENCE_MODULE": "eventsourcing.postgres",
+    env = {**eventsourcing_env(database_url), "CREATE_TABLE": "y", "PERSISTENCE_MODULE": "eventsourcing.postgres",
            "POSTGRES_POOL_SIZE": str(CLIENTS), "POSTGRES_PRE_PING": "n"}
     app = namespace["BenchPlain"](env)
     return app, namespace["Order"]

@@ -70,28 +70,36 @@ def _ratio(part: int, whole: int) -> float | None:
 
 class ReadViews:
     def __init__(
-        self, database_url: str, *, max_size: int = 8, statement_timeout_ms: int = 5_000,
+        self, database: str | ConnectionPool[Any], *, max_size: int = 8, statement_timeout_ms: int = 5_000,
         open_timeout_s: float = 10.0, report_statement_timeout_ms: int = 300_000, connection_wait_s: float = 30.0,
     ) -> None:
-        self._database_url = database_url
+        """``database``: the process's pool (the API's), or a URL to open a pool of its own."""
         self.statement_timeout_ms = statement_timeout_ms
         # A report's cursor fetches in batches; each fetch is one statement under this bound.
         self.report_statement_timeout_ms = report_statement_timeout_ms
-        self._pool = ConnectionPool(
-            database_url, min_size=1, max_size=max_size, open=True, configure=self._configure,
-            check=ConnectionPool.check_connection, name="read-views", max_idle=2.0, timeout=connection_wait_s,
-            kwargs={"connect_timeout": max(1, int(connection_wait_s))},
-        )
-        self._pool.wait(timeout=open_timeout_s)
+        self._owns_pool = isinstance(database, str)
+        if isinstance(database, str):
+            self._pool: ConnectionPool[Any] = ConnectionPool(
+                database, min_size=1, max_size=max_size, open=True, check=ConnectionPool.check_connection,
+                name="read-views", max_idle=2.0, timeout=connection_wait_s,
+                kwargs={"connect_timeout": max(1, int(connection_wait_s))},
+            )
+            self._pool.wait(timeout=open_timeout_s)
+        else:
+            self._pool = database
+        conninfo = self._pool.conninfo
+        self._database_url = conninfo if isinstance(conninfo, str) else conninfo()
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
-        # Read-only snapshots: a payment and its timeline come from the same moment.
+        # Read-only snapshots: a payment and its timeline come from the same moment. Set for this
+        # checkout only (a pool shared with the writers puts both back when it gets it again).
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
 
     def close(self) -> None:
-        self._pool.close()
+        if self._owns_pool:
+            self._pool.close()
 
     def __enter__(self) -> Self:
         return self
@@ -114,9 +122,11 @@ class ReadViews:
     @contextmanager
     def _scoped(self, scope: Scope) -> Iterator[psycopg.Cursor[Row]]:
         """A cursor in a transaction running as the reader role with the scope's settings."""
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            self._become_reader(conn, scope, self.statement_timeout_ms)
-            yield cur
+        with self._pool.connection() as conn:
+            self._configure(conn)
+            with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                self._become_reader(conn, scope, self.statement_timeout_ms)
+                yield cur
 
     @contextmanager
     def _report(self, scope: Scope) -> Iterator[psycopg.Connection[Any]]:

@@ -1,6 +1,11 @@
-"""One long-lived autocommit PostgreSQL connection, opened on first use and again after it
-was lost: for the loops (projections, webhook planner and dispatcher) that hold one each; and
-waiting on such a connection for the event store's commit notifications instead of polling."""
+"""A process's connections to PostgreSQL.
+
+``open_pool``: the one connection pool of a process, lent to every adapter that runs short
+statements (the event store, idempotency records, the vault, velocity counts, advisory locks, the
+read views). One long-lived autocommit connection (``ReconnectingConnection``), opened on first
+use and again after it was lost: for the loops (projections, webhook planner and dispatcher) that
+hold one each; and waiting on such a connection for the event store's commit notifications
+instead of polling."""
 
 from __future__ import annotations
 
@@ -10,10 +15,49 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
+from psycopg_pool import ConnectionPool
 
 # Every save NOTIFYs this channel as it commits (the ledger_append function,
 # migrations/0013_append_function.sql; the eventsourcing library notifies the same channel).
 COMMIT_CHANNEL = "ledger_events"
+
+
+# Every pooled connection: autocommit, tuple rows, and what a borrower may have changed for the
+# length of a checkout (dict rows for the event store, a read-only snapshot for the read views)
+# put back when it returns. TCP keepalives let PostgreSQL end the session (and release the
+# advisory locks) of a process whose host vanished, within about a minute.
+_SESSION_SETTINGS = (
+    "SET idle_in_transaction_session_timeout = '5s'",
+    "SET tcp_keepalives_idle = 30",
+    "SET tcp_keepalives_interval = 10",
+    "SET tcp_keepalives_count = 3",
+)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    for statement in _SESSION_SETTINGS:
+        conn.execute(statement)
+
+
+def _reset(conn: psycopg.Connection[Any]) -> None:
+    conn.row_factory = tuple_row  # type: ignore[assignment]
+    conn.isolation_level = None
+    conn.read_only = None
+
+
+def open_pool(
+    database_url: str, *, max_size: int, max_idle_s: float, wait_s: float, name: str = "echotransact",
+) -> ConnectionPool[Any]:
+    """The process's pool: one connection kept at rest, up to ``max_size`` under load, each
+    closed again after ``max_idle_s`` unused. A checkout waits ``wait_s`` at most (then
+    psycopg_pool.PoolTimeout; during an outage the API answers 503 at once instead of hanging),
+    and a connection that died with the database (a restart) is found and replaced at checkout."""
+    return ConnectionPool(
+        database_url, min_size=1, max_size=max_size, max_idle=max_idle_s, timeout=wait_s, name=name,
+        kwargs={"autocommit": True, "connect_timeout": max(1, round(wait_s))},
+        configure=_configure, reset=_reset, check=ConnectionPool.check_connection, open=True,
+    )
 
 
 def listen_for_commits(conn: psycopg.Connection[Any]) -> None:

@@ -14,15 +14,23 @@ longer queue behind a lock held while its owner waits for the network or for Pyt
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from eventsourcing.utils import retry
+from eventsourcing.postgres import (
+    BasePostgresFactory,
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+    PostgresFactory,
+)
+from eventsourcing.utils import Environment, retry
 from psycopg.errors import RaiseException
+from psycopg.rows import dict_row
 from psycopg.sql import SQL, Identifier
+from psycopg_pool import ConnectionPool
 
 from application.ports import CommandRecord, OutboxMessage, OutboxSms
 from domain.errors import InvalidPaymentMethod
@@ -120,3 +128,41 @@ class OutboxRecorder(PostgresApplicationRecorder):
 
 
 __all__ = ["IntegrityError", "OutboxRecorder"]
+
+
+class PooledDatastore(PostgresDatastore):
+    """The library's datastore over the process's one pool (adapters/postgres/connection.py's
+    ``open_pool``) instead of a pool of its own. The pool's connections give tuple rows; the
+    library reads dict rows, so a checkout through here gives those (the pool puts tuple rows
+    back when the connection returns)."""
+
+    def __init__(self, pool: ConnectionPool[Any], *, owns_pool: bool, lock_timeout_s: int = 5) -> None:
+        # The library's constructor builds a pool it would open on first use; it never is.
+        super().__init__(dbname="", host="", port=0, user="", password="", lock_timeout=lock_timeout_s)
+        self.pool = pool  # type: ignore[assignment]  # the library types it as its own subclass
+        self._owns_pool = owns_pool
+
+    def close(self) -> None:
+        if self._owns_pool:
+            self.pool.close()
+
+    @contextmanager
+    def get_connection(self) -> Iterator[Any]:
+        with super().get_connection() as conn:
+            conn.row_factory = dict_row
+            yield conn
+
+
+class EventStoreFactory(PostgresFactory):
+    """The library's PostgreSQL infrastructure over a given datastore, recording through
+    OutboxRecorder. Tables come from migrations/, so none is created here."""
+
+    application_recorder_class = OutboxRecorder
+
+    def __init__(self, env: Environment, datastore: PostgresDatastore) -> None:
+        # Past BasePostgresFactory's constructor, which would build a datastore from POSTGRES_*.
+        super(BasePostgresFactory, self).__init__(env)
+        self.datastore = datastore
+
+    def env_create_table(self) -> bool:
+        return False

@@ -1,16 +1,17 @@
 """Per-key locks across processes, as PostgreSQL session advisory locks held for as long as a
-block runs, on a small connection pool of their own.
+block runs, on connections of the process's one pool.
 
 The ledger holds one per payment around an authorization (ask the processor, record the
 answer), so two callers (a double submit, a page reload, the background resolver) never ask
 processors about the same payment at once: with failover, two such calls could otherwise reach
 two different processors and leave a hold nobody records.
 
-Why its own pool: the holder keeps its connection through the processor call while the ledger
-needs others to read and record; sharing the event store's pool, a burst of authorizations
-could hold every connection and wait for one more. Waits are bounded: ``lock_timeout`` for the
-lock, ``timeout_s`` for a connection; either way the caller is told to retry. Server-side TCP
-keepalives let PostgreSQL release the lock of a holder whose host vanished within a minute or so.
+A holder keeps its connection through the processor call while the ledger needs others to read
+and record, so at most ``max_holders`` (fewer than the pool holds) hold one at a time: a burst
+of authorizations can never take every connection and then wait for one more. Waits are
+bounded: ``timeout_s`` for a turn, a connection and the lock itself (``lock_timeout``, set for
+the one statement that takes the lock and restored at unlock); either way the caller is told to
+retry. The pool's TCP keepalives let PostgreSQL release the lock of a holder whose host vanished.
 """
 
 from __future__ import annotations
@@ -29,50 +30,53 @@ log = structlog.get_logger(__name__)
 
 
 class PostgresAdvisoryLocks:
-    def __init__(self, database_url: str, *, max_size: int = 16, timeout_s: float = 5.0) -> None:
-        self._database_url = database_url
-        self._max_size = max_size
+    def __init__(self, database: str | ConnectionPool[Any], *, max_holders: int = 8, timeout_s: float = 5.0) -> None:
+        self._owns_pool = isinstance(database, str)
+        self._pool: ConnectionPool[Any] = (
+            ConnectionPool(database, min_size=1, max_size=max_holders, timeout=timeout_s,
+                           kwargs={"autocommit": True}, max_idle=2.0, open=True)
+            if isinstance(database, str) else database
+        )
+        self._turns = threading.BoundedSemaphore(max_holders)
         self._timeout_s = timeout_s
-        self._pool: ConnectionPool[Any] | None = None
-        self._opening = threading.Lock()
-
-    def _connections(self) -> ConnectionPool[Any]:
-        with self._opening:  # opened on first use: most ledgers never authorize
-            if self._pool is None:
-                timeout_ms = int(self._timeout_s * 1000)
-
-                def configure(conn: Any) -> None:
-                    conn.execute(f"SET lock_timeout = {timeout_ms}")
-                    conn.execute("SET tcp_keepalives_idle = 30")
-                    conn.execute("SET tcp_keepalives_interval = 10")
-                    conn.execute("SET tcp_keepalives_count = 3")
-
-                self._pool = ConnectionPool(
-                    self._database_url, min_size=1, max_size=self._max_size, timeout=self._timeout_s,
-                    kwargs={"autocommit": True}, configure=configure, max_idle=2.0, open=True,
-                )
-            return self._pool
 
     def close(self) -> None:
-        with self._opening:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+        if self._owns_pool:
+            self._pool.close()
 
     @contextmanager
     def hold(self, key: str) -> Iterator[None]:
+        if not self._turns.acquire(timeout=self._timeout_s):
+            raise ProcessorUnavailable(_BUSY)
         try:
-            with self._connections().connection() as conn:
+            with self._holding(key):
+                yield
+        finally:
+            self._turns.release()
+
+    @contextmanager
+    def _holding(self, key: str) -> Iterator[None]:
+        try:
+            with self._pool.connection() as conn:
                 try:
-                    conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 1))", (key,))
+                    row = conn.execute(
+                        "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, false),"
+                        " pg_advisory_lock(hashtextextended(%s, 1))",
+                        (f"{int(self._timeout_s * 1000)}ms", key),
+                    ).fetchone()
+                    previous = row[0] if row else "0"
                 except Exception as error:  # lock_timeout, or the database went away
+                    # The failed statement's set_config is rolled back with it: the connection
+                    # goes back to the pool as it came.
                     raise _Busy(str(error)) from error
                 try:
                     yield
                 finally:
                     try:
-                        row = conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 1))",
-                                           (key,)).fetchone()
+                        row = conn.execute(
+                            "SELECT pg_advisory_unlock(hashtextextended(%s, 1)), set_config('lock_timeout', %s, false)",
+                            (key, previous),
+                        ).fetchone()
                         if not (row and row[0]):
                             raise RuntimeError("the advisory lock was not held at unlock")
                     except Exception as error:
@@ -81,10 +85,11 @@ class PostgresAdvisoryLocks:
                         log.error("advisory_unlock_failed", key=key, error=str(error))
                         conn.close()
         except (PoolTimeout, _Busy) as error:
-            raise ProcessorUnavailable(
-                "another request is moving this payment's money (authorization, capture, void or refund); "
-                "try again shortly"
-            ) from error
+            raise ProcessorUnavailable(_BUSY) from error
+
+
+_BUSY = ("another request is moving this payment's money (authorization, capture, void or refund); "
+         "try again shortly")
 
 
 class _Busy(Exception):

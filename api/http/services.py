@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from psycopg_pool import ConnectionPool
 
 from adapters.postgres.idempotency import IdempotencyStore
 from adapters.postgres.vault import CardVault
@@ -30,6 +31,8 @@ class ApiServices:
     health: Dependencies
     extra: dict[str, Any] | None = None
     vault: CardVault | None = None
+    # The process's one PostgreSQL pool (api/bootstrap.py's open_database), closed last.
+    pool: ConnectionPool[Any] | None = None
 
     @property
     def checkout(self) -> Checkout:
@@ -41,5 +44,6 @@ class ApiServices:
         if self.vault is not None:
             self.vault.close()
         self.views.close()
-        self.idempotency.pool.close()
         self.ledger.close()
+        if self.pool is not None:
+            self.pool.close()

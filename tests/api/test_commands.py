@@ -249,3 +249,21 @@ def test_readiness_reports_the_read_side(api: Api) -> None:
     with api.client(None) as client:
         lag = client.get("/health/ready").json()["read_side"]["projection_lag_events"]
     assert lag == {"status": 0, "analytics": 0, "audit": 0, "balances": 0}
+
+
+def test_the_api_process_borrows_every_connection_from_one_pool(api: Api) -> None:
+    """Event store, idempotency records, vault, velocity, advisory locks and read views: one
+    pool (api/bootstrap.py's open_database), and a payment's whole journey runs on it."""
+    services = api.services
+    pool = services.pool
+    assert pool is not None
+    datastore = services.ledger.recorder.datastore  # type: ignore[attr-defined]
+    borrowers = [services.views._pool, services.idempotency.pool, datastore.pool,
+                 services.ledger.locks._pool]  # type: ignore[union-attr]
+    if services.vault is not None:
+        borrowers.append(services.vault.pool)
+    assert all(borrower is pool for borrower in borrowers)
+    assert services.ledger.velocity._datastore is datastore  # type: ignore[union-attr]
+    before = pool.get_stats()["requests_num"]
+    paid_payment(api)
+    assert pool.get_stats()["requests_num"] > before
