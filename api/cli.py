@@ -125,13 +125,14 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
 
 
 class Supervisor:
-    """Keeps the relay and the worker running beside the API: a child that dies is started
-    again (with a growing pause), until ``stop``."""
+    """Keeps the relay, the worker and the dispatchers running beside the API: a child that dies
+    is started again (with a growing pause), and so is an embedded server (PostgreSQL, Redis, the
+    broker) that dies, until ``stop``."""
 
     def __init__(self, commands: Sequence[str], start: Callable[[str], subprocess.Popen[bytes]],
                  servers: Any = None) -> None:
         self._start = start
-        # The embedded servers (adapters/dev/servers.py), whose broker is started again if it dies.
+        # The embedded servers (adapters/dev/servers.py): one that dies is started again, at its address.
         self._servers = servers
         self.children = {command: start(command) for command in commands}
         self.started_at = dict.fromkeys(commands, time.monotonic())
@@ -145,9 +146,12 @@ class Supervisor:
         while not self._stopping.wait(0.5):
             if self._servers is not None:
                 try:
-                    self._servers.revive_broker()
+                    revived = self._servers.revive()
                 except Exception as error:  # tried again on the next round
-                    log.warning("broker_restart_failed", error=str(error))
+                    log.warning("server_restart_failed", error=str(error))
+                else:
+                    if revived:
+                        log.warning("servers_restarted", servers=revived)
             for command, child in list(self.children.items()):
                 if child.poll() is not None and not self._stopping.is_set():
                     # A child that had been running, or was killed by a signal (an operator, the

