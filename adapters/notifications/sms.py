@@ -35,19 +35,32 @@ log = structlog.get_logger(__name__)
 
 
 class DevSmsSender:
-    """The development provider: a mailbox table, idempotent by message id."""
+    """The development provider: a mailbox table, idempotent by message id, written on one
+    connection kept open (opened again after it was lost)."""
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
+        self._conn = ReconnectingConnection(database_url)
+        self._lock = threading.Lock()
 
     def send(self, *, message_id: str, to: str, body: str) -> SmsResult:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO dev_sms_inbox (message_id, to_phone, body) VALUES (%s, %s, %s)"
-                " ON CONFLICT (message_id) DO NOTHING",
-                (message_id, to, body),
-            )
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    self._conn.get().execute(
+                        "INSERT INTO dev_sms_inbox (message_id, to_phone, body) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (message_id) DO NOTHING",
+                        (message_id, to, body),
+                    )
+                    break
+                except psycopg.OperationalError:  # the kept connection died (a restart): once more
+                    self._conn.close()
+                    if attempt:
+                        raise
         return SmsResult(True, provider_reference=f"dev_{message_id}")
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def dev_inbox(database_url: str, to: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -120,21 +133,21 @@ class MessageDispatcher:
                                            cap_s=self.backoff_cap.total_seconds(), jitter=(0.8, 1.2)))
 
     def run_once(self) -> DispatchReport:
-        sent = retried = failed = 0
-        conn = self._conn.get()
-        # One long-lived connection, which also listens for commits (run).
-        for _ in range(self.batch_size):
-            # One message per transaction: the row lock is held while we talk to the provider,
-            # so a second dispatcher skips it instead of sending it too.
-            with conn.transaction():
-                row = conn.execute(
-                    "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
-                    " WHERE state = 'pending' AND next_attempt_at <= now()"
-                    " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-                ).fetchone()
-                if row is None:
-                    break
-                message_id, session_id, payload, attempts = row
+        """One pass: claim up to ``batch_size`` due messages in one transaction, send each, record
+        every outcome, commit. The row locks are held while we talk to the provider, so a second
+        dispatcher skips these messages instead of sending them too; a crash before the commit
+        sends them again, with the same message id, which the provider drops as a duplicate."""
+        sent = retried = 0
+        conn = self._conn.get()  # one long-lived connection, which also listens for commits (run)
+        finals: list[tuple[UUID, UUID, str]] = []
+        with conn.transaction():
+            rows = conn.execute(
+                "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
+                " WHERE state = 'pending' AND next_attempt_at <= now()"
+                " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED", (self.batch_size,)
+            ).fetchall()
+            delivered: list[tuple[int, str | None, UUID]] = []
+            for message_id, session_id, payload, attempts in rows:
                 attempts += 1
                 try:
                     message = json.loads(self.open_payload(bytes(payload)))
@@ -142,11 +155,7 @@ class MessageDispatcher:
                 except Exception as error:  # a broken row must not stop the others
                     result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
                 if result.sent:
-                    conn.execute(
-                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
-                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
-                        (attempts, result.provider_reference, message_id),
-                    )
+                    delivered.append((attempts, result.provider_reference, message_id))
                     sent += 1
                     continue
                 final = not result.retryable or attempts >= self.max_attempts
@@ -158,16 +167,24 @@ class MessageDispatcher:
                 )
                 log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
                             error=result.error[:200])
-            if final:
-                failed += 1
-                # After the commit: the event is recorded once (its command id is the message's).
-                try:
-                    self.on_failed(message_id, session_id, result.error[:500])
-                except Exception as error:  # e.g. the session has moved on
-                    log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(error))
-            else:
-                retried += 1
-        return DispatchReport(sent, retried, failed)
+                if final:
+                    finals.append((message_id, session_id, result.error[:500]))
+                else:
+                    retried += 1
+            if delivered:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
+                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
+                        delivered,
+                    )
+        for message_id, session_id, reason in finals:
+            # After the commit: the event is recorded once (its command id is the message's).
+            try:
+                self.on_failed(message_id, session_id, reason)
+            except Exception as failure:  # e.g. the session has moved on
+                log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(failure))
+        return DispatchReport(sent, retried, len(finals))
 
     def run(self, stop: threading.Event, idle_s: float = 1.0) -> None:
         """Send until ``stop``; between passes, wait for a commit (a new SMS is written with the
@@ -187,3 +204,6 @@ class MessageDispatcher:
 
     def close(self) -> None:
         self._conn.close()
+        close_sender = getattr(self.sender, "close", None)
+        if close_sender is not None:
+            close_sender()

@@ -38,6 +38,11 @@ class RateLimiter:
             self._limiter = SlidingWindowCounterRateLimiter(storage)
             self._item = RateLimitItemPerMinute(per_minute)
 
+    @property
+    def counts(self) -> bool:
+        """Whether a request is counted (in Redis); without a limit nothing is."""
+        return self._limiter is not None
+
     def hit(self, subject: str) -> Decision:
         """Count one request of ``subject`` (an API key id) if the limit allows it.
 

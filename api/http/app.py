@@ -12,7 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
 
-from api.http.auth import Principal, authenticate
+from api.http.auth import Principal, authenticate, authenticate_at_once
 from api.http.controllers.merchants import MerchantController
 from api.http.controllers.payments import BalanceController, PaymentController
 from api.http.controllers.reports import AnalyticsController, AuditController
@@ -60,7 +60,8 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
                      AnalyticsController, AuditController, MerchantController, PaymentPageController]
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Who is calling comes first: a caller without a key learns nothing about the body.
-        if services is not None and request.url.path.startswith("/v1/"):
+        if (services is not None and request.url.path.startswith("/v1/")
+                and not authenticate_at_once(request, services)):
             await anyio.to_thread.run_sync(authenticate, request, services)
         _json_only(request)
 

@@ -36,32 +36,43 @@ class KeyCache:
         self._entries: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
 
-    def get(self, token: str, load: Any) -> Principal | None:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
+    def peek(self, token: str) -> tuple[bool, Principal | None]:
+        """(whether the cache knows this key now, its principal or None for a refused key)."""
         with self._lock:
-            hit = self._entries.get(digest)
-        if hit and hit[0] > now:
-            return hit[1]
+            hit = self._entries.get(self._digest(token))
+        if hit and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
+    def get(self, token: str, load: Any) -> Principal | None:
+        known, principal = self.peek(token)
+        if known:
+            return principal
         key = load(token)
         principal = Principal(key.id, key.role, key.merchant_id) if key is not None else None
         with self._lock:
             if len(self._entries) > 10_000:
                 self._entries.clear()
-            self._entries[digest] = (now + CACHE_TTL_S, principal)
+            self._entries[self._digest(token)] = (time.monotonic() + CACHE_TTL_S, principal)
         return principal
+
+    @staticmethod
+    def _digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
 
 
 _cache = KeyCache()
 
 
-def authenticate(request: Request[Any, Any, Any], services: ApiServices) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def _token(request: Request[Any, Any, Any]) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiProblem(401, "unauthorized", "send your API key as 'Authorization: Bearer <key>'",
                          headers={"WWW-Authenticate": 'Bearer realm="echotransact"'})
-    principal = _cache.get(token.strip(), services.ledger.authenticate)
+    return token.strip()
+
+
+def _admit(request: Request[Any, Any, Any], services: ApiServices, principal: Principal | None) -> Principal:
     if principal is None:
         raise ApiProblem(401, "unauthorized", "the API key is not valid or was revoked",
                          headers={"WWW-Authenticate": 'Bearer realm="echotransact", error="invalid_token"'})
@@ -71,6 +82,24 @@ def authenticate(request: Request[Any, Any, Any], services: ApiServices) -> Prin
                          headers={"Retry-After": str(decision.retry_after_s)})
     request.state.principal = principal
     return principal
+
+
+def authenticate(request: Request[Any, Any, Any], services: ApiServices) -> Principal:
+    """Blocking: may read the key from the event store and count the request in Redis."""
+    return _admit(request, services, _cache.get(_token(request), services.ledger.authenticate))
+
+
+def authenticate_at_once(request: Request[Any, Any, Any], services: ApiServices) -> bool:
+    """Authenticate without waiting on anything (on the event loop, no thread hand-off) when
+    that is possible: a key the cache knows, and no rate limit to count in Redis. False when
+    ``authenticate`` has to run instead."""
+    if services.rate_limiter.counts:
+        return False
+    known, principal = _cache.peek(_token(request))
+    if not known:
+        return False
+    _admit(request, services, principal)
+    return True
 
 
 def require(principal: Principal, *roles: str) -> None:
