@@ -11,6 +11,7 @@ payments.py) are mixins over ``LedgerBase``; ledger.py composes them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,6 +40,9 @@ from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
 
 _MAX_SAVE_ATTEMPTS = 8
+# How long a merchant read by a command is used without asking the event store whether it
+# changed (a change saved by another process reaches this one within it).
+MERCHANT_FRESH_S = 1.0
 # The request hash of every recorded command depends on these bytes: keep the encoding.
 _canonical = msgspec.json.Encoder(order="sorted")
 _COMMAND_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/commands")
@@ -117,7 +121,7 @@ class LedgerBase(Application):
         super().__init__(env)
         self.policy = policy
         self.clock = clock
-        self._merchants_read: dict[UUID, Merchant] = {}
+        self._merchants_read: dict[UUID, tuple[float, Merchant]] = {}
         self._merchants_read_lock = threading.Lock()
 
     def construct_factory(self, env: Environment) -> InfrastructureFactory[Any]:
@@ -139,7 +143,11 @@ class LedgerBase(Application):
             (event.card_token, event.payment_id) for event in processing_event.events
             if isinstance(event, PaymentSession.PaymentMethodAttached)
         ]
-        return super()._record(processing_event)
+        recordings = super()._record(processing_event)
+        for aggregate in processing_event.aggregates.values():
+            if isinstance(aggregate, Merchant):  # saved: the next command reads it afresh
+                self._merchants_read.pop(aggregate.id, None)
+        return recordings
 
     def keyed_hash(self, purpose: str, *parts: object) -> str:
         return hashing.keyed_hash(self.policy.secret_key, purpose, *parts)
@@ -210,14 +218,23 @@ class LedgerBase(Application):
 
     def _merchant_to_read(self, merchant_id: UUID) -> Merchant:
         """The merchant as it is now, for reading only: a command that changes a merchant loads
-        it with ``get_merchant``. Kept in memory and checked with one query for newer events;
-        a newer merchant replaces the kept one, which is never changed, so threads share it."""
+        it with ``get_merchant``. Kept in memory: used as it is for MERCHANT_FRESH_S after it was
+        last checked, then checked with one query for newer events; a newer merchant replaces
+        the kept one, which is never changed, so threads share it. A change saved by this
+        process drops the kept one at once (``_record``); one saved by another process is seen
+        within MERCHANT_FRESH_S."""
+        now = time.monotonic()
         kept = self._merchants_read.get(merchant_id)
-        if kept is not None and not self.recorder.select_events(merchant_id, gt=kept.version, limit=1):
-            return kept
+        if kept is not None:
+            checked_at, merchant = kept
+            if now - checked_at < MERCHANT_FRESH_S:
+                return merchant
+            if not self.recorder.select_events(merchant_id, gt=merchant.version, limit=1):
+                self._merchants_read[merchant_id] = (now, merchant)
+                return merchant
         merchant = self.get_merchant(merchant_id)
         with self._merchants_read_lock:
             if len(self._merchants_read) >= 10_000:
                 self._merchants_read.clear()
-            self._merchants_read[merchant_id] = merchant
+            self._merchants_read[merchant_id] = (now, merchant)
         return merchant

@@ -9,6 +9,7 @@ instead of polling."""
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -46,17 +47,26 @@ def _reset(conn: psycopg.Connection[Any]) -> None:
     conn.read_only = None
 
 
+def _check(conn: psycopg.Connection[Any]) -> None:
+    """At checkout, without a round trip: a connection resting in the pool has nothing to read,
+    unless the server wrote to it, which it does when it ends the session (a restart, a crash, an
+    administrator). Only then is the server asked; a dead connection raises and is replaced."""
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
+
+
 def open_pool(
     database_url: str, *, max_size: int, max_idle_s: float, wait_s: float, name: str = "echotransact",
 ) -> ConnectionPool[Any]:
     """The process's pool: one connection kept at rest, up to ``max_size`` under load, each
     closed again after ``max_idle_s`` unused. A checkout waits ``wait_s`` at most (then
     psycopg_pool.PoolTimeout; during an outage the API answers 503 at once instead of hanging),
-    and a connection that died with the database (a restart) is found and replaced at checkout."""
+    and a connection that died with the database (a restart) is found and replaced at checkout
+    (``_check``: a poll of its socket, not a round trip)."""
     return ConnectionPool(
         database_url, min_size=1, max_size=max_size, max_idle=max_idle_s, timeout=wait_s, name=name,
         kwargs={"autocommit": True, "connect_timeout": max(1, round(wait_s))},
-        configure=_configure, reset=_reset, check=ConnectionPool.check_connection, open=True,
+        configure=_configure, reset=_reset, check=_check, open=True,
     )
 
 
