@@ -181,7 +181,7 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
         ledger=build_ledger(settings, pool, **ledger_extra),
         views=views,
         status=StatusQueries(views, cache=StatusCache(client)),
-        idempotency=IdempotencyStore(pool, client),
+        idempotency=IdempotencyStore(pool),
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
         redis=client,
         health=Dependencies(database_url, redis_url, kafka_bootstrap_servers),

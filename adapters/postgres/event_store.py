@@ -44,12 +44,14 @@ _VAULT_TOKEN = re.compile(r"card_[a-z]{30}")  # adapters/postgres/vault.py; othe
 class OutboxRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
         super().__init__(datastore, events_table_name=events_table_name)
+        # Parameters in binary (%b): psycopg's C array dumpers, not its text ones that escape
+        # every element with a regular expression.
         self._append = SQL(
-            "SELECT {function}(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[],"
-            " %s::uuid[], %s::text[], %s::text[], %s::bytea[],"
-            " %s::uuid[], %s::uuid[], %s::bytea[],"
-            " %s::text[], %s::uuid[], %s::integer,"
-            " %s::text, %s::text, %s::text, %s::uuid, %s::jsonb) AS positions"
+            "SELECT {function}(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[],"
+            " %b::uuid[], %b::text[], %b::text[], %b::bytea[],"
+            " %b::uuid[], %b::uuid[], %b::bytea[],"
+            " %b::text[], %b::uuid[], %b::integer,"
+            " %b::text, %b::text, %b::text, %b::uuid, %b::jsonb) AS positions"
         ).format(function=Identifier(self.datastore.schema or "public", "ledger_append"))
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)

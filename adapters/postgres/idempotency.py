@@ -1,24 +1,20 @@
-"""HTTP idempotency keys: the durable record in PostgreSQL, a fast copy in Redis.
+"""HTTP idempotency keys, recorded in PostgreSQL.
 
 ``begin`` claims a key for a request (or says how it went before); ``complete`` records the
-response; ``release`` forgets a claim whose request failed on our side, so a retry may run.
-Losing Redis loses only speed: every decision that matters is taken in PostgreSQL, and the
-command log behind the ledger makes a re-run command return its first result anyway.
+response; ``release`` forgets a claim whose request failed on our side, so a retry may run. A
+new key, the usual case, costs one INSERT; a key seen before is decided in a transaction that
+locks its row. (A copy in Redis once answered replays; it cost two Redis round trips on every
+new key to save a few statements on the rare replay, and was dropped.)
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import psycopg
-import redis
-import structlog
 from psycopg_pool import ConnectionPool
-
-log = structlog.get_logger(__name__)
 
 KEY_LIFETIME = timedelta(hours=24)
 # A request still "in progress" after this long is taken to have died with its process.
@@ -37,30 +33,10 @@ class Begin:
 
 
 class IdempotencyStore:
-    def __init__(self, pool: ConnectionPool[Any], client: redis.Redis | None) -> None:
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
         self.pool = pool
-        self.redis = client
-
-    @staticmethod
-    def _redis_key(scope: str, key: str) -> str:
-        return f"echotransact:idempotency:{scope}:{key}"
-
-    def _from_redis(self, scope: str, key: str) -> dict[str, Any] | None:
-        if self.redis is None:
-            return None
-        try:
-            raw = self.redis.get(self._redis_key(scope, key))
-        except redis.RedisError as error:
-            log.warning("idempotency_redis_unavailable", error=str(error))
-            return None
-        return json.loads(raw) if raw else None
 
     def begin(self, scope: str, key: str, request_hash: str) -> Begin:
-        cached = self._from_redis(scope, key)
-        if cached is not None:
-            if cached["request_hash"] != request_hash:
-                return Begin("conflict")
-            return Begin("replay", cached["status"], cached["body"])
         with self.pool.connection() as conn:
             while True:
                 # The usual case, a new key, is one autocommit statement; a key seen before is
@@ -101,7 +77,6 @@ class IdempotencyStore:
             if stored_hash != request_hash:
                 return Begin("conflict")
             if state == "completed":
-                self._cache(scope, key, request_hash, status, body)
                 return Begin("replay", status, body)
             return Begin("in_progress")
 
@@ -112,7 +87,6 @@ class IdempotencyStore:
                 " response_body = %s WHERE scope = %s AND idempotency_key = %s AND request_hash = %s",
                 (status, body, scope, key, request_hash),
             )
-        self._cache(scope, key, request_hash, status, body)
 
     def release(self, scope: str, key: str, request_hash: str) -> None:
         with self.pool.connection() as conn:
@@ -121,18 +95,6 @@ class IdempotencyStore:
                 " AND request_hash = %s AND state = 'in_progress'",
                 (scope, key, request_hash),
             )
-
-    def _cache(self, scope: str, key: str, request_hash: str, status: int | None, body: str | None) -> None:
-        if self.redis is None:
-            return
-        try:
-            self.redis.set(
-                self._redis_key(scope, key),
-                json.dumps({"request_hash": request_hash, "status": status, "body": body}),
-                ex=int(KEY_LIFETIME.total_seconds()),
-            )
-        except redis.RedisError as error:
-            log.warning("idempotency_redis_unavailable", error=str(error))
 
     def purge_expired(self) -> int:
         with self.pool.connection() as conn:
