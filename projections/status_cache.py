@@ -17,6 +17,9 @@ from uuid import UUID
 
 import psycopg
 import redis
+import structlog
+
+log = structlog.get_logger(__name__)
 
 TTL_S = 3600
 _SET_IF_NEWER = """
@@ -92,5 +95,11 @@ class StatusCache:
         return found
 
     def get(self, kind: str, aggregate_id: UUID | str) -> dict[str, Any] | None:
-        raw = self.client.hget(_key(kind, aggregate_id), "row")
+        """The cached row, or None: not cached, or Redis cannot be reached (the cache is only a
+        hint; the caller reads the read model in PostgreSQL instead)."""
+        try:
+            raw = self.client.hget(_key(kind, aggregate_id), "row")
+        except redis.RedisError as error:
+            log.warning("status_cache_unavailable", error=str(error))
+            return None
         return json.loads(raw) if raw else None

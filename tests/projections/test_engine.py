@@ -212,3 +212,23 @@ def test_read_your_writes_waits_for_the_commands_position(
     assert reached and row is not None and row["status"] == "cancelled"
     assert queries.get("session", session_id, scope=Scope("merchant", UUID(int=5))) == (None, True)
     views.close()
+
+
+def test_with_redis_unreachable_a_status_read_comes_from_the_read_model(
+    ledger: Ledger, store: ProjectionStore, database_url: str
+) -> None:
+    """The status cache is a hint: Redis down (a restart) is a miss, never an error."""
+    import redis
+
+    from projections.queries import StatusQueries
+    from projections.status_cache import StatusCache
+    from projections.views import ReadViews, Scope
+
+    merchant_id = new_merchant(ledger)
+    session_id = open_session(ledger, merchant_id)
+    store.catch_up(grace=timedelta(0))
+    gone = redis.Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2, socket_timeout=0.2)
+    with ReadViews(database_url) as views:
+        row, reached = StatusQueries(views, cache=StatusCache(gone)).get(
+            "session", session_id, scope=Scope("merchant", merchant_id))
+    assert reached and row is not None and row["status"] == "awaiting_customer"
