@@ -3,10 +3,15 @@ tampered bodies, other secrets and old timestamps (receivers copy it, so it must
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from adapters.notifications.webhooks import sign
 
@@ -34,3 +39,25 @@ def test_the_readme_snippet_verifies_our_signatures_and_nothing_else() -> None:
     assert not verify("other", header, body)
     assert not verify("whsec", sign("whsec", body, now - 301), body)
     assert not verify("whsec", "v1=abc", body)
+
+
+def readme_shell_verify(secret: str, header: str, body: bytes, tmp_path: Path) -> bool:
+    section = README.read_text().split("## Webhooks", 1)[1]
+    code = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert code is not None, "the README's webhook section has a shell snippet"
+    (tmp_path / "body.json").write_bytes(body)
+    done = subprocess.run(["bash", "-c", code.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "SIG": header, "SECRET": secret}, timeout=30, check=False)
+    return done.stdout.strip() == "valid"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the shell snippet needs openssl")
+def test_the_readme_shell_snippet_verifies_our_signatures_and_nothing_else(tmp_path: Path) -> None:
+    body, now = b'{"event_type":"payment.captured","note":"a \\"quoted\\" word"}', int(time.time())
+    header = sign("whsec", body, now)
+    assert readme_shell_verify("whsec", header, body, tmp_path)
+    assert readme_shell_verify("whsec", f"{header},v1={'0' * 64}", body, tmp_path)  # a rotation's second v1
+    assert not readme_shell_verify("whsec", header, body + b" ", tmp_path)
+    assert not readme_shell_verify("other", header, body, tmp_path)
+    assert not readme_shell_verify("whsec", sign("whsec", body, now - 301), body, tmp_path)
+    assert not readme_shell_verify("whsec", "v1=abc", body, tmp_path)
