@@ -169,7 +169,7 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
     from api.http.health import Dependencies
     from api.http.services import ApiServices
     from projections.queries import StatusQueries
-    from projections.status_cache import StatusCache
+    from projections.status_cache import AsyncStatusReader, StatusCache
     from projections.views import ReadViews
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -180,7 +180,7 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
         settings=settings,
         ledger=build_ledger(settings, pool, **ledger_extra),
         views=views,
-        status=StatusQueries(views, cache=StatusCache(client)),
+        status=StatusQueries(views, cache=StatusCache(client), loop_cache=AsyncStatusReader(redis_url)),
         idempotency=IdempotencyStore(pool),
         rate_limiter=RateLimiter(client, settings.rate_limit_per_minute),
         redis=client,

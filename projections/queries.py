@@ -11,16 +11,29 @@ import time
 from typing import Any
 from uuid import UUID
 
-from projections.status_cache import StatusCache
+from projections.status_cache import AsyncStatusReader, StatusCache
 from projections.views import ReadViews, Scope
 
 MAX_WAIT_S = 5.0
 
 
 class StatusQueries:
-    def __init__(self, views: ReadViews, cache: StatusCache | None = None) -> None:
+    def __init__(self, views: ReadViews, cache: StatusCache | None = None,
+                 loop_cache: AsyncStatusReader | None = None) -> None:
         self.views = views
         self.cache = cache
+        self.loop_cache = loop_cache
+
+    async def cached(self, kind: str, aggregate_id: UUID, *, scope: Scope,
+                     wait_for_position: int | None = None) -> dict[str, Any] | None:
+        """On the event loop, from the cache alone: the row when it is cached, visible to
+        ``scope`` and at ``wait_for_position``; else None, and ``get`` (blocking) decides."""
+        if self.loop_cache is None:
+            return None
+        row = self._visible(await self.loop_cache.get(kind, aggregate_id), scope)
+        if row is None or (wait_for_position is not None and int(row["position"]) < wait_for_position):
+            return None
+        return row
 
     def _visible(self, row: dict[str, Any] | None, scope: Scope) -> dict[str, Any] | None:
         if row is None or scope.role == "admin":

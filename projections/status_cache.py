@@ -10,13 +10,16 @@ race; the compare-and-set keeps the highest version, so the cache never goes bac
 
 from __future__ import annotations
 
+import asyncio
 import json
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 from uuid import UUID
 
 import psycopg
 import redis
+import redis.asyncio
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -96,9 +99,38 @@ class StatusCache:
 
     def get(self, kind: str, aggregate_id: UUID | str) -> dict[str, Any] | None:
         """The cached row, or None: not cached, or Redis cannot be reached (the cache is only a
-        hint; the caller reads the read model in PostgreSQL instead)."""
+        hint; the caller reads the read model in PostgreSQL instead). ``aget`` is the same on an
+        event loop."""
         try:
             raw = self.client.hget(_key(kind, aggregate_id), "row")
+        except redis.RedisError as error:
+            log.warning("status_cache_unavailable", error=str(error))
+            return None
+        return json.loads(raw) if raw else None
+
+
+class AsyncStatusReader:
+    """``StatusCache.get`` for an event loop (redis.asyncio): a request that the cache answers
+    never leaves the loop for a worker thread. An asyncio Redis connection belongs to the loop
+    that opened it, so each loop (uvicorn has one; tests may run several) gets a client."""
+
+    def __init__(self, redis_url: str, *, timeout_s: float = 1.0) -> None:
+        self.redis_url = redis_url
+        self.timeout_s = timeout_s
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
+            weakref.WeakKeyDictionary())
+
+    def _client(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = redis.asyncio.Redis.from_url(
+                self.redis_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
+        return client
+
+    async def get(self, kind: str, aggregate_id: UUID | str) -> dict[str, Any] | None:
+        try:
+            raw = await self._client().hget(_key(kind, aggregate_id), "row")  # type: ignore[misc]
         except redis.RedisError as error:
             log.warning("status_cache_unavailable", error=str(error))
             return None

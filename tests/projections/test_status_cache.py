@@ -103,3 +103,38 @@ def _plain(row: dict[str, object]) -> dict[str, object]:
     import json
 
     return json.loads(_row_json(row))  # type: ignore[no-any-return]
+
+
+def test_the_event_loop_read_answers_what_the_blocking_read_answers_and_defers_the_rest(
+    ledger: Ledger, cached_store: ProjectionStore, servers: ServerURLs, database_url: str, settings: Settings,
+) -> None:
+    """StatusQueries.cached (the API's GET without a thread hand-off) gives the cached row only
+    when the blocking ``get`` would: visible to the caller's scope and at its position."""
+    import asyncio
+    from uuid import uuid4
+
+    from projections.queries import StatusQueries
+    from projections.status_cache import AsyncStatusReader
+    from projections.views import ReadViews, Scope
+
+    merchant = new_merchant(ledger, "loop")
+    session_id = open_session(ledger, merchant, "loop-s")
+    cached_store.apply_batch(feed(database_url, settings))
+    with ReadViews(database_url) as views:
+        queries = StatusQueries(views, cache=StatusCache(redis.Redis.from_url(servers.redis_url)),
+                                loop_cache=AsyncStatusReader(servers.redis_url))
+        mine, theirs = Scope("merchant", merchant), Scope("merchant", uuid4())
+        position = int(session_row(database_url, session_id)["position"])  # type: ignore[call-overload]
+
+        async def reads() -> list[object]:
+            return [await queries.cached("session", session_id, scope=mine),
+                    await queries.cached("session", session_id, scope=theirs),
+                    await queries.cached("session", session_id, scope=mine, wait_for_position=position + 1),
+                    await queries.cached("session", uuid4(), scope=mine)]
+
+        answers = asyncio.run(reads())
+        assert answers[0] == queries.get("session", session_id, scope=mine)[0]
+        assert answers[1:] == [None, None, None]
+        # Redis unreachable: a miss, and the blocking read answers from PostgreSQL.
+        gone = StatusQueries(views, loop_cache=AsyncStatusReader("redis://127.0.0.1:1", timeout_s=0.2))
+        assert asyncio.run(gone.cached("session", session_id, scope=mine)) is None

@@ -66,9 +66,13 @@ class PaymentSessionController(Controller):
                               "as returned by a command")] = None,
     ) -> schemas.PaymentSession:
         require(principal, "merchant", "admin")
+        scope = Scope(principal.role, principal.merchant_id)
+        cached = await services.status.cached("session", session_id, scope=scope,
+                                              wait_for_position=wait_for_position)
+        if cached is not None:  # the usual case: answered without leaving the event loop
+            return session_from_row(cached)
         row, reached = await anyio.to_thread.run_sync(
-            lambda: services.status.get("session", session_id, wait_for_position=wait_for_position,
-                                        scope=Scope(principal.role, principal.merchant_id)))
+            lambda: services.status.get("session", session_id, wait_for_position=wait_for_position, scope=scope))
         if row is not None and reached:
             return session_from_row(row)
         # The read model is behind: not there yet (the caller's own session, just created), or not
