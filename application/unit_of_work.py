@@ -123,6 +123,9 @@ class LedgerBase(Application):
         self.clock = clock
         self._merchants_read: dict[UUID, tuple[float, Merchant]] = {}
         self._merchants_read_lock = threading.Lock()
+        # Bumped when this process saves a merchant: a read that began before the save does not
+        # keep what it read (it may be the older version).
+        self._merchants_saved = 0
 
     def construct_factory(self, env: Environment) -> InfrastructureFactory[Any]:
         if self._build_factory is not None:
@@ -146,7 +149,9 @@ class LedgerBase(Application):
         recordings = super()._record(processing_event)
         for aggregate in processing_event.aggregates.values():
             if isinstance(aggregate, Merchant):  # saved: the next command reads it afresh
-                self._merchants_read.pop(aggregate.id, None)
+                with self._merchants_read_lock:
+                    self._merchants_saved += 1
+                    self._merchants_read.pop(aggregate.id, None)
         return recordings
 
     def keyed_hash(self, purpose: str, *parts: object) -> str:
@@ -224,16 +229,19 @@ class LedgerBase(Application):
         process drops the kept one at once (``_record``); one saved by another process is seen
         within MERCHANT_FRESH_S."""
         now = time.monotonic()
+        saved_before = self._merchants_saved
         kept = self._merchants_read.get(merchant_id)
         if kept is not None:
             checked_at, merchant = kept
             if now - checked_at < MERCHANT_FRESH_S:
                 return merchant
-            if not self.recorder.select_events(merchant_id, gt=merchant.version, limit=1):
-                self._merchants_read[merchant_id] = (now, merchant)
-                return merchant
-        merchant = self.get_merchant(merchant_id)
+            if self.recorder.select_events(merchant_id, gt=merchant.version, limit=1):
+                merchant = self.get_merchant(merchant_id)
+        else:
+            merchant = self.get_merchant(merchant_id)
         with self._merchants_read_lock:
+            if self._merchants_saved != saved_before:
+                return merchant  # used by this command, not kept: a save may have overtaken it
             if len(self._merchants_read) >= 10_000:
                 self._merchants_read.clear()
             self._merchants_read[merchant_id] = (now, merchant)

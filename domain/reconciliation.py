@@ -8,9 +8,10 @@ total is the sum of its lines' nets.
 
 ``match`` pairs each line with the transaction we recorded under the same reference and kind
 and says, for every line and every transaction we expected that day, exactly one thing:
-matched, amount mismatch, missing from the report, unknown to us, or late (reported on a later
-day than it happened). ``Reconciliation`` is the aggregate that records the outcome, once per
-(processor, day, currency): running the same day again changes nothing.
+matched, amount mismatch, missing from the report, unknown to us, or late (listed on a later
+day than our ledger recorded it, whose own day's report did not list it). ``Reconciliation``
+is the aggregate that records the outcome, once per (processor, day, currency): running the
+same day again changes nothing.
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ class Expected:
     processor_reference: str
     kind: str
     amount_minor: int  # signed like a report line's gross
+    currency: str
     payment_id: UUID
-    day: date
+    day: date  # when it happened by our ledger: the report of that day should list it
 
 
 @dataclass(frozen=True)
@@ -133,22 +135,28 @@ def match(report: SettlementReport, expected: Iterable[Expected]) -> list[Findin
     report does not list. ``expected``: our transactions with this processor not yet reconciled
     (those of earlier days too: a line for one of them is late, not unknown)."""
     report.check()
-    ours = {(e.processor_reference, e.kind): e for e in expected}
+    ours: dict[tuple[str, str], Expected] = {}
+    for mine in expected:
+        if mine.currency != report.currency:
+            continue  # another currency's report lists it
+        if (mine.processor_reference, mine.kind) in ours:
+            raise ValueError(f"{mine.kind} {mine.processor_reference} is expected twice")
+        ours[(mine.processor_reference, mine.kind)] = mine
     findings: list[Finding] = []
     reported: set[tuple[str, str]] = set()
     for line in report.lines:
         key = (line.processor_reference, line.kind)
         reported.add(key)
-        mine = ours.get(key)
-        if mine is None:
+        found = ours.get(key)
+        if found is None:
             outcome = UNKNOWN_TO_US
-        elif mine.amount_minor != line.gross_minor:
+        elif found.amount_minor != line.gross_minor:
             outcome = AMOUNT_MISMATCH
         else:
-            outcome = LATE if mine.day < report.day else MATCHED
+            outcome = LATE if found.day < report.day else MATCHED
         findings.append(Finding(
-            outcome, line.processor_reference, line.kind, payment_id=mine.payment_id if mine else None,
-            expected_minor=mine.amount_minor if mine else None, reported_minor=line.gross_minor,
+            outcome, line.processor_reference, line.kind, payment_id=found.payment_id if found else None,
+            expected_minor=found.amount_minor if found else None, reported_minor=line.gross_minor,
             fee_minor=line.fee_minor, deposit_id=line.deposit_id,
         ))
     for key, mine in sorted(ours.items()):

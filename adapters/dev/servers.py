@@ -679,7 +679,8 @@ class LocalServers:
             if self._pg_proc is not None and not _running(self._pg_proc) and self._pg_start is not None:
                 self._restart_postgres()
                 revived.append("postgres")
-            if self._redis_proc is not None and not _running(self._redis_proc) and self._redis_exe is not None:
+            if (self._redis_proc is not None and not _running(self._redis_proc) and self._redis_exe is not None
+                    and self._redis_tmp_dir is not None):
                 self._restart_redis()
                 revived.append("redis")
         if self.revive_broker():
@@ -699,7 +700,8 @@ class LocalServers:
             self._recover_postgres(pgdata)
             with open(pgdata / "log", "ab") as log:
                 popen = subprocess.Popen(cmdline, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True, user=user, group=group)
+                                         stderr=subprocess.STDOUT, start_new_session=True, user=user, group=group,
+                                         extra_groups=[] if user is not None else None)
             self._revived.append(popen)
             while popen.poll() is None and time.monotonic() < deadline:
                 try:

@@ -133,29 +133,31 @@ class MessageDispatcher:
                                            cap_s=self.backoff_cap.total_seconds(), jitter=(0.8, 1.2)))
 
     def run_once(self) -> DispatchReport:
-        """One pass: claim up to ``batch_size`` due messages in one transaction, send each, record
-        every outcome, commit. The row locks are held while we talk to the provider, so a second
-        dispatcher skips these messages instead of sending them too; a crash before the commit
-        sends them again, with the same message id, which the provider drops as a duplicate."""
-        sent = retried = 0
+        """Up to ``batch_size`` due messages, each in a transaction of its own: claimed (``FOR
+        UPDATE SKIP LOCKED``: the row lock is held while we talk to the provider, so a second
+        dispatcher skips it instead of sending it too), sent, its outcome recorded, committed. A
+        crash before the commit sends it again with the same message id, which the provider
+        drops as a duplicate."""
+        sent = retried = failed = 0
         conn = self._conn.get()  # one long-lived connection, which also listens for commits (run)
-        finals: list[tuple[UUID, UUID, str]] = []
-        with conn.transaction():
-            rows = conn.execute(
-                "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
-                " WHERE state = 'pending' AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED", (self.batch_size,)
-            ).fetchall()
-            delivered: list[tuple[int, str | None, UUID]] = []
-            for message_id, session_id, payload, attempts in rows:
+        for _ in range(self.batch_size):
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
+                    " WHERE state = 'pending' AND next_attempt_at <= now()"
+                    " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+                ).fetchone()
+                if row is None:
+                    break
+                message_id, session_id, payload, attempts = row
                 attempts += 1
-                try:
-                    message = json.loads(self.open_payload(bytes(payload)))
-                    result = self.sender.send(message_id=str(message_id), to=message["to"], body=message["body"])
-                except Exception as error:  # a broken row must not stop the others
-                    result = SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
+                result = self._send(message_id, bytes(payload))
                 if result.sent:
-                    delivered.append((attempts, result.provider_reference, message_id))
+                    conn.execute(
+                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
+                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
+                        (attempts, result.provider_reference, message_id),
+                    )
                     sent += 1
                     continue
                 final = not result.retryable or attempts >= self.max_attempts
@@ -167,24 +169,29 @@ class MessageDispatcher:
                 )
                 log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
                             error=result.error[:200])
-                if final:
-                    finals.append((message_id, session_id, result.error[:500]))
-                else:
-                    retried += 1
-            if delivered:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
-                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
-                        delivered,
-                    )
-        for message_id, session_id, reason in finals:
-            # After the commit: the event is recorded once (its command id is the message's).
-            try:
-                self.on_failed(message_id, session_id, reason)
-            except Exception as failure:  # e.g. the session has moved on
-                log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(failure))
-        return DispatchReport(sent, retried, len(finals))
+            if final:
+                failed += 1
+                # After the commit: the event is recorded once (its command id is the message's).
+                try:
+                    self.on_failed(message_id, session_id, result.error[:500])
+                except Exception as failure:  # e.g. the session has moved on
+                    log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(failure))
+            else:
+                retried += 1
+        return DispatchReport(sent, retried, failed)
+
+    def _send(self, message_id: UUID, payload: bytes) -> SmsResult:
+        """A message that cannot be opened never will be (a final failure); a provider that
+        raised instead of answering (a lost connection, say) is tried again later."""
+        try:
+            message = json.loads(self.open_payload(payload))
+            to, body = message["to"], message["body"]
+        except Exception as error:
+            return SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
+        try:
+            return self.sender.send(message_id=str(message_id), to=to, body=body)
+        except Exception as error:
+            return SmsResult(False, retryable=True, error=f"{type(error).__name__}: {error}")
 
     def run(self, stop: threading.Event, idle_s: float = 1.0) -> None:
         """Send until ``stop``; between passes, wait for a commit (a new SMS is written with the

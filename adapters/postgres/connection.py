@@ -51,7 +51,12 @@ def _check(conn: psycopg.Connection[Any]) -> None:
     """At checkout, without a round trip: a connection resting in the pool has nothing to read,
     unless the server wrote to it, which it does when it ends the session (a restart, a crash, an
     administrator). Only then is the server asked; a dead connection raises and is replaced."""
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+    if conn.closed:
+        ConnectionPool.check_connection(conn)
+        return
+    poller = select.poll()  # not select.select: it refuses descriptors above 1023
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
         ConnectionPool.check_connection(conn)
 
 

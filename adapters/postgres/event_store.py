@@ -30,7 +30,7 @@ from eventsourcing.utils import Environment, retry
 from psycopg.errors import RaiseException
 from psycopg.rows import dict_row
 from psycopg.sql import SQL, Identifier
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from application.ports import CommandRecord, OutboxMessage, OutboxSms
 from domain.errors import InvalidPaymentMethod
@@ -150,9 +150,24 @@ class PooledDatastore(PostgresDatastore):
 
     @contextmanager
     def get_connection(self) -> Iterator[Any]:
-        with super().get_connection() as conn:
-            conn.row_factory = dict_row
-            yield conn
+        try:
+            with super().get_connection() as conn:
+                conn.row_factory = dict_row
+                yield conn
+        except OperationalError as error:
+            # The library turns a pool's wait that timed out into its OperationalError, which its
+            # recorders retry ten times: a request would wait ten times the pool's timeout. It
+            # has waited once; the caller is told at once (the API answers 503).
+            if isinstance(error.__cause__, PoolTimeout):
+                raise error.__cause__ from None
+            raise
+
+    # The pool is the process's, not the datastore's: leaving a ``with`` block does not close it.
+    def __enter__(self) -> PooledDatastore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class EventStoreFactory(PostgresFactory):

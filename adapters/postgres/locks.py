@@ -56,6 +56,7 @@ class PostgresAdvisoryLocks:
 
     @contextmanager
     def _holding(self, key: str) -> Iterator[None]:
+        held = False
         try:
             with self._pool.connection() as conn:
                 try:
@@ -69,6 +70,7 @@ class PostgresAdvisoryLocks:
                     # The failed statement's set_config is rolled back with it: the connection
                     # goes back to the pool as it came.
                     raise _Busy(str(error)) from error
+                held = True
                 try:
                     yield
                 finally:
@@ -85,6 +87,8 @@ class PostgresAdvisoryLocks:
                         log.error("advisory_unlock_failed", key=key, error=str(error))
                         conn.close()
         except (PoolTimeout, _Busy) as error:
+            if held:  # raised by the block itself (its own wait for a connection): not about the lock
+                raise
             raise ProcessorUnavailable(_BUSY) from error
 
 

@@ -279,3 +279,28 @@ def test_migrations_are_rerunnable_and_guard_against_edits(owner_database_url: s
     with pytest.raises(MigrationError, match="changed after it was applied"):
         migrate(owner_database_url)
     assert [m.version for m in available()] == sorted(m.version for m in available())
+
+
+def test_a_pool_that_has_no_connection_to_lend_is_reported_after_one_wait_not_ten(database_url: str) -> None:
+    """The library retries its OperationalError ten times; a PoolTimeout (the pool had no
+    connection within its timeout) is passed on at once, so the API answers 503 promptly."""
+    import time
+    import uuid
+
+    from psycopg_pool import PoolTimeout
+
+    from adapters.postgres.connection import open_pool
+    from api.bootstrap import build_ledger
+    from api.settings import Settings
+
+    pool = open_pool(database_url, max_size=1, max_idle_s=2.0, wait_s=0.3)
+    ledger = build_ledger(Settings(hash_key=b"h" * 32), pool)
+    try:
+        with pool.connection():  # the only connection, taken
+            started = time.monotonic()
+            with pytest.raises(PoolTimeout):
+                ledger.get_session(uuid.uuid4())
+            assert time.monotonic() - started < 2.0
+    finally:
+        ledger.close()
+        pool.close()
