@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 # not this one); the event store's recorder takes it from here, with the other ports.
 from application.envelope import OutboxMessage as OutboxMessage
 from domain.money import Money
+from domain.reconciliation import SettlementReport
 
 
 class Clock(Protocol):
@@ -203,3 +204,11 @@ class Locks(Protocol):
     """Mutual exclusion per key across every process of the deployment."""
 
     def hold(self, key: str) -> AbstractContextManager[None]: ...
+
+
+class SettlementReports(Protocol):
+    """Processors' daily settlement reports (adapters/processors/settlement.py). Raises
+    MalformedReport for a report that cannot be read or contradicts itself, and
+    ProcessorUnavailable when the processor cannot be asked now."""
+
+    def fetch(self, processor: str, day: date, currency: str) -> SettlementReport: ...

@@ -55,7 +55,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from typing import Any, Self
 
@@ -70,6 +70,13 @@ from adapters.dev.test_cards import DECLINES, SERVER_ERROR_LAST4, TIMEOUT_LAST4
 _log = logging.getLogger(__name__)
 
 AUTHORIZATION_LIFETIME = timedelta(days=7)
+# The sandbox's fee on a capture, as providers charge: 1.9% plus 20 minor units.
+SETTLEMENT_FEE_BPS, SETTLEMENT_FEE_FIXED_MINOR = 190, 20
+
+
+def settlement_fee(gross_minor: int) -> int:
+    return round(gross_minor * SETTLEMENT_FEE_BPS / 10_000) + SETTLEMENT_FEE_FIXED_MINOR
+
 MAX_BODY_BYTES = 64 * 1024
 START_TIMEOUT_S = 10.0
 # Requests still running at stop() (held back by latency or the timeout card) are woken at once;
@@ -115,10 +122,35 @@ class _Authorization:
     voided: bool = False
 
 
+@dataclass(frozen=True)
+class _Transaction:
+    """A capture or refund, as its day's settlement report lists it (gross signed: money back
+    to the card holder is negative)."""
+
+    reference: str
+    kind: str
+    gross_minor: int
+    currency: str
+    day: date
+
+
+@dataclass
+class _Misbehaviour:
+    """What a test told the settlement reports to get wrong."""
+
+    dropped: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)
+    moved: set[str] = field(default_factory=set)
+    unknown_lines: int = 0
+    deposit_off_by: int = 0
+
+
 @dataclass
 class _Ledger:
     """The sandbox's in-memory state; every access holds ``SandboxProcessorServer._lock``."""
 
+    transactions: list[_Transaction] = field(default_factory=list)
+    misbehaviour: _Misbehaviour = field(default_factory=_Misbehaviour)
     answers: dict[str, _Answer] = field(default_factory=dict)
     authorizations: dict[str, _Authorization] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
@@ -292,6 +324,46 @@ class SandboxProcessorServer:
         body_out = dict(recorded.body, replayed=replayed)
         return recorded.http_status, body_out
 
+    # -- settlement reports ----------------------------------------------------------------------
+
+    def misbehave(self, *, drop: tuple[str, ...] = (), change: tuple[str, ...] = (), move: tuple[str, ...] = (),
+                  unknown_lines: int = 0, deposit_off_by: int = 0) -> None:
+        """From now on the settlement reports leave out the lines of ``drop``, report ``change``
+        100 minor units too high, list ``move`` on the next day, add ``unknown_lines`` lines of
+        transactions nobody sent, and give each deposit a total ``deposit_off_by`` wrong."""
+        with self._lock:
+            wrong = self._state.misbehaviour
+            wrong.dropped.update(drop)
+            wrong.changed.update(change)
+            wrong.moved.update(move)
+            wrong.unknown_lines += unknown_lines
+            wrong.deposit_off_by += deposit_off_by
+
+    def settlement_report(self, day: date, currency: str) -> dict[str, Any]:
+        """The day's settlement report in one currency, as providers serve them: one line per
+        capture and refund with gross, fee (SETTLEMENT_FEE on captures) and net, and the deposit
+        that pays the day's net."""
+        with self._lock:
+            transactions = list(self._state.transactions)
+            wrong = self._state.misbehaviour
+            dropped, changed, moved = set(wrong.dropped), set(wrong.changed), set(wrong.moved)
+            unknown_lines, deposit_off_by = wrong.unknown_lines, wrong.deposit_off_by
+        deposit_id = f"{self.name}-deposit-{day.isoformat()}-{currency}"
+        listed = [(t.reference, t.kind, t.gross_minor + (100 if t.reference in changed else 0), t.day)
+                  for t in transactions
+                  if t.currency == currency and t.reference not in dropped
+                  and t.day + timedelta(days=1 if t.reference in moved else 0) == day]
+        listed += [(f"{self.name}_capt_stranger{n}", "capture", 1_000 + n, day) for n in range(unknown_lines)]
+        lines: list[dict[str, Any]] = []
+        total = deposit_off_by
+        for reference, kind, gross, happened in listed:
+            fee = settlement_fee(gross) if kind == "capture" else 0
+            total += gross - fee
+            lines.append({"reference": reference, "type": kind, "gross": gross, "fee": fee, "net": gross - fee,
+                          "deposit_id": deposit_id, "transaction_date": happened.isoformat()})
+        return {"processor": self.name, "date": day.isoformat(), "currency": currency, "lines": lines,
+                "deposits": [{"deposit_id": deposit_id, "total": total}] if lines else []}
+
     def operation_status(self, key: str) -> tuple[int, dict[str, Any]]:
         with self._lock:
             recorded = self._state.answers.get(key)
@@ -335,7 +407,11 @@ class SandboxProcessorServer:
                 return self._refused(operation, key, fingerprint, "amount_exceeds_captured",
                                      f"{amount} asked, {remaining} left to refund")
             authorization.refunded_minor += amount
-        return self._approved(operation, key, fingerprint, amount_minor=amount, currency=currency)
+        answer = self._approved(operation, key, fingerprint, amount_minor=amount, currency=currency)
+        self._state.transactions.append(_Transaction(
+            answer.body["reference"], operation, amount if operation == "capture" else -amount, currency,
+            datetime.now(UTC).date()))
+        return answer
 
     def _authorize(self, key: str, body: dict[str, Any], fingerprint: str) -> _Answer:
         amount, currency = _amount(body), _currency(body)
@@ -463,6 +539,15 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
 
         return set_control
 
+    @get("/v1/settlements/{day:str}", sync_to_thread=True)
+    def settlements(day: str, currency: str) -> Response[Any]:
+        available()
+        try:
+            when = date.fromisoformat(day)
+        except ValueError:
+            raise InvalidRequest(f"the day must be YYYY-MM-DD, not {day!r}") from None
+        return _answer(HTTPStatus.OK, sandbox.settlement_report(when, _currency({"currency": currency})))
+
     # ``path``, not ``str``: a key with a slash arrives percent-encoded and uvicorn decodes it.
     @get("/v1/operations/{key:path}", sync_to_thread=True)
     def operation_status(key: str) -> Response[Any]:
@@ -509,6 +594,7 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
             control("/v1/sandbox/latency", lambda body: sandbox.set_latency(int(body["latency_ms"]))),
             control("/v1/sandbox/down", lambda body: sandbox.set_down(bool(body["down"]))),
             operation_status,
+            settlements,
             *(operation(path, name) for path, name in OPERATIONS.items()),
         ],
         exception_handlers={
