@@ -106,6 +106,7 @@ def build_ledger(
     closes), else over a pool of its own for ``database`` (closed with the ledger)."""
     from adapters.notifications.wording import SmsWording
     from adapters.postgres.event_store import EventStoreFactory, PooledDatastore
+    from adapters.postgres.settlement import PostgresProcessorTransactions
 
     policy = LedgerPolicy(
         secret_key=settings.hash_key,
@@ -124,6 +125,12 @@ def build_ledger(
     # Velocity counts live next to the events; authorizations lock per payment; both on the pool.
     extra.setdefault("velocity", PostgresVelocityCounter(datastore))
     extra.setdefault("locks", PostgresAdvisoryLocks(pool, max_holders=LOCK_HOLDERS))
+    # Reconciliation: the configured processors' settlement reports, against our side of them.
+    extra.setdefault("processor_transactions", PostgresProcessorTransactions(pool))
+    if settings.processors:
+        from adapters.processors.settlement import HttpSettlementReports
+
+        extra.setdefault("settlement_reports", HttpSettlementReports(settings.processors))
     cipher = {}
     if settings.encryption_key:
         cipher = {"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",

@@ -25,9 +25,12 @@ from application.ports import (
     MessageWording,
     PaymentProcessor,
     ProcessorRouter,
+    ProcessorTransactions,
+    SettlementReports,
     SingleProcessor,
     VelocityCounter,
 )
+from application.reconciliation import ReconciliationCommands
 from application.sessions import SessionCommands
 from application.unit_of_work import CommandResult, LedgerPolicy, LinkIssued
 from domain.payment_session import DEFAULT_IDENTITY_THRESHOLDS_MAJOR, default_identity_thresholds_minor
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 
-class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands):
+class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands, ReconciliationCommands):
     name = "Ledger"
 
     def __init__(
@@ -58,6 +61,8 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands)
         velocity: VelocityCounter | None = None,
         locks: Locks | None = None,
         factory: Callable[[Environment], InfrastructureFactory[Any]] | None = None,
+        settlement_reports: SettlementReports | None = None,
+        processor_transactions: ProcessorTransactions | None = None,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
@@ -73,9 +78,13 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands)
         )
         self.identity_verifier = identity_verifier
         self.wording = wording
+        # Reconciliation (application/reconciliation.py): the processors' reports and our side.
+        self.settlement_reports = settlement_reports
+        self.processor_transactions = processor_transactions
 
     def close(self) -> None:
-        close_locks = getattr(self.locks, "close", None)
-        if close_locks is not None:
-            close_locks()
+        for part in (self.locks, self.settlement_reports):
+            close_part = getattr(part, "close", None)
+            if close_part is not None:
+                close_part()
         super().close()

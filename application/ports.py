@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 # not this one); the event store's recorder takes it from here, with the other ports.
 from application.envelope import OutboxMessage as OutboxMessage
 from domain.money import Money
-from domain.reconciliation import SettlementReport
+from domain.reconciliation import Expected, SettlementReport
 
 
 class Clock(Protocol):
@@ -212,3 +212,10 @@ class SettlementReports(Protocol):
     ProcessorUnavailable when the processor cannot be asked now."""
 
     def fetch(self, processor: str, day: date, currency: str) -> SettlementReport: ...
+
+
+class ProcessorTransactions(Protocol):
+    """Our side of a settlement report (adapters/postgres/settlement.py): the captures and refunds
+    we recorded with ``processor`` in ``currency`` up to ``day``, of payments not yet settled."""
+
+    def expected(self, processor: str, currency: str, day: date) -> list[Expected]: ...

@@ -211,6 +211,7 @@ class Payment(Aggregate):
         self.authorization_expires_at: datetime | None = None
         self.authorized_minor = 0
         self.captured_minor = 0
+        self.capture_reference: str | None = None
         self.fee_minor = 0
         self.refunded_minor = 0
         self.settled_minor = 0
@@ -353,6 +354,7 @@ class Payment(Aggregate):
     ) -> None:
         self.captured_minor = amount_minor
         self.fee_minor = fee_minor
+        self.capture_reference = processor_reference  # the processor's, as its settlement report lists it
         self.status = P.CAPTURED
 
     def void(self, reason: str) -> None:

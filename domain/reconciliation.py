@@ -195,6 +195,7 @@ class Reconciliation(Aggregate):
     @event(Reconciled)
     def __init__(self, *, processor: str, day: str, currency: str, findings: list[dict[str, Any]],
                  deposits: list[dict[str, Any]]) -> None:
+        self.merchant_id: UUID | None = None  # the platform's, no merchant's
         self.processor = processor
         self.day = day
         self.currency = currency
