@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
             running.write_text(json.dumps(
                 {"database_url": urls[0], "migration_database_url": owner_url, "redis_url": urls[1],
-                 "kafka_bootstrap_servers": urls[2]}
+                 "kafka_bootstrap_servers": urls[2], "processors": settings.processors}
             ))
             supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings), servers=_local_servers)
@@ -431,6 +431,47 @@ def cmd_sms(args: argparse.Namespace) -> int:
     if not messages:
         print("no messages", file=sys.stderr)
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """A processor's settlement report of one day against the ledger; matched captures settle."""
+    from api.bootstrap import build_ledger
+    from application.errors import ProcessorUnavailable
+    from domain.reconciliation import MalformedReport
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    running = data_dir / RUNNING_FILE
+    if not settings.processors and running.exists():  # the sandbox processors of `make run`
+        settings = settings.replace(processors=json.loads(running.read_text()).get("processors") or {})
+    if args.processor not in settings.processors:
+        known = ", ".join(sorted(settings.processors)) or "none (set ECHOTRANSACT_PROCESSORS, or start make run)"
+        raise ConfigurationError(f"no processor named {args.processor!r}; configured: {known}")
+    with _servers(data_dir) as (database_url, _redis, _kafka):
+        ledger = build_ledger(settings, database_url)
+        try:
+            outcome = ledger.reconcile(args.processor, args.date, args.currency)
+        except (MalformedReport, ProcessorUnavailable) as error:
+            print(f"echotransact reconcile: {error}", file=sys.stderr)
+            return 1
+        finally:
+            ledger.close()
+    result = outcome.result
+    again = " (reconciled before: the same result)" if outcome.replayed else ""
+    print(f"{result['processor']} {result['day']} {result['currency']}{again}: "
+          + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in result["counts"].items() if n)
+          + f"; {result['settled']} payments settled")
+    for d in result["discrepancies"]:
+        print(f"  {d['outcome'].replace('_', ' ')}: {d['kind']} {d['processor_reference']}"
+              f" (ours {d['expected_minor']}, reported {d['reported_minor']}, payment {d['payment_id']})")
+    return 0
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, not {text!r}") from None
 
 
 def _stale_cache_entries(database_url: str, redis_url: str) -> list[tuple[str, str, Any]]:
@@ -598,6 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument("--role", required=True, choices=("merchant", "analyst", "compliance", "admin"))
     create.add_argument("--merchant", type=_uuid_arg, help="the merchant, for a merchant key")
     create.add_argument("--label", default="", help="what the key is for")
+    reconcile = sub.add_parser("reconcile", help="a processor's settlement report of one day against the ledger")
+    reconcile.add_argument("--processor", required=True, help="the processor's name, e.g. primary")
+    reconcile.add_argument("--date", required=True, type=_date, help="the report's day, YYYY-MM-DD")
+    reconcile.add_argument("--currency", default="USD", help="ISO 4217 code (default USD)")
     audit = sub.add_parser("audit", help="the compliance audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check the hash chain; names the first broken row")
@@ -611,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
-        "webhooks": cmd_webhooks, "demo": cmd_demo, "retention": cmd_retention,
+        "webhooks": cmd_webhooks, "demo": cmd_demo, "retention": cmd_retention, "reconcile": cmd_reconcile,
     }
     from api.logging import configure_logging
 

@@ -115,3 +115,42 @@ def test_keys_create_prints_a_working_key_once(
     assert "--merchant ID is required" in capsys.readouterr().err
     assert main(["keys", "create", "--role", "merchant", "--merchant", "00000000-0000-0000-0000-000000000001"]) == 2
     assert "no merchant" in capsys.readouterr().err
+
+
+def test_reconcile_reports_the_day_settles_its_captures_and_says_so_when_run_again(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, settings: Settings, database_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from datetime import UTC, datetime
+
+    from adapters.clock import ManualClock
+    from adapters.dev.processor_server import SandboxProcessorServer
+    from adapters.processors.client import HttpProcessor
+    from api.bootstrap import build_ledger
+
+    with SandboxProcessorServer("primary") as sandbox, SandboxProcessorServer("secondary") as other:
+        monkeypatch.setenv("ECHOTRANSACT_PROCESSORS", f"primary={sandbox.url},secondary={other.url}")
+        ledger = build_ledger(settings, database_url, clock=ManualClock(),
+                              processor=HttpProcessor("primary", sandbox.url))
+        try:
+            merchant = new_merchant(ledger, "cli-rec")
+            for n in range(2):
+                payment = pay(ledger, open_session(ledger, merchant, f"cli-rec-{n}"), prefix=f"cli-rec{n}-")
+                ledger.authorize_payment(payment)
+                ledger.capture_payment(f"cli-rec-cap-{n}", payment)
+        finally:
+            ledger.close()
+        store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+        store.catch_up(grace=timedelta(0))
+        store.close()
+        day = datetime.now(UTC).date().isoformat()
+        capsys.readouterr()
+        assert main(["reconcile", "--processor", "primary", "--date", day]) == 0
+        assert capsys.readouterr().out.strip() == f"primary {day} USD: 2 matched; 2 payments settled"
+        assert main(["reconcile", "--processor", "primary", "--date", day]) == 0
+        assert "reconciled before: the same result" in capsys.readouterr().out
+        assert main(["reconcile", "--processor", "tertiary", "--date", day]) == 2
+        assert "no processor named 'tertiary'; configured: primary, secondary" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["reconcile", "--processor", "primary", "--date", "yesterday"])
+        assert "expected a date as YYYY-MM-DD" in capsys.readouterr().err
