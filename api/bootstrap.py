@@ -42,6 +42,9 @@ CONNECTION_WAIT_S = 3
 # (two while it holds a payment's advisory lock: at most LOCK_HOLDERS do).
 POOL_MAX_SIZE = 20
 LOCK_HOLDERS = 8
+# How often `echotransact dispatch` reconciles each processor's previous day (a day done is a
+# no-op, so this only bounds how late after midnight a day is reconciled).
+RECONCILE_EVERY_S = 3600.0
 
 
 def eventsourcing_env(database_url: str) -> dict[str, str]:
@@ -282,8 +285,10 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
 
 def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
     """``echotransact dispatch``: the SMS dispatcher in the foreground; beside it the resolver of
-    unknown authorizations and (unless switched off) retention, each on a thread."""
+    unknown authorizations, the reconciler of the processors' closed days (with processors
+    configured) and (unless switched off) retention, each on a thread."""
     from adapters.postgres.retention import run_retention
+    from adapters.processors.reconciler import run_reconciler
     from adapters.processors.resolver import run_resolver
 
     def run(stop: threading.Event) -> None:
@@ -292,6 +297,11 @@ def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
             target=run_resolver, args=(ledger, urls.database_url, stop), daemon=True, name="resolver",
             kwargs={"every_s": settings.resolve_every_s, "older_than": timedelta(seconds=settings.resolve_after_s)},
         )]
+        if settings.processors:
+            threads.append(threading.Thread(
+                target=run_reconciler, args=(ledger, urls.database_url, list(settings.processors), stop),
+                daemon=True, name="reconciler", kwargs={"every_s": RECONCILE_EVERY_S},
+            ))
         if settings.retention_every_s > 0:
             threads.append(threading.Thread(
                 target=run_retention, args=(urls.database_url, stop), daemon=True, name="retention",

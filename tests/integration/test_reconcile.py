@@ -95,3 +95,16 @@ def test_a_report_that_does_not_add_up_applies_nothing(
     with pytest.raises(MalformedReport, match="deposit"):
         ledger.reconcile("primary", datetime.now(UTC).date(), "USD")
     assert ledger.get_payment(payment_id).status == "captured"
+
+
+def test_the_reconciler_loop_reconciles_each_currency_of_a_processors_day_once(
+    ledger: Ledger, database_url: str, settings: Settings,
+) -> None:
+    from adapters.processors.reconciler import reconcile_day
+
+    payment_id = captured(ledger, new_merchant(ledger, "rec-loop"), 11)
+    project(database_url, settings)
+    today = datetime.now(UTC).date()
+    assert reconcile_day(ledger, database_url, ["primary"], today) == 1  # USD, the one currency seen
+    assert ledger.get_payment(payment_id).status == "settled"
+    assert reconcile_day(ledger, database_url, ["primary"], today) == 0  # done before: nothing new
