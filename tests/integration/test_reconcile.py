@@ -6,7 +6,7 @@ settlement of every matched capture; again is the same answer; a bad report appl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from uuid import UUID
 
 import psycopg
@@ -15,13 +15,12 @@ import pytest
 from adapters.clock import ManualClock
 from adapters.dev.processor_server import SandboxProcessorServer
 from adapters.processors.client import HttpProcessor
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger
 from api.settings import Settings
 from application.ledger import Ledger
 from domain.reconciliation import MalformedReport, reconciliation_id
-from projections.engine import ProjectionStore
-from projections.registry import all_projections
 from tests.application.flows import new_merchant, open_session, pay
+from tests.projections.test_views import catch_up
 
 
 @pytest.fixture
@@ -48,14 +47,6 @@ def captured(ledger: Ledger, merchant_id: UUID, n: int, refund: int = 0) -> UUID
     return payment_id
 
 
-def project(database_url: str, settings: Settings) -> None:
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
-    try:
-        store.catch_up(grace=timedelta(0))
-    finally:
-        store.close()
-
-
 def statuses(database_url: str, *payment_ids: UUID) -> list[str]:
     with psycopg.connect(database_url) as conn:
         return [conn.execute("SELECT status FROM payment_status WHERE payment_id = %s", (p,)).fetchone()[0]
@@ -68,7 +59,7 @@ def test_a_day_reconciles_settles_its_captures_and_a_second_run_changes_nothing(
     merchant = new_merchant(ledger, "rec-merchant")
     first, refunded, short = captured(ledger, merchant, 1), captured(ledger, merchant, 2, refund=500), \
         captured(ledger, merchant, 3)
-    project(database_url, settings)
+    catch_up(database_url, settings)
     sandbox.misbehave(change=(ledger.get_payment(short).capture_reference or "",))
     today = datetime.now(UTC).date()
     result = ledger.reconcile("primary", today, "USD")
@@ -81,7 +72,7 @@ def test_a_day_reconciles_settles_its_captures_and_a_second_run_changes_nothing(
     assert ledger.get_payment(short).status == "captured"  # the processor paid another amount: not settled
     again = ledger.reconcile("primary", today, "USD")
     assert again.replayed and again.result == result.result
-    project(database_url, settings)
+    catch_up(database_url, settings)
     assert statuses(database_url, first, refunded, short) == ["settled", "settled", "captured"]
     assert ledger.repository.get(reconciliation_id("primary", today, "USD")).counts()["matched"] == 3
 
@@ -90,7 +81,7 @@ def test_a_report_that_does_not_add_up_applies_nothing(
     ledger: Ledger, database_url: str, settings: Settings, sandbox: SandboxProcessorServer,
 ) -> None:
     payment_id = captured(ledger, new_merchant(ledger, "rec-bad"), 9)
-    project(database_url, settings)
+    catch_up(database_url, settings)
     sandbox.misbehave(deposit_off_by=7)
     with pytest.raises(MalformedReport, match="deposit"):
         ledger.reconcile("primary", datetime.now(UTC).date(), "USD")
@@ -103,7 +94,7 @@ def test_the_reconciler_loop_reconciles_each_currency_of_a_processors_day_once(
     from adapters.processors.reconciler import reconcile_day
 
     payment_id = captured(ledger, new_merchant(ledger, "rec-loop"), 11)
-    project(database_url, settings)
+    catch_up(database_url, settings)
     today = datetime.now(UTC).date()
     assert reconcile_day(ledger, database_url, ["primary"], today) == 1  # USD, the one currency seen
     assert ledger.get_payment(payment_id).status == "settled"
