@@ -31,3 +31,17 @@ class ProcessorUnavailable(ApplicationError):
     """The processor did not answer; the outcome is unknown and will be settled by asking it."""
 
     code = "processor_unavailable"
+
+
+class BankTransferRejected(ApplicationError):
+    """The bank refused a payout's transfer for good; the payout fails and its amount returns to
+    the merchant's available balance."""
+
+    code = "bank_transfer_rejected"
+
+
+class BankUnavailable(ApplicationError):
+    """The bank did not answer, or answered that it cannot now: the transfer's outcome is unknown
+    until it is sent again with the same key."""
+
+    code = "bank_unavailable"

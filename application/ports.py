@@ -219,3 +219,25 @@ class ProcessorTransactions(Protocol):
     we recorded with ``processor`` in ``currency`` up to ``day``, of payments not yet settled."""
 
     def expected(self, processor: str, currency: str, day: date) -> list[Expected]: ...
+
+
+@dataclass(frozen=True)
+class BankTransfer:
+    """A transfer the bank accepted: its reference, for the payout's record."""
+
+    reference: str
+
+
+class Bank(Protocol):
+    """The platform's bank, which pays merchants out (adapters/banks/http.py; the sandbox bank is
+    adapters/dev/bank_server.py).
+
+    ``key`` is the bank's idempotency key: the same key sent again (after a timeout, by a loop
+    that restarted) answers the first transfer and moves no money twice. Raises
+    BankTransferRejected when the bank refuses the transfer for good (closed account, a currency
+    it cannot pay), BankUnavailable when the outcome is unknown or the bank cannot be asked now
+    (timeout, refused connection, 5xx): the caller retries later with the same key."""
+
+    def transfer(
+        self, *, key: str, merchant_id: str, amount_minor: int, currency: str, description: str
+    ) -> BankTransfer: ...
