@@ -11,10 +11,11 @@ from domain.customer import Customer
 from domain.merchant import Merchant
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
+from domain.payout import Payout, PayoutAccount
 from domain.reconciliation import Reconciliation
 
 AGGREGATE_TYPES: Mapping[type, str] = MappingProxyType(
     {PaymentSession: "payment_session", Payment: "payment", Merchant: "merchant", ApiKey: "api_key",
-     Customer: "customer", Reconciliation: "reconciliation"}
+     Customer: "customer", Reconciliation: "reconciliation", Payout: "payout", PayoutAccount: "payout_account"}
 )
 assert tuple(AGGREGATE_TYPES.values()) == AGGREGATE_TYPE_NAMES, "one name per aggregate class, in both lists"

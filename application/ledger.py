@@ -2,7 +2,8 @@
 API keys, payment sessions, payments) composed over the shared unit of work, with the
 dependencies the composition root gives it.
 
-Each use case lives in its own module (merchants.py, api_keys.py, sessions.py, payments.py);
+Each use case lives in its own module (merchants.py, api_keys.py, sessions.py, payments.py,
+reconciliation.py, payouts.py);
 unit_of_work.py runs every command: idempotent by command id, saved with its outbox rows and
 command record in one transaction.
 """
@@ -18,12 +19,15 @@ from eventsourcing.utils import Environment
 from application.api_keys import API_KEY_PREFIX, ApiKeyCommands
 from application.merchants import MerchantCommands
 from application.payments import PaymentCommands
+from application.payouts import PayoutCommands
 from application.ports import (
+    Bank,
     Clock,
     IdentityVerifier,
     Locks,
     MessageWording,
     PaymentProcessor,
+    PayoutCandidates,
     ProcessorRouter,
     ProcessorTransactions,
     SettlementReports,
@@ -46,7 +50,8 @@ __all__ = [
 ]
 
 
-class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands, ReconciliationCommands):
+class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands, ReconciliationCommands,
+             PayoutCommands):
     name = "Ledger"
 
     def __init__(
@@ -63,6 +68,8 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         factory: Callable[[Environment], InfrastructureFactory[Any]] | None = None,
         settlement_reports: SettlementReports | None = None,
         processor_transactions: ProcessorTransactions | None = None,
+        payout_candidates: PayoutCandidates | None = None,
+        bank: Bank | None = None,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
@@ -81,9 +88,12 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         # Reconciliation (application/reconciliation.py): the processors' reports and our side.
         self.settlement_reports = settlement_reports
         self.processor_transactions = processor_transactions
+        # Payouts (application/payouts.py): the read side's hints and the bank.
+        self.payout_candidates = payout_candidates
+        self.bank = bank
 
     def close(self) -> None:
-        for part in (self.locks, self.settlement_reports):
+        for part in (self.locks, self.settlement_reports, self.bank):
             close_part = getattr(part, "close", None)
             if close_part is not None:
                 close_part()

@@ -62,6 +62,8 @@ class MerchantCommands(LedgerBase):
                 webhook_url=changes.get("webhook_url"),
                 commerce_backend_uri=changes.get("commerce_backend_uri"),
                 max_amount_minor=changes.get("max_amount_minor"),
+                payout_schedule=changes.get("payout_schedule"),
+                reserve=_reserve(merchant, changes),
             )
             return [merchant], {"merchant_id": str(merchant_id)}
 
@@ -69,3 +71,11 @@ class MerchantCommands(LedgerBase):
             command_id, "change_merchant_settings", {"merchant_id": str(merchant_id), **changes},
             merchant_id, decide,
         )
+
+
+def _reserve(merchant: Merchant, changes: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The reserve after the change, when either of its two settings is given."""
+    if "reserve_percent_bps" not in changes and "reserve_days" not in changes:
+        return None
+    return (changes.get("reserve_percent_bps", merchant.reserve_percent_bps),
+            changes.get("reserve_days", merchant.reserve_days))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 # The outbox row is defined beside the envelope it carries (the read side imports that module,
 # not this one); the event store's recorder takes it from here, with the other ports.
@@ -241,3 +242,21 @@ class Bank(Protocol):
     def transfer(
         self, *, key: str, merchant_id: str, amount_minor: int, currency: str, description: str
     ) -> BankTransfer: ...
+
+
+class PayoutCandidates(Protocol):
+    """The read side's hints for payouts (adapters/postgres/payouts.py). Hints only: the payments
+    and the payout account decide what is due, so a stale answer pays nothing twice; a payment
+    the read side has not seen settle yet goes in a later payout."""
+
+    def balances(self) -> list[tuple[UUID, str]]:
+        """Merchants and currencies with money available or reserved."""
+        ...
+
+    def dues(self, merchant_id: UUID, currency: str) -> list[UUID]:
+        """The merchant's settled payments in ``currency`` with something not yet paid out."""
+        ...
+
+    def unsent(self) -> list[UUID]:
+        """Payouts created and not yet paid or failed."""
+        ...

@@ -3,8 +3,9 @@
 One command per (processor, day, currency), idempotent by that: the report is fetched and
 checked whole (a malformed one is refused, nothing applied), matched against our transactions
 (domain/reconciliation.py), and the Reconciliation with every finding is saved in one
-transaction with the settlement of each payment whose capture the report matched. Running the
-same day again answers the first result.
+transaction with the settlement of each capture and refund the report matched (a capture with
+the processor's fee on it, which goes to the processor-fees expense account). Running the same
+day again answers the first result.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from application.ports import ProcessorTransactions, SettlementReports
 from application.unit_of_work import CommandResult, LedgerBase
-from domain.payment import PaymentStatus
+from domain.payment import Payment
 from domain.reconciliation import LATE, MATCHED, Reconciliation, match, reconciliation_id
 
 
@@ -35,16 +37,25 @@ class ReconciliationCommands(LedgerBase):
             report = reports.fetch(processor, day, currency)
             findings = match(report, ours.expected(processor, currency, day))
             done = Reconciliation.reconcile(report, findings)
-            settled = []
+            settled: dict[UUID, Payment] = {}
+            captures = refunds = 0
             for finding in findings:
-                if finding.outcome in (MATCHED, LATE) and finding.kind == "capture" and finding.payment_id:
-                    payment = self.get_payment(finding.payment_id)
-                    if payment.status == PaymentStatus.CAPTURED:
-                        payment.settle(f"{processor}:{finding.deposit_id}")
-                        settled.append(payment)
-            return [done, *settled], {
+                if finding.outcome not in (MATCHED, LATE) or finding.payment_id is None:
+                    continue
+                payment = settled.get(finding.payment_id) or self.get_payment(finding.payment_id)
+                reference = f"{processor}:{finding.deposit_id}"
+                if finding.kind == "capture" and payment.can_settle:
+                    payment.settle(reference, finding.fee_minor or 0)
+                    captures += 1
+                elif finding.kind == "refund" and payment.can_settle_refund(finding.processor_reference):
+                    payment.settle_refund(finding.processor_reference, reference, finding.fee_minor or 0)
+                    refunds += 1
+                else:
+                    continue
+                settled[finding.payment_id] = payment
+            return [done, *settled.values()], {
                 "reconciliation_id": str(done.id), "processor": processor, "day": day.isoformat(),
-                "currency": currency, "counts": done.counts(), "settled": len(settled),
+                "currency": currency, "counts": done.counts(), "settled": captures, "refunds_settled": refunds,
                 "discrepancies": done.discrepancies,
             }
 

@@ -36,6 +36,7 @@ from domain.merchant import Merchant
 from domain.money import check_currency
 from domain.payment import Payment
 from domain.payment_session import PaymentSession, default_identity_thresholds_minor
+from domain.payout import PayoutAccount
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from domain.risk import RiskPolicy
 
@@ -108,6 +109,7 @@ class LedgerBase(Application):
         Merchant: 50,
         ApiKey: 50,
         Customer: 50,
+        PayoutAccount: 50,
     }
 
     def __init__(

@@ -20,10 +20,32 @@ Direction = Literal["debit", "credit"]
 PROCESSOR_CLEARING = "processor_clearing"
 PLATFORM_FEES = "platform:fees"
 PLATFORM_CASH = "platform:cash"
+# An expense: what the processors keep of what they settle (their fee on each report line).
+PROCESSOR_FEES = "platform:processor_fees"
 
 
+# A merchant's money with us, in four accounts (credit-normal: what we owe the merchant):
+#   payable     captured, not yet settled by the processor ("pending")
+#   available   settled, not yet paid out
+#   reserved    held back from payouts by a rolling reserve
+#   in_transit  in a payout the bank has not confirmed yet
 def merchant_payable(merchant_id: object) -> str:
     return f"merchant:{merchant_id}:payable"
+
+
+def merchant_available(merchant_id: object) -> str:
+    return f"merchant:{merchant_id}:available"
+
+
+def merchant_reserved(merchant_id: object) -> str:
+    return f"merchant:{merchant_id}:reserved"
+
+
+def merchant_in_transit(merchant_id: object) -> str:
+    return f"merchant:{merchant_id}:in_transit"
+
+
+MERCHANT_BUCKETS = ("payable", "available", "reserved", "in_transit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,21 +136,65 @@ def capture_postings(
     )
 
 
-def refund_postings(merchant_id: object, amount_minor: int, currency: str) -> tuple[Posting, ...]:
-    """A refund comes out of the merchant's payable; our fee is not returned."""
-    return balanced(
-        (
-            Posting(merchant_payable(merchant_id), "debit", amount_minor, currency),
-            Posting(PROCESSOR_CLEARING, "credit", amount_minor, currency),
-        )
-    )
+def transfer(debit: str, credit: str, amount_minor: int, currency: str) -> tuple[Posting, ...]:
+    """Move ``amount_minor`` by debiting one account and crediting the other; a negative amount
+    moves the other way, zero moves nothing."""
+    if amount_minor == 0:
+        return ()
+    if amount_minor < 0:
+        debit, credit, amount_minor = credit, debit, -amount_minor
+    return (Posting(debit, "debit", amount_minor, currency), Posting(credit, "credit", amount_minor, currency))
 
 
-def settlement_postings(amount_minor: int, currency: str) -> tuple[Posting, ...]:
-    """The processor pays out the net of captures and refunds into our bank account."""
-    return balanced(
-        (
-            Posting(PLATFORM_CASH, "debit", amount_minor, currency),
-            Posting(PROCESSOR_CLEARING, "credit", amount_minor, currency),
-        )
-    )
+def refund_postings(
+    merchant_id: object, amount_minor: int, currency: str, *, settled: bool = False
+) -> tuple[Posting, ...]:
+    """A refund comes out of the merchant's money (pending before the payment settled, available
+    after); our fee is not returned. The processor owes us that much less."""
+    account = merchant_available(merchant_id) if settled else merchant_payable(merchant_id)
+    return balanced(transfer(account, PROCESSOR_CLEARING, amount_minor, currency))
+
+
+def settlement_postings(
+    merchant_id: object, captured_minor: int, processor_fee_minor: int, merchant_share_minor: int, currency: str
+) -> tuple[Posting, ...]:
+    """The processor settled a capture: it paid the gross less its fee into our bank account
+    (clearing -> platform cash, the fee an expense), and the merchant's share of the payment
+    (captured less our fee less refunds so far, negative when refunds exceed it) moves from
+    pending to available."""
+    return balanced((
+        *transfer(PLATFORM_CASH, PROCESSOR_CLEARING, captured_minor - processor_fee_minor, currency),
+        *transfer(PROCESSOR_FEES, PROCESSOR_CLEARING, processor_fee_minor, currency),
+        *transfer(merchant_payable(merchant_id), merchant_available(merchant_id), merchant_share_minor, currency),
+    ))
+
+
+def refund_settlement_postings(refund_minor: int, processor_fee_minor: int, currency: str) -> tuple[Posting, ...]:
+    """The processor took a refund (and its fee on it, if any) out of a deposit: what it owed us
+    for that refund is settled from our bank account."""
+    return balanced((
+        *transfer(PROCESSOR_CLEARING, PLATFORM_CASH, refund_minor, currency),
+        *transfer(PROCESSOR_FEES, PLATFORM_CASH, processor_fee_minor, currency),
+    ))
+
+
+def payout_created_postings(
+    merchant_id: object, amount_minor: int, reserve_change_minor: int, currency: str
+) -> tuple[Posting, ...]:
+    """A payout leaves the merchant's available balance for the bank (only when its amount is
+    positive); the rolling reserve grows (or is released) by ``reserve_change_minor``."""
+    return balanced((
+        *transfer(merchant_available(merchant_id), merchant_reserved(merchant_id), reserve_change_minor, currency),
+        *transfer(merchant_available(merchant_id), merchant_in_transit(merchant_id), max(amount_minor, 0), currency),
+    ))
+
+
+def payout_paid_postings(merchant_id: object, amount_minor: int, currency: str) -> tuple[Posting, ...]:
+    """The bank paid the merchant from our account: what we owed is settled."""
+    return balanced(transfer(merchant_in_transit(merchant_id), PLATFORM_CASH, amount_minor, currency))
+
+
+def payout_failed_postings(merchant_id: object, amount_minor: int, currency: str) -> tuple[Posting, ...]:
+    """The bank refused the transfer: the amount is the merchant's available money again."""
+    return balanced(transfer(merchant_in_transit(merchant_id), merchant_available(merchant_id), amount_minor,
+                             currency))

@@ -11,6 +11,7 @@ from eventsourcing.domain import Aggregate, event
 from domain.errors import InvalidField, MerchantInactive, MerchantLimitExceeded
 from domain.ledger import FeeSchedule
 from domain.money import check_amount, check_currency
+from domain.payout import DAILY, check_reserve, check_schedule
 from domain.values import check_text, check_url
 
 
@@ -22,6 +23,12 @@ def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
 
 
 class Merchant(Aggregate):
+    # Payout settings, changed with change_settings (merchants registered before payouts existed
+    # have these defaults): the schedule, and a rolling reserve (none by default).
+    payout_schedule = DAILY
+    reserve_percent_bps = 0
+    reserve_days = 0
+
     class Registered(Aggregate.Created):
         name: str
         fee_percent_bps: int
@@ -104,8 +111,15 @@ class Merchant(Aggregate):
         webhook_url: str | None = None,
         commerce_backend_uri: str | None = None,
         max_amount_minor: Mapping[str, int] | None = None,
+        payout_schedule: str | None = None,
+        reserve: tuple[int, int] | None = None,
     ) -> None:
+        """``reserve``: (percent in basis points, days), or (0, 0) for none."""
         changes: dict[str, Any] = {}
+        if payout_schedule is not None:
+            changes["payout_schedule"] = check_schedule(payout_schedule)
+        if reserve is not None:
+            changes["reserve_percent_bps"], changes["reserve_days"] = check_reserve(*reserve)
         if name is not None:
             changes["name"] = check_text("name", name)
         if fee_schedule is not None:

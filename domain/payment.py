@@ -5,8 +5,13 @@
     authorized -> voided | authorization_expired;  initiated/processing -> failed
     captured/settled -> refunded (when refunds reach the captured amount)
 
+A capture is settled once, when the processor's report lists it (a fully refunded payment too:
+the processor still settles the capture and the refund as two lines). Once settled, the
+merchant's share is available and goes out in payouts: each payout includes what of the
+payment it has not paid yet (gross, our fee, refunds), so no payout pays a line twice.
+
 Invariants: captured <= authorized; refunded <= captured; every money movement event carries
-postings that balance per currency.
+postings that balance per currency; settled at most once; paid out never more than due.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from domain.ledger import (
     Posting,
     capture_postings,
     refund_postings,
+    refund_settlement_postings,
     settlement_postings,
 )
 from domain.money import check_amount, check_currency
@@ -66,11 +72,27 @@ class Payment(Aggregate):
         card_fingerprint: str | None
         risk_score: int | None
         risk_decision: str | None
+        settled: bool
+        processor_fee_minor: int
+        paid_out_gross_minor: int
+        paid_out_fee_minor: int
+        paid_out_refunds_minor: int
+        payout_ids: tuple[str, ...]
+        refund_amounts: dict[str, int]
+        settled_refund_references: tuple[str, ...]
 
     # Defaults for state added after the first release: a snapshot taken before it lacks them.
     card_fingerprint = None
     risk_score = None
     risk_decision = None
+    settled = False
+    processor_fee_minor = 0
+    paid_out_gross_minor = 0
+    paid_out_fee_minor = 0
+    paid_out_refunds_minor = 0
+    payout_ids = ()
+    refund_amounts = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
+    settled_refund_references = ()
 
     class Initiated(Aggregate.Created):
         merchant_id: UUID
@@ -143,9 +165,41 @@ class Payment(Aggregate):
         postings: list[dict[str, Any]]
 
     class Settled(Aggregate.Event):
+        """The processor's report listed the capture: ``amount_minor`` is the gross it settled,
+        ``processor_fee_minor`` what it kept, ``merchant_share_minor`` what became available
+        to the merchant (captured less our fee less refunds so far)."""
+
         settlement_reference: str
         amount_minor: int
+        processor_fee_minor: int
+        merchant_share_minor: int
         postings: list[dict[str, Any]]
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            # Version 1 settled the net of refunds and moved nothing of the merchant's.
+            state["processor_fee_minor"] = 0
+            state["merchant_share_minor"] = 0
+
+    class RefundSettled(Aggregate.Event):
+        """The processor's report listed a refund: it took the refund (and ``processor_fee_minor``
+        on it) out of a deposit."""
+
+        processor_reference: str
+        amount_minor: int
+        processor_fee_minor: int
+        settlement_reference: str
+        postings: list[dict[str, Any]]
+
+    class IncludedInPayout(Aggregate.Event):
+        """A payout paid what was due of this payment: its gross, less our fee, less refunds,
+        each net of what earlier payouts paid."""
+
+        payout_id: str
+        gross_minor: int
+        fee_minor: int
+        refunds_minor: int
 
     @classmethod
     def initiate(
@@ -402,7 +456,8 @@ class Payment(Aggregate):
             reason=check_text("reason", reason, max_length=200, required=False),
             processor_reference=check_text("processor_reference", processor_reference, max_length=100),
             refunded_total_minor=self.refunded_minor + amount_minor,
-            postings=_postings(refund_postings(self.merchant_id, amount_minor, self.currency)),
+            postings=_postings(refund_postings(self.merchant_id, amount_minor, self.currency,
+                                               settled=self.settled)),
         )
 
     @event(Refunded)
@@ -416,22 +471,89 @@ class Payment(Aggregate):
         postings: list[dict[str, Any]],
     ) -> None:
         self.refund_ids.append(refund_id)
+        # By the processor's reference, as its settlement report lists them (copied, never changed
+        # in place: the class default is shared).
+        self.refund_amounts = {**self.refund_amounts, processor_reference: amount_minor}
         self.refunded_minor = refunded_total_minor
         if self.refunded_minor == self.captured_minor:
             self.status = P.REFUNDED
 
-    def settle(self, settlement_reference: str) -> None:
-        """The processor paid out what is captured and not refunded."""
-        self._require("settle", P.CAPTURED)
-        amount = self.captured_minor - self.refunded_minor
-        assert amount > 0, "a captured payment with nothing left would be refunded"
+    @property
+    def can_settle(self) -> bool:
+        """Captured (perhaps refunded since) and not settled yet."""
+        return self.captured_minor > 0 and not self.settled and self.status in (P.CAPTURED, P.REFUNDED)
+
+    def settle(self, settlement_reference: str, processor_fee_minor: int = 0) -> None:
+        """The processor settled the capture's gross, keeping ``processor_fee_minor``."""
+        if not self.can_settle:
+            raise InvalidTransition("payment", "settle", "settled" if self.settled else self.status)
+        if not isinstance(processor_fee_minor, int) or processor_fee_minor < 0:
+            raise InvalidAmount(f"a processor fee must be a non-negative integer, got {processor_fee_minor!r}")
+        share = self.captured_minor - self.fee_minor - self.refunded_minor
         self._settled(
             settlement_reference=check_text("settlement_reference", settlement_reference, max_length=100),
-            amount_minor=amount,
-            postings=_postings(settlement_postings(amount, self.currency)),
+            amount_minor=self.captured_minor,
+            processor_fee_minor=processor_fee_minor,
+            merchant_share_minor=share,
+            postings=_postings(settlement_postings(
+                self.merchant_id, self.captured_minor, processor_fee_minor, share, self.currency)),
         )
 
     @event(Settled)
-    def _settled(self, settlement_reference: str, amount_minor: int, postings: list[dict[str, Any]]) -> None:
+    def _settled(self, settlement_reference: str, amount_minor: int, processor_fee_minor: int,
+                 merchant_share_minor: int, postings: list[dict[str, Any]]) -> None:
         self.settled_minor = amount_minor
-        self.status = P.SETTLED
+        self.settled = True
+        self.processor_fee_minor = processor_fee_minor
+        if self.status == P.CAPTURED:
+            self.status = P.SETTLED
+
+    def can_settle_refund(self, processor_reference: str) -> bool:
+        return (processor_reference in self.refund_amounts
+                and processor_reference not in self.settled_refund_references)
+
+    def settle_refund(self, processor_reference: str, settlement_reference: str, processor_fee_minor: int = 0) -> None:
+        """The processor's report listed the refund ``processor_reference``: settle it once."""
+        if not self.can_settle_refund(processor_reference):
+            raise InvalidTransition("payment", f"settle refund {processor_reference}",
+                                    "settled" if processor_reference in self.settled_refund_references
+                                    else "without that refund")
+        if not isinstance(processor_fee_minor, int) or processor_fee_minor < 0:
+            raise InvalidAmount(f"a processor fee must be a non-negative integer, got {processor_fee_minor!r}")
+        amount = self.refund_amounts[processor_reference]
+        self._refund_settled(
+            processor_reference=processor_reference, amount_minor=amount, processor_fee_minor=processor_fee_minor,
+            settlement_reference=check_text("settlement_reference", settlement_reference, max_length=100),
+            postings=_postings(refund_settlement_postings(amount, processor_fee_minor, self.currency)),
+        )
+
+    @event(RefundSettled)
+    def _refund_settled(self, processor_reference: str, amount_minor: int, processor_fee_minor: int,
+                        settlement_reference: str, postings: list[dict[str, Any]]) -> None:
+        self.settled_refund_references = (*self.settled_refund_references, processor_reference)
+
+    # -- payouts ----------------------------------------------------------------------------
+
+    def payout_due(self) -> tuple[int, int, int]:
+        """What no payout has paid yet of this settled payment: (gross, our fee, refunds)."""
+        if not self.settled:
+            return 0, 0, 0
+        return (self.captured_minor - self.paid_out_gross_minor, self.fee_minor - self.paid_out_fee_minor,
+                self.refunded_minor - self.paid_out_refunds_minor)
+
+    def include_in_payout(self, payout_id: str) -> tuple[int, int, int]:
+        """Record that ``payout_id`` pays what is due; returns it. Nothing due: nothing recorded."""
+        due = self.payout_due()
+        if any(due):
+            if payout_id in self.payout_ids:
+                raise InvalidTransition("payment", "include_in_payout", f"already in payout {payout_id}")
+            gross, fee, refunds = due
+            self._included_in_payout(payout_id=payout_id, gross_minor=gross, fee_minor=fee, refunds_minor=refunds)
+        return due
+
+    @event(IncludedInPayout)
+    def _included_in_payout(self, payout_id: str, gross_minor: int, fee_minor: int, refunds_minor: int) -> None:
+        self.paid_out_gross_minor += gross_minor
+        self.paid_out_fee_minor += fee_minor
+        self.paid_out_refunds_minor += refunds_minor
+        self.payout_ids = (*self.payout_ids, payout_id)

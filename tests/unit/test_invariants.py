@@ -209,9 +209,17 @@ class PaymentMachine(EventSourcedMachine):
         amount = self.amount_near(data, self.live.refundable_minor)
         self.run(lambda: self.live.check_refund(amount))
 
+    @rule(fee=st.integers(0, 500))
+    def settle(self, fee: int = 0) -> None:
+        self.run(lambda: self.live.settle("st_1", fee))
+
     @rule()
-    def settle(self) -> None:
-        self.run(lambda: self.live.settle("st_1"))
+    def settle_refund(self) -> None:
+        self.run(lambda: self.live.settle_refund("re", "st_2"))
+
+    @rule(payout=st.sampled_from(["po_1", "po_2", "po_3"]))
+    def include_in_payout(self, payout: str) -> None:
+        self.run(lambda: self.live.include_in_payout(payout))
 
     @rule(data=st.data(), steps=st.integers(1, 4))
     def next_steps_of_a_normal_life(self, data: st.DataObject, steps: int) -> None:
@@ -228,8 +236,11 @@ class PaymentMachine(EventSourcedMachine):
         elif status == "authorized":
             self.capture(data, data.draw(st.booleans()))
         elif status in ("captured", "settled"):
-            if status == "captured" and data.draw(st.booleans()):
-                self.settle()
+            choice = data.draw(st.integers(0, 2))
+            if status == "captured" and choice == 0:
+                self.settle(data.draw(st.integers(0, 100)))
+            elif status == "settled" and choice == 0:
+                self.include_in_payout(data.draw(st.sampled_from(["po_1", "po_2"])))
             else:
                 self.refund(data, reuse_id=False)
 
@@ -241,7 +252,7 @@ class PaymentMachine(EventSourcedMachine):
         assert p.refunded_minor == sum(e.amount_minor for e in self.events if isinstance(e, Payment.Refunded))
 
     @invariant()
-    def settlement_pays_out_captured_minus_refunded_so_far(self) -> None:
+    def settlement_settles_the_capture_once_and_moves_the_merchants_share(self) -> None:
         refunded_so_far = 0
         settlements = 0
         for event in self.events:
@@ -249,11 +260,40 @@ class PaymentMachine(EventSourcedMachine):
                 refunded_so_far += event.amount_minor
             if isinstance(event, Payment.Settled):
                 settlements += 1
-                assert event.amount_minor == self.live.captured_minor - refunded_so_far > 0
+                assert event.amount_minor == self.live.captured_minor > 0
+                assert event.merchant_share_minor == self.live.captured_minor - self.live.fee_minor - refunded_so_far
                 assert self.live.settled_minor == event.amount_minor
         assert settlements <= 1
+        assert self.live.settled == (settlements == 1)
         if settlements == 0:
             assert self.live.settled_minor == 0
+
+    @invariant()
+    def payouts_never_pay_more_than_is_due(self) -> None:
+        p = self.live
+        paid = [e for e in self.events if isinstance(e, Payment.IncludedInPayout)]
+        assert len({e.payout_id for e in paid}) == len(paid), "a payout includes a payment once"
+        assert sum(e.gross_minor for e in paid) == p.paid_out_gross_minor <= p.captured_minor
+        assert sum(e.fee_minor for e in paid) == p.paid_out_fee_minor <= p.fee_minor
+        assert sum(e.refunds_minor for e in paid) == p.paid_out_refunds_minor <= p.refunded_minor
+        if not p.settled:
+            assert not paid and p.payout_due() == (0, 0, 0)
+
+    @invariant()
+    def the_merchants_accounts_hold_its_share(self) -> None:
+        """pending + available (what payouts took counted in) = captured - our fee - refunds."""
+        p = self.live
+        merchant: dict[str, int] = {}
+        for event in self.events:
+            for d in getattr(event, "postings", ()):
+                if d["account"].startswith("merchant:"):
+                    signed = d["amount_minor"] if d["direction"] == "credit" else -d["amount_minor"]
+                    merchant[d["account"]] = merchant.get(d["account"], 0) + signed
+        total = sum(merchant.values())
+        assert total == p.captured_minor - p.fee_minor - p.refunded_minor
+        gross, fee, refunds = p.payout_due()
+        paid_out = p.paid_out_gross_minor - p.paid_out_fee_minor - p.paid_out_refunds_minor
+        assert merchant.get(f"merchant:{p.merchant_id}:available", 0) == (gross - fee - refunds) + paid_out
 
     @invariant()
     def status_matches_the_amounts(self) -> None:

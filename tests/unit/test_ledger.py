@@ -15,13 +15,20 @@ from domain.ledger import (
     PLATFORM_CASH,
     PLATFORM_FEES,
     PROCESSOR_CLEARING,
+    PROCESSOR_FEES,
     FeeSchedule,
     Posting,
     balanced,
     capture_postings,
     imbalance,
+    merchant_available,
+    merchant_in_transit,
     merchant_payable,
+    payout_created_postings,
+    payout_failed_postings,
+    payout_paid_postings,
     refund_postings,
+    refund_settlement_postings,
     settlement_postings,
 )
 from domain.money import CURRENCY_EXPONENTS, max_amount_minor
@@ -207,27 +214,59 @@ def test_refund_postings_balance_and_come_out_of_the_merchant_payable(
     assert _total(postings, PROCESSOR_CLEARING, "credit") == amount
 
 
-@given(amounts())
-def test_settlement_postings_balance_and_move_clearing_to_cash(amount_currency: tuple[int, str]) -> None:
+@given(amounts(), st.data())
+def test_settlement_postings_balance_move_clearing_to_cash_and_the_share_to_available(
+    amount_currency: tuple[int, str], data: st.DataObject
+) -> None:
     amount, currency = amount_currency
-    postings = settlement_postings(amount, currency)
+    fee = data.draw(st.integers(0, amount))
+    share = data.draw(st.integers(-amount, amount))
+    merchant_id = uuid4()
+    postings = settlement_postings(merchant_id, amount, fee, share, currency)
     assert imbalance(postings) == {}
-    assert all(p.amount_minor >= 0 and p.currency == currency for p in postings)
-    assert _total(postings, PLATFORM_CASH, "debit") == amount
+    assert all(p.amount_minor > 0 and p.currency == currency for p in postings)
+    assert _total(postings, PLATFORM_CASH, "debit") == amount - fee
+    assert _total(postings, PROCESSOR_FEES, "debit") == fee
     assert _total(postings, PROCESSOR_CLEARING, "credit") == amount
+    moved = _total(postings, merchant_available(merchant_id), "credit") - _total(
+        postings, merchant_available(merchant_id), "debit")
+    assert moved == share
 
 
 @given(amounts(), schedules, st.data())
-def test_capture_partial_refund_and_settlement_leave_clearing_at_zero(
+def test_capture_refunds_and_their_settlement_leave_clearing_at_zero(
     amount_currency: tuple[int, str], schedule: FeeSchedule, data: st.DataObject
 ) -> None:
     amount, currency = amount_currency
-    refunded = data.draw(st.integers(0, amount - 1))
+    refunded = data.draw(st.integers(0, amount))
+    processor_fee = data.draw(st.integers(0, amount))
     merchant_id = uuid4()
-    postings = capture_postings(merchant_id, amount, schedule.fee_for(amount), currency)
+    fee = schedule.fee_for(amount)
+    postings = capture_postings(merchant_id, amount, fee, currency)
     if refunded:
         postings += refund_postings(merchant_id, refunded, currency)
-    postings += settlement_postings(amount - refunded, currency)
+        postings += refund_settlement_postings(refunded, 0, currency)
+    postings += settlement_postings(merchant_id, amount, processor_fee, amount - fee - refunded, currency)
     assert imbalance(postings) == {}
     clearing = sum(p.signed_minor for p in postings if p.account == PROCESSOR_CLEARING)
     assert clearing == 0
+    pending = sum(p.signed_minor for p in postings if p.account == merchant_payable(merchant_id))
+    assert pending == 0
+    cash = sum(p.signed_minor for p in postings if p.account == PLATFORM_CASH)
+    assert cash == amount - processor_fee - refunded
+
+
+@given(st.integers(-10_000, 10_000), st.integers(-1_000, 1_000))
+def test_payout_postings_balance_and_a_paid_payout_leaves_nothing_in_transit(amount: int, reserve: int) -> None:
+    merchant_id = uuid4()
+    created = payout_created_postings(merchant_id, amount, reserve, "USD")
+    assert imbalance(created) == {}
+    if amount > 0:
+        for end in (payout_paid_postings(merchant_id, amount, "USD"),
+                    payout_failed_postings(merchant_id, amount, "USD")):
+            postings = created + end
+            assert imbalance(postings) == {}
+            assert sum(p.signed_minor for p in postings if p.account == merchant_in_transit(merchant_id)) == 0
+    else:
+        assert all(p.account != merchant_in_transit(merchant_id) for p in created)
+

@@ -60,7 +60,9 @@ ALLOWED: dict[str, set[str]] = {
     "expire_authorization": {"authorized"},
     "refund": {"captured", "settled"},
     "check_refund": {"captured", "settled"},
-    "settle": {"captured"},
+    # A capture refunded in full before its settlement is still settled: the processor's report
+    # lists the capture and the refund as two lines.
+    "settle": {"captured", "refunded"},
 }
 
 
@@ -256,20 +258,62 @@ def test_full_refund_in_one_go_makes_the_payment_refunded() -> None:
     assert payment.status == "refunded"
 
 
-@pytest.mark.parametrize("refunded", [0, 1, 2_500, 9_999])
-def test_settlement_pays_out_captured_minus_refunded(refunded: int) -> None:
+@pytest.mark.parametrize("refunded", [0, 1, 2_500, 9_999, 10_000])
+def test_settlement_settles_the_gross_and_makes_the_merchants_share_available(refunded: int) -> None:
     payment = payment_in("captured")
     if refunded:
         payment.refund(refund_id="rf_1", amount_minor=refunded, reason="", processor_reference="re_1")
     payment.collect_events()
-    payment.settle("st_1")
+    payment.settle("st_1", processor_fee_minor=210)
     (settled,) = payment.collect_events()
     assert isinstance(settled, Payment.Settled)
-    assert payment.status == "settled"
-    assert payment.settled_minor == settled.amount_minor == 10_000 - refunded
+    assert payment.status == ("refunded" if refunded == 10_000 else "settled")
+    assert payment.settled_minor == settled.amount_minor == 10_000
+    assert settled.processor_fee_minor == 210
+    assert settled.merchant_share_minor == 10_000 - payment.fee_minor - refunded
     postings = [Posting.from_dict(d) for d in settled.postings]
     assert imbalance(postings) == {}
-    assert {p.amount_minor for p in postings} == {10_000 - refunded}
+    signed: dict[str, int] = {}
+    for p in postings:
+        signed[p.account] = signed.get(p.account, 0) + p.signed_minor
+    assert signed["platform:cash"] == 10_000 - 210
+    assert signed["platform:processor_fees"] == 210
+    assert signed["processor_clearing"] == -10_000
+    assert signed[f"merchant:{payment.merchant_id}:available"] == -settled.merchant_share_minor
+    with pytest.raises(InvalidTransition):
+        payment.settle("st_2")
+
+
+def test_a_refund_after_settlement_comes_out_of_available_and_settles_once() -> None:
+    payment = payment_in("settled")
+    payment.refund(refund_id="rf_1", amount_minor=1_000, reason="", processor_reference="re_1")
+    (refunded,) = [e for e in payment.collect_events() if isinstance(e, Payment.Refunded)]
+    accounts = {d["account"] for d in refunded.postings}
+    assert f"merchant:{payment.merchant_id}:available" in accounts
+    assert f"merchant:{payment.merchant_id}:payable" not in accounts
+    assert not payment.can_settle_refund("re_unknown")
+    payment.settle_refund("re_1", "st_2", processor_fee_minor=0)
+    (refund_settled,) = payment.collect_events()
+    assert isinstance(refund_settled, Payment.RefundSettled)
+    assert refund_settled.amount_minor == 1_000
+    assert {p["account"]: p["direction"] for p in refund_settled.postings} == {
+        "processor_clearing": "debit", "platform:cash": "credit"}
+    with pytest.raises(InvalidTransition):
+        payment.settle_refund("re_1", "st_3")
+
+
+def test_payouts_pay_each_part_of_a_payment_once() -> None:
+    payment = payment_in("captured")
+    assert payment.include_in_payout("po_0") == (0, 0, 0)  # not settled: nothing due
+    payment.settle("st_1")
+    assert payment.include_in_payout("po_1") == (10_000, payment.fee_minor, 0)
+    assert payment.include_in_payout("po_2") == (0, 0, 0)
+    payment.refund(refund_id="rf_1", amount_minor=400, reason="", processor_reference="re_1")
+    assert payment.include_in_payout("po_3") == (0, 0, 400)
+    assert payment.payout_ids == ("po_1", "po_3")
+    with pytest.raises(InvalidTransition):
+        payment.refund(refund_id="rf_2", amount_minor=1, reason="", processor_reference="re_2")
+        payment.include_in_payout("po_3")
 
 
 def test_refunding_the_rest_after_settlement_makes_the_payment_refunded() -> None:

@@ -1,0 +1,217 @@
+"""Money out, as a state machine: payments of one merchant are captured, refunded, reconciled
+against processor reports (which settle them), and paid out at cut-offs with a rolling reserve,
+through a bank that sometimes refuses. At every step:
+
+- every posting set balances per currency;
+- paid out + in transit + available + pending + reserved = captures - our fees - refunds;
+- no payment settles twice, no payout pays a payment's part twice;
+- the ledger's accounts agree with the aggregates (available with what payouts have not taken).
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+from uuid import uuid4
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from domain.errors import DomainError
+from domain.ledger import FeeSchedule, Posting, imbalance
+from domain.payment import Payment
+from domain.payout import Payout, PayoutAccount, PayoutLine, PayoutStatus, payout_id
+from domain.reconciliation import LATE, MATCHED, Deposit, Expected, ReportLine, SettlementReport, match
+
+from .builders import EXPIRES_AT, NOW, clear_risk
+
+START = date(2026, 11, 2)
+PROCESSOR_FEE_BPS = 190
+
+
+def _processor_fee(gross: int) -> int:
+    return (gross * PROCESSOR_FEE_BPS + 5_000) // 10_000 + 20
+
+
+class MoneyOut(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.merchant_id = uuid4()
+        self.payments: list[Payment] = []
+        self.events: list[Any] = []
+        self.account = PayoutAccount.open(self.merchant_id, "USD")
+        self.payouts: list[Payout] = []
+        self.day = START
+        self.reported: set[tuple[str, str]] = set()  # (reference, kind) a report listed
+        self.refund_days: dict[str, date] = {}
+        self.capture_days: dict[str, date] = {}
+        self.reserve = (0, 0)
+        self.collect(self.account)
+
+    def collect(self, *aggregates: Any) -> None:
+        for aggregate in aggregates:
+            self.events.extend(aggregate.collect_events())
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    @rule()
+    def capture_a_payment(self) -> None:
+        payment = _captured_for(self.merchant_id, len(self.payments))
+        self.payments.append(payment)
+        self.capture_days[payment.capture_reference or ""] = self.day
+        self.collect(payment)
+
+    @precondition(lambda self: bool(self.payments))
+    @rule(data=st.data())
+    def refund(self, data: st.DataObject) -> None:
+        payment = self.payments[data.draw(st.integers(0, len(self.payments) - 1))]
+        if payment.refundable_minor <= 0:
+            return
+        amount = data.draw(st.integers(1, payment.refundable_minor))
+        reference = f"re_{payment.id.hex[:8]}_{len(payment.refund_ids)}"
+        payment.refund(refund_id=reference, amount_minor=amount, reason="", processor_reference=reference)
+        self.refund_days[reference] = self.day
+        self.collect(payment)
+
+    @rule()
+    def reconcile_the_day(self) -> None:
+        """The processor reports the day: every capture and refund of it, with its fee."""
+        expected = []
+        for p in self.payments:
+            if p.capture_reference and self.capture_days.get(p.capture_reference) == self.day:
+                expected.append(Expected(p.capture_reference, "capture", p.captured_minor, "USD", p.id, self.day))
+            for reference, amount in p.refund_amounts.items():
+                if self.refund_days[reference] == self.day:
+                    expected.append(Expected(reference, "refund", -amount, "USD", p.id, self.day))
+        lines = tuple(
+            ReportLine(e.processor_reference, e.kind, e.amount_minor,
+                       fee := (_processor_fee(e.amount_minor) if e.kind == "capture" else 0),
+                       e.amount_minor - fee, "dep_1", self.day)
+            for e in expected
+        )
+        report = SettlementReport("primary", self.day, "USD", lines,
+                                  (Deposit("dep_1", sum(line.net_minor for line in lines)),) if lines else ())
+        by_id = {p.id: p for p in self.payments}
+        for finding in match(report, expected):
+            assert finding.outcome in (MATCHED, LATE)
+            payment = by_id[finding.payment_id]  # type: ignore[index]
+            if finding.kind == "capture":
+                payment.settle("primary:dep_1", finding.fee_minor or 0)
+            else:
+                payment.settle_refund(finding.processor_reference, "primary:dep_1", finding.fee_minor or 0)
+            self.collect(payment)
+        self.day += timedelta(days=1)
+
+    @rule(percent=st.sampled_from([0, 1_000]), days=st.sampled_from([1, 3]))
+    def change_the_reserve(self, percent: int, days: int) -> None:
+        self.reserve = (percent, days if percent else 0)
+
+    @rule()
+    def pay_out(self) -> None:
+        the_payout = str(payout_id(self.merchant_id, "USD", self.day))
+        lines = []
+        for payment in self.payments:
+            gross, fee, refunds = payment.include_in_payout(the_payout)
+            if gross or fee or refunds:
+                lines.append(PayoutLine(str(payment.id), gross, fee, refunds))
+            self.collect(payment)
+        if not lines and not self.account.has_anything_due(self.day):
+            return
+        payout = self.account.plan(self.day, lines, reserve_percent_bps=self.reserve[0], reserve_days=self.reserve[1])
+        self.payouts.append(payout)
+        self.collect(payout, self.account)
+        self.day += timedelta(days=1)
+
+    @precondition(lambda self: any(p.status == PayoutStatus.CREATED for p in self.payouts))
+    @rule(data=st.data(), refuses=st.booleans())
+    def the_bank_answers(self, data: st.DataObject, refuses: bool) -> None:
+        waiting = [p for p in self.payouts if p.status == PayoutStatus.CREATED]
+        payout = waiting[data.draw(st.integers(0, len(waiting) - 1))]
+        if refuses:
+            payout.fail("account_closed")
+            self.account.carry(payout)
+        else:
+            payout.mark_paid(f"bank_{payout.id.hex[:8]}")
+        self.collect(payout, self.account)
+
+    @precondition(lambda self: bool(self.payouts))
+    @rule(data=st.data())
+    def a_decided_payout_cannot_be_decided_again(self, data: st.DataObject) -> None:
+        payout = self.payouts[data.draw(st.integers(0, len(self.payouts) - 1))]
+        if payout.status != PayoutStatus.CREATED:
+            for attempt in (lambda: payout.mark_paid("again"), lambda: payout.fail("again")):
+                try:
+                    attempt()
+                except DomainError:
+                    continue
+                raise AssertionError("a decided payout changed")
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    def accounts(self) -> dict[str, int]:
+        """Per account, credits minus debits (what we owe on it)."""
+        totals: dict[str, int] = {}
+        for event in self.events:
+            for d in getattr(event, "postings", ()) or ():
+                signed = d["amount_minor"] if d["direction"] == "credit" else -d["amount_minor"]
+                totals[d["account"]] = totals.get(d["account"], 0) + signed
+        return totals
+
+    @invariant()
+    def every_posting_set_balances(self) -> None:
+        for event in self.events:
+            postings = [Posting.from_dict(d) for d in getattr(event, "postings", ()) or ()]
+            assert imbalance(postings) == {}, event
+
+    @invariant()
+    def the_merchants_money_is_all_accounted_for(self) -> None:
+        owed = self.accounts()
+        m = self.merchant_id
+        pending, available, reserved, in_transit = (owed.get(f"merchant:{m}:{bucket}", 0)
+                                                     for bucket in ("payable", "available", "reserved", "in_transit"))
+        paid_out = sum(p.amount_minor for p in self.payouts if p.status == PayoutStatus.PAID)
+        net = sum(p.captured_minor - p.fee_minor - p.refunded_minor for p in self.payments)
+        assert paid_out + in_transit + available + pending + reserved == net
+        assert in_transit == sum(p.amount_minor for p in self.payouts if p.status == PayoutStatus.CREATED)
+        assert reserved == self.account.reserved_minor >= 0
+        # Available: what payments have due, plus what payouts carried forward.
+        due = sum(g - f - r for g, f, r in (p.payout_due() for p in self.payments))
+        assert available == due + self.account.carried_minor
+
+    @invariant()
+    def nothing_settles_or_pays_out_twice(self) -> None:
+        settled = [e for e in self.events if isinstance(e, Payment.Settled)]
+        assert len({e.originator_id for e in settled}) == len(settled)
+        refunds = [(e.originator_id, e.processor_reference) for e in self.events
+                   if isinstance(e, Payment.RefundSettled)]
+        assert len(set(refunds)) == len(refunds)
+        included = [(e.originator_id, e.payout_id) for e in self.events if isinstance(e, Payment.IncludedInPayout)]
+        assert len(set(included)) == len(included)
+        for payment in self.payments:
+            assert payment.paid_out_gross_minor <= payment.captured_minor
+            assert payment.paid_out_refunds_minor <= payment.refunded_minor
+
+    @invariant()
+    def clearing_is_what_the_processor_has_not_settled(self) -> None:
+        owed = self.accounts()
+        unsettled = sum(p.captured_minor for p in self.payments if not p.settled)
+        unsettled_refunds = sum(a for p in self.payments for r, a in p.refund_amounts.items()
+                                if r not in p.settled_refund_references)
+        assert -owed.get("processor_clearing", 0) == unsettled - unsettled_refunds
+
+
+def _captured_for(merchant_id: Any, n: int) -> Payment:
+    amount = 1_000 + 937 * n % 9_000
+    payment = Payment.initiate(uuid4(), merchant_id=merchant_id, session_id=None, amount_minor=amount, currency="USD",
+                               card_token="tok_1", card_brand="visa", card_last4="4242", fee_schedule=FeeSchedule())
+    clear_risk(payment)
+    payment.start_processing("primary")
+    payment.authorize(processor="primary", processor_reference=f"ch_{n}", amount_minor=amount, expires_at=EXPIRES_AT)
+    payment.capture(amount_minor=None, processor_reference=f"cap_{payment.id.hex[:8]}", now=NOW)
+    return payment
+
+
+TestMoneyOut = MoneyOut.TestCase
+TestMoneyOut.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                 suppress_health_check=[HealthCheck.too_slow])
