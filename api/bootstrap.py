@@ -44,7 +44,6 @@ POOL_MAX_SIZE = 20
 LOCK_HOLDERS = 8
 # How often `echotransact dispatch` reconciles each processor's previous day (a day done is a
 # no-op, so this only bounds how late after midnight a day is reconciled).
-RECONCILE_EVERY_S = 3600.0
 
 
 def eventsourcing_env(database_url: str) -> dict[str, str]:
@@ -109,6 +108,7 @@ def build_ledger(
     closes), else over a pool of its own for ``database`` (closed with the ledger)."""
     from adapters.notifications.wording import SmsWording
     from adapters.postgres.event_store import EventStoreFactory, PooledDatastore
+    from adapters.postgres.payouts import PostgresPayoutCandidates
     from adapters.postgres.settlement import PostgresProcessorTransactions
 
     policy = LedgerPolicy(
@@ -130,10 +130,16 @@ def build_ledger(
     extra.setdefault("locks", PostgresAdvisoryLocks(pool, max_holders=LOCK_HOLDERS))
     # Reconciliation: the configured processors' settlement reports, against our side of them.
     extra.setdefault("processor_transactions", PostgresProcessorTransactions(pool))
+    # Payouts: the read side's hints (which merchants, which payments); the bank, when configured.
+    extra.setdefault("payout_candidates", PostgresPayoutCandidates(pool))
     if settings.processors:
         from adapters.processors.settlement import HttpSettlementReports
 
         extra.setdefault("settlement_reports", HttpSettlementReports(settings.processors))
+    if settings.bank_url:
+        from adapters.banks.http import HttpBank
+
+        extra.setdefault("bank", HttpBank(settings.bank_url))
     cipher = {}
     if settings.encryption_key:
         cipher = {"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
@@ -275,6 +281,7 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
     def run(stop: threading.Event) -> None:
         run_webhooks(urls.database_url, opener, settings.hash_key, stop,
                      concurrency=settings.webhook_concurrency,
+                     platform_webhook_url=settings.platform_webhook_url,
                      allow_private_destinations=settings.allow_private_destinations,
                      retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
                      backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
@@ -286,7 +293,9 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
 def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
     """``echotransact dispatch``: the SMS dispatcher in the foreground; beside it the resolver of
     unknown authorizations, the reconciler of the processors' closed days (with processors
-    configured) and (unless switched off) retention, each on a thread."""
+    configured), the payouts (with a bank configured) and (unless switched off) retention, each on
+    a thread."""
+    from adapters.banks.loop import run_payouts
     from adapters.postgres.retention import run_retention
     from adapters.processors.reconciler import run_reconciler
     from adapters.processors.resolver import run_resolver
@@ -300,7 +309,13 @@ def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
         if settings.processors:
             threads.append(threading.Thread(
                 target=run_reconciler, args=(ledger, urls.database_url, list(settings.processors), stop),
-                daemon=True, name="reconciler", kwargs={"every_s": RECONCILE_EVERY_S},
+                daemon=True, name="reconciler",
+                kwargs={"every_s": settings.reconcile_every_s, "delay_days": settings.reconcile_delay_days},
+            ))
+        if settings.bank_url:
+            threads.append(threading.Thread(
+                target=run_payouts, args=(ledger, stop), daemon=True, name="payouts",
+                kwargs={"every_s": settings.payout_every_s},
             ))
         if settings.retention_every_s > 0:
             threads.append(threading.Thread(

@@ -119,6 +119,8 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
         env["ECHOTRANSACT_VAULT_KEY"] = base64.b64encode(settings.vault_key).decode()
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
+    if settings.bank_url:
+        env["ECHOTRANSACT_BANK_URL"] = settings.bank_url
     env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
     env["PGAPPNAME"] = f"echotransact-{command.replace(' ', '-')}"
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
@@ -265,6 +267,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
         settings = settings.replace(processors={s.name: s.start() for s in sandboxes})
         log.info("sandbox_processors", **settings.processors)
+    if not settings.bank_url:
+        # No bank configured: a sandbox bank, a real local HTTP service, receives the payouts.
+        from adapters.dev.bank_server import SandboxBankServer
+
+        bank = SandboxBankServer()
+        sandboxes.append(bank)
+        settings = settings.replace(bank_url=bank.start())
+        log.info("sandbox_bank", url=settings.bank_url)
     if "ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS" not in os.environ:
         # Development: the merchant's receivers (and the demo's) run on this machine.
 
@@ -277,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
             running.write_text(json.dumps(
                 {"database_url": urls[0], "migration_database_url": owner_url, "redis_url": urls[1],
-                 "kafka_bootstrap_servers": urls[2], "processors": settings.processors}
+                 "kafka_bootstrap_servers": urls[2], "processors": settings.processors,
+                 "bank_url": settings.bank_url}
             ))
             supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings), servers=_local_servers)
@@ -437,7 +448,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """A processor's settlement report of one day against the ledger; matched captures settle."""
     from api.bootstrap import build_ledger
     from application.errors import ProcessorUnavailable
-    from domain.reconciliation import MalformedReport
+    from domain.reconciliation import MalformedReport, ReportNotFinal
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
@@ -451,7 +462,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         ledger = build_ledger(settings, database_url)
         try:
             outcome = ledger.reconcile(args.processor, args.date, args.currency)
-        except (MalformedReport, ProcessorUnavailable) as error:
+        except (MalformedReport, ReportNotFinal, ProcessorUnavailable) as error:
             print(f"echotransact reconcile: {error}", file=sys.stderr)
             return 1
         finally:
@@ -460,7 +471,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     again = " (reconciled before: the same result)" if outcome.replayed else ""
     print(f"{result['processor']} {result['day']} {result['currency']}{again}: "
           + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in result["counts"].items() if n)
-          + f"; {result['settled']} payments settled")
+          + f"; {result['settled']} payments settled"
+          + (f", {result['refunds_settled']} refunds settled" if result.get("refunds_settled") else ""))
     for d in result["discrepancies"]:
         print(f"  {d['outcome'].replace('_', ' ')}: {d['kind']} {d['processor_reference']}"
               f" (ours {d['expected_minor']}, reported {d['reported_minor']}, payment {d['payment_id']})")

@@ -131,6 +131,12 @@ def _positive_duration(value: timedelta) -> timedelta:
 _Url = Annotated[str | None, BeforeValidator(_empty_is_none)]
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not (value.startswith(("http://", "https://")) and value.split("://", 1)[1].strip("/")):
+        raise ValueError("must be an http(s):// URL")
+    return value
+
+
 def _env(name: str, description: str, **kwargs: Any) -> Any:
     return Field(validation_alias=name, description=description, **kwargs)
 
@@ -179,6 +185,23 @@ class Settings(BaseModel):
     webhook_backoff_cap_s: float = _env(
         "ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S", "longest webhook retry delay (3600)", default=3_600,
         allow_inf_nan=False)
+    reconcile_every_s: Annotated[float, _at_least(0.1)] = _env(
+        "ECHOTRANSACT_RECONCILE_EVERY_S", "how often `dispatch` reconciles the processors' closed days (3600)",
+        default=3_600, allow_inf_nan=False)
+    reconcile_delay_days: Annotated[int, _at_least(0)] = _env(
+        "ECHOTRANSACT_RECONCILE_DELAY_DAYS",
+        "reconcile days up to this many days ago (1: yesterday; 0: today too, once the processor closes it)",
+        default=1)
+    payout_every_s: Annotated[float, _at_least(0.1)] = _env(
+        "ECHOTRANSACT_PAYOUT_EVERY_S", "how often `dispatch` makes the day's payouts and sends them (30)",
+        default=30, allow_inf_nan=False)
+    bank_url: Annotated[_Url, AfterValidator(_http_url)] = _env(
+        "ECHOTRANSACT_BANK_URL",
+        "the bank that pays merchants out (unset: run starts a sandbox bank; other commands make no payouts)",
+        default=None)
+    platform_webhook_url: Annotated[_Url, AfterValidator(_http_url)] = _env(
+        "ECHOTRANSACT_PLATFORM_WEBHOOK_URL",
+        "where the platform's own webhooks go: reconciliations with discrepancies (unset: not sent)", default=None)
     webhook_concurrency: Annotated[int, _at_least(1)] = _env(
         "ECHOTRANSACT_WEBHOOK_CONCURRENCY", "webhook sender threads per dispatcher (2), each with a connection",
         default=2)

@@ -27,10 +27,10 @@ from eventsourcing.domain import Aggregate
 from application.errors import BankTransferRejected, BankUnavailable, NotFound
 from application.ports import Bank, PayoutCandidates
 from application.unit_of_work import CommandResult, LedgerBase
+from domain.errors import DomainError, NothingToPayOut
 from domain.merchant import Merchant
 from domain.money import check_currency
 from domain.payout import (
-    NothingToPayOut,
     Payout,
     PayoutAccount,
     PayoutLine,
@@ -56,6 +56,7 @@ class PayoutRun:
     created: list[dict[str, Any]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
     unsent: dict[str, str] = field(default_factory=dict)  # payout id -> why (the bank: try again)
+    refused: dict[str, str] = field(default_factory=dict)  # merchant:currency -> the named rejection
 
 
 class PayoutCommands(LedgerBase):
@@ -149,6 +150,8 @@ class PayoutCommands(LedgerBase):
                     run.created.append(self.create_payout(merchant_id, currency, today).result)
                 except NothingToPayOut:
                     continue  # what it has is held by the reserve, or not settled in the read side yet
+                except DomainError as refused:  # the others go on; this one is logged by the loop
+                    run.refused[f"{merchant_id}:{currency}"] = f"{refused.code}: {refused}"
         for the_payout in {*candidates.unsent(), *(UUID(r["payout_id"]) for r in run.created
                                                    if r["status"] == PayoutStatus.CREATED)}:
             try:

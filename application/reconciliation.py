@@ -20,7 +20,7 @@ from eventsourcing.domain import Aggregate
 from application.ports import ProcessorTransactions, SettlementReports
 from application.unit_of_work import CommandResult, LedgerBase
 from domain.payment import Payment
-from domain.reconciliation import LATE, MATCHED, Reconciliation, match, reconciliation_id
+from domain.reconciliation import LATE, MATCHED, Reconciliation, ReportNotFinal, match, reconciliation_id
 
 
 class ReconciliationCommands(LedgerBase):
@@ -35,6 +35,8 @@ class ReconciliationCommands(LedgerBase):
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             report = reports.fetch(processor, day, currency)
+            if not report.final:
+                raise ReportNotFinal(f"{processor} has not closed {day} yet: its {currency} report may still change")
             findings = match(report, ours.expected(processor, currency, day))
             done = Reconciliation.reconcile(report, findings)
             settled: dict[UUID, Payment] = {}

@@ -128,3 +128,10 @@ class RiskNotAssessed(DomainError):
     """A payment goes to a processor only after the risk rules have passed it."""
 
     code = "risk_not_assessed"
+
+
+class NothingToPayOut(DomainError):
+    """No settled payment has money due, nothing is carried forward and the reserve releases
+    nothing: there is no payout to make."""
+
+    code = "nothing_to_pay_out"

@@ -26,7 +26,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.errors import DomainError, InvalidField, InvalidTransition
+from domain.errors import InvalidField, InvalidTransition
 from domain.ledger import payout_created_postings, payout_failed_postings, payout_paid_postings
 from domain.money import check_currency
 from domain.values import check_text
@@ -35,12 +35,6 @@ DAILY, WEEKLY, MANUAL = "daily", "weekly", "manual"
 SCHEDULES = (DAILY, WEEKLY, MANUAL)
 WEEKLY_CUTOFF_WEEKDAY = 0  # Monday
 MAX_RESERVE_DAYS = 365
-
-
-class NothingToPayOut(DomainError):
-    """No payment has money due, nothing is carried and the reserve releases nothing."""
-
-    code = "nothing_to_pay_out"
 
 
 class PayoutStatus:

@@ -44,6 +44,13 @@ class MalformedReport(DomainError):
     code = "malformed_settlement_report"
 
 
+class ReportNotFinal(DomainError):
+    """The processor has not closed the day yet: its report may still change, so it is not
+    reconciled (nothing is recorded; ask again later)."""
+
+    code = "settlement_report_not_final"
+
+
 @dataclass(frozen=True)
 class ReportLine:
     processor_reference: str
@@ -68,6 +75,8 @@ class SettlementReport:
     currency: str
     lines: tuple[ReportLine, ...]
     deposits: tuple[Deposit, ...]
+    # Whether the processor closed the day: a preliminary report can still change.
+    final: bool = True
 
     def check(self) -> None:
         """Raise MalformedReport naming the first thing that does not add up."""

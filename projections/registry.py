@@ -6,13 +6,16 @@ from projections.analytics import AnalyticsProjection
 from projections.audit import AuditProjection
 from projections.balances import BalancesProjection
 from projections.engine import Projection
+from projections.payouts import PayoutsProjection
+from projections.reconciliations import ReconciliationsProjection
 from projections.status import StatusProjection
 
 
 def all_projections() -> dict[str, Projection]:
     return {
         p.name: p
-        for p in (StatusProjection(), AnalyticsProjection(), AuditProjection(), BalancesProjection())
+        for p in (StatusProjection(), AnalyticsProjection(), AuditProjection(), BalancesProjection(),
+                  ReconciliationsProjection(), PayoutsProjection())
     }
 
 

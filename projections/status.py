@@ -31,7 +31,6 @@ SESSION_STATUS_AFTER = {
 PAYMENT_STATUS_AFTER = {
     "payment.voided": "voided",
     "payment.authorization_expired": "authorization_expired",
-    "payment.settled": "settled",
 }
 
 # The columns an event after the first can change (the others are set once, at creation), with
@@ -48,7 +47,8 @@ SESSION_CREATED = {
 PAYMENT_MUTABLE = {
     "status": "text", "processor": "text", "authorized_minor": "bigint", "captured_minor": "bigint",
     "fee_minor": "bigint", "refunded_minor": "bigint", "failure_code": "text", "risk_score": "integer",
-    "risk_decision": "text", "updated_at": "timestamptz", "version": "bigint", "position": "bigint",
+    "risk_decision": "text", "settled_at": "timestamptz", "payout_due_minor": "bigint",
+    "updated_at": "timestamptz", "version": "bigint", "position": "bigint",
 }
 PAYMENT_CREATED = {
     "payment_id": "uuid", "merchant_id": "uuid", "session_id": "uuid", "amount_minor": "bigint",
@@ -86,11 +86,12 @@ def _initiated(e: EventEnvelope) -> dict[str, Any]:
         "session_id": _uuid(d["session_id"]), "status": "initiated", "amount_minor": d["amount_minor"],
         "currency": d["currency"], "card_brand": d["card_brand"], "card_last4": d["card_last4"],
         "processor": None, "authorized_minor": 0, "captured_minor": 0, "fee_minor": 0, "refunded_minor": 0,
-        "failure_code": None, "risk_score": None, "risk_decision": None, "created_at": e.occurred_at,
+        "failure_code": None, "risk_score": None, "risk_decision": None, "settled_at": None, "payout_due_minor": 0,
+        "created_at": e.occurred_at,
     }
 
 
-def change_session(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> None:
+def change_session(row: dict[str, Any], event_type: str, d: dict[str, Any], at: datetime) -> None:
     """What one session event does to its status row (after the opening)."""
     if event_type in SESSION_STATUS_AFTER:
         row["status"] = SESSION_STATUS_AFTER[event_type]
@@ -115,8 +116,9 @@ def change_session(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> N
     # code_resent, identity_rejected: nothing a status reader sees
 
 
-def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> None:
-    """What one payment event does to its status row (after the initiation)."""
+def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any], at: datetime) -> None:
+    """What one payment event does to its status row (after the initiation). ``payout_due_minor``
+    follows the money the merchant has available from this payment and no payout took yet."""
     if event_type in PAYMENT_STATUS_AFTER:
         row["status"] = PAYMENT_STATUS_AFTER[event_type]
     elif event_type == "payment.processing_rerouted":
@@ -136,6 +138,15 @@ def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any]) -> N
         if total == row["captured_minor"]:
             row["status"] = "refunded"
         row["refunded_minor"] = total
+        if row["settled_at"] is not None:
+            row["payout_due_minor"] -= d["amount_minor"]
+    elif event_type == "payment.settled":
+        if row["status"] == "captured":  # a payment refunded in full stays refunded
+            row["status"] = "settled"
+        row["settled_at"] = at
+        row["payout_due_minor"] += d.get("merchant_share_minor", 0)  # none before payouts existed
+    elif event_type == "payment.included_in_payout":
+        row["payout_due_minor"] -= d["gross_minor"] - d["fee_minor"] - d["refunds_minor"]
 
 
 class _Table:
@@ -147,7 +158,7 @@ class _Table:
     def write(
         self, cur: psycopg.Cursor[Any], events: list[EventEnvelope], creation: str,
         create: Callable[[EventEnvelope], dict[str, Any]],
-        change: Callable[[dict[str, Any], str, dict[str, Any]], None],
+        change: Callable[[dict[str, Any], str, dict[str, Any], datetime], None],
     ) -> None:
         if not events:
             return
@@ -184,7 +195,7 @@ class _Table:
                 if found is None:
                     continue  # no row to change (the UPDATE of old matched nothing)
                 row = found
-                change(row, e.event_type, e.data)
+                change(row, e.event_type, e.data, e.occurred_at)
                 if e.aggregate_id not in created:
                     changed[e.aggregate_id] = row
             row["updated_at"], row["version"], row["position"] = e.occurred_at, e.version, e.position

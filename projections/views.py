@@ -22,6 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from projections.audit import COLUMNS as AUDIT_COLUMNS
 from projections.audit import ChainReport, verify_chain
+from projections.reconciliations import OUTCOMES as RECONCILIATION_OUTCOMES
 
 READER_ROLE = "echotransact_reader"
 ROLES = ("merchant", "analyst", "compliance", "admin")
@@ -30,6 +31,17 @@ MAX_PAGE = 100
 MAX_AUDIT_PAGE = 1_000
 # The hash chain runs through every audit row: only a scope that sees them all can check it.
 WHOLE_AUDIT_ROLES = ("compliance", "admin")
+# Who sees the platform's own rows, which belong to no merchant (reconciliations: migrations/0016).
+PLATFORM_ROLES = ("compliance", "admin")
+_RECONCILIATION_COLUMNS = (
+    "reconciliation_id, processor, day, currency, matched_count, amount_mismatch_count, missing_from_report_count,"
+    " unknown_to_us_count, late_count, discrepancy_count, deposits, reconciled_at, version, position"
+)
+
+_PAYOUT_COLUMNS = (
+    "payout_id, merchant_id, currency, cutoff, status, amount_minor, carried_in_minor, reserve_held_minor,"
+    " reserve_released_minor, line_count, bank_reference, failure_reason, created_at, updated_at"
+)
 
 Granularity = Literal["day", "week", "month"]
 Row = dict[str, Any]
@@ -149,6 +161,11 @@ class ReadViews:
         """``WHERE`` from (clause, value) pairs whose value is not None, plus the scope's merchant."""
         if scope.merchant_id is not None:
             conditions = [("merchant_id = %s", scope.merchant_id), *conditions]
+        return ReadViews._conditions(conditions)
+
+    @staticmethod
+    def _conditions(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+        """``WHERE`` from (clause, value) pairs whose value is not None."""
         used = [(clause, value) for clause, value in conditions if value is not None]
         if not used:
             return "", []
@@ -229,6 +246,43 @@ class ReadViews:
             )
             rows = [_plain(r) for r in cur.fetchall()]
         return rows[:limit], len(rows) > limit
+
+    # -- payouts ---------------------------------------------------------------------------------
+
+    def payouts(
+        self, scope: Scope, *, status: str | None = None, currency: str | None = None, limit: int = 50,
+        starting_after: UUID | None = None,
+    ) -> tuple[list[Row], bool]:
+        """(payouts newest first, whether more follow); ``starting_after`` as for payments."""
+        _check_limit(limit, MAX_PAGE)
+        with self._scoped(scope) as cur:
+            after: tuple[datetime, UUID] | None = None
+            if starting_after is not None:
+                where, params = self._where(scope, [("payout_id = %s", starting_after)])
+                cur.execute("SELECT created_at, payout_id FROM payouts" + where, params)
+                cursor_row = cur.fetchone()
+                if cursor_row is None:
+                    raise ValueError(f"starting_after {starting_after} is not a payout you can see")
+                after = (cursor_row["created_at"], cursor_row["payout_id"])
+            where, params = self._where(scope, [
+                ("status = %s", status), ("currency = %s", currency), ("(created_at, payout_id) < (%s, %s)", after),
+            ])
+            cur.execute(f"SELECT {_PAYOUT_COLUMNS} FROM payouts" + where
+                        + " ORDER BY created_at DESC, payout_id DESC LIMIT %s", [*params, limit + 1])
+            rows = [_plain(r) for r in cur.fetchall()]
+        return rows[:limit], len(rows) > limit
+
+    def payout(self, scope: Scope, payout_id: UUID) -> tuple[Row, list[Row]] | None:
+        """A payout and its lines in order; None when there is none this scope can see."""
+        with self._scoped(scope) as cur:
+            where, params = self._where(scope, [("payout_id = %s", payout_id)])
+            cur.execute(f"SELECT {_PAYOUT_COLUMNS} FROM payouts" + where, params)
+            row = cur.fetchone()
+            if row is None:
+                return None
+            cur.execute("SELECT payment_id, gross_minor, fee_minor, refunds_minor, net_minor FROM payout_lines"
+                        + where + " ORDER BY line_no", params)
+            return _plain(row), [_plain(r) for r in cur.fetchall()]
 
     # -- balances --------------------------------------------------------------------------------
 
@@ -337,6 +391,79 @@ class ReadViews:
             " occurred_at, data, prev_hash, hash FROM audit_log" + where + " ORDER BY position LIMIT %s",
             [*params, limit],
         )
+
+    # -- reconciliations -------------------------------------------------------------------------
+
+    def reconciliations(
+        self, scope: Scope, *, processor: str | None = None, currency: str | None = None,
+        date_from: date | None = None, date_to: date | None = None, has_discrepancies: bool | None = None,
+        outcome: str | None = None, limit: int = 50, starting_after: UUID | None = None,
+    ) -> tuple[list[Row], bool]:
+        """(reconciliations newest day first, whether more follow). ``date_from`` and ``date_to``
+        are inclusive days; ``outcome`` keeps those with at least one finding of it;
+        ``starting_after`` is the last id of the previous page, and one this scope cannot see is a
+        ValueError, the same as one that does not exist. Only compliance and admin see any."""
+        _check_limit(limit, MAX_PAGE)
+        if date_from is not None and date_to is not None:
+            _check_dates(date_from, date_to)
+        if outcome is not None and outcome not in RECONCILIATION_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(RECONCILIATION_OUTCOMES)}, not {outcome!r}")
+        # The platform's rows have no merchant to filter by: the scope's role is the filter here,
+        # the policies (migrations/0016) the second wall.
+        in_view = ("%s::boolean", scope.role in PLATFORM_ROLES)
+        with self._scoped(scope) as cur:
+            after: tuple[date, UUID] | None = None
+            if starting_after is not None:
+                where, params = self._conditions([in_view, ("reconciliation_id = %s", starting_after)])
+                cur.execute("SELECT day, reconciliation_id FROM reconciliations" + where, params)
+                cursor_row = cur.fetchone()
+                if cursor_row is None:
+                    raise ValueError(f"starting_after {starting_after} is not a reconciliation you can see")
+                after = (cursor_row["day"], cursor_row["reconciliation_id"])
+            # () fills no placeholder: the clause applies, with nothing to pass (None: it does not).
+            where, params = self._conditions([
+                in_view,
+                ("processor = %s", processor),
+                ("currency = %s", currency),
+                ("day >= %s", date_from),
+                ("day <= %s", date_to),
+                ("discrepancy_count > 0" if has_discrepancies else "discrepancy_count = 0",
+                 None if has_discrepancies is None else ()),
+                # A column of the fixed list checked above, never the caller's text.
+                (f"{outcome}_count > 0", None if outcome is None else ()),
+                ("(day, reconciliation_id) < (%s, %s)", after),
+            ])
+            cur.execute(
+                f"SELECT {_RECONCILIATION_COLUMNS} FROM reconciliations" + where
+                + " ORDER BY day DESC, reconciliation_id DESC LIMIT %s",
+                [*params, limit + 1],
+            )
+            rows = [_plain(r) for r in cur.fetchall()]
+        return rows[:limit], len(rows) > limit
+
+    def reconciliation(self, scope: Scope, reconciliation_id: UUID, *, outcome: str | None = None) -> Row | None:
+        """A reconciliation with its findings, each flagged ``discrepancy``: discrepancies first,
+        then in the report's order (``outcome``: only the findings of that outcome). None when
+        there is none this scope can see."""
+        if outcome is not None and outcome not in RECONCILIATION_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(RECONCILIATION_OUTCOMES)}, not {outcome!r}")
+        in_view = ("%s::boolean", scope.role in PLATFORM_ROLES)
+        with self._scoped(scope) as cur:
+            where, params = self._conditions([in_view, ("reconciliation_id = %s", reconciliation_id)])
+            cur.execute(f"SELECT {_RECONCILIATION_COLUMNS} FROM reconciliations" + where, params)
+            row = cur.fetchone()
+            if row is None:
+                return None
+            where, params = self._conditions([
+                in_view, ("reconciliation_id = %s", reconciliation_id), ("outcome = %s", outcome)])
+            cur.execute(
+                "SELECT finding_no, outcome, discrepancy, processor_reference, kind, payment_id, expected_minor,"
+                " reported_minor, fee_minor, deposit_id FROM reconciliation_findings" + where
+                + " ORDER BY discrepancy DESC, finding_no",
+                params,
+            )
+            findings = [_plain(r) for r in cur.fetchall()]
+        return {**_plain(row), "findings": findings}
 
     # -- compliance reports ----------------------------------------------------------------------
 

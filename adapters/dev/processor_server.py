@@ -143,6 +143,8 @@ class _Misbehaviour:
     moved: set[str] = field(default_factory=set)
     unknown_lines: int = 0
     deposit_off_by: int = 0
+    # Days closed early (a day is closed anyway once it is over, by this machine's UTC clock).
+    closed_days: set[date] = field(default_factory=set)
 
 
 @dataclass
@@ -339,6 +341,11 @@ class SandboxProcessorServer:
             wrong.unknown_lines += unknown_lines
             wrong.deposit_off_by += deposit_off_by
 
+    def close_day(self, day: date) -> None:
+        """Close ``day`` now, as a processor does at its cut-off: its reports become final."""
+        with self._lock:
+            self._state.misbehaviour.closed_days.add(day)
+
     def settlement_report(self, day: date, currency: str) -> dict[str, Any]:
         """The day's settlement report in one currency, as providers serve them: one line per
         capture and refund with gross, fee (SETTLEMENT_FEE on captures) and net, and the deposit
@@ -348,6 +355,7 @@ class SandboxProcessorServer:
             wrong = self._state.misbehaviour
             dropped, changed, moved = set(wrong.dropped), set(wrong.changed), set(wrong.moved)
             unknown_lines, deposit_off_by = wrong.unknown_lines, wrong.deposit_off_by
+            final = day < datetime.now(UTC).date() or day in wrong.closed_days
         deposit_id = f"{self.name}-deposit-{day.isoformat()}-{currency}"
         listed = [(t.reference, t.kind, t.gross_minor + (100 if t.reference in changed else 0), t.day)
                   for t in transactions
@@ -361,7 +369,7 @@ class SandboxProcessorServer:
             total += gross - fee
             lines.append({"reference": reference, "type": kind, "gross": gross, "fee": fee, "net": gross - fee,
                           "deposit_id": deposit_id, "transaction_date": happened.isoformat()})
-        return {"processor": self.name, "date": day.isoformat(), "currency": currency, "lines": lines,
+        return {"processor": self.name, "date": day.isoformat(), "currency": currency, "final": final, "lines": lines,
                 "deposits": [{"deposit_id": deposit_id, "total": total}] if lines else []}
 
     def operation_status(self, key: str) -> tuple[int, dict[str, Any]]:
@@ -593,6 +601,7 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
             counters,
             control("/v1/sandbox/latency", lambda body: sandbox.set_latency(int(body["latency_ms"]))),
             control("/v1/sandbox/down", lambda body: sandbox.set_down(bool(body["down"]))),
+            control("/v1/sandbox/close-day", lambda body: sandbox.close_day(date.fromisoformat(str(body["day"])))),
             operation_status,
             settlements,
             *(operation(path, name) for path, name in OPERATIONS.items()),

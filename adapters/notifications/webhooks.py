@@ -1,6 +1,17 @@
-"""Webhooks: ledger events to the merchant's webhook URL and the session's callback URL, signed,
-retried with exponential backoff, dead-lettered past a horizon; and the order of a completed
-session into the merchant's commerce backend (adapters/notifications/commerce.py).
+"""Webhooks: ledger events to the merchant's webhook URL and the session's callback URL, and the
+platform's own events to the platform's webhook URL, signed, retried with exponential backoff,
+dead-lettered past a horizon; and the order of a completed session into the merchant's commerce
+backend (adapters/notifications/commerce.py).
+
+Which events go where is one table, ``WEBHOOK_RULES``, by aggregate type: an aggregate type it has
+no rule for is never delivered. A merchant's events (sessions, payments, payouts) go to the
+merchant's webhook URL, and those of sessions and payments also to the session's callback URL. A
+``reconciliation.reconciled`` with at least one discrepancy (domain/reconciliation.py
+DISCREPANCIES) goes to ``ECHOTRANSACT_PLATFORM_WEBHOOK_URL``, as the same body as every webhook:
+``{"id", "type", "created", "data"}``, ``data`` holding ``aggregate_id`` (the reconciliation),
+``aggregate_type`` ("reconciliation"), ``merchant_id`` (null), ``processor``, ``day``, ``currency``,
+``findings`` (every one, each with its ``outcome``) and ``deposits``. It is signed with the
+platform's secret, ``webhook_secret(hash_key, PLATFORM_ID)``.
 
 Two steps, each crash-safe:
 
@@ -16,7 +27,8 @@ Two steps, each crash-safe:
   guaranteed order.
 
 Every request is signed: ``EchoTransact-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
-"<t>.<body>")>`` with the merchant's secret ``webhook_secret(hash_key, merchant_id)``.
+"<t>.<body>")>`` with the merchant's secret ``webhook_secret(hash_key, merchant_id)`` (the
+platform's: ``platform_webhook_secret(hash_key)``).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import hmac
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,32 +67,64 @@ from application.envelope import EventEnvelope
 from application.hashing import keyed_hash
 from application.masking import SECRET_FIELDS, mask_event_data
 from application.ports import Clock
+from domain.reconciliation import DISCREPANCIES
 
 __all__ = [
-    "EVENT_ID_HEADER", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "AttemptResult", "Delivery",
-    "DeliveryKind", "DeliveryStatus", "DispatchOutcome", "PlanResult", "WebhookAdmin",
-    "WebhookDispatcher", "WebhookPlanner", "event_body", "run_webhooks", "sign", "verify_signature",
-    "webhook_secret",
+    "EVENT_ID_HEADER", "PLATFORM_ID", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "WEBHOOK_RULES", "AttemptResult",
+    "Delivery", "DeliveryKind", "DeliveryStatus", "DispatchOutcome", "PlanResult", "WebhookAdmin",
+    "WebhookDispatcher", "WebhookPlanner", "WebhookRule", "event_body", "platform_webhook_secret", "run_webhooks",
+    "sign", "verify_signature", "webhook_secret",
 ]
 
 log = structlog.get_logger(__name__)
 
 OpenEnvelope = Callable[[bytes], EventEnvelope]
 
-WEBHOOK_EVENT_TYPES = frozenset({
-    "payment_session.link_sent",
-    "payment_session.code_verified",
-    "payment_session.identity_verified",
-    "payment_session.completed",
-    "payment_session.expired",
-    "payment_session.cancelled",
-    "payment_session.sms_failed",
-    "payment.authorized",
-    "payment.captured",
-    "payment.refunded",
-    "payment.voided",
-    "payment.failed",
-})
+
+def _has_discrepancies(e: EventEnvelope) -> bool:
+    return any(finding.get("outcome") in DISCREPANCIES for finding in e.data.get("findings") or ())
+
+
+@dataclass(frozen=True)
+class WebhookRule:
+    """Which events of one aggregate type are delivered, and where: to the platform's webhook
+    URL, or to the webhook URL of the merchant the event names (and, with ``session_callback``,
+    to the callback URL of the session it belongs to, and a completed session's order to the
+    merchant's commerce backend). ``when`` narrows the events further."""
+
+    events: frozenset[str]
+    to_platform: bool = False
+    session_callback: bool = False
+    when: Callable[[EventEnvelope], bool] | None = None
+
+    def delivers(self, e: EventEnvelope) -> bool:
+        return e.event_type in self.events and (self.when is None or self.when(e))
+
+
+WEBHOOK_RULES: Mapping[str, WebhookRule] = {
+    "payment_session": WebhookRule(frozenset({
+        "payment_session.link_sent",
+        "payment_session.code_verified",
+        "payment_session.identity_verified",
+        "payment_session.completed",
+        "payment_session.expired",
+        "payment_session.cancelled",
+        "payment_session.sms_failed",
+    }), session_callback=True),
+    "payment": WebhookRule(frozenset({
+        "payment.authorized",
+        "payment.captured",
+        "payment.refunded",
+        "payment.voided",
+        "payment.failed",
+    }), session_callback=True),
+    # A merchant's payouts: to its webhook URL like its payments, with no session to call back.
+    "payout": WebhookRule(frozenset({"payout.paid", "payout.failed"})),
+    # The platform's: a processor's day that did not match, for the people who chase it.
+    "reconciliation": WebhookRule(frozenset({"reconciliation.reconciled"}), to_platform=True,
+                                  when=_has_discrepancies),
+}
+WEBHOOK_EVENT_TYPES = frozenset(event_type for rule in WEBHOOK_RULES.values() for event_type in rule.events)
 
 SIGNATURE_HEADER = "EchoTransact-Signature"
 EVENT_ID_HEADER = "EchoTransact-Event-Id"
@@ -89,13 +133,15 @@ USER_AGENT = "EchoTransact-Webhooks/1"
 
 # Keyed hashes are masked to "***" by mask_event_data; a receiver has no use for even that.
 # Card tokens never reach a merchant: they are the platform's handle on the customer's card.
-_NEVER_SENT = SECRET_FIELDS | {"card_token"}
+# A created event's originator_topic is the event library's name for our class: nobody's business.
+_NEVER_SENT = SECRET_FIELDS | {"card_token", "originator_topic"}
 
 
 class DeliveryKind:
     MERCHANT_WEBHOOK = "merchant_webhook"
     SESSION_CALLBACK = "session_callback"
     COMMERCE_ORDER = "commerce_order"
+    PLATFORM_WEBHOOK = "platform_webhook"
 
 
 class DeliveryStatus:
@@ -107,10 +153,21 @@ class DeliveryStatus:
 # -- signing ------------------------------------------------------------------------------------
 
 
+# The platform's own id where a delivery names whose secret signs it (webhook_deliveries.merchant_id):
+# no merchant has it. `echotransact webhooks secret --merchant 00000000-0000-0000-0000-000000000000`
+# prints the platform's secret.
+PLATFORM_ID = UUID(int=0)
+
+
 def webhook_secret(hash_key: bytes, merchant_id: UUID | str) -> str:
     """The merchant's signing secret, derived (never stored): the admin API can show it, and
     every dispatcher computes the same one from the hash key."""
     return keyed_hash(hash_key, "webhook-secret", merchant_id)
+
+
+def platform_webhook_secret(hash_key: bytes) -> str:
+    """The secret signing the platform's webhooks, derived like a merchant's."""
+    return webhook_secret(hash_key, PLATFORM_ID)
 
 
 def _mac(secret: str, timestamp: int, body: bytes) -> str:
@@ -183,12 +240,14 @@ class WebhookPlanner:
 
     def __init__(
         self, database_url: str, open_envelope: OpenEnvelope, *, clock: Clock | None = None,
-        batch_size: int = 500,
+        batch_size: int = 500, platform_webhook_url: str | None = None,
     ) -> None:
         self.database_url = database_url
         self.open_envelope = open_envelope
         self.clock = clock or SystemClock()
         self.batch_size = batch_size
+        # Where the platform's events go (ECHOTRANSACT_PLATFORM_WEBHOOK_URL); None: nowhere.
+        self.platform_webhook_url = platform_webhook_url
         self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
 
     def connection(self) -> psycopg.Connection[Any]:
@@ -229,8 +288,9 @@ class WebhookPlanner:
                 if envelope.position != row_position:
                     envelope = msgspec.structs.replace(envelope, position=row_position)
                 self._remember(cur, envelope)
-                if row_position > deliver_after and envelope.event_type in WEBHOOK_EVENT_TYPES:
-                    result.deliveries += self._plan_deliveries(cur, envelope, now)
+                rule = WEBHOOK_RULES.get(envelope.aggregate_type)
+                if row_position > deliver_after and rule is not None and rule.delivers(envelope):
+                    result.deliveries += self._plan_deliveries(cur, envelope, rule, now)
                 result.events += 1
             if rows:
                 cur.execute(
@@ -287,28 +347,61 @@ class WebhookPlanner:
                 (e.aggregate_id, data["merchant_id"], data.get("session_id")),
             )
 
-    def _plan_deliveries(self, cur: psycopg.Cursor[Any], e: EventEnvelope, now: datetime) -> int:
-        merchant_id = e.merchant_id
-        assert merchant_id is not None, "session and payment events carry their merchant"
+    def _plan_deliveries(self, cur: psycopg.Cursor[Any], e: EventEnvelope, rule: WebhookRule, now: datetime) -> int:
+        """One delivery per endpoint the rule sends this event to; returns how many are new."""
+        signer: UUID | None  # whose secret signs them, kept with each delivery
+        targets: list[tuple[str, str, bytes, str | None]]
+        if rule.to_platform:
+            signer = PLATFORM_ID
+            url = self.platform_webhook_url
+            targets = [(DeliveryKind.PLATFORM_WEBHOOK, url, event_body(e), None)] if url else []
+        else:
+            signer = e.merchant_id
+            if signer is None:
+                # A rule for merchants' events, and an event of that type that names none: there
+                # is nobody to send it to (and a bug to look at, not a reason to stop planning).
+                log.warning("webhook_event_without_merchant", event_id=e.event_id, event_type=e.event_type)
+                return 0
+            targets = self._merchant_targets(cur, e, signer, rule)
+
+        planned = 0
+        for kind, endpoint_url, payload, idempotency_key in targets:
+            cur.execute(
+                "INSERT INTO webhook_deliveries (event_id, event_type, position, merchant_id, kind,"
+                " endpoint_url, body, idempotency_key, next_attempt_at, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (event_id, endpoint_url, kind) DO NOTHING",
+                (e.event_id, e.event_type, e.position, signer, kind, endpoint_url, payload, idempotency_key,
+                 now, now),
+            )
+            planned += cur.rowcount
+        return planned
+
+    def _merchant_targets(
+        self, cur: psycopg.Cursor[Any], e: EventEnvelope, merchant_id: UUID, rule: WebhookRule,
+    ) -> list[tuple[str, str, bytes, str | None]]:
+        """(kind, URL, body, idempotency key) of each delivery of a merchant's event."""
         merchant = cur.execute(
             "SELECT webhook_url, commerce_backend_uri FROM webhook_merchants WHERE merchant_id = %s",
             (merchant_id,),
         ).fetchone()
         webhook_url, commerce_uri = merchant if merchant else (None, None)
-        if e.aggregate_type == "payment_session":
-            session_id: UUID | None = e.aggregate_id
-        else:
-            payment = cur.execute(
-                "SELECT session_id FROM webhook_payments WHERE payment_id = %s", (e.aggregate_id,)
-            ).fetchone()
-            session_id = payment[0] if payment else None
+        session_id: UUID | None = None
         session = None
-        if session_id is not None:
-            session = cur.execute(
-                "SELECT callback_url, order_reference, line_items, amount_minor, currency"
-                " FROM webhook_sessions WHERE session_id = %s",
-                (session_id,),
-            ).fetchone()
+        if rule.session_callback:
+            if e.aggregate_type == "payment_session":
+                session_id = e.aggregate_id
+            else:
+                payment = cur.execute(
+                    "SELECT session_id FROM webhook_payments WHERE payment_id = %s", (e.aggregate_id,)
+                ).fetchone()
+                session_id = payment[0] if payment else None
+            if session_id is not None:
+                session = cur.execute(
+                    "SELECT callback_url, order_reference, line_items, amount_minor, currency"
+                    " FROM webhook_sessions WHERE session_id = %s",
+                    (session_id,),
+                ).fetchone()
 
         body = event_body(e, session_id=session_id if e.aggregate_type != "payment_session" else None)
         targets: list[tuple[str, str, bytes, str | None]] = []
@@ -327,19 +420,7 @@ class WebhookPlanner:
             targets.append(
                 (DeliveryKind.COMMERCE_ORDER, commerce_uri, encode_order(order), str(e.aggregate_id))
             )
-
-        planned = 0
-        for kind, url, payload, idempotency_key in targets:
-            cur.execute(
-                "INSERT INTO webhook_deliveries (event_id, event_type, position, merchant_id, kind,"
-                " endpoint_url, body, idempotency_key, next_attempt_at, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (event_id, endpoint_url, kind) DO NOTHING",
-                (e.event_id, e.event_type, e.position, merchant_id, kind, url, payload, idempotency_key,
-                 now, now),
-            )
-            planned += cur.rowcount
-        return planned
+        return targets
 
 
 # -- dispatching --------------------------------------------------------------------------------
@@ -641,6 +722,7 @@ def run_webhooks(
     concurrency: int = 4,
     poll_interval_s: float = 1.0,
     clock: Clock | None = None,
+    platform_webhook_url: str | None = None,
     **dispatcher_options: Any,
 ) -> None:
     """Plan and dispatch until ``stop`` is set: one planner loop, ``concurrency`` dispatchers.
@@ -663,7 +745,7 @@ def run_webhooks(
         finally:
             close()
 
-    planner = WebhookPlanner(database_url, open_envelope, clock=clock)
+    planner = WebhookPlanner(database_url, open_envelope, clock=clock, platform_webhook_url=platform_webhook_url)
 
     def planner_idle(timeout_s: float) -> None:
         # Woken by the commit of any save (its connection LISTENs), so deliveries are planned

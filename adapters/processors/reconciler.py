@@ -1,7 +1,9 @@
 """Reconciles each processor's closed days, every so often, inside ``echotransact dispatch``
-(and so inside ``echotransact run``): yesterday's settlement report (UTC), in every currency the
-processor took payments in. A day already reconciled answers its first result at once, so the
-loop may run as often as it likes; a processor that cannot be asked now is asked next round."""
+(and so inside ``echotransact run``): the settlement reports (UTC days) of the last few days up
+to ``delay_days`` ago (1: up to yesterday), in every currency the processor took payments in.
+A day already reconciled answers its first result at once, so the loop may run as often as it
+likes; a day the processor has not closed yet (a preliminary report), and a processor that
+cannot be asked now, are asked again next round."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import structlog
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger
 from domain.errors import DomainError
+from domain.reconciliation import ReportNotFinal
+
+# Days looked at behind the newest one due: a day a processor closed late is still reconciled.
+LOOK_BACK_DAYS = 3
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +39,7 @@ def reconcile_day(ledger: Ledger, database_url: str, processors: Iterable[str], 
         for currency in currencies_of(database_url, processor):
             try:
                 result = ledger.reconcile(processor, day, currency)
-            except ProcessorUnavailable as error:
+            except (ProcessorUnavailable, ReportNotFinal) as error:
                 log.info("reconciliation_deferred", processor=processor, day=str(day), error=str(error))
                 continue
             except DomainError as error:  # a malformed report: refused whole, tried again next round
@@ -48,11 +54,13 @@ def reconcile_day(ledger: Ledger, database_url: str, processors: Iterable[str], 
 
 
 def run_reconciler(ledger: Ledger, database_url: str, processors: Iterable[str], stop: threading.Event,
-                   every_s: float = 3600.0) -> None:
+                   every_s: float = 3600.0, delay_days: int = 1) -> None:
     names = list(processors)
     while True:
         try:
-            reconcile_day(ledger, database_url, names, datetime.now(UTC).date() - timedelta(days=1))
+            newest = datetime.now(UTC).date() - timedelta(days=delay_days)
+            for back in reversed(range(LOOK_BACK_DAYS)):
+                reconcile_day(ledger, database_url, names, newest - timedelta(days=back))
         except psycopg.Error as error:
             log.warning("reconciler_database_error", error=str(error))
         if stop.wait(every_s):

@@ -63,8 +63,11 @@ def parse_report(processor: str, body: Any) -> SettlementReport:
             for line in body["lines"]
         )
         deposits = tuple(Deposit(_text(d, "deposit_id"), _integer(d, "total")) for d in body["deposits"])
+        final = body.get("final", True)
+        if not isinstance(final, bool):
+            raise TypeError(f"final must be true or false, not {final!r}")
         return SettlementReport(processor, date.fromisoformat(_text(body, "date")), _text(body, "currency"),
-                                lines, deposits)
+                                lines, deposits, final=final)
     except (KeyError, TypeError, ValueError) as error:
         raise MalformedReport(f"{processor}'s settlement report cannot be read: {type(error).__name__}: {error}") \
             from None

@@ -15,6 +15,8 @@ from litestar.types import ASGIApp
 from api.http.auth import Principal, authenticate, authenticate_at_once
 from api.http.controllers.merchants import MerchantController
 from api.http.controllers.payments import BalanceController, PaymentController
+from api.http.controllers.payouts import PayoutController
+from api.http.controllers.reconciliations import ReconciliationController
 from api.http.controllers.reports import AnalyticsController, AuditController
 from api.http.controllers.sessions import PaymentSessionController
 from api.http.health import Dependencies, HealthController
@@ -56,8 +58,9 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
 
         dependencies["services"] = Provide(lambda: services, use_cache=True, sync_to_thread=False)
         dependencies["principal"] = Provide(provide_principal)
-        handlers += [PaymentSessionController, PaymentController, BalanceController,
-                     AnalyticsController, AuditController, MerchantController, PaymentPageController]
+        handlers += [PaymentSessionController, PaymentController, BalanceController, PayoutController,
+                     AnalyticsController, AuditController, ReconciliationController, MerchantController,
+                     PaymentPageController]
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Who is calling comes first: a caller without a key learns nothing about the body.
         if (services is not None and request.url.path.startswith("/v1/")

@@ -98,12 +98,22 @@ class MerchantCreate(Strict):
     max_amount: Annotated[dict[Currency, Amount], Meta(max_length=50)] | None = None
 
 
+class Reserve(Strict):
+    """A rolling reserve: this share of each payout's new money is held back for ``days`` days.
+    Both zero: no reserve."""
+
+    percent_bps: Annotated[int, Meta(ge=0, le=10_000, description="basis points, 1000 = 10%")]
+    days: Annotated[int, Meta(ge=0, le=365)]
+
+
 class MerchantUpdate(Strict):
     name: Text | None = None
     fee_schedule: FeeSchedule | None = None
     webhook_url: Url | None = None
     commerce_backend_uri: Url | None = None
     max_amount: Annotated[dict[Currency, Amount], Meta(max_length=50)] | None = None
+    payout_schedule: Literal["daily", "weekly", "manual"] | None = None
+    reserve: Reserve | None = None
 
 
 class KeyCreate(Strict):
@@ -187,8 +197,23 @@ class Balance(Struct):
     balance: int
 
 
+class BalanceSplit(Struct):
+    """A merchant's money with us in one currency, each bucket what we owe it (Stripe's split):
+    pending (captured, not yet settled by the processor), available (settled, not yet paid
+    out), reserved (held back by a rolling reserve), in_transit (in a payout the bank has not
+    confirmed)."""
+
+    merchant_id: str
+    currency: str
+    pending: int
+    available: int
+    reserved: int
+    in_transit: int
+
+
 class BalanceList(Struct):
     data: list[Balance]
+    merchants: list[BalanceSplit]
 
 
 class Merchant(Struct):
@@ -199,6 +224,44 @@ class Merchant(Struct):
     commerce_backend_uri: str | None
     max_amount: dict[str, int]
     active: bool
+    payout_schedule: str
+    reserve: Reserve
+
+
+class PayoutCreate(Strict):
+    currency: Currency
+
+
+class PayoutLine(Struct):
+    payment_id: str
+    gross: int
+    fee: int
+    refunds: int
+    net: int
+
+
+class Payout(Struct):
+    id: str
+    merchant_id: str
+    currency: str
+    cutoff: str
+    status: Annotated[str, Meta(description="created (with the bank), paid, failed, carried_forward")]
+    amount: int
+    carried_in: int
+    reserve_held: int
+    reserve_released: int
+    line_count: int
+    bank_reference: str | None
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    lines: list[PayoutLine] | None = None
+
+
+class PayoutList(Struct):
+    data: list[Payout]
+    has_more: bool
+    next_starting_after: str | None
 
 
 class KeyIssued(Struct):

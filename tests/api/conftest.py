@@ -118,11 +118,12 @@ def customer_link(api: Api, session_id: UUID) -> tuple[str, str]:
     raise AssertionError(f"no SMS for session {session_id}")
 
 
-def paid_payment(api: Api, merchant: str = "a", amount: int = 2_500, tag: str = "p") -> UUID:
+def paid_payment(api: Api, merchant: str = "a", amount: int = 2_500, tag: str = "p",
+                 phone: str = "+14155550123") -> UUID:
     """A session opened through the API, then paid by the customer with the link and code from
     the SMS (through the ledger, as the payment page does), authorized; returns the payment id."""
     with api.client(merchant) as client:
-        created = client.post("/v1/payment-sessions", json=session_body(amount),
+        created = client.post("/v1/payment-sessions", json=session_body(amount, customer_phone=phone),
                               headers={"Idempotency-Key": f"{tag}-open"})
         assert created.status_code == 201, created.text
     session_id = UUID(created.json()["id"])

@@ -21,6 +21,7 @@ from adapters.dev.servers import ServerURLs
 from api.settings import Settings
 from projections.views import Scope
 from tests.api.conftest import Api, make_api, paid_payment, session_body
+from tests.projections.test_reconciliations import reconcile_day
 
 PROBLEM_JSON = "application/problem+json"
 PHONE = "+14155550123"
@@ -47,9 +48,12 @@ class World:
     session: UUID
     payment: UUID
     merchant: UUID
+    reconciliation: UUID  # the platform's, no merchant's
+    payout: UUID
 
     def ids(self) -> dict[str, str]:
-        return {"session": str(self.session), "payment": str(self.payment), "merchant": str(self.merchant)}
+        return {"session": str(self.session), "payment": str(self.payment), "merchant": str(self.merchant),
+                "reconciliation": str(self.reconciliation), "payout": str(self.payout)}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,21 @@ def world(api: Api) -> World:
         opened = client.post("/v1/payment-sessions", json=session_body(), headers=_idem())
         assert opened.status_code == 201, opened.text
     payment = paid_payment(api, "a", tag=f"world-{uuid.uuid4().hex}")
+    reconciliation = reconcile_day(api.services.ledger, mismatched=1)
     api.project()
-    return World(UUID(opened.json()["id"]), payment, api.merchants["a"])
+    payout = UUID(today_payout(api)["payout_id"])
+    api.project()
+    return World(UUID(opened.json()["id"]), payment, api.merchants["a"], reconciliation, payout)
+
+
+def today_payout(api: Api) -> dict[str, Any]:
+    """Merchant A's payout of today, over a payment settled for it."""
+    ledger = api.services.ledger
+    payment = paid_payment(api, "a", tag=f"payout-{uuid.uuid4().hex}")
+    ledger.capture_payment(f"capture-{payment}", payment)
+    ledger.settle_payment(payment, "sandbox:deposit")
+    api.project()
+    return ledger.create_payout(api.merchants["a"], "USD", datetime.now(UTC).date()).result
 
 
 def _idem() -> dict[str, str]:
@@ -119,6 +136,8 @@ MERCHANT_READS = frozenset({"a", "admin"})
 ANALYTICS = frozenset({"a", "analyst", "admin"})
 COMPLIANCE = frozenset({"compliance"})
 ADMIN = frozenset({"admin"})
+PLATFORM = frozenset({"compliance", "admin"})
+PAYOUT_READS = frozenset({"a", "compliance", "admin"})
 
 ENDPOINTS = [
     Endpoint("getPaymentSession", "GET", "/v1/payment-sessions/{session}", MERCHANT_READS),
@@ -134,11 +153,18 @@ ENDPOINTS = [
     Endpoint("refundPayment", "POST", "/v1/payments/{payment}/refunds", MERCHANT, 201,
              body={"amount": 100, "reason": "cold"}, fresh=_captured_payment),
     Endpoint("listBalances", "GET", "/v1/balances", MERCHANT_READS),
+    Endpoint("listPayouts", "GET", "/v1/payouts", PAYOUT_READS),
+    Endpoint("getPayout", "GET", "/v1/payouts/{payout}", PAYOUT_READS),
+    Endpoint("getPayoutLinesCsv", "GET", "/v1/payouts/{payout}/lines.csv", PAYOUT_READS),
+    # Today's payout exists (the world's): asking again answers it.
+    Endpoint("createPayout", "POST", "/v1/payouts", MERCHANT, 201, body={"currency": "USD"}),
     Endpoint("getFunnel", "GET", "/v1/analytics/funnel", ANALYTICS, params=_window()),
     Endpoint("getVolume", "GET", "/v1/analytics/volume", ANALYTICS, params=_window()),
     Endpoint("listAuditEvents", "GET", "/v1/audit/events", COMPLIANCE),
     Endpoint("verifyAudit", "GET", "/v1/audit/verify", COMPLIANCE),
     Endpoint("exportAudit", "GET", "/v1/audit/export", COMPLIANCE),
+    Endpoint("listReconciliations", "GET", "/v1/reconciliations", PLATFORM),
+    Endpoint("getReconciliation", "GET", "/v1/reconciliations/{reconciliation}", PLATFORM),
     Endpoint("createMerchant", "POST", "/v1/merchants", ADMIN, 201, body={"name": "Trattoria"}),
     Endpoint("getMerchant", "GET", "/v1/merchants/{merchant}", ADMIN),
     Endpoint("updateMerchant", "PATCH", "/v1/merchants/{merchant}", ADMIN, body={"name": "Renamed"}),

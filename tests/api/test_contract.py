@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -32,6 +32,7 @@ from adapters.dev.servers import ServerURLs
 from api.http.app import MAX_BODY_BYTES
 from api.settings import Settings
 from tests.api.conftest import Api, make_api, paid_payment, session_body
+from tests.projections.test_reconciliations import reconcile_day
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -279,6 +280,47 @@ def _listed_payment(api: Api) -> dict[str, str]:
     return {}
 
 
+def _reconciliation(api: Api) -> str:
+    """A processor's day with a discrepancy, saved through the ledger (a new day each time)."""
+    day = datetime.now(UTC).date() - timedelta(days=1 + len(_reconciled_days))
+    _reconciled_days.append(day)
+    reconciliation = reconcile_day(api.services.ledger, day=day, mismatched=1, late=1)
+    api.project()
+    return str(reconciliation)
+
+
+_reconciled_days: list[date] = []
+
+
+def _payout(api: Api) -> str:
+    """Merchant A's payout of today (made over a newly settled payment the first time)."""
+    if id(api) in _payouts:  # one a day, and every new payment counts against the phone's velocity
+        return _payouts[id(api)]
+    ledger = api.services.ledger
+    # A phone of its own: the module's many payments of the usual phone trip the velocity rule.
+    payment = paid_payment(api, "a", tag=f"payout-{uuid.uuid4().hex}", phone="+14155550188")
+    ledger.capture_payment(f"capture-{payment}", payment)
+    ledger.settle_payment(payment, "sandbox:deposit")
+    api.project()
+    payout = ledger.create_payout(api.merchants["a"], "USD", datetime.now(UTC).date()).result["payout_id"]
+    api.project()
+    _payouts[id(api)] = str(payout)
+    return str(payout)
+
+
+_payouts: dict[int, str] = {}
+
+
+def _listed_payout(api: Api) -> dict[str, str]:
+    _payout(api)
+    return {}
+
+
+def _listed_reconciliation(api: Api) -> dict[str, str]:
+    _reconciliation(api)
+    return {}
+
+
 VALID_CALLS: dict[str, ValidCall] = {
     "getLiveness": ValidCall("a", lambda api: ({}, NO_BODY, {})),
     "getReadiness": ValidCall("a", lambda api: ({}, NO_BODY, {})),
@@ -293,11 +335,18 @@ VALID_CALLS: dict[str, ValidCall] = {
     "refundPayment": ValidCall("a", lambda api: ({"payment_id": _payment(api, captured=True)},
                                                  {"amount": 500}, {})),
     "listBalances": ValidCall("a", lambda api: ({}, NO_BODY, {})),
+    "listPayouts": ValidCall("a", lambda api: (_listed_payout(api), NO_BODY, {"limit": 5, "currency": "USD"})),
+    "getPayout": ValidCall("a", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),
+    "getPayoutLinesCsv": ValidCall("compliance", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),
+    "createPayout": ValidCall("a", lambda api: (_listed_payout(api), {"currency": "USD"}, {})),
     "getFunnel": ValidCall("analyst", lambda api: ({}, NO_BODY, _window())),
     "getVolume": ValidCall("analyst", lambda api: ({}, NO_BODY, {**_window(), "granularity": "week"})),
     "listAuditEvents": ValidCall("compliance", lambda api: ({}, NO_BODY, {"limit": 5})),
     "verifyAudit": ValidCall("compliance", lambda api: ({}, NO_BODY, {})),
     "exportAudit": ValidCall("compliance", lambda api: ({}, NO_BODY, {})),
+    "listReconciliations": ValidCall("compliance", lambda api: (_listed_reconciliation(api), NO_BODY,
+                                                                {"has_discrepancies": True, "limit": 5})),
+    "getReconciliation": ValidCall("admin", lambda api: ({"reconciliation_id": _reconciliation(api)}, NO_BODY, {})),
     "createMerchant": ValidCall("admin", lambda api: ({}, {"name": "Trattoria"}, {})),
     "getMerchant": ValidCall("admin", lambda api: ({"merchant_id": str(api.merchants["b"])}, NO_BODY, {})),
     "updateMerchant": ValidCall("admin", lambda api: ({"merchant_id": str(api.merchants["b"])},
@@ -366,7 +415,8 @@ class Finding:
 def _callers(path: str) -> tuple[str, ...]:
     # Merchant and admin keys for everything; the audit endpoints answer compliance keys only,
     # so without one they would never get past the 403.
-    return ("a", "admin", "compliance") if path.startswith("/v1/audit/") else ("a", "admin")
+    return ("a", "admin", "compliance") if path.startswith(("/v1/audit/", "/v1/reconciliations", "/v1/payouts")) \
+        else ("a", "admin")
 
 
 @dataclass
@@ -418,7 +468,8 @@ def fuzz_findings(served: Api, openapi: OpenApiSchema, document: dict[str, Any])
     operation_ids = {f"{method.upper()} {path}": op["operationId"]
                      for path, item in document["paths"].items() for method, op in item.items()}
     real_ids = {"session_id": _session(served), "payment_id": _payment(served),
-                "merchant_id": str(served.merchants["b"])}
+                "merchant_id": str(served.merchants["b"]), "reconciliation_id": _reconciliation(served),
+                "payout_id": _payout(served)}
     for result in openapi.get_all_operations():
         assert isinstance(result, Ok), result  # the document itself is valid
         operation = result.ok()

@@ -145,6 +145,9 @@ def test_reconcile_reports_the_day_settles_its_captures_and_says_so_when_run_aga
         store.close()
         day = datetime.now(UTC).date().isoformat()
         capsys.readouterr()
+        assert main(["reconcile", "--processor", "primary", "--date", day]) == 1  # the day is still open
+        assert "has not closed" in capsys.readouterr().err
+        sandbox.close_day(datetime.now(UTC).date())
         assert main(["reconcile", "--processor", "primary", "--date", day]) == 0
         assert capsys.readouterr().out.strip() == f"primary {day} USD: 2 matched; 2 payments settled"
         assert main(["reconcile", "--processor", "primary", "--date", day]) == 0

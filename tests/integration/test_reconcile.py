@@ -6,11 +6,12 @@ settlement of every matched capture; again is the same answer; a bad report appl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import psycopg
 import pytest
+from eventsourcing.application import AggregateNotFoundError
 
 from adapters.clock import ManualClock
 from adapters.dev.processor_server import SandboxProcessorServer
@@ -18,7 +19,7 @@ from adapters.processors.client import HttpProcessor
 from api.bootstrap import build_ledger
 from api.settings import Settings
 from application.ledger import Ledger
-from domain.reconciliation import MalformedReport, reconciliation_id
+from domain.reconciliation import MalformedReport, ReportNotFinal, reconciliation_id
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_views import catch_up
 
@@ -26,6 +27,7 @@ from tests.projections.test_views import catch_up
 @pytest.fixture
 def sandbox() -> Iterator[SandboxProcessorServer]:
     with SandboxProcessorServer("primary") as server:
+        server.close_day(datetime.now(UTC).date())  # today's report is final, as tomorrow's reconciler sees it
         yield server
 
 
@@ -75,6 +77,19 @@ def test_a_day_reconciles_settles_its_captures_and_a_second_run_changes_nothing(
     catch_up(database_url, settings)
     assert statuses(database_url, first, refunded, short) == ["settled", "settled", "captured"]
     assert ledger.repository.get(reconciliation_id("primary", today, "USD")).counts()["matched"] == 3
+
+
+def test_a_day_the_processor_has_not_closed_is_not_reconciled_yet(
+    ledger: Ledger, database_url: str, settings: Settings,
+) -> None:
+    payment_id = captured(ledger, new_merchant(ledger, "rec-open-day"), 21)
+    catch_up(database_url, settings)
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)  # still to come: its report is preliminary
+    with pytest.raises(ReportNotFinal, match="has not closed"):
+        ledger.reconcile("primary", tomorrow, "USD")
+    with pytest.raises(AggregateNotFoundError):
+        ledger.repository.get(reconciliation_id("primary", tomorrow, "USD"))
+    assert ledger.get_payment(payment_id).status == "captured"
 
 
 def test_a_report_that_does_not_add_up_applies_nothing(

@@ -57,6 +57,11 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "volume_daily": (READ_WRITE, frozenset()),
     "analytics_payments": (READ_WRITE, frozenset()),
     "ledger_balances": (READ_WRITE, frozenset()),
+    # Inserted only: a reconciliation has one event (migrations/0016_reconciliations.sql).
+    "reconciliations": (frozenset({"SELECT", "INSERT"}), frozenset()),
+    "reconciliation_findings": (frozenset({"SELECT", "INSERT"}), frozenset()),
+    "payouts": (READ_WRITE, frozenset()),
+    "payout_lines": (READ_WRITE, frozenset()),
     "audit_log": (frozenset({"SELECT", "INSERT"}), frozenset({"prev_hash", "hash"})),
 }
 

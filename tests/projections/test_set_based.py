@@ -29,7 +29,15 @@ from tests.projections import row_at_a_time
 from tests.projections.test_engine import feed, scenario
 
 BOOKKEEPING = ("projection_versions", "projection_checkpoints")
-TABLES = tuple(t for p in all_projections().values() for t in p.tables)
+# The projections the row-at-a-time engine had; later ones (reconciliations, payouts) have their
+# own tests. Columns added since to its tables are left out of the comparison.
+FROZEN = ("status", "analytics", "audit", "balances")
+TABLES = tuple(t for name in FROZEN for t in all_projections()[name].tables)
+LATER_COLUMNS = {"payment_status": ("settled_at", "payout_due_minor")}
+
+
+def frozen_projections() -> list[Any]:
+    return [all_projections()[name] for name in FROZEN]
 
 
 def more_events(ledger: Ledger) -> None:
@@ -83,9 +91,16 @@ def differences(database_url: str, left: str, right: str) -> dict[str, list[tupl
     out = {}
     with psycopg.connect(database_url) as conn:
         for table in (*TABLES, "projection_versions"):
-            query = sql.SQL("(SELECT * FROM {l}.{t} EXCEPT ALL SELECT * FROM {r}.{t})"
-                            " UNION ALL (SELECT * FROM {r}.{t} EXCEPT ALL SELECT * FROM {l}.{t})").format(
-                l=sql.Identifier(left), r=sql.Identifier(right), t=sql.Identifier(table))
+            names = [n for (n,) in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'"
+                " AND table_name = %s ORDER BY ordinal_position", (table,))
+                if n not in LATER_COLUMNS.get(table, ())]
+            columns = sql.SQL(", ").join(map(sql.Identifier, names))
+            where = sql.SQL(" WHERE projection = ANY({})").format(sql.Literal(list(FROZEN))) \
+                if table == "projection_versions" else sql.SQL("")
+            query = sql.SQL("(SELECT {c} FROM {l}.{t}{w} EXCEPT ALL SELECT {c} FROM {r}.{t}{w})"
+                            " UNION ALL (SELECT {c} FROM {r}.{t}{w} EXCEPT ALL SELECT {c} FROM {l}.{t}{w})").format(
+                c=columns, w=where, l=sql.Identifier(left), r=sql.Identifier(right), t=sql.Identifier(table))
             rows = conn.execute(query).fetchall()
             if rows:
                 out[table] = rows
@@ -106,7 +121,7 @@ def apply_both(
         conn.autocommit = False
         for batch in batches:
             row_at_a_time.apply_batch(conn, open_envelope, batch)
-    store = ProjectionStore(old.database_url, list(all_projections().values()), open_envelope, schema=new.schema)
+    store = ProjectionStore(old.database_url, frozen_projections(), open_envelope, schema=new.schema)
     try:
         for batch in batches:
             store.apply_batch(batch)
@@ -175,7 +190,7 @@ def test_catch_up_and_rebuild_equal_a_row_at_a_time_build(
     with old.connect() as conn:
         conn.autocommit = False
         row_at_a_time.apply_batch(conn, envelope_opener(settings), events)
-    store = ProjectionStore(owner_database_url, list(all_projections().values()), envelope_opener(settings),
+    store = ProjectionStore(owner_database_url, frozen_projections(), envelope_opener(settings),
                             schema=new.schema)
     try:
         half = len(events) // 2

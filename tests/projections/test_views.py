@@ -305,7 +305,8 @@ def test_the_migration_can_run_again(owner_database_url: str) -> None:
     with psycopg.connect(owner_database_url, autocommit=True) as conn, conn.transaction():
         conn.execute(rls.sql)  # type: ignore[arg-type]
         policies = conn.execute(
-            "SELECT tablename, policyname FROM pg_policies WHERE schemaname = 'public'"
+            "SELECT tablename, policyname FROM pg_policies WHERE schemaname = 'public' AND tablename = ANY(%s)",
+            (list(TABLES),),
         ).fetchall()
     # owner_writes, merchant_own_rows and one <role>_all_rows per role that sees all rows, and the
     # application's (migrations/0015_roles.sql: app_writes, or on audit_log its three): no more.

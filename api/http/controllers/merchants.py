@@ -24,6 +24,8 @@ def merchant_out(merchant: Merchant) -> schemas.Merchant:
         fee_schedule=schemas.FeeSchedule(percent_bps=merchant.fee_percent_bps, fixed=merchant.fee_fixed_minor),
         webhook_url=merchant.webhook_url, commerce_backend_uri=merchant.commerce_backend_uri,
         max_amount=dict(merchant.max_amount_minor), active=merchant.active,
+        payout_schedule=merchant.payout_schedule,
+        reserve=schemas.Reserve(percent_bps=merchant.reserve_percent_bps, days=merchant.reserve_days),
     )
 
 
@@ -59,7 +61,7 @@ class MerchantController(Controller):
         return merchant_out(merchant)
 
     @patch("/{merchant_id:uuid}", operation_id="updateMerchant",
-           summary="Change webhook URL, commerce URI, fee schedule or limits",
+           summary="Change webhook URL, commerce URI, fee schedule, limits, payout schedule or reserve",
            responses=command(200, schemas.Merchant, "the merchant as changed"))
     async def update(self, request: Request[Any, Any, Any], merchant_id: UUID, data: schemas.MerchantUpdate,
                      services: ApiServices, principal: Principal) -> Response[bytes]:
@@ -72,6 +74,11 @@ class MerchantController(Controller):
         if data.fee_schedule is not None:
             changes["fee_percent_bps"] = data.fee_schedule.percent_bps
             changes["fee_fixed_minor"] = data.fee_schedule.fixed
+        if data.payout_schedule is not None:
+            changes["payout_schedule"] = data.payout_schedule
+        if data.reserve is not None:
+            changes["reserve_percent_bps"] = data.reserve.percent_bps
+            changes["reserve_days"] = data.reserve.days
 
         def run(command_id: str) -> tuple[int, Any]:
             services.ledger.change_merchant_settings(command_id, merchant_id, **changes)

@@ -1,4 +1,5 @@
-"""Merchants: payment history, one payment with its timeline, capture, void, refunds, balances."""
+"""Merchants: payment history, one payment with its timeline, capture, void, refunds, balances
+(per account, and split per merchant into pending, available, reserved and in transit)."""
 
 from __future__ import annotations
 
@@ -126,4 +127,19 @@ class BalanceController(Controller):
         return schemas.BalanceList(data=[
             schemas.Balance(account=r["account"], currency=r["currency"], balance=int(r["balance_minor"]))
             for r in rows
-        ])
+        ], merchants=balance_split(rows))
+
+
+BUCKETS = {"payable": "pending", "available": "available", "reserved": "reserved", "in_transit": "in_transit"}
+
+
+def balance_split(rows: list[dict[str, Any]]) -> list[schemas.BalanceSplit]:
+    """Each merchant's accounts (domain/ledger.py) as what we owe it per bucket: a merchant's
+    accounts are credits, so the owed amount is the balance negated."""
+    split: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        kind, merchant_id, bucket = [*r["account"].split(":"), "", ""][:3]
+        if kind == "merchant" and bucket in BUCKETS:
+            owed = split.setdefault((merchant_id, r["currency"]), dict.fromkeys(BUCKETS.values(), 0))
+            owed[BUCKETS[bucket]] = -int(r["balance_minor"])
+    return [schemas.BalanceSplit(merchant_id=m, currency=c, **owed) for (m, c), owed in sorted(split.items())]
