@@ -89,12 +89,13 @@ class PayoutCommands(LedgerBase):
             account = account or PayoutAccount.open(merchant_id, currency)
             lines, payments = [], []
             for payment_id in candidates.dues(merchant_id, currency):
-                payment = self.get_payment(payment_id, merchant_id)
+                # The merchant's own payments, and others' that split a share to it.
+                payment = self.get_payment(payment_id)
                 if payment.currency != currency:
                     continue
-                gross, fee, refunds = payment.include_in_payout(str(the_payout))
-                if gross or fee or refunds:
-                    lines.append(PayoutLine(str(payment_id), gross, fee, refunds))
+                gross, fee, shares, refunds = payment.include_in_payout(str(the_payout), str(merchant_id))
+                if gross or fee or shares or refunds:
+                    lines.append(PayoutLine(str(payment_id), gross, fee, refunds, shares))
                     payments.append(payment)
             if not lines and not account.has_anything_due(cutoff):
                 raise NothingToPayOut(f"merchant {merchant_id} has nothing to pay out in {currency} at {cutoff}")
@@ -143,17 +144,20 @@ class PayoutCommands(LedgerBase):
         if candidates is None:
             raise RuntimeError("this ledger was built without payout candidates (no read side)")
         run = PayoutRun()
+        fresh: set[UUID] = set()  # created by this round (a replayed creation says what it was then)
         for merchant_id, currency in candidates.balances():
             merchant = self.get_merchant(merchant_id)
             if is_cutoff(merchant.payout_schedule, today):
                 try:
-                    run.created.append(self.create_payout(merchant_id, currency, today).result)
+                    created = self.create_payout(merchant_id, currency, today)
+                    run.created.append(created.result)
+                    if not created.replayed and created.result["status"] == PayoutStatus.CREATED:
+                        fresh.add(UUID(created.result["payout_id"]))
                 except NothingToPayOut:
                     continue  # what it has is held by the reserve, or not settled in the read side yet
                 except DomainError as refused:  # the others go on; this one is logged by the loop
                     run.refused[f"{merchant_id}:{currency}"] = f"{refused.code}: {refused}"
-        for the_payout in {*candidates.unsent(), *(UUID(r["payout_id"]) for r in run.created
-                                                   if r["status"] == PayoutStatus.CREATED)}:
+        for the_payout in {*candidates.unsent(), *fresh}:
             try:
                 run.sent.append(self.send_payout(the_payout).result)
             except BankUnavailable as away:

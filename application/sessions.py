@@ -17,6 +17,8 @@ from application.errors import NotFound, ProcessorUnavailable
 from application.ports import IdentityClaim, IdentityVerifier, MessageWording, OutboxSms
 from application.unit_of_work import CommandResult, LedgerBase, LinkIssued
 from domain.customer import Customer
+from domain.errors import InvalidSplit
+from domain.ledger import PLATFORM_PARTY, Split
 from domain.merchant import Merchant
 from domain.money import Money, check_currency
 from domain.payment import Payment
@@ -54,6 +56,7 @@ class SessionCommands(LedgerBase):
         conversation_id: str,
         callback_url: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        splits: Sequence[Split] = (),
     ) -> LinkIssued:
         """Open a payment session; with ``send_link``, also issue the link and code and queue
         the SMS that carries them, in the same save (one transaction, one command record).
@@ -68,6 +71,8 @@ class SessionCommands(LedgerBase):
             "conversation_id": conversation_id, "callback_url": callback_url,
             "metadata": dict(metadata or {}),
         }
+        if splits:  # only then: the request hash of sessions without splits stays what it was
+            request["splits"] = [s.as_dict() for s in splits]
         issued: dict[str, str] = {}
         sms: list[OutboxSms] = []
 
@@ -88,8 +93,10 @@ class SessionCommands(LedgerBase):
                 identity_threshold_minor=self.policy.identity_threshold_minor(currency),
                 expires_at=self.clock.now() + self.policy.link_lifetime,
                 metadata=metadata,
+                splits=splits,
             )
             merchant.check_can_accept(amount_minor, currency)
+            self._check_partners(splits)
             if session.identity_required:
                 customer = self._find_customer(customer_phone)
                 if customer is not None and customer.identity_on_file(self.clock.now(), self.policy.identity_reuse):
@@ -109,6 +116,19 @@ class SessionCommands(LedgerBase):
             # Opened by an earlier version, which sent the link as a second command.
             return self.send_link(f"{command_id}:send_link", session_id)
         return LinkIssued(result, "", "")
+
+    def _check_partners(self, splits: Sequence[Split]) -> None:
+        """Every partner a split names is a merchant of ours that takes payments."""
+        for split in splits:
+            if split.party == PLATFORM_PARTY:
+                continue
+            try:
+                partner = self._merchant_to_read(UUID(split.party))
+            except (ValueError, NotFound):
+                raise InvalidSplit(f"split party {split.party!r} is neither 'platform' nor a merchant of ours") \
+                    from None
+            if not partner.active:
+                raise InvalidSplit(f"split party {split.party} is a deactivated merchant")
 
     def _session_command(
         self,
@@ -295,6 +315,7 @@ class SessionCommands(LedgerBase):
                 card_last4=card_last4,
                 fee_schedule=merchant.fee_schedule,
                 card_fingerprint=card_fingerprint,
+                splits=[Split.from_dict(s) for s in session.splits],
             )
             return [session, payment], {**_session_result(session), "payment_id": str(payment_id)}
 

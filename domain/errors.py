@@ -130,6 +130,18 @@ class RiskNotAssessed(DomainError):
     code = "risk_not_assessed"
 
 
+class InvalidSplit(DomainError):
+    """A payment's splits name an unknown party, repeat one, or add up to more than the amount."""
+
+    code = "invalid_split"
+
+
+class SplitsExceedCapture(DomainError):
+    """What the splits take of this capture, with our fee, is more than the capture: capture more."""
+
+    code = "splits_exceed_capture"
+
+
 class NothingToPayOut(DomainError):
     """No settled payment has money due, nothing is carried forward and the reserve releases
     nothing: there is no payout to make."""

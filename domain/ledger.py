@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from domain.errors import InvalidFeeSchedule
+from domain.errors import InvalidFeeSchedule, InvalidSplit
 from domain.money import check_currency
 
 Direction = Literal["debit", "credit"]
@@ -121,16 +121,88 @@ class FeeSchedule:
         return min(amount_minor, percentage_part + self.fixed_minor)
 
 
+# -- splits ---------------------------------------------------------------------------------
+
+PLATFORM_PARTY = "platform"
+MAX_SPLITS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A share of a payment for another party: the platform (a commission, our income) or a
+    partner merchant (credited to its own payable and paid out to it), as a fixed amount in
+    minor units or a percentage in basis points of the captured amount (rounded half up, like
+    fees). Shares come out of the merchant's part; refunds come out of the merchant's alone."""
+
+    party: str  # PLATFORM_PARTY, or a partner merchant's id
+    amount_minor: int | None = None
+    percent_bps: int | None = None
+
+    def share_of(self, captured_minor: int) -> int:
+        if self.amount_minor is not None:
+            return min(self.amount_minor, captured_minor)
+        assert self.percent_bps is not None
+        return min(captured_minor, (captured_minor * self.percent_bps + 5_000) // 10_000)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"party": self.party, "amount_minor": self.amount_minor, "percent_bps": self.percent_bps}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Split:
+        return cls(data["party"], data.get("amount_minor"), data.get("percent_bps"))
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_splits(splits: Iterable[Split], amount_minor: int, merchant_id: object) -> tuple[Split, ...]:
+    """Splits that can be paid: each to the platform or another merchant, once; each a positive
+    amount or a percentage; together no more than the amount."""
+    checked = tuple(splits)
+    if len(checked) > MAX_SPLITS:
+        raise InvalidSplit(f"at most {MAX_SPLITS} splits, got {len(checked)}")
+    seen: set[str] = set()
+    for n, split in enumerate(checked, start=1):
+        where = f"split {n}"
+        if split.party == str(merchant_id):
+            raise InvalidSplit(f"{where} names the payment's own merchant: its part is what the splits leave")
+        if split.party in seen:
+            raise InvalidSplit(f"{where} names {split.party} again: one share per party")
+        seen.add(split.party)
+        if (split.amount_minor is None) == (split.percent_bps is None):
+            raise InvalidSplit(f"{where} needs either amount_minor or percent_bps, not both or neither")
+        if split.amount_minor is not None and not (_whole(split.amount_minor) and split.amount_minor > 0):
+            raise InvalidSplit(f"{where}: amount_minor must be a positive integer, got {split.amount_minor!r}")
+        if split.percent_bps is not None and not (_whole(split.percent_bps) and 0 < split.percent_bps <= 10_000):
+            raise InvalidSplit(f"{where}: percent_bps must be 1-10000, got {split.percent_bps!r}")
+    total = sum(s.amount_minor if s.amount_minor is not None else s.share_of(amount_minor) for s in checked)
+    if total > amount_minor:
+        raise InvalidSplit(f"the splits add up to {total}, more than the amount {amount_minor}")
+    return checked
+
+
+def share_account(party: str) -> str:
+    """Where a split's share is credited: our fee income, or the partner merchant's payable."""
+    return PLATFORM_FEES if party == PLATFORM_PARTY else merchant_payable(party)
+
+
 def capture_postings(
-    merchant_id: object, amount_minor: int, fee_minor: int, currency: str
+    merchant_id: object, amount_minor: int, fee_minor: int, currency: str,
+    shares: Iterable[tuple[str, int]] = (),
 ) -> tuple[Posting, ...]:
-    """Captured funds are owed to us by the processor; we owe the merchant all but our fee."""
+    """Captured funds are owed to us by the processor; we owe the merchant all but our fee and the
+    splits' shares (each credited to its party: partners are owed theirs, the platform's is ours)."""
+    shares = tuple(shares)
+    merchant_part = amount_minor - fee_minor - sum(amount for _, amount in shares)
+    assert merchant_part >= 0, "the payment checks its splits before capturing"
     return balanced(
         p
         for p in (
             Posting(PROCESSOR_CLEARING, "debit", amount_minor, currency),
-            Posting(merchant_payable(merchant_id), "credit", amount_minor - fee_minor, currency),
+            Posting(merchant_payable(merchant_id), "credit", merchant_part, currency),
             Posting(PLATFORM_FEES, "credit", fee_minor, currency),
+            *(Posting(share_account(party), "credit", amount, currency) for party, amount in shares),
         )
         if p.amount_minor
     )
@@ -156,16 +228,19 @@ def refund_postings(
 
 
 def settlement_postings(
-    merchant_id: object, captured_minor: int, processor_fee_minor: int, merchant_share_minor: int, currency: str
+    merchant_id: object, captured_minor: int, processor_fee_minor: int, merchant_share_minor: int, currency: str,
+    partner_shares: Iterable[tuple[str, int]] = (),
 ) -> tuple[Posting, ...]:
     """The processor settled a capture: it paid the gross less its fee into our bank account
     (clearing -> platform cash, the fee an expense), and the merchant's share of the payment
-    (captured less our fee less refunds so far, negative when refunds exceed it) moves from
-    pending to available."""
+    (captured less our fee, the splits and refunds so far, negative when refunds exceed it) moves
+    from pending to available, as does each partner's share."""
     return balanced((
         *transfer(PLATFORM_CASH, PROCESSOR_CLEARING, captured_minor - processor_fee_minor, currency),
         *transfer(PROCESSOR_FEES, PROCESSOR_CLEARING, processor_fee_minor, currency),
         *transfer(merchant_payable(merchant_id), merchant_available(merchant_id), merchant_share_minor, currency),
+        *(p for partner, share in partner_shares
+          for p in transfer(merchant_payable(partner), merchant_available(partner), share, currency)),
     ))
 
 

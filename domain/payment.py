@@ -16,6 +16,7 @@ postings that balance per currency; settled at most once; paid out never more th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -31,11 +32,15 @@ from domain.errors import (
     InvalidTransition,
     RefundExceedsCaptured,
     RiskNotAssessed,
+    SplitsExceedCapture,
 )
 from domain.ledger import (
+    PLATFORM_PARTY,
     FeeSchedule,
     Posting,
+    Split,
     capture_postings,
+    check_splits,
     refund_postings,
     refund_settlement_postings,
     settlement_postings,
@@ -80,6 +85,10 @@ class Payment(Aggregate):
         payout_ids: tuple[str, ...]
         refund_amounts: dict[str, int]
         settled_refund_references: tuple[str, ...]
+        splits: list[dict[str, Any]]
+        shares: list[dict[str, Any]]
+        paid_out_shares_minor: int
+        partner_paid_out: dict[str, int]
 
     # Defaults for state added after the first release: a snapshot taken before it lacks them.
     card_fingerprint = None
@@ -93,6 +102,10 @@ class Payment(Aggregate):
     payout_ids = ()
     refund_amounts = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
     settled_refund_references = ()
+    splits = ()  # type: ignore[assignment]
+    shares = ()  # type: ignore[assignment]
+    paid_out_shares_minor = 0
+    partner_paid_out = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
 
     class Initiated(Aggregate.Created):
         merchant_id: UUID
@@ -107,11 +120,18 @@ class Payment(Aggregate):
         # A keyed hash of the card number from the vault (stable across tokenizations), for
         # card velocity; None when the card came without one.
         card_fingerprint: str | None
-        class_version = 2
+        # The session's splits (domain/ledger.py Split.as_dict): shares for the platform and
+        # partner merchants, taken at capture.
+        splits: list[dict[str, Any]]
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["card_fingerprint"] = None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["splits"] = []
 
     class RiskAssessed(Aggregate.Event):
         """The risk rules' verdict before authorization, with the counts they were given, so
@@ -148,7 +168,14 @@ class Payment(Aggregate):
         amount_minor: int
         fee_minor: int
         processor_reference: str
+        # What the splits took of this capture: [{"party", "amount_minor"}] (v2; v1 took none).
+        shares: list[dict[str, Any]]
         postings: list[dict[str, Any]]
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["shares"] = []
 
     class Voided(Aggregate.Event):
         reason: str
@@ -193,13 +220,22 @@ class Payment(Aggregate):
         postings: list[dict[str, Any]]
 
     class IncludedInPayout(Aggregate.Event):
-        """A payout paid what was due of this payment: its gross, less our fee, less refunds,
-        each net of what earlier payouts paid."""
+        """A payout paid what was due of this payment to ``party`` (None: the payment's merchant):
+        its gross, less our fee, the splits' shares and refunds, each net of what earlier payouts
+        paid; to a partner, its share (as ``gross_minor``)."""
 
         payout_id: str
+        party: str | None
         gross_minor: int
         fee_minor: int
+        shares_minor: int
         refunds_minor: int
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["party"] = None
+            state["shares_minor"] = 0
 
     @classmethod
     def initiate(
@@ -215,9 +251,11 @@ class Payment(Aggregate):
         card_last4: str,
         fee_schedule: FeeSchedule,
         card_fingerprint: str | None = None,
+        splits: Sequence[Split] = (),
     ) -> Payment:
         check_currency(currency)
         check_amount(amount_minor, currency)
+        checked = check_splits(splits, amount_minor, merchant_id)
         return cls._create(
             cls.Initiated,
             id=payment_id,
@@ -232,6 +270,7 @@ class Payment(Aggregate):
             fee_fixed_minor=fee_schedule.fixed_minor,
             card_fingerprint=(None if card_fingerprint is None
                               else check_text("card_fingerprint", card_fingerprint, max_length=100)),
+            splits=[s.as_dict() for s in checked],
         )
 
     @event(Initiated)
@@ -248,8 +287,10 @@ class Payment(Aggregate):
         fee_percent_bps: int,
         fee_fixed_minor: int,
         card_fingerprint: str | None,
+        splits: list[dict[str, Any]],
     ) -> None:
         self.merchant_id = merchant_id
+        self.splits = splits
         self.card_fingerprint = card_fingerprint
         self.session_id = session_id
         self.amount_minor = amount_minor
@@ -389,25 +430,35 @@ class Payment(Aggregate):
                 f"cannot capture {amount}: only {self.authorized_minor} is authorized",
                 authorized=self.authorized_minor,
             )
+        taken = self.fee_schedule.fee_for(amount) + sum(share for _, share in self._shares_of(amount))
+        if taken > amount:
+            raise SplitsExceedCapture(f"capturing {amount}: our fee and the splits' shares would take {taken}")
         return amount
+
+    def _shares_of(self, captured_minor: int) -> list[tuple[str, int]]:
+        return [(s.party, s.share_of(captured_minor)) for s in map(Split.from_dict, self.splits)]
 
     def capture(self, *, amount_minor: int | None, processor_reference: str, now: datetime) -> None:
         """One capture of all or part of the authorization; the rest is released."""
         amount = self.check_capture(amount_minor, now)
         fee = self.fee_schedule.fee_for(amount)
+        shares = [(party, share) for party, share in self._shares_of(amount) if share]
         self._captured(
             amount_minor=amount,
             fee_minor=fee,
             processor_reference=check_text("processor_reference", processor_reference, max_length=100),
-            postings=_postings(capture_postings(self.merchant_id, amount, fee, self.currency)),
+            shares=[{"party": party, "amount_minor": share} for party, share in shares],
+            postings=_postings(capture_postings(self.merchant_id, amount, fee, self.currency, shares)),
         )
 
     @event(Captured)
     def _captured(
-        self, amount_minor: int, fee_minor: int, processor_reference: str, postings: list[dict[str, Any]]
+        self, amount_minor: int, fee_minor: int, processor_reference: str, shares: list[dict[str, Any]],
+        postings: list[dict[str, Any]],
     ) -> None:
         self.captured_minor = amount_minor
         self.fee_minor = fee_minor
+        self.shares = shares
         self.capture_reference = processor_reference  # the processor's, as its settlement report lists it
         self.status = P.CAPTURED
 
@@ -483,20 +534,30 @@ class Payment(Aggregate):
         """Captured (perhaps refunded since) and not settled yet."""
         return self.captured_minor > 0 and not self.settled and self.status in (P.CAPTURED, P.REFUNDED)
 
+    @property
+    def shares_minor(self) -> int:
+        """What the splits took of the capture."""
+        return sum(share["amount_minor"] for share in self.shares)
+
+    def partner_shares(self) -> list[tuple[str, int]]:
+        return [(share["party"], share["amount_minor"]) for share in self.shares
+                if share["party"] != PLATFORM_PARTY]
+
     def settle(self, settlement_reference: str, processor_fee_minor: int = 0) -> None:
         """The processor settled the capture's gross, keeping ``processor_fee_minor``."""
         if not self.can_settle:
             raise InvalidTransition("payment", "settle", "settled" if self.settled else self.status)
         if not isinstance(processor_fee_minor, int) or processor_fee_minor < 0:
             raise InvalidAmount(f"a processor fee must be a non-negative integer, got {processor_fee_minor!r}")
-        share = self.captured_minor - self.fee_minor - self.refunded_minor
+        share = self.captured_minor - self.fee_minor - self.shares_minor - self.refunded_minor
         self._settled(
             settlement_reference=check_text("settlement_reference", settlement_reference, max_length=100),
             amount_minor=self.captured_minor,
             processor_fee_minor=processor_fee_minor,
             merchant_share_minor=share,
             postings=_postings(settlement_postings(
-                self.merchant_id, self.captured_minor, processor_fee_minor, share, self.currency)),
+                self.merchant_id, self.captured_minor, processor_fee_minor, share, self.currency,
+                self.partner_shares())),
         )
 
     @event(Settled)
@@ -534,26 +595,39 @@ class Payment(Aggregate):
 
     # -- payouts ----------------------------------------------------------------------------
 
-    def payout_due(self) -> tuple[int, int, int]:
-        """What no payout has paid yet of this settled payment: (gross, our fee, refunds)."""
+    def payout_due(self, party: str | None = None) -> tuple[int, int, int, int]:
+        """What no payout has paid yet of this settled payment to ``party`` (None or the
+        merchant's id: the merchant; a partner's id: its share): (gross, our fee, the splits'
+        shares, refunds). A partner's share is its gross, with nothing taken from it."""
         if not self.settled:
-            return 0, 0, 0
-        return (self.captured_minor - self.paid_out_gross_minor, self.fee_minor - self.paid_out_fee_minor,
-                self.refunded_minor - self.paid_out_refunds_minor)
+            return 0, 0, 0, 0
+        if party is None or party == str(self.merchant_id):
+            return (self.captured_minor - self.paid_out_gross_minor, self.fee_minor - self.paid_out_fee_minor,
+                    self.shares_minor - self.paid_out_shares_minor, self.refunded_minor - self.paid_out_refunds_minor)
+        owed = sum(amount for partner, amount in self.partner_shares() if partner == party)
+        return owed - self.partner_paid_out.get(party, 0), 0, 0, 0
 
-    def include_in_payout(self, payout_id: str) -> tuple[int, int, int]:
-        """Record that ``payout_id`` pays what is due; returns it. Nothing due: nothing recorded."""
-        due = self.payout_due()
+    def include_in_payout(self, payout_id: str, party: str | None = None) -> tuple[int, int, int, int]:
+        """Record that ``payout_id`` pays ``party`` what is due to it; returns it. Nothing due:
+        nothing recorded."""
+        due = self.payout_due(party)
         if any(due):
             if payout_id in self.payout_ids:
                 raise InvalidTransition("payment", "include_in_payout", f"already in payout {payout_id}")
-            gross, fee, refunds = due
-            self._included_in_payout(payout_id=payout_id, gross_minor=gross, fee_minor=fee, refunds_minor=refunds)
+            gross, fee, shares, refunds = due
+            partner = None if party is None or party == str(self.merchant_id) else party
+            self._included_in_payout(payout_id=payout_id, party=partner, gross_minor=gross, fee_minor=fee,
+                                     shares_minor=shares, refunds_minor=refunds)
         return due
 
     @event(IncludedInPayout)
-    def _included_in_payout(self, payout_id: str, gross_minor: int, fee_minor: int, refunds_minor: int) -> None:
-        self.paid_out_gross_minor += gross_minor
-        self.paid_out_fee_minor += fee_minor
-        self.paid_out_refunds_minor += refunds_minor
+    def _included_in_payout(self, payout_id: str, party: str | None, gross_minor: int, fee_minor: int,
+                            shares_minor: int, refunds_minor: int) -> None:
+        if party is None:
+            self.paid_out_gross_minor += gross_minor
+            self.paid_out_fee_minor += fee_minor
+            self.paid_out_shares_minor += shares_minor
+            self.paid_out_refunds_minor += refunds_minor
+        else:
+            self.partner_paid_out = {**self.partner_paid_out, party: self.partner_paid_out.get(party, 0) + gross_minor}
         self.payout_ids = (*self.payout_ids, payout_id)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -34,6 +34,7 @@ from domain.errors import (
     ResendLimitReached,
     SessionLocked,
 )
+from domain.ledger import Split, check_splits
 from domain.money import CURRENCY_EXPONENTS, check_amount, check_currency
 from domain.values import check_line_items, check_phone, check_text, check_url
 
@@ -120,6 +121,9 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
 class PaymentSession(Aggregate):
     # A default for state added after the first release: a snapshot taken before it lacks it.
     identity_on_file = False
+    if TYPE_CHECKING:  # its type, for mypy only (a class annotation would make it a dataclass field)
+        splits: list[dict[str, Any]]
+    splits = []  # type: ignore[var-annotated]  # noqa: RUF012 - for sessions snapshotted before splits; never changed
 
     class Opened(Aggregate.Created):
         merchant_id: UUID
@@ -134,6 +138,14 @@ class PaymentSession(Aggregate):
         metadata: dict[str, str]
         identity_required: bool
         expires_at: datetime
+        # Shares of the payment for the platform and partner merchants (domain/ledger.py Split);
+        # v1 sessions had none.
+        splits: list[dict[str, Any]]
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["splits"] = []
 
     class LinkSent(Aggregate.Event):
         link_token_hash: str
@@ -215,6 +227,7 @@ class PaymentSession(Aggregate):
         identity_threshold_minor: int,
         expires_at: datetime,
         metadata: Mapping[str, Any] | None = None,
+        splits: Sequence[Split] = (),
     ) -> PaymentSession:
         assert expires_at.tzinfo is not None, "expiry times are timezone-aware"
         check_currency(currency)
@@ -235,6 +248,7 @@ class PaymentSession(Aggregate):
             metadata=check_metadata(metadata),
             identity_required=amount_minor > identity_threshold_minor,
             expires_at=expires_at,
+            splits=[s.as_dict() for s in check_splits(splits, amount_minor, merchant_id)],
         )
 
     @event(Opened)
@@ -253,8 +267,10 @@ class PaymentSession(Aggregate):
         metadata: dict[str, str],
         identity_required: bool,
         expires_at: datetime,
+        splits: list[dict[str, Any]],
     ) -> None:
         self.merchant_id = merchant_id
+        self.splits = splits
         self.amount_minor = amount_minor
         self.currency = currency
         self.customer_phone = customer_phone

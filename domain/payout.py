@@ -77,17 +77,19 @@ def payout_account_id(merchant_id: UUID, currency: str) -> UUID:
 
 @dataclass(frozen=True)
 class PayoutLine:
-    """What a payout pays of one payment (``net = gross - fee - refunds``, negative when refunds
-    came after the gross was paid out)."""
+    """What a payout pays of one payment (``net = gross - fee - shares - refunds``, negative when
+    refunds came after the gross was paid out; ``shares``: what the splits gave other parties).
+    A partner's line is its share as the gross."""
 
     payment_id: str
     gross_minor: int
     fee_minor: int
     refunds_minor: int
+    shares_minor: int = 0
 
     @property
     def net_minor(self) -> int:
-        return self.gross_minor - self.fee_minor - self.refunds_minor
+        return self.gross_minor - self.fee_minor - self.shares_minor - self.refunds_minor
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "net_minor": self.net_minor}

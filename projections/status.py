@@ -145,8 +145,8 @@ def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any], at: 
             row["status"] = "settled"
         row["settled_at"] = at
         row["payout_due_minor"] += d.get("merchant_share_minor", 0)  # none before payouts existed
-    elif event_type == "payment.included_in_payout":
-        row["payout_due_minor"] -= d["gross_minor"] - d["fee_minor"] - d["refunds_minor"]
+    elif event_type == "payment.included_in_payout" and not d.get("party"):  # a partner's: partner_dues
+        row["payout_due_minor"] -= d["gross_minor"] - d["fee_minor"] - d.get("shares_minor", 0) - d["refunds_minor"]
 
 
 class _Table:

@@ -280,7 +280,8 @@ class ReadViews:
             row = cur.fetchone()
             if row is None:
                 return None
-            cur.execute("SELECT payment_id, gross_minor, fee_minor, refunds_minor, net_minor FROM payout_lines"
+            cur.execute("SELECT payment_id, gross_minor, fee_minor, shares_minor, refunds_minor, net_minor"
+                        " FROM payout_lines"
                         + where + " ORDER BY line_no", params)
             return _plain(row), [_plain(r) for r in cur.fetchall()]
 

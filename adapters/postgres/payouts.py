@@ -15,12 +15,18 @@ _BALANCES = """
       AND (account LIKE 'merchant:%%:available' OR account LIKE 'merchant:%%:reserved')
     UNION
     SELECT DISTINCT merchant_id, currency FROM payment_status WHERE payout_due_minor <> 0
+    UNION
+    SELECT DISTINCT merchant_id, currency FROM partner_dues WHERE due_minor <> 0
     ORDER BY 1, 2
 """
+# The merchant's own payments with something due, then the shares partners' payments owe it.
 _DUES = """
-    SELECT payment_id FROM payment_status
-    WHERE merchant_id = %s AND currency = %s AND payout_due_minor <> 0
-    ORDER BY settled_at, payment_id
+    (SELECT payment_id FROM payment_status
+     WHERE merchant_id = %(merchant)s AND currency = %(currency)s AND payout_due_minor <> 0
+     ORDER BY settled_at, payment_id)
+    UNION ALL
+    (SELECT payment_id FROM partner_dues
+     WHERE merchant_id = %(merchant)s AND currency = %(currency)s AND due_minor <> 0 ORDER BY payment_id)
 """
 _UNSENT = "SELECT payout_id FROM payouts WHERE status = 'created' ORDER BY created_at"
 
@@ -35,7 +41,8 @@ class PostgresPayoutCandidates:
 
     def dues(self, merchant_id: UUID, currency: str) -> list[UUID]:
         with self.pool.connection() as conn:
-            return [UUID(str(p)) for (p,) in conn.execute(_DUES, (merchant_id, currency)).fetchall()]
+            rows = conn.execute(_DUES, {"merchant": merchant_id, "currency": currency}).fetchall()
+        return list(dict.fromkeys(UUID(str(p)) for (p,) in rows))
 
     def unsent(self) -> list[UUID]:
         with self.pool.connection() as conn:

@@ -57,6 +57,16 @@ class Voice(Strict):
     conversation_id: Text
 
 
+class SplitIn(Strict):
+    """A share of the payment for the platform (a commission) or a partner merchant (paid out to
+    it), as ``amount`` (minor units) or ``percent_bps`` of the captured amount; shares come out
+    of the merchant's part, and refunds out of the merchant's alone."""
+
+    party: Annotated[str, Meta(min_length=1, max_length=36, description="'platform' or a partner merchant's id")]
+    amount: Amount | None = None
+    percent_bps: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+
+
 class PaymentSessionCreate(Strict):
     amount: Amount
     currency: Currency
@@ -66,6 +76,7 @@ class PaymentSessionCreate(Strict):
     callback_url: Url | None = None
     metadata: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=40)],
                              Annotated[str, Meta(max_length=500)]], Meta(max_length=20)] | None = None
+    splits: Annotated[list[SplitIn], Meta(max_length=10)] | None = None
 
 
 class PaymentSessionCancel(Strict):
@@ -233,9 +244,13 @@ class PayoutCreate(Strict):
 
 
 class PayoutLine(Struct):
+    """What a payout paid of one payment: ``net = gross - fee - shares - refunds`` (``shares``:
+    what its splits gave other parties). A partner's line is its share, as ``gross``."""
+
     payment_id: str
     gross: int
     fee: int
+    shares: int
     refunds: int
     net: int
 

@@ -8,7 +8,7 @@ import csv
 import io
 from uuid import UUID
 
-from tests.api.conftest import Api, paid_payment
+from tests.api.conftest import Api, paid_payment, session_body
 
 
 def settled_payment(api: Api, tag: str) -> UUID:
@@ -44,7 +44,7 @@ def test_a_manual_payout_pays_what_is_available_and_each_merchant_sees_only_its_
         payout = made.json()
         assert (payout["status"], payout["amount"], payout["line_count"]) == ("created", net, 1)
         assert payout["lines"] == [{"payment_id": str(payment_id), "gross": payment.captured_minor,
-                                    "fee": payment.fee_minor, "refunds": 0, "net": net}]
+                                    "fee": payment.fee_minor, "shares": 0, "refunds": 0, "net": net}]
         again = a.post("/v1/payouts", json={"currency": "USD"}, headers={"Idempotency-Key": "po-now-again"})
         assert again.status_code == 201 and again.json()["id"] == payout["id"]  # one payout a day
         api.project()
@@ -74,3 +74,24 @@ def test_a_manual_payout_pays_what_is_available_and_each_merchant_sees_only_its_
                           headers={"Idempotency-Key": "po-admin"}).status_code == 403
     with api.client("analyst") as analyst:
         assert analyst.get("/v1/payouts").status_code == 403
+
+
+def test_a_session_carries_splits_checked_when_it_opens(api: Api) -> None:
+    partner = str(api.merchants["b"])
+    with api.client("a") as a:
+        opened = a.post("/v1/payment-sessions", headers={"Idempotency-Key": "split-open"}, json=session_body(
+            4_000, splits=[{"party": partner, "percent_bps": 1_000}, {"party": "platform", "amount": 200}]))
+        assert opened.status_code == 201, opened.text
+        session = api.services.ledger.get_session(UUID(opened.json()["id"]))
+        assert session.splits == [{"party": partner, "amount_minor": None, "percent_bps": 1_000},
+                                  {"party": "platform", "amount_minor": 200, "percent_bps": None}]
+        for splits, why in (
+            ([{"party": "platform", "amount": 5_000}], "more than the amount"),
+            ([{"party": str(api.merchants["a"]), "amount": 1}], "own merchant"),
+            ([{"party": "f" * 36, "amount": 1}], "neither 'platform' nor a merchant"),
+            ([{"party": partner, "amount": 1, "percent_bps": 1}], "not both"),
+        ):
+            refused = a.post("/v1/payment-sessions", headers={"Idempotency-Key": f"split-refused-{len(why)}"},
+                             json=session_body(4_000, splits=splits))
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["code"] == "invalid_split" and why in refused.json()["detail"]

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -22,7 +22,8 @@ from adapters.processors.client import HttpProcessor
 from api.bootstrap import build_ledger
 from api.settings import Settings
 from application.ledger import Ledger
-from domain.errors import NothingToPayOut
+from domain.errors import InvalidSplit, NothingToPayOut
+from domain.ledger import PLATFORM_PARTY, Split
 from domain.payout import payout_id
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_views import catch_up
@@ -238,3 +239,42 @@ def test_two_runs_at_once_make_one_payout_that_pays_each_payment_once(
     assert {c["payout_id"] for r in results for c in r.created} == {str(payout_id(merchant, "USD", TODAY))}
     assert bank.paid_total(str(merchant), "USD") == share(ledger, *payments)
     assert all(len(ledger.get_payment(p).payout_ids) == 1 for p in payments)
+
+
+def test_a_split_payment_pays_the_partner_its_share_and_the_merchant_the_rest(
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+) -> None:
+    merchant, partner = new_merchant(ledger, "po-split-m"), new_merchant(ledger, "po-split-p")
+    with pytest.raises(InvalidSplit, match="neither 'platform' nor a merchant"):
+        open_session(ledger, merchant, command_id="po-split-bad", splits=[Split(str(uuid4()), amount_minor=100)])
+    session = open_session(ledger, merchant, command_id="po-split-session", amount_minor=10_000,
+                           splits=[Split(str(partner), percent_bps=2_000), Split(PLATFORM_PARTY, amount_minor=250)])
+    payment_id = pay(ledger, session, prefix="po-split-")
+    ledger.authorize_payment(payment_id)
+    ledger.capture_payment("po-split-capture", payment_id)
+    ledger.refund_payment("po-split-refund", payment_id, amount_minor=1_000)
+    reconciled(ledger, database_url, settings)
+    payment = ledger.get_payment(payment_id)
+    merchant_net = 10_000 - payment.fee_minor - 2_000 - 250 - 1_000
+    assert owed(database_url, partner) == {"payable": 0, "available": 2_000}
+    assert owed(database_url, merchant)["available"] == merchant_net
+
+    run = ledger.run_payouts(TODAY)
+    assert sorted((s["merchant_id"], s["amount_minor"], s["status"]) for s in run.sent) == sorted([
+        (str(merchant), merchant_net, "paid"), (str(partner), 2_000, "paid")])
+    assert bank.paid_total(str(partner), "USD") == 2_000
+    assert bank.paid_total(str(merchant), "USD") == merchant_net
+    catch_up(database_url, settings)
+    partner_line = payout_row(database_url, payout_id(partner, "USD", TODAY))["lines"]
+    assert [(line["payment_id"], line["gross_minor"], line["net_minor"]) for line in partner_line] == \
+        [(payment_id, 2_000, 2_000)]
+    (merchant_line,) = payout_row(database_url, payout_id(merchant, "USD", TODAY))["lines"]
+    assert (merchant_line["shares_minor"], merchant_line["refunds_minor"]) == (2_250, 1_000)
+    assert ledger.run_payouts(TODAY).sent == []  # both paid: nothing is due to either
+    assert owed(database_url, partner) == {"payable": 0, "available": 0, "in_transit": 0}
+    assert owed(database_url, merchant) == {"payable": 0, "available": 0, "in_transit": 0}
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT due_minor FROM partner_dues WHERE payment_id = %s", (payment_id,)).fetchone() \
+            == (0,)
+        assert conn.execute("SELECT payout_due_minor FROM payment_status WHERE payment_id = %s",
+                            (payment_id,)).fetchone() == (0,)

@@ -62,6 +62,7 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reconciliation_findings": (frozenset({"SELECT", "INSERT"}), frozenset()),
     "payouts": (READ_WRITE, frozenset()),
     "payout_lines": (READ_WRITE, frozenset()),
+    "partner_dues": (READ_WRITE, frozenset()),
     "audit_log": (frozenset({"SELECT", "INSERT"}), frozenset({"prev_hash", "hash"})),
 }
 

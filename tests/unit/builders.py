@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from domain.ledger import FeeSchedule
+from domain.ledger import FeeSchedule, Split
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
 from domain.risk import RiskDecision
@@ -110,6 +111,7 @@ def initiate_payment(
     amount_minor: int = PAYMENT_AMOUNT_MINOR,
     currency: str = "USD",
     fee_schedule: FeeSchedule | None = None,
+    splits: Sequence[Split] = (),
 ) -> Payment:
     return Payment.initiate(
         uuid4(),
@@ -121,6 +123,7 @@ def initiate_payment(
         card_brand="visa",
         card_last4="4242",
         fee_schedule=fee_schedule or FeeSchedule(),
+        splits=splits,
     )
 
 

@@ -10,16 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.errors import InvalidFeeSchedule, UnknownCurrency
+from domain.errors import InvalidFeeSchedule, InvalidSplit, UnknownCurrency
 from domain.ledger import (
     PLATFORM_CASH,
     PLATFORM_FEES,
+    PLATFORM_PARTY,
     PROCESSOR_CLEARING,
     PROCESSOR_FEES,
     FeeSchedule,
     Posting,
+    Split,
     balanced,
     capture_postings,
+    check_splits,
     imbalance,
     merchant_available,
     merchant_in_transit,
@@ -270,3 +273,42 @@ def test_payout_postings_balance_and_a_paid_payout_leaves_nothing_in_transit(amo
     else:
         assert all(p.account != merchant_in_transit(merchant_id) for p in created)
 
+
+
+# -- splits ---------------------------------------------------------------------------------------
+
+
+def test_splits_are_checked_whole() -> None:
+    merchant, partner = uuid4(), str(uuid4())
+    assert check_splits([Split(partner, amount_minor=500), Split(PLATFORM_PARTY, percent_bps=1_000)], 10_000,
+                        merchant) == (Split(partner, amount_minor=500), Split(PLATFORM_PARTY, percent_bps=1_000))
+    refused = {
+        "its own merchant": [Split(str(merchant), amount_minor=1)],
+        "twice": [Split(partner, amount_minor=1), Split(partner, amount_minor=2)],
+        "both": [Split(partner, amount_minor=1, percent_bps=1)],
+        "neither": [Split(partner)],
+        "zero": [Split(partner, amount_minor=0)],
+        "over 100%": [Split(partner, percent_bps=10_001)],
+        "more than the amount": [Split(partner, amount_minor=6_000), Split(PLATFORM_PARTY, percent_bps=5_000)],
+    }
+    for why, splits in refused.items():
+        with pytest.raises(InvalidSplit):
+            check_splits(splits, 10_000, merchant)
+            pytest.fail(why)
+
+
+@given(amounts(), schedules, st.data())
+def test_capture_postings_with_splits_credit_each_party_and_balance(
+    amount_currency: tuple[int, str], schedule: FeeSchedule, data: st.DataObject
+) -> None:
+    amount, currency = amount_currency
+    fee = schedule.fee_for(amount)
+    partner_share = data.draw(st.integers(0, amount - fee))
+    platform_share = data.draw(st.integers(0, amount - fee - partner_share))
+    merchant, partner = uuid4(), str(uuid4())
+    postings = capture_postings(merchant, amount, fee, currency, [(partner, partner_share),
+                                                                  (PLATFORM_PARTY, platform_share)])
+    assert imbalance(postings) == {}
+    assert _total(postings, merchant_payable(partner), "credit") == partner_share
+    assert _total(postings, PLATFORM_FEES, "credit") == fee + platform_share
+    assert _total(postings, merchant_payable(merchant), "credit") == amount - fee - partner_share - platform_share

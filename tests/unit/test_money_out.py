@@ -1,9 +1,11 @@
-"""Money out, as a state machine: payments of one merchant are captured, refunded, reconciled
-against processor reports (which settle them), and paid out at cut-offs with a rolling reserve,
-through a bank that sometimes refuses. At every step:
+"""Money out, as a state machine: payments of one merchant, some split with a partner merchant
+and the platform, are captured, refunded, reconciled against processor reports (which settle
+them), and paid out to both merchants at cut-offs with a rolling reserve, through a bank that
+sometimes refuses. At every step:
 
 - every posting set balances per currency;
-- paid out + in transit + available + pending + reserved = captures - our fees - refunds;
+- for the merchant, paid out + in transit + available + pending + reserved = captures - our
+  fees - the splits' shares - refunds; for the partner, the same sum = its shares;
 - no payment settles twice, no payout pays a payment's part twice;
 - the ledger's accounts agree with the aggregates (available with what payouts have not taken).
 """
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from domain.errors import DomainError
-from domain.ledger import FeeSchedule, Posting, imbalance
+from domain.ledger import PLATFORM_PARTY, FeeSchedule, Posting, Split, imbalance
 from domain.payment import Payment
 from domain.payout import Payout, PayoutAccount, PayoutLine, PayoutStatus, payout_id
 from domain.reconciliation import LATE, MATCHED, Deposit, Expected, ReportLine, SettlementReport, match
@@ -34,20 +36,28 @@ def _processor_fee(gross: int) -> int:
     return (gross * PROCESSOR_FEE_BPS + 5_000) // 10_000 + 20
 
 
+SPLITS = [
+    (),
+    (Split("PARTNER", amount_minor=300),),
+    (Split("PARTNER", percent_bps=1_500), Split(PLATFORM_PARTY, percent_bps=500)),
+]
+
+
 class MoneyOut(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.merchant_id = uuid4()
+        self.partner_id = uuid4()
         self.payments: list[Payment] = []
         self.events: list[Any] = []
-        self.account = PayoutAccount.open(self.merchant_id, "USD")
+        self.accounts = {m: PayoutAccount.open(m, "USD") for m in (self.merchant_id, self.partner_id)}
         self.payouts: list[Payout] = []
         self.day = START
         self.reported: set[tuple[str, str]] = set()  # (reference, kind) a report listed
         self.refund_days: dict[str, date] = {}
         self.capture_days: dict[str, date] = {}
         self.reserve = (0, 0)
-        self.collect(self.account)
+        self.collect(*self.accounts.values())
 
     def collect(self, *aggregates: Any) -> None:
         for aggregate in aggregates:
@@ -55,9 +65,11 @@ class MoneyOut(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------------
 
-    @rule()
-    def capture_a_payment(self) -> None:
-        payment = _captured_for(self.merchant_id, len(self.payments))
+    @rule(splits=st.sampled_from(range(len(SPLITS))))
+    def capture_a_payment(self, splits: int) -> None:
+        chosen = [Split(str(self.partner_id), s.amount_minor, s.percent_bps) if s.party == "PARTNER" else s
+                  for s in SPLITS[splits]]
+        payment = _captured_for(self.merchant_id, len(self.payments), chosen)
         self.payments.append(payment)
         self.capture_days[payment.capture_reference or ""] = self.day
         self.collect(payment)
@@ -107,20 +119,22 @@ class MoneyOut(RuleBasedStateMachine):
     def change_the_reserve(self, percent: int, days: int) -> None:
         self.reserve = (percent, days if percent else 0)
 
-    @rule()
-    def pay_out(self) -> None:
-        the_payout = str(payout_id(self.merchant_id, "USD", self.day))
+    @rule(to_partner=st.booleans())
+    def pay_out(self, to_partner: bool) -> None:
+        party = self.partner_id if to_partner else self.merchant_id
+        account = self.accounts[party]
+        the_payout = str(payout_id(party, "USD", self.day))
         lines = []
         for payment in self.payments:
-            gross, fee, refunds = payment.include_in_payout(the_payout)
-            if gross or fee or refunds:
-                lines.append(PayoutLine(str(payment.id), gross, fee, refunds))
+            gross, fee, shares, refunds = payment.include_in_payout(the_payout, str(party))
+            if gross or fee or shares or refunds:
+                lines.append(PayoutLine(str(payment.id), gross, fee, refunds, shares))
             self.collect(payment)
-        if not lines and not self.account.has_anything_due(self.day):
+        if not lines and not account.has_anything_due(self.day):
             return
-        payout = self.account.plan(self.day, lines, reserve_percent_bps=self.reserve[0], reserve_days=self.reserve[1])
+        payout = account.plan(self.day, lines, reserve_percent_bps=self.reserve[0], reserve_days=self.reserve[1])
         self.payouts.append(payout)
-        self.collect(payout, self.account)
+        self.collect(payout, account)
         self.day += timedelta(days=1)
 
     @precondition(lambda self: any(p.status == PayoutStatus.CREATED for p in self.payouts))
@@ -128,12 +142,13 @@ class MoneyOut(RuleBasedStateMachine):
     def the_bank_answers(self, data: st.DataObject, refuses: bool) -> None:
         waiting = [p for p in self.payouts if p.status == PayoutStatus.CREATED]
         payout = waiting[data.draw(st.integers(0, len(waiting) - 1))]
+        account = self.accounts[payout.merchant_id]
         if refuses:
             payout.fail("account_closed")
-            self.account.carry(payout)
+            account.carry(payout)
         else:
             payout.mark_paid(f"bank_{payout.id.hex[:8]}")
-        self.collect(payout, self.account)
+        self.collect(payout, account)
 
     @precondition(lambda self: bool(self.payouts))
     @rule(data=st.data())
@@ -149,7 +164,7 @@ class MoneyOut(RuleBasedStateMachine):
 
     # -- invariants ----------------------------------------------------------------------------
 
-    def accounts(self) -> dict[str, int]:
+    def owed(self) -> dict[str, int]:
         """Per account, credits minus debits (what we owe on it)."""
         totals: dict[str, int] = {}
         for event in self.events:
@@ -165,19 +180,21 @@ class MoneyOut(RuleBasedStateMachine):
             assert imbalance(postings) == {}, event
 
     @invariant()
-    def the_merchants_money_is_all_accounted_for(self) -> None:
-        owed = self.accounts()
-        m = self.merchant_id
-        pending, available, reserved, in_transit = (owed.get(f"merchant:{m}:{bucket}", 0)
-                                                     for bucket in ("payable", "available", "reserved", "in_transit"))
-        paid_out = sum(p.amount_minor for p in self.payouts if p.status == PayoutStatus.PAID)
-        net = sum(p.captured_minor - p.fee_minor - p.refunded_minor for p in self.payments)
-        assert paid_out + in_transit + available + pending + reserved == net
-        assert in_transit == sum(p.amount_minor for p in self.payouts if p.status == PayoutStatus.CREATED)
-        assert reserved == self.account.reserved_minor >= 0
-        # Available: what payments have due, plus what payouts carried forward.
-        due = sum(g - f - r for g, f, r in (p.payout_due() for p in self.payments))
-        assert available == due + self.account.carried_minor
+    def each_merchants_money_is_all_accounted_for(self) -> None:
+        owed = self.owed()
+        merchant_net = sum(p.captured_minor - p.fee_minor - p.shares_minor - p.refunded_minor for p in self.payments)
+        partner_net = sum(a for p in self.payments for party, a in p.partner_shares() if party == str(self.partner_id))
+        for m, net in ((self.merchant_id, merchant_net), (self.partner_id, partner_net)):
+            pending, available, reserved, in_transit = (
+                owed.get(f"merchant:{m}:{bucket}", 0) for bucket in ("payable", "available", "reserved", "in_transit"))
+            theirs = [p for p in self.payouts if p.merchant_id == m]
+            paid_out = sum(p.amount_minor for p in theirs if p.status == PayoutStatus.PAID)
+            assert paid_out + in_transit + available + pending + reserved == net
+            assert in_transit == sum(p.amount_minor for p in theirs if p.status == PayoutStatus.CREATED)
+            assert reserved == self.accounts[m].reserved_minor >= 0
+            # Available: what payments have due to it, plus what its payouts carried forward.
+            due = sum(g - f - s - r for g, f, s, r in (p.payout_due(str(m)) for p in self.payments))
+            assert available == due + self.accounts[m].carried_minor
 
     @invariant()
     def nothing_settles_or_pays_out_twice(self) -> None:
@@ -194,17 +211,18 @@ class MoneyOut(RuleBasedStateMachine):
 
     @invariant()
     def clearing_is_what_the_processor_has_not_settled(self) -> None:
-        owed = self.accounts()
+        owed = self.owed()
         unsettled = sum(p.captured_minor for p in self.payments if not p.settled)
         unsettled_refunds = sum(a for p in self.payments for r, a in p.refund_amounts.items()
                                 if r not in p.settled_refund_references)
         assert -owed.get("processor_clearing", 0) == unsettled - unsettled_refunds
 
 
-def _captured_for(merchant_id: Any, n: int) -> Payment:
+def _captured_for(merchant_id: Any, n: int, splits: list[Split]) -> Payment:
     amount = 1_000 + 937 * n % 9_000
     payment = Payment.initiate(uuid4(), merchant_id=merchant_id, session_id=None, amount_minor=amount, currency="USD",
-                               card_token="tok_1", card_brand="visa", card_last4="4242", fee_schedule=FeeSchedule())
+                               card_token="tok_1", card_brand="visa", card_last4="4242", fee_schedule=FeeSchedule(),
+                               splits=splits)
     clear_risk(payment)
     payment.start_processing("primary")
     payment.authorize(processor="primary", processor_reference=f"ch_{n}", amount_minor=amount, expires_at=EXPIRES_AT)

@@ -23,7 +23,7 @@ from domain.payout import PayoutStatus
 
 PAYOUT_STATUSES = (PayoutStatus.CREATED, PayoutStatus.PAID, PayoutStatus.FAILED, PayoutStatus.CARRIED_FORWARD)
 READERS = ("merchant", "admin", "compliance")
-LINE_COLUMNS = ("payment_id", "gross_minor", "fee_minor", "refunds_minor", "net_minor")
+LINE_COLUMNS = ("payment_id", "gross_minor", "fee_minor", "shares_minor", "refunds_minor", "net_minor")
 
 
 def payout_from_row(row: dict[str, Any], lines: list[dict[str, Any]] | None = None) -> schemas.Payout:
@@ -36,8 +36,8 @@ def payout_from_row(row: dict[str, Any], lines: list[dict[str, Any]] | None = No
         updated_at=row["updated_at"],
         lines=None if lines is None else [
             schemas.PayoutLine(payment_id=str(line["payment_id"]), gross=int(line["gross_minor"]),
-                               fee=int(line["fee_minor"]), refunds=int(line["refunds_minor"]),
-                               net=int(line["net_minor"]))
+                               fee=int(line["fee_minor"]), shares=int(line["shares_minor"]),
+                               refunds=int(line["refunds_minor"]), net=int(line["net_minor"]))
             for line in lines
         ],
     )
@@ -116,7 +116,8 @@ class PayoutController(Controller):
                 failure_reason=payout.failure_reason, created_at=created,
                 updated_at=datetime.fromisoformat(payout.modified_on.isoformat()),
                 lines=[schemas.PayoutLine(payment_id=line["payment_id"], gross=line["gross_minor"],
-                                          fee=line["fee_minor"], refunds=line["refunds_minor"], net=line["net_minor"])
+                                          fee=line["fee_minor"], shares=line.get("shares_minor", 0),
+                                          refunds=line["refunds_minor"], net=line["net_minor"])
                        for line in payout.lines],
             )
 

@@ -17,6 +17,7 @@ from api.http.openapi import command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from application.errors import NotFound
+from domain.ledger import Split
 from domain.payment_session import PaymentSession
 from projections.views import Scope
 
@@ -49,6 +50,7 @@ class PaymentSessionController(Controller):
                              "unit_amount_minor": i.unit_amount} for i in data.order.items],
                 voice_platform=data.voice.platform, conversation_id=data.voice.conversation_id,
                 callback_url=data.callback_url, metadata=data.metadata,
+                splits=[Split(s.party, s.amount, s.percent_bps) for s in data.splits or ()],
             )
             result = issued.result
             session_id = UUID(result.result["session_id"])
