@@ -106,6 +106,7 @@ def build_ledger(
 ) -> Ledger:
     """The ledger on PostgreSQL: over the process's pool when given one (which its owner
     closes), else over a pool of its own for ``database`` (closed with the ledger)."""
+    from adapters.dev.fx import SandboxFxRates
     from adapters.notifications.wording import SmsWording
     from adapters.postgres.event_store import EventStoreFactory, PooledDatastore
     from adapters.postgres.payouts import PostgresPayoutCandidates
@@ -132,6 +133,9 @@ def build_ledger(
     extra.setdefault("processor_transactions", PostgresProcessorTransactions(pool))
     # Payouts: the read side's hints (which merchants, which payments); the bank, when configured.
     extra.setdefault("payout_candidates", PostgresPayoutCandidates(pool))
+    # Exchange rates for merchants that settle in another currency: the sandbox source (a
+    # deployment puts a real provider behind the same port).
+    extra.setdefault("fx_rates", SandboxFxRates())
     if settings.processors:
         from adapters.processors.settlement import HttpSettlementReports
 

@@ -23,6 +23,7 @@ from application.payouts import PayoutCommands
 from application.ports import (
     Bank,
     Clock,
+    FxRates,
     IdentityVerifier,
     Locks,
     MessageWording,
@@ -70,6 +71,7 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         processor_transactions: ProcessorTransactions | None = None,
         payout_candidates: PayoutCandidates | None = None,
         bank: Bank | None = None,
+        fx_rates: FxRates | None = None,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
@@ -91,6 +93,8 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         # Payouts (application/payouts.py): the read side's hints and the bank.
         self.payout_candidates = payout_candidates
         self.bank = bank
+        # Merchants that settle in another currency (application/reconciliation.py).
+        self.fx_rates = fx_rates
 
     def close(self) -> None:
         for part in (self.locks, self.settlement_reports, self.bank):

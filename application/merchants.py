@@ -63,6 +63,7 @@ class MerchantCommands(LedgerBase):
                 commerce_backend_uri=changes.get("commerce_backend_uri"),
                 max_amount_minor=changes.get("max_amount_minor"),
                 payout_schedule=changes.get("payout_schedule"),
+                settlement_currency=changes.get("settlement_currency"),
                 reserve=_reserve(merchant, changes),
             )
             return [merchant], {"merchant_id": str(merchant_id)}

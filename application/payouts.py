@@ -91,7 +91,8 @@ class PayoutCommands(LedgerBase):
             for payment_id in candidates.dues(merchant_id, currency):
                 # The merchant's own payments, and others' that split a share to it.
                 payment = self.get_payment(payment_id)
-                if payment.currency != currency:
+                if (payment.payout_currency if str(payment.merchant_id) == str(merchant_id)
+                        else payment.currency) != currency:
                     continue
                 gross, fee, shares, refunds = payment.include_in_payout(str(the_payout), str(merchant_id))
                 if gross or fee or shares or refunds:

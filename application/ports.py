@@ -16,6 +16,7 @@ from uuid import UUID
 # The outbox row is defined beside the envelope it carries (the read side imports that module,
 # not this one); the event store's recorder takes it from here, with the other ports.
 from application.envelope import OutboxMessage as OutboxMessage
+from domain.fx import FxRate
 from domain.money import Money
 from domain.reconciliation import Expected, SettlementReport
 
@@ -260,3 +261,10 @@ class PayoutCandidates(Protocol):
     def unsent(self) -> list[UUID]:
         """Payouts created and not yet paid or failed."""
         ...
+
+
+class FxRates(Protocol):
+    """Exchange rates (adapters/dev/fx.py is the sandbox source): the rate now from one currency
+    to another. Raises ValueError for a pair it does not quote."""
+
+    def rate(self, from_currency: str, to_currency: str) -> FxRate: ...

@@ -17,8 +17,9 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from application.ports import ProcessorTransactions, SettlementReports
+from application.ports import FxRates, ProcessorTransactions, SettlementReports
 from application.unit_of_work import CommandResult, LedgerBase
+from domain.fx import FxRate
 from domain.payment import Payment
 from domain.reconciliation import LATE, MATCHED, Reconciliation, ReportNotFinal, match, reconciliation_id
 
@@ -26,6 +27,21 @@ from domain.reconciliation import LATE, MATCHED, Reconciliation, ReportNotFinal,
 class ReconciliationCommands(LedgerBase):
     settlement_reports: SettlementReports | None = None
     processor_transactions: ProcessorTransactions | None = None
+    fx_rates: FxRates | None = None
+
+    def _conversion_for(self, payment: Payment, rates: dict[UUID, FxRate | None]) -> FxRate | None:
+        """The rate a payment's merchant settles at, one per merchant and reconciliation (the
+        rate is recorded in each settlement, so replaying the events never asks again)."""
+        if payment.merchant_id not in rates:
+            target = self._merchant_to_read(payment.merchant_id).settlement_currency
+            if target is None or target == payment.currency:
+                rates[payment.merchant_id] = None
+            else:
+                if self.fx_rates is None:
+                    raise RuntimeError("this ledger was built without FX rates, and a merchant settles in "
+                                       f"{target}")
+                rates[payment.merchant_id] = self.fx_rates.rate(payment.currency, target)
+        return rates[payment.merchant_id]
 
     def reconcile(self, processor: str, day: date, currency: str) -> CommandResult:
         reports, ours = self.settlement_reports, self.processor_transactions
@@ -40,6 +56,7 @@ class ReconciliationCommands(LedgerBase):
             findings = match(report, ours.expected(processor, currency, day))
             done = Reconciliation.reconcile(report, findings)
             settled: dict[UUID, Payment] = {}
+            rates: dict[UUID, FxRate | None] = {}
             captures = refunds = 0
             for finding in findings:
                 if finding.outcome not in (MATCHED, LATE) or finding.payment_id is None:
@@ -47,7 +64,7 @@ class ReconciliationCommands(LedgerBase):
                 payment = settled.get(finding.payment_id) or self.get_payment(finding.payment_id)
                 reference = f"{processor}:{finding.deposit_id}"
                 if finding.kind == "capture" and payment.can_settle:
-                    payment.settle(reference, finding.fee_minor or 0)
+                    payment.settle(reference, finding.fee_minor or 0, self._conversion_for(payment, rates))
                     captures += 1
                 elif finding.kind == "refund" and payment.can_settle_refund(finding.processor_reference):
                     payment.settle_refund(finding.processor_reference, reference, finding.fee_minor or 0)

@@ -28,6 +28,8 @@ class Merchant(Aggregate):
     payout_schedule = DAILY
     reserve_percent_bps = 0
     reserve_days = 0
+    # The currency it is paid out in; None: each payment's own.
+    settlement_currency = None
 
     class Registered(Aggregate.Created):
         name: str
@@ -113,9 +115,13 @@ class Merchant(Aggregate):
         max_amount_minor: Mapping[str, int] | None = None,
         payout_schedule: str | None = None,
         reserve: tuple[int, int] | None = None,
+        settlement_currency: str | None = None,
     ) -> None:
-        """``reserve``: (percent in basis points, days), or (0, 0) for none."""
+        """``reserve``: (percent in basis points, days), or (0, 0) for none.
+        ``settlement_currency``: a currency to be paid out in, or "" for each payment's own."""
         changes: dict[str, Any] = {}
+        if settlement_currency is not None:
+            changes["settlement_currency"] = check_currency(settlement_currency) if settlement_currency else None
         if payout_schedule is not None:
             changes["payout_schedule"] = check_schedule(payout_schedule)
         if reserve is not None:

@@ -34,16 +34,22 @@ from domain.errors import (
     RiskNotAssessed,
     SplitsExceedCapture,
 )
+from domain.fx import FX_ACCOUNT, FxRate
 from domain.ledger import (
     PLATFORM_PARTY,
+    PROCESSOR_CLEARING,
     FeeSchedule,
     Posting,
     Split,
+    balanced,
     capture_postings,
     check_splits,
+    merchant_available,
+    merchant_payable,
     refund_postings,
     refund_settlement_postings,
     settlement_postings,
+    transfer,
 )
 from domain.money import check_amount, check_currency
 from domain.risk import RiskDecision
@@ -89,6 +95,7 @@ class Payment(Aggregate):
         shares: list[dict[str, Any]]
         paid_out_shares_minor: int
         partner_paid_out: dict[str, int]
+        fx: dict[str, Any] | None
 
     # Defaults for state added after the first release: a snapshot taken before it lacks them.
     card_fingerprint = None
@@ -105,6 +112,7 @@ class Payment(Aggregate):
     splits = ()  # type: ignore[assignment]
     shares = ()  # type: ignore[assignment]
     paid_out_shares_minor = 0
+    fx = None
     partner_paid_out = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
 
     class Initiated(Aggregate.Created):
@@ -194,20 +202,27 @@ class Payment(Aggregate):
     class Settled(Aggregate.Event):
         """The processor's report listed the capture: ``amount_minor`` is the gross it settled,
         ``processor_fee_minor`` what it kept, ``merchant_share_minor`` what became available
-        to the merchant (captured less our fee less refunds so far)."""
+        to the merchant (captured less our fee, the splits and refunds so far). ``fx``: for a
+        merchant that settles in another currency, the rate used (domain/fx.py FxRate) and
+        ``share_minor``, the share in that currency; None otherwise."""
 
         settlement_reference: str
         amount_minor: int
         processor_fee_minor: int
         merchant_share_minor: int
+        fx: dict[str, Any] | None
         postings: list[dict[str, Any]]
-        class_version = 2
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             # Version 1 settled the net of refunds and moved nothing of the merchant's.
             state["processor_fee_minor"] = 0
             state["merchant_share_minor"] = 0
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["fx"] = None
 
     class RefundSettled(Aggregate.Event):
         """The processor's report listed a refund: it took the refund (and ``processor_fee_minor``
@@ -507,8 +522,7 @@ class Payment(Aggregate):
             reason=check_text("reason", reason, max_length=200, required=False),
             processor_reference=check_text("processor_reference", processor_reference, max_length=100),
             refunded_total_minor=self.refunded_minor + amount_minor,
-            postings=_postings(refund_postings(self.merchant_id, amount_minor, self.currency,
-                                               settled=self.settled)),
+            postings=_postings(self._refund_postings(amount_minor)),
         )
 
     @event(Refunded)
@@ -543,28 +557,46 @@ class Payment(Aggregate):
         return [(share["party"], share["amount_minor"]) for share in self.shares
                 if share["party"] != PLATFORM_PARTY]
 
-    def settle(self, settlement_reference: str, processor_fee_minor: int = 0) -> None:
-        """The processor settled the capture's gross, keeping ``processor_fee_minor``."""
+    def settle(self, settlement_reference: str, processor_fee_minor: int = 0, fx: FxRate | None = None) -> None:
+        """The processor settled the capture's gross, keeping ``processor_fee_minor``. ``fx``:
+        the merchant settles in ``fx.to_currency``: its share is converted at that rate."""
         if not self.can_settle:
             raise InvalidTransition("payment", "settle", "settled" if self.settled else self.status)
         if not isinstance(processor_fee_minor, int) or processor_fee_minor < 0:
             raise InvalidAmount(f"a processor fee must be a non-negative integer, got {processor_fee_minor!r}")
+        if fx is not None and fx.from_currency != self.currency:
+            raise InvalidField(f"a rate from {fx.from_currency} cannot convert a {self.currency} payment", field="fx")
         share = self.captured_minor - self.fee_minor - self.shares_minor - self.refunded_minor
+        converting = fx is not None and fx.to_currency != self.currency
+        postings = settlement_postings(self.merchant_id, self.captured_minor, processor_fee_minor,
+                                       0 if converting else share, self.currency, self.partner_shares())
+        converted = None
+        if fx is not None and converting:
+            # Converted part by part, so that later payouts and refunds at the same rate add up;
+            # pending leaves in the payment's currency, available arrives in the merchant's.
+            converted_share = (fx.convert(self.captured_minor) - fx.convert(self.fee_minor)
+                               - fx.convert(self.shares_minor) - sum(map(fx.convert, self.refund_amounts.values())))
+            postings = balanced((
+                *postings,
+                *transfer(merchant_payable(self.merchant_id), FX_ACCOUNT, share, self.currency),
+                *transfer(FX_ACCOUNT, merchant_available(self.merchant_id), converted_share, fx.to_currency),
+            ))
+            converted = {**fx.as_dict(), "share_minor": converted_share}
         self._settled(
             settlement_reference=check_text("settlement_reference", settlement_reference, max_length=100),
             amount_minor=self.captured_minor,
             processor_fee_minor=processor_fee_minor,
             merchant_share_minor=share,
-            postings=_postings(settlement_postings(
-                self.merchant_id, self.captured_minor, processor_fee_minor, share, self.currency,
-                self.partner_shares())),
+            fx=converted,
+            postings=_postings(postings),
         )
 
     @event(Settled)
     def _settled(self, settlement_reference: str, amount_minor: int, processor_fee_minor: int,
-                 merchant_share_minor: int, postings: list[dict[str, Any]]) -> None:
+                 merchant_share_minor: int, fx: dict[str, Any] | None, postings: list[dict[str, Any]]) -> None:
         self.settled_minor = amount_minor
         self.settled = True
+        self.fx = fx
         self.processor_fee_minor = processor_fee_minor
         if self.status == P.CAPTURED:
             self.status = P.SETTLED
@@ -595,6 +627,28 @@ class Payment(Aggregate):
 
     # -- payouts ----------------------------------------------------------------------------
 
+    @property
+    def _fx_rate(self) -> FxRate | None:
+        return None if self.fx is None else FxRate.from_dict(self.fx)
+
+    @property
+    def payout_currency(self) -> str:
+        """The currency the merchant is paid this payment's money in."""
+        return self.currency if self.fx is None else str(self.fx["to_currency"])
+
+    def _refund_postings(self, amount_minor: int) -> tuple[Posting, ...]:
+        """A refund after a settlement in another currency comes out of the merchant's money there,
+        converted at the settlement's rate, through the exchange account."""
+        postings = refund_postings(self.merchant_id, amount_minor, self.currency, settled=self.settled)
+        rate = self._fx_rate
+        if rate is None:
+            return postings
+        available = merchant_available(self.merchant_id)
+        return balanced((
+            *transfer(FX_ACCOUNT, PROCESSOR_CLEARING, amount_minor, self.currency),
+            *transfer(available, FX_ACCOUNT, rate.convert(amount_minor), rate.to_currency),
+        ))
+
     def payout_due(self, party: str | None = None) -> tuple[int, int, int, int]:
         """What no payout has paid yet of this settled payment to ``party`` (None or the
         merchant's id: the merchant; a partner's id: its share): (gross, our fee, the splits'
@@ -602,8 +656,13 @@ class Payment(Aggregate):
         if not self.settled:
             return 0, 0, 0, 0
         if party is None or party == str(self.merchant_id):
-            return (self.captured_minor - self.paid_out_gross_minor, self.fee_minor - self.paid_out_fee_minor,
-                    self.shares_minor - self.paid_out_shares_minor, self.refunded_minor - self.paid_out_refunds_minor)
+            rate = self._fx_rate  # in the settlement currency, each part converted on its own
+            gross, fee, shares, refunds = (
+                (self.captured_minor, self.fee_minor, self.shares_minor, self.refunded_minor) if rate is None
+                else (rate.convert(self.captured_minor), rate.convert(self.fee_minor), rate.convert(self.shares_minor),
+                      sum(map(rate.convert, self.refund_amounts.values()))))
+            return (gross - self.paid_out_gross_minor, fee - self.paid_out_fee_minor,
+                    shares - self.paid_out_shares_minor, refunds - self.paid_out_refunds_minor)
         owed = sum(amount for partner, amount in self.partner_shares() if partner == party)
         return owed - self.partner_paid_out.get(party, 0), 0, 0, 0
 

@@ -47,7 +47,7 @@ SESSION_CREATED = {
 PAYMENT_MUTABLE = {
     "status": "text", "processor": "text", "authorized_minor": "bigint", "captured_minor": "bigint",
     "fee_minor": "bigint", "refunded_minor": "bigint", "failure_code": "text", "risk_score": "integer",
-    "risk_decision": "text", "settled_at": "timestamptz", "payout_due_minor": "bigint",
+    "risk_decision": "text", "settled_at": "timestamptz", "payout_due_minor": "bigint", "payout_currency": "text",
     "updated_at": "timestamptz", "version": "bigint", "position": "bigint",
 }
 PAYMENT_CREATED = {
@@ -87,6 +87,7 @@ def _initiated(e: EventEnvelope) -> dict[str, Any]:
         "currency": d["currency"], "card_brand": d["card_brand"], "card_last4": d["card_last4"],
         "processor": None, "authorized_minor": 0, "captured_minor": 0, "fee_minor": 0, "refunded_minor": 0,
         "failure_code": None, "risk_score": None, "risk_decision": None, "settled_at": None, "payout_due_minor": 0,
+        "payout_currency": None,
         "created_at": e.occurred_at,
     }
 
@@ -138,13 +139,19 @@ def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any], at: 
         if total == row["captured_minor"]:
             row["status"] = "refunded"
         row["refunded_minor"] = total
-        if row["settled_at"] is not None:
-            row["payout_due_minor"] -= d["amount_minor"]
+        if row["settled_at"] is not None:  # out of the merchant's available money, perhaps converted
+            row["payout_due_minor"] -= sum(p["amount_minor"] for p in d["postings"]
+                                           if p["account"].endswith(":available") and p["direction"] == "debit")
     elif event_type == "payment.settled":
         if row["status"] == "captured":  # a payment refunded in full stays refunded
             row["status"] = "settled"
         row["settled_at"] = at
-        row["payout_due_minor"] += d.get("merchant_share_minor", 0)  # none before payouts existed
+        fx = d.get("fx")
+        if fx:  # the merchant settles in another currency: its share there
+            row["payout_currency"] = fx["to_currency"]
+            row["payout_due_minor"] += fx["share_minor"]
+        else:
+            row["payout_due_minor"] += d.get("merchant_share_minor", 0)  # none before payouts existed
     elif event_type == "payment.included_in_payout" and not d.get("party"):  # a partner's: partner_dues
         row["payout_due_minor"] -= d["gross_minor"] - d["fee_minor"] - d.get("shares_minor", 0) - d["refunds_minor"]
 

@@ -14,7 +14,7 @@ _BALANCES = """
     WHERE merchant_id IS NOT NULL AND balance_minor <> 0
       AND (account LIKE 'merchant:%%:available' OR account LIKE 'merchant:%%:reserved')
     UNION
-    SELECT DISTINCT merchant_id, currency FROM payment_status WHERE payout_due_minor <> 0
+    SELECT DISTINCT merchant_id, COALESCE(payout_currency, currency) FROM payment_status WHERE payout_due_minor <> 0
     UNION
     SELECT DISTINCT merchant_id, currency FROM partner_dues WHERE due_minor <> 0
     ORDER BY 1, 2
@@ -22,7 +22,8 @@ _BALANCES = """
 # The merchant's own payments with something due, then the shares partners' payments owe it.
 _DUES = """
     (SELECT payment_id FROM payment_status
-     WHERE merchant_id = %(merchant)s AND currency = %(currency)s AND payout_due_minor <> 0
+     WHERE merchant_id = %(merchant)s AND COALESCE(payout_currency, currency) = %(currency)s
+       AND payout_due_minor <> 0
      ORDER BY settled_at, payment_id)
     UNION ALL
     (SELECT payment_id FROM partner_dues

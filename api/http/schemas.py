@@ -125,6 +125,8 @@ class MerchantUpdate(Strict):
     max_amount: Annotated[dict[Currency, Amount], Meta(max_length=50)] | None = None
     payout_schedule: Literal["daily", "weekly", "manual"] | None = None
     reserve: Reserve | None = None
+    settlement_currency: Annotated[str, Meta(max_length=3, description=(
+        "the currency to be paid out in, converted at settlement; empty: each payment's own"))] | None = None
 
 
 class KeyCreate(Strict):
@@ -237,6 +239,7 @@ class Merchant(Struct):
     active: bool
     payout_schedule: str
     reserve: Reserve
+    settlement_currency: str | None
 
 
 class PayoutCreate(Strict):

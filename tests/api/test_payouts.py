@@ -34,6 +34,15 @@ def test_a_manual_payout_pays_what_is_available_and_each_merchant_sees_only_its_
         unknown = admin.patch(f"/v1/merchants/{merchant}", json={"payout_schedule": "hourly"},
                               headers={"Idempotency-Key": "po-bad-schedule"})
         assert unknown.status_code == 400
+        in_euros = admin.patch(f"/v1/merchants/{api.merchants['b']}", json={"settlement_currency": "EUR"},
+                               headers={"Idempotency-Key": "po-fx"})
+        assert in_euros.status_code == 200 and in_euros.json()["settlement_currency"] == "EUR"
+        no_such = admin.patch(f"/v1/merchants/{api.merchants['b']}", json={"settlement_currency": "XXX"},
+                              headers={"Idempotency-Key": "po-fx-bad"})
+        assert no_such.status_code == 422 and no_such.json()["code"] == "unknown_currency"
+        back = admin.patch(f"/v1/merchants/{api.merchants['b']}", json={"settlement_currency": ""},
+                           headers={"Idempotency-Key": "po-fx-back"})
+        assert back.status_code == 200 and back.json()["settlement_currency"] is None
     payment_id = settled_payment(api, "po-api")
     payment = api.services.ledger.get_payment(payment_id)
     net = payment.captured_minor - payment.fee_minor

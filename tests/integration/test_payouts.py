@@ -23,6 +23,7 @@ from api.bootstrap import build_ledger
 from api.settings import Settings
 from application.ledger import Ledger
 from domain.errors import InvalidSplit, NothingToPayOut
+from domain.fx import FxRate
 from domain.ledger import PLATFORM_PARTY, Split
 from domain.payout import payout_id
 from tests.application.flows import new_merchant, open_session, pay
@@ -278,3 +279,32 @@ def test_a_split_payment_pays_the_partner_its_share_and_the_merchant_the_rest(
             == (0,)
         assert conn.execute("SELECT payout_due_minor FROM payment_status WHERE payment_id = %s",
                             (payment_id,)).fetchone() == (0,)
+
+
+def test_a_merchant_that_settles_in_euros_is_paid_out_in_euros(
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+) -> None:
+    merchant = new_merchant(ledger, "po-fx")
+    ledger.change_merchant_settings("po-fx-settings", merchant, settlement_currency="EUR")
+    payment_id = captured(ledger, merchant, "fx-1")
+    ledger.refund_payment("po-fx-refund-1", payment_id, amount_minor=1_000)
+    reconciled(ledger, database_url, settings)
+    payment = ledger.get_payment(payment_id)
+    assert payment.fx is not None and payment.payout_currency == "EUR"
+    rate = FxRate.from_dict(payment.fx)
+    in_euros = rate.convert(10_000) - rate.convert(payment.fee_minor) - rate.convert(1_000)
+    assert payment.fx["share_minor"] == in_euros
+    with psycopg.connect(database_url) as conn:
+        balances: dict[str, int] = dict(conn.execute("SELECT currency, balance_minor FROM ledger_balances WHERE account = %s",
+                                     (f"merchant:{merchant}:available",)).fetchall())
+        assert balances == {"EUR": -in_euros}  # nothing of the merchant's is left in dollars
+        assert conn.execute("SELECT currency, sum(balance_minor) FROM ledger_balances GROUP BY currency"
+                            " HAVING sum(balance_minor) <> 0").fetchall() == []
+    ledger.refund_payment("po-fx-refund-2", payment_id, amount_minor=500)  # after settlement: out of euros
+    catch_up(database_url, settings)
+    run = ledger.run_payouts(TODAY)
+    assert [(s["currency"], s["amount_minor"]) for s in run.sent] == [("EUR", in_euros - rate.convert(500))]
+    assert bank.paid_total(str(merchant), "EUR") == in_euros - rate.convert(500)
+    assert bank.paid_total(str(merchant), "USD") == 0
+    catch_up(database_url, settings)
+    assert owed(database_url, merchant) == {"payable": 0, "available": 0, "in_transit": 0}

@@ -26,6 +26,7 @@ def merchant_out(merchant: Merchant) -> schemas.Merchant:
         max_amount=dict(merchant.max_amount_minor), active=merchant.active,
         payout_schedule=merchant.payout_schedule,
         reserve=schemas.Reserve(percent_bps=merchant.reserve_percent_bps, days=merchant.reserve_days),
+        settlement_currency=merchant.settlement_currency,
     )
 
 
@@ -76,6 +77,8 @@ class MerchantController(Controller):
             changes["fee_fixed_minor"] = data.fee_schedule.fixed
         if data.payout_schedule is not None:
             changes["payout_schedule"] = data.payout_schedule
+        if data.settlement_currency is not None:
+            changes["settlement_currency"] = data.settlement_currency
         if data.reserve is not None:
             changes["reserve_percent_bps"] = data.reserve.percent_bps
             changes["reserve_days"] = data.reserve.days
