@@ -295,8 +295,9 @@ def test_a_merchant_that_settles_in_euros_is_paid_out_in_euros(
     in_euros = rate.convert(10_000) - rate.convert(payment.fee_minor) - rate.convert(1_000)
     assert payment.fx["share_minor"] == in_euros
     with psycopg.connect(database_url) as conn:
-        balances: dict[str, int] = dict(conn.execute("SELECT currency, balance_minor FROM ledger_balances WHERE account = %s",
-                                     (f"merchant:{merchant}:available",)).fetchall())
+        balances: dict[str, int] = dict(conn.execute(
+            "SELECT currency, balance_minor FROM ledger_balances WHERE account = %s",
+            (f"merchant:{merchant}:available",)).fetchall())
         assert balances == {"EUR": -in_euros}  # nothing of the merchant's is left in dollars
         assert conn.execute("SELECT currency, sum(balance_minor) FROM ledger_balances GROUP BY currency"
                             " HAVING sum(balance_minor) <> 0").fetchall() == []
