@@ -42,8 +42,8 @@ CONNECTION_WAIT_S = 3
 # (two while it holds a payment's advisory lock: at most LOCK_HOLDERS do).
 POOL_MAX_SIZE = 20
 LOCK_HOLDERS = 8
-# How often `echotransact dispatch` reconciles each processor's previous day (a day done is a
-# no-op, so this only bounds how late after midnight a day is reconciled).
+# How often the dispute clock looks for evidence due soon (a reminder) or overdue (expiry).
+DISPUTE_CLOCK_EVERY_S = 60.0
 
 
 def eventsourcing_env(database_url: str) -> dict[str, str]:
@@ -108,6 +108,7 @@ def build_ledger(
     closes), else over a pool of its own for ``database`` (closed with the ledger)."""
     from adapters.dev.fx import SandboxFxRates
     from adapters.notifications.wording import SmsWording
+    from adapters.postgres.disputes import PostgresPaymentReferences
     from adapters.postgres.event_store import EventStoreFactory, PooledDatastore
     from adapters.postgres.payouts import PostgresPayoutCandidates
     from adapters.postgres.settlement import PostgresProcessorTransactions
@@ -136,6 +137,8 @@ def build_ledger(
     # Exchange rates for merchants that settle in another currency: the sandbox source (a
     # deployment puts a real provider behind the same port).
     extra.setdefault("fx_rates", SandboxFxRates())
+    # Disputes: the payment behind a processor's capture reference.
+    extra.setdefault("payment_references", PostgresPaymentReferences(pool))
     if settings.processors:
         from adapters.processors.settlement import HttpSettlementReports
 
@@ -297,10 +300,11 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
 def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
     """``echotransact dispatch``: the SMS dispatcher in the foreground; beside it the resolver of
     unknown authorizations, the reconciler of the processors' closed days (with processors
-    configured), the payouts (with a bank configured) and (unless switched off) retention, each on
-    a thread."""
+    configured), the payouts (with a bank configured), the dispute clock (reminders and expiry)
+    and (unless switched off) retention, each on a thread."""
     from adapters.banks.loop import run_payouts
     from adapters.postgres.retention import run_retention
+    from adapters.processors.dispute_clock import run_dispute_clock
     from adapters.processors.reconciler import run_reconciler
     from adapters.processors.resolver import run_resolver
 
@@ -316,6 +320,10 @@ def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
                 daemon=True, name="reconciler",
                 kwargs={"every_s": settings.reconcile_every_s, "delay_days": settings.reconcile_delay_days},
             ))
+        threads.append(threading.Thread(
+            target=run_dispute_clock, args=(ledger, urls.database_url, stop), daemon=True, name="dispute-clock",
+            kwargs={"every_s": DISPUTE_CLOCK_EVERY_S},
+        ))
         if settings.bank_url:
             threads.append(threading.Thread(
                 target=run_payouts, args=(ledger, stop), daemon=True, name="payouts",

@@ -64,7 +64,7 @@ DEFAULT_TOPIC_PREFIX = "echotransact"
 # The names events travel under (envelope and topic), one per aggregate type; which class has
 # which name is application/aggregate_types.py (the read side needs the names, not the classes).
 AGGREGATE_TYPE_NAMES = ("payment_session", "payment", "merchant", "api_key", "customer", "reconciliation", "payout",
-                        "payout_account")
+                        "payout_account", "dispute")
 
 
 def topic_for(aggregate_type: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> str:

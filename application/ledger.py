@@ -17,6 +17,7 @@ from eventsourcing.persistence import InfrastructureFactory
 from eventsourcing.utils import Environment
 
 from application.api_keys import API_KEY_PREFIX, ApiKeyCommands
+from application.disputes import DisputeCommands
 from application.merchants import MerchantCommands
 from application.payments import PaymentCommands
 from application.payouts import PayoutCommands
@@ -28,6 +29,7 @@ from application.ports import (
     Locks,
     MessageWording,
     PaymentProcessor,
+    PaymentReferences,
     PayoutCandidates,
     ProcessorRouter,
     ProcessorTransactions,
@@ -52,7 +54,7 @@ __all__ = [
 
 
 class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands, ReconciliationCommands,
-             PayoutCommands):
+             PayoutCommands, DisputeCommands):
     name = "Ledger"
 
     def __init__(
@@ -72,6 +74,8 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         payout_candidates: PayoutCandidates | None = None,
         bank: Bank | None = None,
         fx_rates: FxRates | None = None,
+        payment_references: PaymentReferences | None = None,
+        dispute_fee_returned_on_win: bool = False,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
@@ -95,6 +99,9 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         self.bank = bank
         # Merchants that settle in another currency (application/reconciliation.py).
         self.fx_rates = fx_rates
+        # Disputes (application/disputes.py): the payment behind a processor's reference.
+        self.payment_references = payment_references
+        self.dispute_fee_returned_on_win = dispute_fee_returned_on_win
 
     def close(self) -> None:
         for part in (self.locks, self.settlement_reports, self.bank):

@@ -30,6 +30,7 @@ from application.unit_of_work import CommandResult, LedgerBase
 from domain.errors import DomainError, NothingToPayOut
 from domain.merchant import Merchant
 from domain.money import check_currency
+from domain.payment import Payment
 from domain.payout import (
     Payout,
     PayoutAccount,
@@ -88,15 +89,15 @@ class PayoutCommands(LedgerBase):
             account = self._find(PayoutAccount, payout_account_id(merchant_id, currency))
             account = account or PayoutAccount.open(merchant_id, currency)
             lines, payments = [], []
-            for payment_id in candidates.dues(merchant_id, currency):
-                # The merchant's own payments, and others' that split a share to it.
-                payment = self.get_payment(payment_id)
+            # The merchant's own payments, and others' that split a share to it: loaded at once.
+            due = self._get_many(Payment, candidates.dues(merchant_id, currency))
+            for payment_id, payment in due.items():
                 if (payment.payout_currency if str(payment.merchant_id) == str(merchant_id)
                         else payment.currency) != currency:
                     continue
-                gross, fee, shares, refunds = payment.include_in_payout(str(the_payout), str(merchant_id))
-                if gross or fee or shares or refunds:
-                    lines.append(PayoutLine(str(payment_id), gross, fee, refunds, shares))
+                gross, fee, shares, refunds, disputes = payment.include_in_payout(str(the_payout), str(merchant_id))
+                if gross or fee or shares or refunds or disputes:
+                    lines.append(PayoutLine(str(payment_id), gross, fee, refunds, shares, disputes))
                     payments.append(payment)
             if not lines and not account.has_anything_due(cutoff):
                 raise NothingToPayOut(f"merchant {merchant_id} has nothing to pay out in {currency} at {cutoff}")

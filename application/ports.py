@@ -268,3 +268,10 @@ class FxRates(Protocol):
     to another. Raises ValueError for a pair it does not quote."""
 
     def rate(self, from_currency: str, to_currency: str) -> FxRate: ...
+
+
+class PaymentReferences(Protocol):
+    """Our payment behind a processor's reference of its capture, as processors' notifications
+    name it (adapters/postgres/disputes.py, from the read side)."""
+
+    def find(self, processor: str, reference: str) -> UUID | None: ...

@@ -58,10 +58,15 @@ class ReconciliationCommands(LedgerBase):
             settled: dict[UUID, Payment] = {}
             rates: dict[UUID, FxRate | None] = {}
             captures = refunds = 0
+            # Every payment the report matched, loaded at once (one query, not one per line).
+            matched = self._get_many(Payment, [f.payment_id for f in findings
+                                               if f.outcome in (MATCHED, LATE) and f.payment_id is not None])
             for finding in findings:
                 if finding.outcome not in (MATCHED, LATE) or finding.payment_id is None:
                     continue
-                payment = settled.get(finding.payment_id) or self.get_payment(finding.payment_id)
+                payment = matched.get(finding.payment_id)
+                if payment is None:  # the read side knows a payment the event store does not: a bug
+                    raise RuntimeError(f"payment {finding.payment_id} is not in the event store")
                 reference = f"{processor}:{finding.deposit_id}"
                 if finding.kind == "capture" and payment.can_settle:
                     payment.settle(reference, finding.fee_minor or 0, self._conversion_for(payment, rates))

@@ -214,6 +214,26 @@ class LedgerBase(Application):
             raise NotFound(f"no {AGGREGATE_TYPES[cls].replace('_', ' ')} {aggregate_id}")
         return aggregate
 
+    def _get_many(self, cls: type[Any], aggregate_ids: Sequence[UUID]) -> dict[UUID, Any]:
+        """Several aggregates of one class, their events read with one query when the recorder
+        can (``select_events_of``), else one by one; each folded from its first event (no
+        snapshot: every aggregate loaded so costs one row per event, fine for short lives like a
+        payment's). Missing ones (or of another class) are left out."""
+        select_many = getattr(self.recorder, "select_events_of", None)
+        if select_many is None:
+            found = {}
+            for aggregate_id in aggregate_ids:
+                try:
+                    found[aggregate_id] = self._get(cls, aggregate_id)
+                except NotFound:
+                    continue
+            return found
+        aggregates: dict[UUID, Any] = {}
+        for stored in select_many(list(dict.fromkeys(aggregate_ids))):
+            domain_event: Any = self.mapper.to_domain_event(stored)
+            aggregates[stored.originator_id] = domain_event.mutate(aggregates.get(stored.originator_id))
+        return {i: a for i, a in aggregates.items() if isinstance(a, cls)}
+
     def get_session(self, session_id: UUID, merchant_id: UUID | None = None) -> PaymentSession:
         return self._get(PaymentSession, session_id, merchant_id)
 

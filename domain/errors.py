@@ -147,3 +147,17 @@ class NothingToPayOut(DomainError):
     nothing: there is no payout to make."""
 
     code = "nothing_to_pay_out"
+
+
+class DisputeClosed(DomainError):
+    """The dispute no longer takes this: evidence after submission, after the due date, or on a
+    dispute decided already."""
+
+    code = "dispute_closed"
+
+
+class DisputeOpen(DomainError):
+    """A dispute is open on this payment: it cannot be refunded until the dispute is decided (the
+    cardholder would be paid twice)."""
+
+    code = "dispute_open"

@@ -22,6 +22,9 @@ PLATFORM_FEES = "platform:fees"
 PLATFORM_CASH = "platform:cash"
 # An expense: what the processors keep of what they settle (their fee on each report line).
 PROCESSOR_FEES = "platform:processor_fees"
+# What open disputes hold from merchants until the processor rules, and the dispute fees (income).
+DISPUTES_HELD = "platform:disputes_held"
+DISPUTE_FEES = "platform:dispute_fees"
 
 
 # A merchant's money with us, in four accounts (credit-normal: what we owe the merchant):

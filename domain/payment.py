@@ -27,6 +27,7 @@ from domain.errors import (
     AuthorizationLapsed,
     AuthorizationNotExpired,
     CaptureExceedsAuthorized,
+    DisputeOpen,
     InvalidAmount,
     InvalidField,
     InvalidTransition,
@@ -36,6 +37,8 @@ from domain.errors import (
 )
 from domain.fx import FX_ACCOUNT, FxRate
 from domain.ledger import (
+    DISPUTE_FEES,
+    DISPUTES_HELD,
     PLATFORM_PARTY,
     PROCESSOR_CLEARING,
     FeeSchedule,
@@ -46,7 +49,6 @@ from domain.ledger import (
     check_splits,
     merchant_available,
     merchant_payable,
-    refund_postings,
     refund_settlement_postings,
     settlement_postings,
     transfer,
@@ -96,6 +98,9 @@ class Payment(Aggregate):
         paid_out_shares_minor: int
         partner_paid_out: dict[str, int]
         fx: dict[str, Any] | None
+        dispute_moves: dict[str, list[int]]
+        open_disputes: tuple[str, ...]
+        paid_out_disputes_minor: int
 
     # Defaults for state added after the first release: a snapshot taken before it lacks them.
     card_fingerprint = None
@@ -113,6 +118,10 @@ class Payment(Aggregate):
     shares = ()  # type: ignore[assignment]
     paid_out_shares_minor = 0
     fx = None
+    dispute_moves = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
+    open_disputes = ()
+    paid_out_disputes_minor = 0
+    fraud_warned = False
     partner_paid_out = {}  # type: ignore[var-annotated]  # noqa: RUF012 - replaced, never changed in place
 
     class Initiated(Aggregate.Created):
@@ -234,6 +243,31 @@ class Payment(Aggregate):
         settlement_reference: str
         postings: list[dict[str, Any]]
 
+    class FraudWarned(Aggregate.Event):
+        """The processor's early fraud warning: the card's issuer reported this payment as
+        fraud; a dispute may follow (refunding now usually prevents it)."""
+
+        processor_event_id: str
+        reason: str
+
+    class DisputeOpened(Aggregate.Event):
+        """A dispute (domain/dispute.py) holds ``amount_minor`` and the dispute fee from the
+        merchant's money (pending before settlement, available after) in the held-disputes account."""
+
+        dispute_id: str
+        amount_minor: int
+        fee_minor: int
+        postings: list[dict[str, Any]]
+
+    class DisputeClosed(Aggregate.Event):
+        """Won: ``returned_minor`` goes back to the merchant, the rest of the fee is ours. Lost,
+        accepted or expired: the amount goes back to the processor (clearing), the fee is ours."""
+
+        dispute_id: str
+        outcome: str
+        returned_minor: int
+        postings: list[dict[str, Any]]
+
     class IncludedInPayout(Aggregate.Event):
         """A payout paid what was due of this payment to ``party`` (None: the payment's merchant):
         its gross, less our fee, the splits' shares and refunds, each net of what earlier payouts
@@ -245,12 +279,17 @@ class Payment(Aggregate):
         fee_minor: int
         shares_minor: int
         refunds_minor: int
-        class_version = 2
+        disputes_minor: int
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["party"] = None
             state["shares_minor"] = 0
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["disputes_minor"] = 0
 
     @classmethod
     def initiate(
@@ -504,6 +543,8 @@ class Payment(Aggregate):
         """The checks of ``refund`` that do not need the processor's answer, so the
         application can reject before calling the processor."""
         self._require("refund", *REFUNDABLE)
+        if self.open_disputes:
+            raise DisputeOpen(f"dispute {self.open_disputes[0]} is open on this payment: no refund until it is decided")
         check_amount(amount_minor, self.currency)
         if amount_minor > self.refundable_minor:
             raise RefundExceedsCaptured(
@@ -566,7 +607,8 @@ class Payment(Aggregate):
             raise InvalidAmount(f"a processor fee must be a non-negative integer, got {processor_fee_minor!r}")
         if fx is not None and fx.from_currency != self.currency:
             raise InvalidField(f"a rate from {fx.from_currency} cannot convert a {self.currency} payment", field="fx")
-        share = self.captured_minor - self.fee_minor - self.shares_minor - self.refunded_minor
+        share = (self.captured_minor - self.fee_minor - self.shares_minor - self.refunded_minor
+                 - self._dispute_debits())
         converting = fx is not None and fx.to_currency != self.currency
         postings = settlement_postings(self.merchant_id, self.captured_minor, processor_fee_minor,
                                        0 if converting else share, self.currency, self.partner_shares())
@@ -575,7 +617,8 @@ class Payment(Aggregate):
             # Converted part by part, so that later payouts and refunds at the same rate add up;
             # pending leaves in the payment's currency, available arrives in the merchant's.
             converted_share = (fx.convert(self.captured_minor) - fx.convert(self.fee_minor)
-                               - fx.convert(self.shares_minor) - sum(map(fx.convert, self.refund_amounts.values())))
+                               - fx.convert(self.shares_minor) - sum(map(fx.convert, self.refund_amounts.values()))
+                               - self._dispute_debits(fx))
             postings = balanced((
                 *postings,
                 *transfer(merchant_payable(self.merchant_id), FX_ACCOUNT, share, self.currency),
@@ -637,24 +680,85 @@ class Payment(Aggregate):
         return self.currency if self.fx is None else str(self.fx["to_currency"])
 
     def _refund_postings(self, amount_minor: int) -> tuple[Posting, ...]:
-        """A refund after a settlement in another currency comes out of the merchant's money there,
-        converted at the settlement's rate, through the exchange account."""
-        postings = refund_postings(self.merchant_id, amount_minor, self.currency, settled=self.settled)
+        """A refund comes out of the merchant's money, back to clearing."""
+        return self._from_merchant(amount_minor, PROCESSOR_CLEARING)
+
+    def _from_merchant(self, amount_minor: int, account: str) -> tuple[Posting, ...]:
+        """Move ``amount_minor`` (the payment's currency; negative gives back) from the merchant's
+        money to ``account``: pending before the settlement, available after; for a merchant that
+        settles in another currency, its money there, converted at the settlement's rate through
+        the exchange account."""
+        if not self.settled:
+            return balanced(transfer(merchant_payable(self.merchant_id), account, amount_minor, self.currency))
         rate = self._fx_rate
         if rate is None:
-            return postings
-        available = merchant_available(self.merchant_id)
+            return balanced(transfer(merchant_available(self.merchant_id), account, amount_minor, self.currency))
         return balanced((
-            *transfer(FX_ACCOUNT, PROCESSOR_CLEARING, amount_minor, self.currency),
-            *transfer(available, FX_ACCOUNT, rate.convert(amount_minor), rate.to_currency),
+            *transfer(FX_ACCOUNT, account, amount_minor, self.currency),
+            *transfer(merchant_available(self.merchant_id), FX_ACCOUNT, rate.convert(amount_minor), rate.to_currency),
         ))
 
-    def payout_due(self, party: str | None = None) -> tuple[int, int, int, int]:
+    # -- disputes -----------------------------------------------------------------------------
+
+    def warn_of_fraud(self, processor_event_id: str, reason: str) -> None:
+        self._fraud_warned(processor_event_id=check_text("processor_event_id", processor_event_id, max_length=100),
+                           reason=check_text("reason", reason, max_length=100))
+
+    @event(FraudWarned)
+    def _fraud_warned(self, processor_event_id: str, reason: str) -> None:
+        self.fraud_warned = True
+
+    def _dispute_debits(self, rate: FxRate | None = None) -> int:
+        """What disputes hold or took from the merchant now (converted move by move)."""
+        moves = [move for history in self.dispute_moves.values() for move in history]
+        return sum(map(rate.convert, moves)) if rate is not None else sum(moves)
+
+    def open_dispute(self, dispute_id: str, amount_minor: int, fee_minor: int) -> None:
+        if self.captured_minor == 0:
+            raise InvalidTransition("payment", "dispute", self.status)
+        if dispute_id in self.dispute_moves:
+            return  # opened before: nothing more to hold
+        check_amount(amount_minor, self.currency)
+        if amount_minor > self.captured_minor:
+            raise InvalidAmount(f"a dispute of {amount_minor} is more than the {self.captured_minor} captured")
+        self._dispute_opened(dispute_id=dispute_id, amount_minor=amount_minor, fee_minor=fee_minor,
+                             postings=_postings(self._from_merchant(amount_minor + fee_minor, DISPUTES_HELD)))
+
+    @event(DisputeOpened)
+    def _dispute_opened(self, dispute_id: str, amount_minor: int, fee_minor: int,
+                        postings: list[dict[str, Any]]) -> None:
+        self.dispute_moves = {**self.dispute_moves, dispute_id: [amount_minor + fee_minor]}
+        self.open_disputes = (*self.open_disputes, dispute_id)
+
+    def close_dispute(self, dispute_id: str, outcome: str, *, amount_minor: int, fee_minor: int,
+                      fee_returned_on_win: bool = False) -> None:
+        """Won: the amount (and the fee, by policy) back to the merchant. Otherwise the amount to
+        the processor and the fee to us. Closing a closed dispute does nothing."""
+        if dispute_id not in self.open_disputes:
+            return
+        returned = (amount_minor + (fee_minor if fee_returned_on_win else 0)) if outcome == "won" else 0
+        kept_fee = 0 if (outcome == "won" and fee_returned_on_win) else fee_minor
+        postings = [*self._from_merchant(-returned, DISPUTES_HELD),
+                    *transfer(DISPUTES_HELD, DISPUTE_FEES, kept_fee, self.currency)]
+        if outcome != "won":
+            postings += transfer(DISPUTES_HELD, PROCESSOR_CLEARING, amount_minor, self.currency)
+        self._dispute_closed(dispute_id=dispute_id, outcome=outcome, returned_minor=returned,
+                             postings=_postings(balanced(postings)))
+
+    @event(DisputeClosed)
+    def _dispute_closed(self, dispute_id: str, outcome: str, returned_minor: int,
+                        postings: list[dict[str, Any]]) -> None:
+        if returned_minor:
+            self.dispute_moves = {**self.dispute_moves,
+                                  dispute_id: [*self.dispute_moves.get(dispute_id, []), -returned_minor]}
+        self.open_disputes = tuple(d for d in self.open_disputes if d != dispute_id)
+
+    def payout_due(self, party: str | None = None) -> tuple[int, int, int, int, int]:
         """What no payout has paid yet of this settled payment to ``party`` (None or the
         merchant's id: the merchant; a partner's id: its share): (gross, our fee, the splits'
-        shares, refunds). A partner's share is its gross, with nothing taken from it."""
+        shares, refunds, what disputes hold or took). A partner's share is its gross."""
         if not self.settled:
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0
         if party is None or party == str(self.merchant_id):
             rate = self._fx_rate  # in the settlement currency, each part converted on its own
             gross, fee, shares, refunds = (
@@ -662,27 +766,29 @@ class Payment(Aggregate):
                 else (rate.convert(self.captured_minor), rate.convert(self.fee_minor), rate.convert(self.shares_minor),
                       sum(map(rate.convert, self.refund_amounts.values()))))
             return (gross - self.paid_out_gross_minor, fee - self.paid_out_fee_minor,
-                    shares - self.paid_out_shares_minor, refunds - self.paid_out_refunds_minor)
+                    shares - self.paid_out_shares_minor, refunds - self.paid_out_refunds_minor,
+                    self._dispute_debits(rate) - self.paid_out_disputes_minor)
         owed = sum(amount for partner, amount in self.partner_shares() if partner == party)
-        return owed - self.partner_paid_out.get(party, 0), 0, 0, 0
+        return owed - self.partner_paid_out.get(party, 0), 0, 0, 0, 0
 
-    def include_in_payout(self, payout_id: str, party: str | None = None) -> tuple[int, int, int, int]:
+    def include_in_payout(self, payout_id: str, party: str | None = None) -> tuple[int, int, int, int, int]:
         """Record that ``payout_id`` pays ``party`` what is due to it; returns it. Nothing due:
         nothing recorded."""
         due = self.payout_due(party)
         if any(due):
             if payout_id in self.payout_ids:
                 raise InvalidTransition("payment", "include_in_payout", f"already in payout {payout_id}")
-            gross, fee, shares, refunds = due
+            gross, fee, shares, refunds, disputes = due
             partner = None if party is None or party == str(self.merchant_id) else party
             self._included_in_payout(payout_id=payout_id, party=partner, gross_minor=gross, fee_minor=fee,
-                                     shares_minor=shares, refunds_minor=refunds)
+                                     shares_minor=shares, refunds_minor=refunds, disputes_minor=disputes)
         return due
 
     @event(IncludedInPayout)
     def _included_in_payout(self, payout_id: str, party: str | None, gross_minor: int, fee_minor: int,
-                            shares_minor: int, refunds_minor: int) -> None:
+                            shares_minor: int, refunds_minor: int, disputes_minor: int) -> None:
         if party is None:
+            self.paid_out_disputes_minor += disputes_minor
             self.paid_out_gross_minor += gross_minor
             self.paid_out_fee_minor += fee_minor
             self.paid_out_shares_minor += shares_minor

@@ -86,10 +86,11 @@ class PayoutLine:
     fee_minor: int
     refunds_minor: int
     shares_minor: int = 0
+    disputes_minor: int = 0  # what disputes hold or took from it (negative: a won dispute returned)
 
     @property
     def net_minor(self) -> int:
-        return self.gross_minor - self.fee_minor - self.shares_minor - self.refunds_minor
+        return self.gross_minor - self.fee_minor - self.shares_minor - self.refunds_minor - self.disputes_minor
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "net_minor": self.net_minor}

@@ -27,7 +27,8 @@ COLUMNS = {
 CHANGING = ("status", "bank_reference", "failure_reason", "updated_at", "version", "position")
 LINE_COLUMNS = {
     "payout_id": "uuid", "line_no": "integer", "merchant_id": "uuid", "payment_id": "uuid", "gross_minor": "bigint",
-    "fee_minor": "bigint", "refunds_minor": "bigint", "shares_minor": "bigint", "net_minor": "bigint",
+    "fee_minor": "bigint", "refunds_minor": "bigint", "shares_minor": "bigint", "disputes_minor": "bigint",
+    "net_minor": "bigint",
 }
 
 
@@ -82,7 +83,7 @@ class PayoutsProjection:
             if e.event_type == "payout.created":
                 row = new[e.aggregate_id] = _created(e)
                 lines += [{"payout_id": str(e.aggregate_id), "line_no": n, "merchant_id": row["merchant_id"],
-                           "shares_minor": line.get("shares_minor", 0),
+                           "shares_minor": line.get("shares_minor", 0), "disputes_minor": line.get("disputes_minor", 0),
                            **{c: line[c] for c in ("payment_id", "gross_minor", "fee_minor", "refunds_minor",
                                                    "net_minor")}}
                           for n, line in enumerate(e.data["lines"], start=1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from projections.analytics import AnalyticsProjection
 from projections.audit import AuditProjection
 from projections.balances import BalancesProjection
+from projections.disputes import DisputesProjection
 from projections.engine import Projection
 from projections.payouts import PayoutsProjection
 from projections.reconciliations import ReconciliationsProjection
@@ -15,7 +16,7 @@ def all_projections() -> dict[str, Projection]:
     return {
         p.name: p
         for p in (StatusProjection(), AnalyticsProjection(), AuditProjection(), BalancesProjection(),
-                  ReconciliationsProjection(), PayoutsProjection())
+                  ReconciliationsProjection(), PayoutsProjection(), DisputesProjection())
     }
 
 

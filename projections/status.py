@@ -153,7 +153,12 @@ def change_payment(row: dict[str, Any], event_type: str, d: dict[str, Any], at: 
         else:
             row["payout_due_minor"] += d.get("merchant_share_minor", 0)  # none before payouts existed
     elif event_type == "payment.included_in_payout" and not d.get("party"):  # a partner's: partner_dues
-        row["payout_due_minor"] -= d["gross_minor"] - d["fee_minor"] - d.get("shares_minor", 0) - d["refunds_minor"]
+        row["payout_due_minor"] -= (d["gross_minor"] - d["fee_minor"] - d.get("shares_minor", 0) - d["refunds_minor"]
+                                    - d.get("disputes_minor", 0))
+    elif event_type in ("payment.dispute_opened", "payment.dispute_closed") and row["settled_at"] is not None:
+        # Out of (or back to) the merchant's available money, perhaps converted: what it is due.
+        row["payout_due_minor"] += sum((p["amount_minor"] if p["direction"] == "credit" else -p["amount_minor"])
+                                       for p in d["postings"] if p["account"].endswith(":available"))
 
 
 class _Table:

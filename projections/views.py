@@ -38,6 +38,10 @@ _RECONCILIATION_COLUMNS = (
     " unknown_to_us_count, late_count, discrepancy_count, deposits, reconciled_at, version, position"
 )
 
+_DISPUTE_COLUMNS = (
+    "dispute_id, merchant_id, payment_id, processor, status, reason, amount_minor, currency, fee_minor, due_by,"
+    " evidence_submitted_at, reminded, opened_at, closed_at, updated_at"
+)
 _PAYOUT_COLUMNS = (
     "payout_id, merchant_id, currency, cutoff, status, amount_minor, carried_in_minor, reserve_held_minor,"
     " reserve_released_minor, line_count, bank_reference, failure_reason, created_at, updated_at"
@@ -247,6 +251,77 @@ class ReadViews:
             rows = [_plain(r) for r in cur.fetchall()]
         return rows[:limit], len(rows) > limit
 
+    # -- disputes --------------------------------------------------------------------------------
+
+    def disputes(
+        self, scope: Scope, *, status: str | None = None, reason: str | None = None,
+        opened_from: datetime | None = None, opened_to: datetime | None = None, limit: int = 50,
+        starting_after: UUID | None = None,
+    ) -> tuple[list[Row], bool]:
+        """(disputes newest first, whether more follow); ``starting_after`` as for payments."""
+        _check_limit(limit, MAX_PAGE)
+        with self._scoped(scope) as cur:
+            after: tuple[datetime, UUID] | None = None
+            if starting_after is not None:
+                where, params = self._where(scope, [("dispute_id = %s", starting_after)])
+                cur.execute("SELECT opened_at, dispute_id FROM disputes" + where, params)
+                cursor_row = cur.fetchone()
+                if cursor_row is None:
+                    raise ValueError(f"starting_after {starting_after} is not a dispute you can see")
+                after = (cursor_row["opened_at"], cursor_row["dispute_id"])
+            where, params = self._where(scope, [
+                ("status = %s", status), ("reason = %s", reason), ("opened_at >= %s", opened_from),
+                ("opened_at < %s", opened_to), ("(opened_at, dispute_id) < (%s, %s)", after),
+            ])
+            cur.execute(f"SELECT {_DISPUTE_COLUMNS} FROM disputes" + where
+                        + " ORDER BY opened_at DESC, dispute_id DESC LIMIT %s", [*params, limit + 1])
+            rows = [_plain(r) for r in cur.fetchall()]
+        return rows[:limit], len(rows) > limit
+
+    def dispute(self, scope: Scope, dispute_id: UUID) -> Row | None:
+        where, params = self._where(scope, [("dispute_id = %s", dispute_id)])
+        rows = self._all(scope, f"SELECT {_DISPUTE_COLUMNS} FROM disputes" + where, params)
+        return rows[0] if rows else None
+
+    def dispute_rates(self, scope: Scope, *, date_from: date, date_to: date,
+                      merchant_id: UUID | None = None) -> list[Row]:
+        """Per merchant and currency: disputes opened in the window against payments captured in
+        it (the dispute rate), and of the decided ones, how many were won (the win rate); by
+        count and by amount."""
+        _check_dates(date_from, date_to)
+        where, params = self._where(scope, [("day >= %s", date_from), ("day <= %s", date_to),
+                                            ("merchant_id = %s", merchant_id)])
+        dispute_where, dispute_params = self._where(scope, [
+            ("opened_at >= %s", date_from), ("opened_at < (%s::date + 1)", date_to), ("merchant_id = %s", merchant_id)])
+        rows = self._all(
+            scope,
+            "WITH captured AS (SELECT merchant_id, currency, sum(captured_count)::bigint AS captured_count,"
+            "   sum(gross_captured_minor)::bigint AS captured_minor FROM volume_daily" + where
+            + "   GROUP BY 1, 2),"
+            " disputed AS (SELECT merchant_id, currency, count(*)::bigint AS disputes,"
+            "   sum(amount_minor)::bigint AS disputed_minor,"
+            "   count(*) FILTER (WHERE status = 'won')::bigint AS won,"
+            "   coalesce(sum(amount_minor) FILTER (WHERE status = 'won'), 0)::bigint AS won_minor,"
+            "   count(*) FILTER (WHERE status IN ('lost', 'accepted', 'expired'))::bigint AS lost,"
+            "   coalesce(sum(amount_minor) FILTER (WHERE status IN ('lost', 'accepted', 'expired')), 0)::bigint"
+            "     AS lost_minor"
+            "   FROM disputes" + dispute_where + " GROUP BY 1, 2)"
+            " SELECT merchant_id, currency,"
+            " coalesce(c.captured_count, 0) AS captured_count, coalesce(c.captured_minor, 0) AS captured_minor,"
+            " coalesce(d.disputes, 0) AS disputes, coalesce(d.disputed_minor, 0) AS disputed_minor,"
+            " coalesce(d.won, 0) AS won, coalesce(d.won_minor, 0) AS won_minor,"
+            " coalesce(d.lost, 0) AS lost, coalesce(d.lost_minor, 0) AS lost_minor"
+            " FROM captured c FULL JOIN disputed d USING (merchant_id, currency) ORDER BY 1, 2",
+            [*params, *dispute_params],
+        )
+        return [{
+            **r,
+            "dispute_rate": _ratio(r["disputes"], r["captured_count"]),
+            "dispute_rate_by_amount": _ratio(r["disputed_minor"], r["captured_minor"]),
+            "win_rate": _ratio(r["won"], r["won"] + r["lost"]),
+            "win_rate_by_amount": _ratio(r["won_minor"], r["won_minor"] + r["lost_minor"]),
+        } for r in rows]
+
     # -- payouts ---------------------------------------------------------------------------------
 
     def payouts(
@@ -280,8 +355,8 @@ class ReadViews:
             row = cur.fetchone()
             if row is None:
                 return None
-            cur.execute("SELECT payment_id, gross_minor, fee_minor, shares_minor, refunds_minor, net_minor"
-                        " FROM payout_lines"
+            cur.execute("SELECT payment_id, gross_minor, fee_minor, shares_minor, refunds_minor, disputes_minor,"
+                        " net_minor FROM payout_lines"
                         + where + " ORDER BY line_no", params)
             return _plain(row), [_plain(r) for r in cur.fetchall()]
 

@@ -24,6 +24,7 @@ class SandboxProcessor:
         self._lock = threading.Lock()
         self._answers: dict[str, ProcessorOutcome] = {}
         self.calls: list[tuple[str, str]] = []  # (operation, idempotency key), for tests
+        self.evidence: dict[str, dict[str, str]] = {}  # dispute id -> the evidence sent
 
     def _once(self, operation: str, key: str, outcome: ProcessorOutcome) -> ProcessorOutcome:
         with self._lock:
@@ -51,6 +52,12 @@ class SandboxProcessor:
         if card_last4 == TIMEOUT_LAST4:
             return ProcessorOutcome(Decision.UNKNOWN, self.name, message="timed out")
         return recorded
+
+    def submit_dispute_evidence(self, *, idempotency_key: str, dispute_id: str, evidence: dict[str, str]) -> None:
+        """Takes a dispute's evidence (and rules nothing: tests decide the outcome)."""
+        with self._lock:
+            self.calls.append(("dispute_evidence", idempotency_key))
+            self.evidence[dispute_id] = dict(evidence)
 
     def capture(
         self, *, idempotency_key: str, authorization_reference: str, amount_minor: int, currency: str

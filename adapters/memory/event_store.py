@@ -70,6 +70,11 @@ class InMemoryOutboxRecorder(popo.POPOApplicationRecorder):
         with self._database_lock:
             return self.commands.get(command_id)
 
+    def select_events_of(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
+        """Every event of these aggregates, by aggregate then version, as PostgreSQL's does."""
+        return [event for originator_id in sorted(set(originator_ids), key=str)
+                for event in self.select_events(originator_id)]
+
 
 class InMemoryFactory(popo.POPOFactory):
     """The library's in-memory factory, with the recorder above for applications."""

@@ -117,7 +117,11 @@ WEBHOOK_RULES: Mapping[str, WebhookRule] = {
         "payment.refunded",
         "payment.voided",
         "payment.failed",
+        "payment.fraud_warned",  # the issuer's early fraud warning: a dispute may follow
     }), session_callback=True),
+    # A merchant's disputes: opened, updated (evidence, a reminder before the due date: change
+    # "due_soon"), closed (won, lost, accepted, expired).
+    "dispute": WebhookRule(frozenset({"dispute.opened", "dispute.updated", "dispute.closed"})),
     # A merchant's payouts: to its webhook URL like its payments, with no session to call back.
     "payout": WebhookRule(frozenset({"payout.paid", "payout.failed"})),
     # The platform's: a processor's day that did not match, for the people who chase it.

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
@@ -109,6 +110,20 @@ class OutboxRecorder(PostgresApplicationRecorder):
                 raise
         assert row is not None
         return list(row["positions"] or ())
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_events_of(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
+        """Every event of these aggregates in one query, by aggregate then version (a command
+        that decides over many aggregates, a reconciliation's payments, loads them at once)."""
+        with self.datastore.get_connection() as conn:
+            rows = conn.execute(
+                SQL("SELECT originator_id, originator_version, topic, state FROM {table}"
+                    " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version").format(
+                    table=Identifier(self.events_table_name)),
+                (list(originator_ids),), prepare=True,
+            ).fetchall()
+        return [StoredEvent(originator_id=r["originator_id"], originator_version=r["originator_version"],
+                            topic=r["topic"], state=bytes(r["state"])) for r in rows]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def get_command(self, command_id: str) -> CommandRecord | None:

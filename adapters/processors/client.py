@@ -160,6 +160,18 @@ class HttpProcessor:
             return self._outcome(response)
         raise _protocol_error(response)
 
+    def submit_dispute_evidence(self, *, idempotency_key: str, dispute_id: str, evidence: dict[str, str]) -> None:
+        """Send a dispute's evidence (``POST /v1/disputes/{id}/evidence``); the ruling comes back
+        later as a notification. ProcessorUnavailable when it cannot be sent now (send again:
+        the key makes a repeat harmless)."""
+        attempted = self._attempt("POST", f"/v1/disputes/{quote(dispute_id, safe='')}/evidence",
+                                  json={"evidence": evidence}, headers={"Idempotency-Key": idempotency_key})
+        response = attempted.response
+        if response is None:
+            raise ProcessorUnavailable(attempted.message)
+        if response.status_code != 200:
+            raise _protocol_error(response)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _operation(self, path: str, idempotency_key: str, body: dict[str, Any]) -> ProcessorOutcome:

@@ -242,6 +242,45 @@ class Merchant(Struct):
     settlement_currency: str | None
 
 
+class DisputeEvidence(Strict):
+    """Text evidence, in the shape of the card networks' evidence objects. ``submit: false``
+    stages it (later calls add to it); ``true`` sends everything staged to the processor."""
+
+    product_description: Annotated[str, Meta(max_length=20_000)] | None = None
+    customer_communication: Annotated[str, Meta(max_length=20_000)] | None = None
+    service_date: Annotated[str, Meta(max_length=100)] | None = None
+    shipping_carrier: Annotated[str, Meta(max_length=200)] | None = None
+    shipping_tracking_number: Annotated[str, Meta(max_length=200)] | None = None
+    shipping_date: Annotated[str, Meta(max_length=100)] | None = None
+    refund_policy: Annotated[str, Meta(max_length=20_000)] | None = None
+    uncategorized_text: Annotated[str, Meta(max_length=20_000)] | None = None
+    submit: bool = False
+
+
+class Dispute(Struct):
+    id: str
+    merchant_id: str
+    payment_id: str
+    processor: str
+    status: Annotated[str, Meta(description="needs_response, under_review, won, lost, accepted, expired")]
+    reason: str
+    amount: int
+    currency: str
+    fee: int
+    due_by: datetime
+    evidence_submitted_at: datetime | None
+    opened_at: datetime
+    closed_at: datetime | None
+    updated_at: datetime
+    evidence: dict[str, str] | None = None
+
+
+class DisputeList(Struct):
+    data: list[Dispute]
+    has_more: bool
+    next_starting_after: str | None
+
+
 class PayoutCreate(Strict):
     currency: Currency
 
@@ -255,6 +294,7 @@ class PayoutLine(Struct):
     fee: int
     shares: int
     refunds: int
+    disputes: int
     net: int
 
 

@@ -53,7 +53,8 @@ def test_a_manual_payout_pays_what_is_available_and_each_merchant_sees_only_its_
         payout = made.json()
         assert (payout["status"], payout["amount"], payout["line_count"]) == ("created", net, 1)
         assert payout["lines"] == [{"payment_id": str(payment_id), "gross": payment.captured_minor,
-                                    "fee": payment.fee_minor, "shares": 0, "refunds": 0, "net": net}]
+                                    "fee": payment.fee_minor, "shares": 0, "refunds": 0, "disputes": 0,
+                                    "net": net}]
         again = a.post("/v1/payouts", json={"currency": "USD"}, headers={"Idempotency-Key": "po-now-again"})
         assert again.status_code == 201 and again.json()["id"] == payout["id"]  # one payout a day
         api.project()

@@ -19,6 +19,7 @@ from application.ledger import Ledger
 from application.ports import CommandRecord
 from domain.ledger import FeeSchedule
 from domain.merchant import Merchant
+from domain.payment import Payment
 from tests.application.backends import MemoryStore, PostgresStore, Store, memory_ledger
 
 
@@ -31,6 +32,22 @@ def _command(command_id: str, aggregate: Merchant) -> CommandRecord:
 
 
 class RecorderContract:
+    def test_many_aggregates_load_at_once_as_each_would_alone(self, ledger: Ledger, store: Store) -> None:
+        merchants = [_merchant() for _ in range(3)]
+        for n, merchant in enumerate(merchants):
+            merchant.change_settings(name=f"renamed {n}")
+            ledger.save(merchant)
+        merchants[0].deactivate("closed")
+        ledger.save(merchants[0])
+        wanted = [m.id for m in merchants] + [uuid4()]  # and one that does not exist
+        loaded = ledger._get_many(Merchant, wanted)
+        assert set(loaded) == {m.id for m in merchants}
+        for merchant in merchants:
+            alone = ledger.get_merchant(merchant.id)
+            assert (loaded[merchant.id].version, loaded[merchant.id].name, loaded[merchant.id].active) == (
+                alone.version, alone.name, alone.active)
+        assert ledger._get_many(Payment, wanted) == {}  # of another class: left out
+
     def test_a_save_records_events_outbox_and_command_together(self, ledger: Ledger, store: Store) -> None:
         merchant = _merchant()
         recordings = ledger.save(merchant, command=_command("c-1", merchant))

@@ -63,6 +63,7 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "payouts": (READ_WRITE, frozenset()),
     "payout_lines": (READ_WRITE, frozenset()),
     "partner_dues": (READ_WRITE, frozenset()),
+    "disputes": (READ_WRITE, frozenset()),
     "audit_log": (frozenset({"SELECT", "INSERT"}), frozenset({"prev_hash", "hash"})),
 }
 

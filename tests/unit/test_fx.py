@@ -67,10 +67,10 @@ def test_a_converted_settlement_balances_each_currency_and_payouts_take_exactly_
         assert imbalance(Posting.from_dict(d) for d in getattr(event, "postings", ()) or ()) == {}, event
     owed = _owed_by_currency(payment, events)
     merchant = payment.merchant_id
-    gross, fee, shares, refunded = payment.payout_due()
+    gross, fee, shares, refunded, _ = payment.payout_due()
     assert owed[(f"merchant:{merchant}:available", fx.to_currency)] == gross - fee - shares - refunded
     assert owed.get((f"merchant:{merchant}:payable", "USD"), 0) == 0
     assert (FX_ACCOUNT, fx.to_currency) in owed  # the exchange position, in both currencies
     payment.include_in_payout("po_1")
-    assert payment.payout_due() == (0, 0, 0, 0)
+    assert payment.payout_due() == (0, 0, 0, 0, 0)
     assert isinstance(payment, Payment)

@@ -57,6 +57,7 @@ class MoneyOut(RuleBasedStateMachine):
         self.refund_days: dict[str, date] = {}
         self.capture_days: dict[str, date] = {}
         self.reserve = (0, 0)
+        self.disputes: dict[Any, tuple[int, int]] = {}
         self.collect(*self.accounts.values())
 
     def collect(self, *aggregates: Any) -> None:
@@ -78,12 +79,33 @@ class MoneyOut(RuleBasedStateMachine):
     @rule(data=st.data())
     def refund(self, data: st.DataObject) -> None:
         payment = self.payments[data.draw(st.integers(0, len(self.payments) - 1))]
-        if payment.refundable_minor <= 0:
+        if payment.refundable_minor <= 0 or payment.open_disputes:  # no refund while disputed
             return
         amount = data.draw(st.integers(1, payment.refundable_minor))
         reference = f"re_{payment.id.hex[:8]}_{len(payment.refund_ids)}"
         payment.refund(refund_id=reference, amount_minor=amount, reason="", processor_reference=reference)
         self.refund_days[reference] = self.day
+        self.collect(payment)
+
+    @precondition(lambda self: bool(self.payments))
+    @rule(data=st.data())
+    def a_cardholder_disputes(self, data: st.DataObject) -> None:
+        payment = self.payments[data.draw(st.integers(0, len(self.payments) - 1))]
+        if payment.open_disputes or payment.dispute_moves:
+            return  # one dispute per payment here
+        amount = data.draw(st.integers(1, payment.captured_minor))
+        payment.open_dispute(f"dp_{payment.id.hex[:8]}", amount, 1_500)
+        self.disputes[payment.id] = (amount, 1_500)
+        self.collect(payment)
+
+    @precondition(lambda self: any(p.open_disputes for p in self.payments))
+    @rule(data=st.data(), outcome=st.sampled_from(["won", "lost", "accepted"]), fee_back=st.booleans())
+    def the_processor_rules(self, data: st.DataObject, outcome: str, fee_back: bool) -> None:
+        open_ = [p for p in self.payments if p.open_disputes]
+        payment = open_[data.draw(st.integers(0, len(open_) - 1))]
+        amount, fee = self.disputes[payment.id]
+        payment.close_dispute(payment.open_disputes[0], outcome, amount_minor=amount, fee_minor=fee,
+                              fee_returned_on_win=fee_back)
         self.collect(payment)
 
     @rule()
@@ -126,9 +148,9 @@ class MoneyOut(RuleBasedStateMachine):
         the_payout = str(payout_id(party, "USD", self.day))
         lines = []
         for payment in self.payments:
-            gross, fee, shares, refunds = payment.include_in_payout(the_payout, str(party))
-            if gross or fee or shares or refunds:
-                lines.append(PayoutLine(str(payment.id), gross, fee, refunds, shares))
+            gross, fee, shares, refunds, disputes = payment.include_in_payout(the_payout, str(party))
+            if gross or fee or shares or refunds or disputes:
+                lines.append(PayoutLine(str(payment.id), gross, fee, refunds, shares, disputes))
             self.collect(payment)
         if not lines and not account.has_anything_due(self.day):
             return
@@ -182,7 +204,8 @@ class MoneyOut(RuleBasedStateMachine):
     @invariant()
     def each_merchants_money_is_all_accounted_for(self) -> None:
         owed = self.owed()
-        merchant_net = sum(p.captured_minor - p.fee_minor - p.shares_minor - p.refunded_minor for p in self.payments)
+        merchant_net = sum(p.captured_minor - p.fee_minor - p.shares_minor - p.refunded_minor
+                           - p._dispute_debits() for p in self.payments)
         partner_net = sum(a for p in self.payments for party, a in p.partner_shares() if party == str(self.partner_id))
         for m, net in ((self.merchant_id, merchant_net), (self.partner_id, partner_net)):
             pending, available, reserved, in_transit = (
@@ -193,7 +216,7 @@ class MoneyOut(RuleBasedStateMachine):
             assert in_transit == sum(p.amount_minor for p in theirs if p.status == PayoutStatus.CREATED)
             assert reserved == self.accounts[m].reserved_minor >= 0
             # Available: what payments have due to it, plus what its payouts carried forward.
-            due = sum(g - f - s - r for g, f, s, r in (p.payout_due(str(m)) for p in self.payments))
+            due = sum(g - f - s - r - d for g, f, s, r, d in (p.payout_due(str(m)) for p in self.payments))
             assert available == due + self.accounts[m].carried_minor
 
     @invariant()
@@ -215,7 +238,15 @@ class MoneyOut(RuleBasedStateMachine):
         unsettled = sum(p.captured_minor for p in self.payments if not p.settled)
         unsettled_refunds = sum(a for p in self.payments for r, a in p.refund_amounts.items()
                                 if r not in p.settled_refund_references)
-        assert -owed.get("processor_clearing", 0) == unsettled - unsettled_refunds
+        # A lost dispute is a chargeback: the processor takes it back (its report would list it).
+        charged_back = sum(self.disputes[e.originator_id][0] for e in self.events
+                           if isinstance(e, Payment.DisputeClosed) and e.outcome != "won")
+        assert -owed.get("processor_clearing", 0) == unsettled - unsettled_refunds - charged_back
+
+    @invariant()
+    def disputes_hold_what_is_open(self) -> None:
+        held = sum(sum(self.disputes[p.id]) for p in self.payments if p.open_disputes)
+        assert self.owed().get("platform:disputes_held", 0) == held
 
 
 def _captured_for(merchant_id: Any, n: int, splits: list[Split]) -> Payment:

@@ -305,12 +305,12 @@ def test_a_refund_after_settlement_comes_out_of_available_and_settles_once() -> 
 
 def test_payouts_pay_each_part_of_a_payment_once() -> None:
     payment = payment_in("captured")
-    assert payment.include_in_payout("po_0") == (0, 0, 0, 0)  # not settled: nothing due
+    assert payment.include_in_payout("po_0") == (0, 0, 0, 0, 0)  # not settled: nothing due
     payment.settle("st_1")
-    assert payment.include_in_payout("po_1") == (10_000, payment.fee_minor, 0, 0)
-    assert payment.include_in_payout("po_2") == (0, 0, 0, 0)
+    assert payment.include_in_payout("po_1") == (10_000, payment.fee_minor, 0, 0, 0)
+    assert payment.include_in_payout("po_2") == (0, 0, 0, 0, 0)
     payment.refund(refund_id="rf_1", amount_minor=400, reason="", processor_reference="re_1")
-    assert payment.include_in_payout("po_3") == (0, 0, 0, 400)
+    assert payment.include_in_payout("po_3") == (0, 0, 0, 400, 0)
     assert payment.payout_ids == ("po_1", "po_3")
     with pytest.raises(InvalidTransition):
         payment.refund(refund_id="rf_2", amount_minor=1, reason="", processor_reference="re_2")
@@ -418,7 +418,7 @@ def test_a_split_payment_gives_each_party_its_share_at_capture_and_settlement() 
     (settled,) = payment.collect_events()
     assert isinstance(settled, Payment.Settled)
     assert settled.merchant_share_minor == 10_000 - payment.fee_minor - 1_500 - 2_000  # refunds are the merchant's
-    assert payment.payout_due(partner) == (1_000, 0, 0, 0)
-    assert payment.payout_due() == (10_000, payment.fee_minor, 1_500, 2_000)
-    assert payment.include_in_payout("po_partner", partner) == (1_000, 0, 0, 0)
-    assert payment.payout_due(partner) == (0, 0, 0, 0) and payment.payout_due()[0] == 10_000
+    assert payment.payout_due(partner) == (1_000, 0, 0, 0, 0)
+    assert payment.payout_due() == (10_000, payment.fee_minor, 1_500, 2_000, 0)
+    assert payment.include_in_payout("po_partner", partner) == (1_000, 0, 0, 0, 0)
+    assert payment.payout_due(partner) == (0, 0, 0, 0, 0) and payment.payout_due()[0] == 10_000

@@ -23,7 +23,8 @@ from domain.payout import PayoutStatus
 
 PAYOUT_STATUSES = (PayoutStatus.CREATED, PayoutStatus.PAID, PayoutStatus.FAILED, PayoutStatus.CARRIED_FORWARD)
 READERS = ("merchant", "admin", "compliance")
-LINE_COLUMNS = ("payment_id", "gross_minor", "fee_minor", "shares_minor", "refunds_minor", "net_minor")
+LINE_COLUMNS = ("payment_id", "gross_minor", "fee_minor", "shares_minor", "refunds_minor", "disputes_minor",
+                "net_minor")
 
 
 def payout_from_row(row: dict[str, Any], lines: list[dict[str, Any]] | None = None) -> schemas.Payout:
@@ -37,7 +38,8 @@ def payout_from_row(row: dict[str, Any], lines: list[dict[str, Any]] | None = No
         lines=None if lines is None else [
             schemas.PayoutLine(payment_id=str(line["payment_id"]), gross=int(line["gross_minor"]),
                                fee=int(line["fee_minor"]), shares=int(line["shares_minor"]),
-                               refunds=int(line["refunds_minor"]), net=int(line["net_minor"]))
+                               refunds=int(line["refunds_minor"]), disputes=int(line["disputes_minor"]),
+                               net=int(line["net_minor"]))
             for line in lines
         ],
     )
@@ -117,7 +119,8 @@ class PayoutController(Controller):
                 updated_at=datetime.fromisoformat(payout.modified_on.isoformat()),
                 lines=[schemas.PayoutLine(payment_id=line["payment_id"], gross=line["gross_minor"],
                                           fee=line["fee_minor"], shares=line.get("shares_minor", 0),
-                                          refunds=line["refunds_minor"], net=line["net_minor"])
+                                          refunds=line["refunds_minor"], disputes=line.get("disputes_minor", 0),
+                                          net=line["net_minor"])
                        for line in payout.lines],
             )
 

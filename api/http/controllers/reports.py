@@ -77,6 +77,22 @@ class AnalyticsController(Controller):
         return {"data": rows}
 
 
+    @get("/disputes", operation_id="getDisputeRates",
+         summary="Dispute rate and win rate per merchant and currency, by count and by amount", responses=problems())
+    async def disputes(
+        self, services: ApiServices, principal: Principal,
+        date_from: Annotated[date, Parameter(query="from")],
+        date_to: Annotated[date, Parameter(query="to")],
+        merchant_id: UUID | None = None,
+    ) -> dict[str, Any]:
+        require(principal, "analyst", "admin", "merchant")
+        _range(date_from, date_to)
+        rows = await anyio.to_thread.run_sync(lambda: services.views.dispute_rates(
+            scope_of(principal), date_from=date_from, date_to=date_to,
+            merchant_id=_merchant_filter(principal, merchant_id)))
+        return {"data": rows}
+
+
 class AuditController(Controller):
     path = "/v1/audit"
     tags = ["compliance"]  # noqa: RUF012  (Litestar's layer attribute)
