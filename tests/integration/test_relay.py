@@ -284,8 +284,8 @@ def test_a_clean_run_publishes_every_event_once_in_order(
     records = read(bootstrap, start, {r.message_key for r in rows})
     assert len(records) == len(rows)  # exactly once
     assert assert_complete_and_ordered(rows, records) == 0
-    # The workload here makes no API keys, customers or reconciliations.
-    unused = {"api_key", "customer", "reconciliation"}
+    # The workload here makes no API keys, customers, reconciliations, payouts or disputes.
+    unused = {"api_key", "customer", "reconciliation", "payout", "payout_account", "dispute"}
     assert {r.topic for r in records} == set(TOPICS) - {f"echotransact.{t}.events" for t in unused}
     assert {r.envelope.aggregate_type for r in records} == set(AGGREGATE_TYPES.values()) - unused
 

@@ -108,6 +108,7 @@ def test_the_read_side_names_the_outcomes_as_the_domain_does() -> None:
 @pytest.fixture
 def sandbox() -> Iterator[SandboxProcessorServer]:
     with SandboxProcessorServer("primary") as server:
+        server.close_day(datetime.now(UTC).date())  # today's report is final, as tomorrow's reconciler sees it
         yield server
 
 
