@@ -119,6 +119,9 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
         env["ECHOTRANSACT_VAULT_KEY"] = base64.b64encode(settings.vault_key).decode()
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
+    if settings.processor_webhook_secrets:
+        env["ECHOTRANSACT_PROCESSOR_WEBHOOK_SECRETS"] = ",".join(
+            f"{name}={'|'.join(secrets)}" for name, secrets in settings.processor_webhook_secrets.items())
     if settings.bank_url:
         env["ECHOTRANSACT_BANK_URL"] = settings.bank_url
     env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
@@ -188,7 +191,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = False,
-               running: Path | None = None) -> None:
+               running: Path | None = None, on_serving: Callable[[str], None] | None = None) -> None:
     import uvicorn
 
     from api.bootstrap import build_api_services
@@ -219,6 +222,8 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
     if running is not None:  # so `echotransact demo` finds the API
         state = json.loads(running.read_text())
         running.write_text(json.dumps({**state, "api_url": f"http://{settings.host}:{port}"}))
+    if on_serving is not None:  # what needs the API's address, once it is known
+        on_serving(f"http://{settings.host}:{port}")
     print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
     # uvicorn restores the SIGTERM handler it found and re-raises the signal after its graceful
     # shutdown; ours turns it into Terminated so the callers' cleanup runs.
@@ -259,14 +264,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     supervisor: Supervisor | None = None
     running = data_dir / RUNNING_FILE
     sandboxes: list[Any] = []
+    notify: Callable[[str], None] | None = None
     if not settings.processors:
-        # No processors configured: two sandbox processors, as real local HTTP services.
+        # No processors configured: two sandbox processors, as real local HTTP services, each
+        # signing its notifications with a secret of this run; they learn the API's URL once it listens.
+        import secrets
 
         from adapters.dev.processor_server import SandboxProcessorServer
 
-        sandboxes = [SandboxProcessorServer(name) for name in ("primary", "secondary")]
-        settings = settings.replace(processors={s.name: s.start() for s in sandboxes})
+        sandboxes = [SandboxProcessorServer(name, secret=secrets.token_urlsafe(32))
+                     for name in ("primary", "secondary")]
+        processors = list(sandboxes)  # the bank joins `sandboxes` below
+        own_secrets = {s.name: (s.secret,) for s in sandboxes}
+        settings = settings.replace(processors={s.name: s.start() for s in sandboxes},
+                                    processor_webhook_secrets={**settings.processor_webhook_secrets, **own_secrets})
         log.info("sandbox_processors", **settings.processors)
+
+        def notify(api_url: str) -> None:
+            for sandbox in processors:
+                sandbox.configure_notifications(notify_url=f"{api_url}/v1/processor-events/{sandbox.name}")
     if not settings.bank_url:
         # No bank configured: a sandbox bank, a real local HTTP service, receives the payouts.
         from adapters.dev.bank_server import SandboxBankServer
@@ -288,11 +304,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             running.write_text(json.dumps(
                 {"database_url": urls[0], "migration_database_url": owner_url, "redis_url": urls[1],
                  "kafka_bootstrap_servers": urls[2], "processors": settings.processors,
-                 "bank_url": settings.bank_url}
+                 "bank_url": settings.bank_url,
+                 "processor_webhook_secrets": {k: list(v) for k, v in settings.processor_webhook_secrets.items()}}
             ))
             supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings), servers=_local_servers)
-            _serve_api(settings, urls, demo=True, running=running)
+            _serve_api(settings, urls, demo=True, running=running, on_serving=notify)
         finally:
             running.unlink(missing_ok=True)
             if supervisor is not None:

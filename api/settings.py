@@ -106,6 +106,27 @@ def parse_processors(text: Any) -> dict[str, str]:
     return processors
 
 
+def parse_webhook_secrets(text: Any) -> dict[str, tuple[str, ...]]:
+    """``name=secret1|secret2,name2=secret``: each processor's current notification secrets, the
+    one it signs with first. Errors name the entry and the processor, never a secret."""
+    if isinstance(text, Mapping):
+        entries = [(str(name), (values,) if isinstance(values, str) else tuple(values))
+                   for name, values in text.items()]
+    else:
+        entries = []
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            name, sep, values = (x.strip() for x in part.partition("="))
+            entries.append((name if sep else "", tuple(s.strip() for s in values.split("|")) if sep else ()))
+    found: dict[str, tuple[str, ...]] = {}
+    for n, (name, secrets_) in enumerate(entries, start=1):
+        if not name or not secrets_ or not all(isinstance(s, str) and s for s in secrets_):
+            raise ValueError(f"entry {n} ({name or 'no name'}) is not NAME=SECRET or NAME=SECRET1|SECRET2")
+        if name in found:
+            raise ValueError(f"processor {name!r} is named twice")
+        found[name] = secrets_
+    return found
+
+
 def _retention(text: Any) -> RetentionPolicy:
     return text if isinstance(text, RetentionPolicy) else parse_retention(str(text))
 
@@ -176,6 +197,10 @@ class Settings(BaseModel):
     processors: Annotated[dict[str, str], BeforeValidator(parse_processors)] = _env(
         "ECHOTRANSACT_PROCESSORS",
         "payment processors as primary=URL,secondary=URL (unset: run starts two sandbox ones)", default="")
+    processor_webhook_secrets: Annotated[dict[str, tuple[str, ...]], BeforeValidator(parse_webhook_secrets)] = _env(
+        "ECHOTRANSACT_PROCESSOR_WEBHOOK_SECRETS",
+        "secrets that sign each processor's notifications, name=secret1|secret2,name2=secret (any one verifies, "
+        "for rotation; unset: none accepted; run makes the sandbox processors' own)", default="", repr=False)
     webhook_retry_horizon_s: float = _env(
         "ECHOTRANSACT_WEBHOOK_RETRY_HORIZON_S", "how long a webhook is retried before the dead letter (86400)",
         default=86_400, allow_inf_nan=False)
@@ -292,7 +317,7 @@ def _explain(error: ValidationError) -> str:
         where = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         # Never echo a key or token back into a log or terminal.
-        shown = where in ENV_VARS and not where.endswith(("_KEY", "_TOKEN"))
+        shown = where in ENV_VARS and not where.endswith(("_KEY", "_TOKEN", "_SECRETS"))
         lines.append((f"{where}: " if where else "") + message + (f" (got {problem['input']!r})" if shown else ""))
     return "; ".join(lines)
 

@@ -32,6 +32,19 @@ Sandbox controls (no key needed; not affected by latency or by being down):
     GET  /v1/sandbox/counters  {"requests": {key: n}, "money_movements": {key: n}}
     POST /v1/sandbox/latency   {"latency_ms": n}
     POST /v1/sandbox/down      {"down": true|false}
+    POST /v1/sandbox/notifications   {"notify_url"?, "secret"?}: where notifications go, what signs them
+    GET  /v1/sandbox/notifications   every notification sent, with the answers it got (never the secret)
+    POST /v1/sandbox/disputes  {capture_reference, reason?, amount_minor?, due_in_days?}: a dispute on a
+                               capture it recorded (404 if unknown), notified as dispute.opened
+    POST /v1/sandbox/disputes/{dispute_id}/ruling  {"outcome": "won"|"lost"}: dispute.won or dispute.lost
+    POST /v1/sandbox/early-fraud-warnings  {capture_reference}: an early_fraud_warning
+
+Notifications (adapters/processors/notifications.py: the body, and the ``Processor-Signature``
+header signed with the first of the processor's secrets) go to ``notify_url`` from a background
+thread, retried with exponential backoff and the same event id until an answer of 2xx, or of
+4xx other than 404 and 429 (a refusal retrying cannot change), for at most NOTIFY_ATTEMPTS
+attempts. A ruling carries the dispute's reference, amount and reason too, so a receiver can
+apply it even when it arrives before the dispute.opened it follows.
 
 A small Litestar app served by uvicorn, in a thread of the calling process (tests read its
 counters and stop it) or as a process of its own (the command above). Every answer says
@@ -47,6 +60,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -59,13 +73,17 @@ from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from typing import Any, Self
 
+import httpx
 import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import Headers
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
+from adapters.backoff import EQUAL_JITTER, backoff_s
 from adapters.dev.test_cards import DECLINES, SERVER_ERROR_LAST4, TIMEOUT_LAST4
+from adapters.processors.notifications import SIGNATURE_HEADER, event_body, signature_header
+from application.disputes import DISPUTE_LOST, DISPUTE_OPENED, DISPUTE_WON, EARLY_FRAUD_WARNING, ProcessorEvent
 
 _log = logging.getLogger(__name__)
 
@@ -98,8 +116,47 @@ FINGERPRINT_FIELDS = {
 }
 
 
+# Notifications: attempts before giving up, and the backoff between them (doubling from the base).
+NOTIFY_ATTEMPTS = 10
+NOTIFY_BACKOFF_BASE_S, NOTIFY_BACKOFF_CAP_S = 0.5, 60.0
+NOTIFY_TIMEOUT_S = 10.0
+RULINGS = {"won": DISPUTE_WON, "lost": DISPUTE_LOST}
+
+
 class InvalidRequest(Exception):
     """The request body is malformed; answered 400."""
+
+
+class UnknownTransaction(LookupError):
+    """No capture (or dispute) with that reference was recorded here; answered 404."""
+
+
+@dataclass
+class Notification:
+    """One delivery of a notification: the event, every answer (an HTTP status, or the name of
+    the error that stood for one) and how it ended: pending, delivered, refused (a 4xx retrying
+    cannot change), gave_up (NOTIFY_ATTEMPTS tried), stopped (the sandbox stopped first)."""
+
+    event_id: str
+    type: str
+    body: bytes
+    answers: list[int | str] = field(default_factory=list)
+    outcome: str = "pending"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "type": self.type, "body": json.loads(self.body),
+                "answers": list(self.answers), "outcome": self.outcome}
+
+
+@dataclass
+class _Dispute:
+    dispute_id: str
+    capture_reference: str
+    amount_minor: int
+    currency: str
+    reason: str
+    due_by: datetime
+    status: str = "open"  # open, won or lost
 
 
 @dataclass
@@ -157,6 +214,9 @@ class _Ledger:
     authorizations: dict[str, _Authorization] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
     money_movements: dict[str, int] = field(default_factory=dict)
+    disputes: dict[str, _Dispute] = field(default_factory=dict)
+    events: dict[str, ProcessorEvent] = field(default_factory=dict)  # every notification's event, by id
+    notifications: list[Notification] = field(default_factory=list)
 
 
 class SandboxProcessorServer:
@@ -175,8 +235,15 @@ class SandboxProcessorServer:
         *,
         timeout_card_delay_s: float = 5.0,
         server_error_attempts: int = 1,
+        notify_url: str | None = None,
+        secret: str | None = None,
+        notify_backoff_base_s: float = NOTIFY_BACKOFF_BASE_S,
     ) -> None:
         self.name = name
+        self.notify_url = notify_url
+        self._secret = secret
+        self.notify_backoff_base_s = notify_backoff_base_s
+        self._senders: list[threading.Thread] = []
         self.host = host
         self.port = port
         self.timeout_card_delay_s = timeout_card_delay_s
@@ -186,6 +253,7 @@ class SandboxProcessorServer:
         self._lock = threading.Lock()
         self._state = _Ledger()
         self._stopping = threading.Event()
+        self._closed = threading.Event()  # set by stop(): notifications still retrying give up
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -201,6 +269,7 @@ class SandboxProcessorServer:
         if self._server is not None:
             return self.url
         self._stopping.clear()
+        self._closed.clear()
         # Bound and listening before start() returns, so a caller may connect at once; SO_REUSEADDR
         # so a restart gets the same port back while the old connections are in TIME_WAIT.
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
@@ -234,6 +303,7 @@ class SandboxProcessorServer:
     def stop(self) -> None:
         """Stop listening: new connections are refused. Requests held back by latency or the
         timeout card are released (their clients have given up)."""
+        self._closed.set()
         server, self._server = self._server, None
         if server is None:
             return
@@ -295,6 +365,159 @@ class SandboxProcessorServer:
                 "requests": dict(self._state.requests),
                 "money_movements": dict(self._state.money_movements),
             }
+
+    # -- notifications: disputes and early fraud warnings ----------------------------------------
+
+    def configure_notifications(self, *, notify_url: str | None = None, secret: str | None = None) -> None:
+        """Where notifications go from now on (retries in flight included), and what signs them."""
+        if notify_url is not None:
+            self.notify_url = notify_url
+        if secret is not None:
+            self._secret = secret
+
+    @property
+    def secret(self) -> str | None:
+        return self._secret
+
+    def open_dispute(self, capture_reference: str, *, reason: str = "fraudulent", amount_minor: int | None = None,
+                     due_in_days: int = 7, send: bool = True) -> dict[str, Any]:
+        """The card holder disputes a capture recorded here (all of it, or ``amount_minor``):
+        notified as dispute.opened. ``send=False`` records the event without sending it (a test
+        then ``deliver``s it when it likes, e.g. after the ruling)."""
+        if not reason or not isinstance(reason, str):
+            raise InvalidRequest("reason must be a non-empty string")
+        if isinstance(due_in_days, bool) or not isinstance(due_in_days, int) or due_in_days < 0:
+            raise InvalidRequest("due_in_days must be a whole number of days, 0 or more")
+        now = datetime.now(UTC)
+        with self._lock:
+            capture = self._capture(capture_reference)
+            amount = capture.gross_minor if amount_minor is None else amount_minor
+            if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= capture.gross_minor:
+                raise InvalidRequest(f"amount_minor must be between 1 and the capture's {capture.gross_minor}")
+            dispute = _Dispute(f"{self.name}_dp_{uuid.uuid4().hex[:16]}", capture_reference, amount,
+                               capture.currency, reason, now + timedelta(days=due_in_days))
+            self._state.disputes[dispute.dispute_id] = dispute
+            event = self._record_event(DISPUTE_OPENED, now, dispute)
+        if send:
+            self.deliver(event.event_id)
+        return {**self._dispute_json(dispute), "event_id": event.event_id}
+
+    def rule_dispute(self, dispute_id: str, outcome: str, *, send: bool = True) -> dict[str, Any]:
+        """The card network's ruling on a dispute: ``won`` (the merchant keeps the money) or ``lost``."""
+        if outcome not in RULINGS:
+            raise InvalidRequest(f"outcome must be one of {', '.join(RULINGS)}")
+        with self._lock:
+            dispute = self._state.disputes.get(dispute_id)
+            if dispute is None:
+                raise UnknownTransaction(f"no dispute {dispute_id!r} at processor {self.name}")
+            if dispute.status != "open":
+                raise InvalidRequest(f"dispute {dispute_id!r} was already {dispute.status}")
+            dispute.status = outcome
+            event = self._record_event(RULINGS[outcome], datetime.now(UTC), dispute)
+        if send:
+            self.deliver(event.event_id)
+        return {**self._dispute_json(dispute), "event_id": event.event_id}
+
+    def early_fraud_warning(self, capture_reference: str, *, send: bool = True) -> dict[str, Any]:
+        """The card issuer reports the capture as likely fraud (a dispute may follow)."""
+        with self._lock:
+            capture = self._capture(capture_reference)
+            event = ProcessorEvent(
+                event_id=f"evt_{uuid.uuid4().hex}", type=EARLY_FRAUD_WARNING, created_at=datetime.now(UTC),
+                payment_reference=capture_reference, reason="fraudulent", amount_minor=capture.gross_minor,
+                currency=capture.currency)
+            self._state.events[event.event_id] = event
+        if send:
+            self.deliver(event.event_id)
+        return {"event_id": event.event_id, "capture_reference": capture_reference}
+
+    def deliver(self, event_id: str) -> Notification:
+        """Send a recorded event (again: the same id and body, signed anew) from a background
+        thread, retried until answered; the returned record fills in as it goes."""
+        with self._lock:
+            event = self._state.events.get(event_id)
+            if event is None:
+                raise UnknownTransaction(f"no event {event_id!r} at processor {self.name}")
+            record = Notification(event.event_id, event.type, event_body(event))
+            self._state.notifications.append(record)
+            sender = threading.Thread(target=self._send, args=(record,), daemon=True,
+                                      name=f"sandbox-processor-{self.name}-notify")
+            self._senders.append(sender)
+        sender.start()
+        return record
+
+    def notifications(self) -> list[dict[str, Any]]:
+        """Every delivery so far, oldest first, with its answers (for tests)."""
+        with self._lock:
+            return [n.as_json() for n in self._state.notifications]
+
+    def wait_for_notifications(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every delivery started so far has ended; False if some still run."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            senders = list(self._senders)
+        for sender in senders:
+            sender.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._senders = [s for s in self._senders if s.is_alive()]
+            return not self._senders
+
+    def _capture(self, reference: str) -> _Transaction:
+        capture = next((t for t in self._state.transactions if t.kind == "capture" and t.reference == reference),
+                       None)
+        if capture is None:
+            raise UnknownTransaction(f"no capture {reference!r} at processor {self.name}")
+        return capture
+
+    def _record_event(self, kind: str, created_at: datetime, dispute: _Dispute) -> ProcessorEvent:
+        """Every dispute event carries the whole dispute, so it can be applied in any order."""
+        event = ProcessorEvent(
+            event_id=f"evt_{uuid.uuid4().hex}", type=kind, created_at=created_at,
+            payment_reference=dispute.capture_reference, dispute_id=dispute.dispute_id, reason=dispute.reason,
+            amount_minor=dispute.amount_minor, currency=dispute.currency, due_by=dispute.due_by)
+        self._state.events[event.event_id] = event
+        return event
+
+    @staticmethod
+    def _dispute_json(dispute: _Dispute) -> dict[str, Any]:
+        return {"dispute_id": dispute.dispute_id, "capture_reference": dispute.capture_reference,
+                "amount_minor": dispute.amount_minor, "currency": dispute.currency, "reason": dispute.reason,
+                "due_by": dispute.due_by.isoformat(), "status": dispute.status}
+
+    def _send(self, record: Notification) -> None:
+        """One delivery: POST until a 2xx, or a 4xx other than 404/429, or NOTIFY_ATTEMPTS."""
+        with httpx.Client(timeout=NOTIFY_TIMEOUT_S, follow_redirects=False) as client:
+            for attempt in range(NOTIFY_ATTEMPTS):
+                if attempt and self._closed.wait(backoff_s(attempt - 1, base_s=self.notify_backoff_base_s,
+                                                           cap_s=NOTIFY_BACKOFF_CAP_S, jitter=EQUAL_JITTER)):
+                    self._noted(record, outcome="stopped")
+                    return
+                url, secret = self.notify_url, self._secret
+                if not url or not secret:
+                    self._noted(record, "not_configured")
+                    continue
+                try:
+                    response = client.post(url, content=record.body, headers={
+                        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, record.body)})
+                except httpx.HTTPError as error:
+                    self._noted(record, type(error).__name__)
+                    continue
+                status = response.status_code
+                if 200 <= status < 300:
+                    self._noted(record, status, "delivered")
+                    return
+                if 400 <= status < 500 and status not in (404, 429):
+                    self._noted(record, status, "refused")
+                    return
+                self._noted(record, status)
+        self._noted(record, outcome="gave_up")
+
+    def _noted(self, record: Notification, answer: int | str | None = None, outcome: str | None = None) -> None:
+        with self._lock:
+            if answer is not None:
+                record.answers.append(answer)
+            if outcome is not None:
+                record.outcome = outcome
 
     # -- the processor -------------------------------------------------------------------------
 
@@ -578,6 +801,39 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
 
         return handle
 
+    @get("/v1/sandbox/notifications", sync_to_thread=False)
+    def notifications() -> Response[Any]:
+        return _answer(HTTPStatus.OK, {"notify_url": sandbox.notify_url, "secret_set": sandbox.secret is not None,
+                                       "data": sandbox.notifications()})
+
+    @post("/v1/sandbox/notifications", sync_to_thread=False)
+    def configure_notifications(body: bytes) -> Response[Any]:
+        request = _json_object(body)
+        url, secret = request.get("notify_url"), request.get("secret")
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            raise InvalidRequest("notify_url must be an http(s):// URL")
+        if secret is not None and (not isinstance(secret, str) or not secret):
+            raise InvalidRequest("secret must be a non-empty string")
+        sandbox.configure_notifications(notify_url=url, secret=secret)
+        return _answer(HTTPStatus.OK, {"notify_url": sandbox.notify_url, "secret_set": sandbox.secret is not None})
+
+    @post("/v1/sandbox/disputes", sync_to_thread=True)
+    def open_dispute(body: bytes) -> Response[Any]:
+        request = _json_object(body)
+        options = {name: request[name] for name in ("reason", "amount_minor", "due_in_days") if name in request}
+        return _answer(HTTPStatus.OK, sandbox.open_dispute(_text(request, "capture_reference"), **options))
+
+    @post("/v1/sandbox/disputes/{dispute_id:str}/ruling", sync_to_thread=True)
+    def rule_dispute(dispute_id: str, body: bytes) -> Response[Any]:
+        return _answer(HTTPStatus.OK, sandbox.rule_dispute(dispute_id, _text(_json_object(body), "outcome")))
+
+    @post("/v1/sandbox/early-fraud-warnings", sync_to_thread=True)
+    def early_fraud_warning(body: bytes) -> Response[Any]:
+        return _answer(HTTPStatus.OK, sandbox.early_fraud_warning(_text(_json_object(body), "capture_reference")))
+
+    def unknown(_: Request[Any, Any, Any], error: UnknownTransaction) -> Response[Any]:
+        return _answer(HTTPStatus.NOT_FOUND, _error("not_found", str(error.args[0])))
+
     def invalid(_: Request[Any, Any, Any], error: InvalidRequest) -> Response[Any]:
         return _answer(HTTPStatus.BAD_REQUEST, _error("invalid_request", str(error)))
 
@@ -604,10 +860,16 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
             control("/v1/sandbox/close-day", lambda body: sandbox.close_day(date.fromisoformat(str(body["day"])))),
             operation_status,
             settlements,
+            notifications,
+            configure_notifications,
+            open_dispute,
+            rule_dispute,
+            early_fraud_warning,
             *(operation(path, name) for path, name in OPERATIONS.items()),
         ],
         exception_handlers={
-            InvalidRequest: invalid, _Unavailable: unavailable, HTTPException: http_error, Exception: crashed,
+            InvalidRequest: invalid, UnknownTransaction: unknown, _Unavailable: unavailable, HTTPException: http_error,
+            Exception: crashed,
         },
         request_max_body_size=MAX_BODY_BYTES,
         # The host process (a test run, `echotransact run`) keeps its own logging as it is.
@@ -624,9 +886,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed at start)")
     parser.add_argument("--latency-ms", type=int, default=0)
     parser.add_argument("--timeout-card-delay-s", type=float, default=5.0)
+    parser.add_argument("--notify-url", help="where notifications go, e.g. http://127.0.0.1:8000/v1/processor-events/"
+                        "primary (or later: POST /v1/sandbox/notifications)")
     args = parser.parse_args(argv)
+    # The signing secret from the environment, not the command line (which other users can read).
     server = SandboxProcessorServer(
-        args.name, args.host, args.port, args.latency_ms, timeout_card_delay_s=args.timeout_card_delay_s
+        args.name, args.host, args.port, args.latency_ms, timeout_card_delay_s=args.timeout_card_delay_s,
+        notify_url=args.notify_url, secret=os.environ.get("SANDBOX_PROCESSOR_SECRET") or None,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

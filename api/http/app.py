@@ -13,9 +13,11 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
 
 from api.http.auth import Principal, authenticate, authenticate_at_once
+from api.http.controllers.disputes import DisputeController
 from api.http.controllers.merchants import MerchantController
 from api.http.controllers.payments import BalanceController, PaymentController
 from api.http.controllers.payouts import PayoutController
+from api.http.controllers.processor_events import PROCESSOR_EVENTS_PREFIX, SECURITY_SCHEMES, ProcessorEventController
 from api.http.controllers.reconciliations import ReconciliationController
 from api.http.controllers.reports import AnalyticsController, AuditController
 from api.http.controllers.sessions import PaymentSessionController
@@ -59,11 +61,13 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
         dependencies["services"] = Provide(lambda: services, use_cache=True, sync_to_thread=False)
         dependencies["principal"] = Provide(provide_principal)
         handlers += [PaymentSessionController, PaymentController, BalanceController, PayoutController,
-                     AnalyticsController, AuditController, ReconciliationController, MerchantController,
-                     PaymentPageController]
+                     DisputeController, AnalyticsController, AuditController, ReconciliationController,
+                     MerchantController, PaymentPageController, ProcessorEventController]
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Who is calling comes first: a caller without a key learns nothing about the body.
+        # Processors sign their notifications instead (api/http/controllers/processor_events.py).
         if (services is not None and request.url.path.startswith("/v1/")
+                and not request.url.path.startswith(PROCESSOR_EVENTS_PREFIX)
                 and not authenticate_at_once(request, services)):
             await anyio.to_thread.run_sync(authenticate, request, services)
         _json_only(request)
@@ -79,7 +83,8 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
             title="EchoTransact", version="1.0.0",
             description="Payments for voice commerce: idempotent commands, queries from projections.",
             components=Components(security_schemes={
-                "bearer": SecurityScheme(type="http", scheme="bearer", description="an EchoTransact API key")}),
+                "bearer": SecurityScheme(type="http", scheme="bearer", description="an EchoTransact API key"),
+                **SECURITY_SCHEMES}),
             security=[{"bearer": []}],
         ),
         debug=False,

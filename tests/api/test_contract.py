@@ -29,17 +29,21 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
+from adapters.processors.notifications import SIGNATURE_HEADER, event_body, signature_header
 from api.http.app import MAX_BODY_BYTES
 from api.settings import Settings
+from application.disputes import DISPUTE_OPENED, ProcessorEvent
 from tests.api.conftest import Api, make_api, paid_payment, session_body
 from tests.projections.test_reconciliations import reconcile_day
 
 PROBLEM_JSON = "application/problem+json"
+PROCESSOR_SECRET = "whsec_contract"  # what the sandbox processor (the in-process one, "sandbox") signs with
 
 @pytest.fixture(scope="module")
 def served(module_database: str, servers: ServerURLs) -> Iterator[Api]:
     """One API for the module, without a rate limit: the fuzzer sends a few thousand requests."""
-    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0)
+    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0,
+                        processor_webhook_secrets={"sandbox": (PROCESSOR_SECRET,)})
     running = make_api(settings, module_database, servers, ManualClock(), SandboxProcessor())
     served = next(running)
     try:
@@ -241,8 +245,9 @@ def test_the_fourth_request_in_a_minute_is_rate_limited(limited_api: Api) -> Non
 
 @dataclass(frozen=True)
 class ValidCall:
-    who: str
+    who: str | None  # None: no key (a processor's notification, signed instead: ``signed``)
     prepare: Callable[[Api], tuple[dict[str, Any], Any, dict[str, Any]]]  # path parameters, body, query
+    signed: bool = False  # the body (bytes) gets the processor's signature
 
 
 def _window() -> dict[str, str]:
@@ -316,6 +321,23 @@ def _listed_payout(api: Api) -> dict[str, str]:
     return {}
 
 
+def _processor_event(api: Api) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """A dispute the sandbox processor notifies on a payment captured through it."""
+    ledger = api.services.ledger
+    # A phone of its own: the module's many payments of the usual phone trip the velocity rule.
+    paid = paid_payment(api, "a", tag=f"dispute-{uuid.uuid4().hex}", phone="+14155550177")
+    ledger.capture_payment(f"capture-{paid}", paid)
+    api.project()
+    payment = ledger.get_payment(paid)
+    assert payment.capture_reference is not None
+    now = datetime.now(UTC)
+    event = ProcessorEvent(event_id=f"evt_{uuid.uuid4().hex}", type=DISPUTE_OPENED, created_at=now,
+                           payment_reference=payment.capture_reference, dispute_id=f"dp_{uuid.uuid4().hex}",
+                           reason="fraudulent", amount_minor=500, currency=payment.currency,
+                           due_by=now + timedelta(days=7))
+    return {"processor": "sandbox"}, event_body(event), {}
+
+
 def _listed_reconciliation(api: Api) -> dict[str, str]:
     _reconciliation(api)
     return {}
@@ -353,6 +375,7 @@ VALID_CALLS: dict[str, ValidCall] = {
                                                       {"webhook_url": "https://b.example/hooks"}, {})),
     "createMerchantKey": ValidCall("admin", lambda api: ({"merchant_id": str(api.merchants["b"])},
                                                          {"label": "till 2"}, {})),
+    "receiveProcessorEvent": ValidCall(None, _processor_event, signed=True),
 }
 
 
@@ -368,7 +391,9 @@ def test_a_valid_call_gets_a_success_response_that_matches_the_document(served: 
     path_parameters, body, query = call.prepare(served)
     operation = openapi.find_operation_by_id(operation_id)
     case = operation.Case(path_parameters=path_parameters, body=body, query=query)
-    headers = {"Authorization": f"Bearer {served.keys[call.who]}", **_idem()}
+    headers = {"Authorization": f"Bearer {served.keys[call.who]}", **_idem()} if call.who else {}
+    if call.signed:
+        headers[SIGNATURE_HEADER] = signature_header(PROCESSOR_SECRET, body)
     response = case.call(base_url=served.url, headers=headers)
     assert 200 <= response.status_code < 300, response.text
     case.validate_response(response, checks=[response_schema_conformance])
