@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Self
 from uuid import UUID
 
@@ -282,6 +282,23 @@ class ReadViews:
         where, params = self._where(scope, [("dispute_id = %s", dispute_id)])
         rows = self._all(scope, f"SELECT {_DISPUTE_COLUMNS} FROM disputes" + where, params)
         return rows[0] if rows else None
+
+    def evidence_pack(self, scope: Scope, dispute_id: UUID) -> dict[str, Any] | None:
+        """The evidence pack of a dispute's payment (projections/evidence.py), read in the scope:
+        None when the scope sees no such dispute (or not its payment)."""
+        from projections.evidence import build_pack
+
+        with self._scoped(scope) as cur:
+            where, params = self._where(scope, [("dispute_id = %s", dispute_id)])
+            cur.execute("SELECT payment_id, merchant_id FROM disputes" + where, params)
+            found = cur.fetchone()
+            if found is None:
+                return None
+            cur.execute("SELECT DISTINCT payment_id FROM disputes WHERE merchant_id = %s", (found["merchant_id"],))
+            disputed = {r["payment_id"] for r in cur.fetchall()}
+            pack = build_pack(cur, found["payment_id"], disputed=disputed, now=datetime.now(UTC),
+                              merchant_id=scope.merchant_id)
+        return None if pack is None else {"dispute_id": str(dispute_id), **pack}
 
     def dispute_rates(self, scope: Scope, *, date_from: date, date_to: date,
                       merchant_id: UUID | None = None) -> list[Row]:

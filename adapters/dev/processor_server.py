@@ -157,6 +157,7 @@ class _Dispute:
     reason: str
     due_by: datetime
     status: str = "open"  # open, won or lost
+    evidence: dict[str, str] | None = None  # what the merchant submitted (the first time: by key)
 
 
 @dataclass
@@ -401,6 +402,24 @@ class SandboxProcessorServer:
         if send:
             self.deliver(event.event_id)
         return {**self._dispute_json(dispute), "event_id": event.event_id}
+
+    def take_evidence(self, dispute_id: str, evidence: Any) -> dict[str, Any]:
+        """The merchant's evidence for a dispute (the first submission counts: a repeat with the
+        same idempotency key is answered the same; the ruling is the test's to make)."""
+        if not isinstance(evidence, dict) or not all(isinstance(v, str) for v in evidence.values()):
+            raise InvalidRequest("evidence must be an object of text fields")
+        with self._lock:
+            dispute = self._state.disputes.get(dispute_id)
+            if dispute is None:
+                raise UnknownTransaction(f"no dispute {dispute_id!r} at processor {self.name}")
+            if dispute.evidence is None:
+                dispute.evidence = dict(evidence)
+            return self._dispute_json(dispute)
+
+    def evidence_of(self, dispute_id: str) -> dict[str, str] | None:
+        with self._lock:
+            dispute = self._state.disputes.get(dispute_id)
+            return None if dispute is None or dispute.evidence is None else dict(dispute.evidence)
 
     def rule_dispute(self, dispute_id: str, outcome: str, *, send: bool = True) -> dict[str, Any]:
         """The card network's ruling on a dispute: ``won`` (the merchant keeps the money) or ``lost``."""
@@ -827,6 +846,12 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
     def rule_dispute(dispute_id: str, body: bytes) -> Response[Any]:
         return _answer(HTTPStatus.OK, sandbox.rule_dispute(dispute_id, _text(_json_object(body), "outcome")))
 
+    # The processor's API for a merchant's answer (adapters/processors/client.py submit_dispute_evidence).
+    @post("/v1/disputes/{dispute_id:str}/evidence", sync_to_thread=True)
+    def dispute_evidence(dispute_id: str, body: bytes) -> Response[Any]:
+        available()
+        return _answer(HTTPStatus.OK, sandbox.take_evidence(dispute_id, _json_object(body).get("evidence")))
+
     @post("/v1/sandbox/early-fraud-warnings", sync_to_thread=True)
     def early_fraud_warning(body: bytes) -> Response[Any]:
         return _answer(HTTPStatus.OK, sandbox.early_fraud_warning(_text(_json_object(body), "capture_reference")))
@@ -864,6 +889,7 @@ def _app_for(sandbox: SandboxProcessorServer) -> Litestar:
             configure_notifications,
             open_dispute,
             rule_dispute,
+            dispute_evidence,
             early_fraud_warning,
             *(operation(path, name) for path, name in OPERATIONS.items()),
         ],

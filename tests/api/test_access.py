@@ -50,10 +50,11 @@ class World:
     merchant: UUID
     reconciliation: UUID  # the platform's, no merchant's
     payout: UUID
+    dispute: UUID
 
     def ids(self) -> dict[str, str]:
         return {"session": str(self.session), "payment": str(self.payment), "merchant": str(self.merchant),
-                "reconciliation": str(self.reconciliation), "payout": str(self.payout)}
+                "reconciliation": str(self.reconciliation), "payout": str(self.payout), "dispute": str(self.dispute)}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,26 @@ def world(api: Api) -> World:
     api.project()
     payout = UUID(today_payout(api)["payout_id"])
     api.project()
-    return World(UUID(opened.json()["id"]), payment, api.merchants["a"], reconciliation, payout)
+    return World(UUID(opened.json()["id"]), payment, api.merchants["a"], reconciliation, payout,
+                 UUID(_open_dispute(api)["dispute"]))
+
+
+def _open_dispute(api: Api) -> dict[str, str]:
+    """A dispute of merchant A, notified by the processor, on a payment of its own."""
+    from application.disputes import DISPUTE_OPENED, ProcessorEvent
+
+    ledger = api.services.ledger
+    tag = uuid.uuid4().hex
+    payment = paid_payment(api, "a", tag=f"dispute-{tag}", phone="+14155550177")
+    ledger.capture_payment(f"capture-{tag}", payment)
+    api.project()
+    now = datetime.now(UTC)
+    result = ledger.record_processor_event("sandbox", ProcessorEvent(
+        event_id=f"evt_{tag}", type=DISPUTE_OPENED, created_at=now,
+        payment_reference=ledger.get_payment(payment).capture_reference or "", dispute_id=f"dp_{tag}",
+        reason="fraudulent", amount_minor=1_000, currency="USD", due_by=now + timedelta(days=7)))
+    api.project()
+    return {"dispute": result.result["dispute_id"]}
 
 
 def today_payout(api: Api) -> dict[str, Any]:
@@ -153,6 +173,13 @@ ENDPOINTS = [
     Endpoint("refundPayment", "POST", "/v1/payments/{payment}/refunds", MERCHANT, 201,
              body={"amount": 100, "reason": "cold"}, fresh=_captured_payment),
     Endpoint("listBalances", "GET", "/v1/balances", MERCHANT_READS),
+    Endpoint("listDisputes", "GET", "/v1/disputes", PAYOUT_READS),
+    Endpoint("getDispute", "GET", "/v1/disputes/{dispute}", PAYOUT_READS),
+    Endpoint("getDisputeEvidencePack", "GET", "/v1/disputes/{dispute}/evidence-pack", MERCHANT_READS),
+    Endpoint("submitDisputeEvidence", "POST", "/v1/disputes/{dispute}/evidence", MERCHANT,
+             body={"product_description": "Large pizza", "submit": False}, fresh=_open_dispute),
+    Endpoint("acceptDispute", "POST", "/v1/disputes/{dispute}/accept", MERCHANT, fresh=_open_dispute),
+    Endpoint("getDisputeRates", "GET", "/v1/analytics/disputes", ANALYTICS, params=_window()),
     Endpoint("listPayouts", "GET", "/v1/payouts", PAYOUT_READS),
     Endpoint("getPayout", "GET", "/v1/payouts/{payout}", PAYOUT_READS),
     Endpoint("getPayoutLinesCsv", "GET", "/v1/payouts/{payout}/lines.csv", PAYOUT_READS),

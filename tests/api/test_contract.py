@@ -316,6 +316,33 @@ def _payout(api: Api) -> str:
 _payouts: dict[int, str] = {}
 
 
+def _dispute(api: Api) -> str:
+    """A new dispute of merchant A (a payment of its own on a phone of its own), notified by the processor."""
+    from application.disputes import DISPUTE_OPENED, ProcessorEvent
+
+    ledger = api.services.ledger
+    tag = uuid.uuid4().hex
+    payment = paid_payment(api, "a", tag=f"dispute-{tag}", phone=f"+1415555{len(_disputes) + 101:04d}")
+    ledger.capture_payment(f"capture-{tag}", payment)
+    api.project()
+    now = datetime.now(UTC)
+    result = ledger.record_processor_event("sandbox", ProcessorEvent(
+        event_id=f"evt_{tag}", type=DISPUTE_OPENED, created_at=now,
+        payment_reference=ledger.get_payment(payment).capture_reference or "", dispute_id=f"dp_{tag}",
+        reason="fraudulent", amount_minor=1_000, currency="USD", due_by=now + timedelta(days=7)))
+    api.project()
+    _disputes.append(result.result["dispute_id"])
+    return str(result.result["dispute_id"])
+
+
+_disputes: list[str] = []
+
+
+def _listed_dispute(api: Api) -> dict[str, str]:
+    _dispute(api)
+    return {}
+
+
 def _listed_payout(api: Api) -> dict[str, str]:
     _payout(api)
     return {}
@@ -361,6 +388,13 @@ VALID_CALLS: dict[str, ValidCall] = {
     "getPayout": ValidCall("a", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),
     "getPayoutLinesCsv": ValidCall("compliance", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),
     "createPayout": ValidCall("a", lambda api: (_listed_payout(api), {"currency": "USD"}, {})),
+    "listDisputes": ValidCall("a", lambda api: (_listed_dispute(api), NO_BODY, {"status": "needs_response"})),
+    "getDispute": ValidCall("admin", lambda api: ({"dispute_id": _dispute(api)}, NO_BODY, {})),
+    "getDisputeEvidencePack": ValidCall("a", lambda api: ({"dispute_id": _dispute(api)}, NO_BODY, {})),
+    "submitDisputeEvidence": ValidCall("a", lambda api: ({"dispute_id": _dispute(api)},
+                                                         {"product_description": "Pizza", "submit": True}, {})),
+    "acceptDispute": ValidCall("a", lambda api: ({"dispute_id": _dispute(api)}, NO_BODY, {})),
+    "getDisputeRates": ValidCall("analyst", lambda api: ({}, NO_BODY, _window())),
     "getFunnel": ValidCall("analyst", lambda api: ({}, NO_BODY, _window())),
     "getVolume": ValidCall("analyst", lambda api: ({}, NO_BODY, {**_window(), "granularity": "week"})),
     "listAuditEvents": ValidCall("compliance", lambda api: ({}, NO_BODY, {"limit": 5})),
@@ -494,7 +528,7 @@ def fuzz_findings(served: Api, openapi: OpenApiSchema, document: dict[str, Any])
                      for path, item in document["paths"].items() for method, op in item.items()}
     real_ids = {"session_id": _session(served), "payment_id": _payment(served),
                 "merchant_id": str(served.merchants["b"]), "reconciliation_id": _reconciliation(served),
-                "payout_id": _payout(served)}
+                "payout_id": _payout(served), "dispute_id": _dispute(served)}
     for result in openapi.get_all_operations():
         assert isinstance(result, Ok), result  # the document itself is valid
         operation = result.ok()

@@ -90,6 +90,25 @@ class DisputeController(Controller):
         dispute = await anyio.to_thread.run_sync(services.ledger.get_dispute, dispute_id)
         return dispute_from_aggregate(dispute)
 
+    @get("/{dispute_id:uuid}/evidence-pack", operation_id="getDisputeEvidencePack",
+         summary="The payment's timeline from the audit stream, with prior undisputed payments: JSON, or"
+                 " ?format=pdf", responses=problems())
+    async def evidence_pack(
+        self, dispute_id: UUID, services: ApiServices, principal: Principal,
+        format: Annotated[str, Parameter(pattern="^(json|pdf)$", description="json (default) or pdf")] = "json",
+    ) -> Response[Any]:
+        require(principal, "merchant", "admin")
+        pack = await anyio.to_thread.run_sync(lambda: services.views.evidence_pack(scope_of(principal), dispute_id))
+        if pack is None:
+            raise ApiProblem(404, "not_found", f"no dispute {dispute_id}")
+        if format == "pdf":
+            from projections.evidence_pdf import render_pdf
+
+            document = await anyio.to_thread.run_sync(render_pdf, pack)
+            return Response(document, media_type="application/pdf", headers={
+                "Content-Disposition": f'attachment; filename="evidence-{dispute_id}.pdf"'})
+        return Response(pack, media_type="application/json")
+
     @post("/{dispute_id:uuid}/evidence", operation_id="submitDisputeEvidence", status_code=200,
           summary="Stage evidence (submit: false) or send it all to the processor (submit: true)",
           responses={**command(200, schemas.Dispute, "the dispute"), **PROCESSOR_PROBLEMS})
