@@ -206,11 +206,15 @@ class SessionCommands(LedgerBase):
             raise NotFound("this payment link is not valid")
         return session
 
-    def open_link(self, command_id: str, session_id: UUID, link_token: str) -> CommandResult:
+    def open_link(self, command_id: str, session_id: UUID, link_token: str, *, ip: str | None = None,
+                  user_agent: str | None = None) -> CommandResult:
+        """``ip``, ``user_agent``: where the page was opened from, kept as evidence (not part of the
+        request's identity: the same command from elsewhere answers the first result)."""
+
         def act(session: PaymentSession) -> None:
             if not session.link_token_matches(self.keyed_hash("link", link_token)):
                 raise NotFound(f"no payment session {session_id}")
-            session.open_link(self.clock.now())
+            session.open_link(self.clock.now(), ip=ip, user_agent=user_agent)
 
         return self._session_command(command_id, "open_link", session_id, {}, act)
 
@@ -232,6 +236,12 @@ class SessionCommands(LedgerBase):
         result = self._execute(command_id, "resend_code", {"session_id": str(session_id)}, session_id,
                                decide, messages=sms)
         return LinkIssued(result, "", "" if result.replayed else code)
+
+    def record_sms_sent(self, message_id: UUID, session_id: UUID, provider_reference: str) -> CommandResult:
+        return self._session_command(
+            f"sms_sent:{message_id}", "record_sms_sent", session_id, {"provider_reference": provider_reference},
+            lambda s: s.record_sms_sent(str(message_id), provider_reference),
+        )
 
     def record_sms_failure(self, message_id: UUID, session_id: UUID, reason: str) -> CommandResult:
         return self._session_command(

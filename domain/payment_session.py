@@ -121,8 +121,10 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
 class PaymentSession(Aggregate):
     # A default for state added after the first release: a snapshot taken before it lacks it.
     identity_on_file = False
-    if TYPE_CHECKING:  # its type, for mypy only (a class annotation would make it a dataclass field)
+    if TYPE_CHECKING:  # their types, for mypy only (a class annotation would make a dataclass field)
         splits: list[dict[str, Any]]
+        sms_sent: tuple[str, ...]
+    sms_sent = ()
     splits = []  # type: ignore[var-annotated]  # noqa: RUF012 - for sessions snapshotted before splits; never changed
 
     class Opened(Aggregate.Created):
@@ -152,10 +154,26 @@ class PaymentSession(Aggregate):
         code_hash: str
 
     class LinkOpened(Aggregate.Event):
-        pass
+        """The customer opened the payment page: from where, with what (evidence in a dispute;
+        v1 events recorded neither)."""
+
+        ip: str | None
+        user_agent: str | None
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["ip"] = None
+            state["user_agent"] = None
 
     class SmsFailed(Aggregate.Event):
         reason: str
+
+    class SmsSent(Aggregate.Event):
+        """The provider took an SMS of this session (evidence in a dispute: when, and its id)."""
+
+        message_id: str
+        provider_reference: str
 
     class CodeResent(Aggregate.Event):
         code_hash: str
@@ -360,20 +378,32 @@ class PaymentSession(Aggregate):
     def _sms_failed(self, reason: str) -> None:
         self.sms_failures += 1
 
+    def record_sms_sent(self, message_id: str, provider_reference: str) -> None:
+        """Recorded whatever the session's state by now (the customer may be faster than the
+        dispatcher's record); each message once."""
+        if message_id not in self.sms_sent:
+            self._sms_sent(message_id=check_text("message_id", message_id, max_length=64),
+                           provider_reference=check_text("provider_reference", provider_reference, max_length=100,
+                                                         required=False))
+
+    @event(SmsSent)
+    def _sms_sent(self, message_id: str, provider_reference: str) -> None:
+        self.sms_sent = (*self.sms_sent, message_id)
+
     def link_token_matches(self, link_token_hash: str) -> bool:
         return self.link_token_hash is not None and hmac.compare_digest(
             self.link_token_hash, link_token_hash
         )
 
-    def open_link(self, now: datetime) -> None:
+    def open_link(self, now: datetime, *, ip: str | None = None, user_agent: str | None = None) -> None:
         """The customer opened the page; opening it again is not a new event."""
         if self.status == S.LINK_OPENED:
             return
         self._require_live("open the link of", now, S.LINK_SENT)
-        self._link_opened()
+        self._link_opened(ip=(ip or None) and ip[:64], user_agent=(user_agent or None) and user_agent[:300])
 
     @event(LinkOpened)
-    def _link_opened(self) -> None:
+    def _link_opened(self, ip: str | None, user_agent: str | None) -> None:
         self.status = S.LINK_OPENED
 
     def resend_code(self, code_hash: str, now: datetime) -> None:

@@ -27,29 +27,26 @@ NOT_RECORDED = "not recorded"
 NOT_ON_READ_SIDE = "not on the read side"
 PRIOR_WINDOW = timedelta(days=365)
 MAX_PRIOR_PAYMENTS = 20
-# What a prior payment is compared on: the read side's masked values. Each alone is shared by
-# many customers of a large merchant (a phone masked to its country digit, length and last
-# four; a card's brand and last four), so a payment is listed only when it shares both.
+# What a prior payment is compared on. The card's fingerprint (per merchant: payment_status.
+# card_fingerprint_hash) identifies the card; the read side's masked values alone are shared by
+# many customers of a large merchant (a phone masked to its country digit, length and last four;
+# a card's brand and last four), so without the fingerprint a payment is listed only when it
+# shares both.
 MATCHED_ON = (
-    "the masked phone (country digit, length and last four) and the card's brand and last four, both shared;"
-    " captured, undisputed payments of the same merchant in the 365 days before this one"
+    "the same card (its fingerprint, per merchant), or both the masked phone (country digit, length and last four)"
+    " and the card's brand and last four; captured, undisputed payments of the same merchant in the 365 days"
+    " before this one"
 )
 # Event fields that are free text (anyone's words): scrubbed of phone and card numbers.
 FREE_TEXT = frozenset({"reason", "message"})
 
 # What the read side lacks for a complete pack, and where it would have to come from.
 MISSING = (
-    {"fact": "link opened: IP address and user agent",
-     "reason": "payment_session.link_opened carries no fields; the payment page would have to record them"},
-    {"fact": "SMS: provider message id and time sent",
-     "reason": "kept only by the SMS dispatcher (outbox_messages, no reader grant, deleted after 30 days);"
-               " no event records the send"},
+    {"fact": "SMS: provider message id for sessions before payment_session.sms_sent existed",
+     "reason": "older sessions' sends are kept only by the SMS dispatcher (outbox_messages, deleted after 30 days)"},
     {"fact": "commerce order delivered (webhook receipt)",
      "reason": "kept only in the webhook delivery log (no reader grant, deleted after 30 days);"
                " no event records the delivery"},
-    {"fact": "card fingerprint",
-     "reason": "on payment.initiated, but masked in the audit trail and absent from payment_status;"
-               " prior payments are matched on the card's brand and last four instead"},
     {"fact": "authorization code",
      "reason": "the processor's answer carries only its reference, recorded as processor_reference"},
     {"fact": "device",
@@ -138,8 +135,14 @@ def _link_sent(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
             {"to": j.phone_masked, "provider_message_id": NOT_RECORDED})
 
 
+def _sms_sent(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
+    return (f"SMS accepted by the provider for the phone ending {phone_ending(j.phone_masked)}",
+            {"provider_message_id": d.get("provider_reference") or NOT_RECORDED, "message_id": d.get("message_id")})
+
+
 def _link_opened(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
-    return "Payment link opened", {"ip": NOT_RECORDED, "user_agent": NOT_RECORDED}
+    return "Payment link opened", {"ip": d.get("ip") or NOT_RECORDED,
+                                   "user_agent": d.get("user_agent") or NOT_RECORDED}
 
 
 def _code_rejected(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
@@ -207,6 +210,7 @@ LINES: dict[str, Callable[[Mapping[str, Any], _Journey], tuple[str, Details]]] =
     "payment_session.link_sent": _link_sent,
     "payment_session.link_opened": _link_opened,
     "payment_session.sms_failed": _fields("SMS not delivered", "reason"),
+    "payment_session.sms_sent": _sms_sent,
     "payment_session.code_resent": _fields("Code sent again", "resends"),
     "payment_session.code_rejected": _code_rejected,
     "payment_session.locked": _fields("Session locked after wrong codes", "attempts"),
@@ -268,8 +272,9 @@ def build_pack(
     as prior payments (nor is one whose audit trail records a dispute)."""
     cur.execute(
         "SELECT p.payment_id, p.merchant_id, p.session_id, p.status, p.amount_minor, p.currency, p.card_brand,"
-        " p.card_last4, p.processor, p.authorized_minor, p.captured_minor, p.refunded_minor, p.created_at,"
-        " s.customer_phone_masked, s.order_reference, s.voice_platform, s.conversation_id"
+        " p.card_last4, p.card_fingerprint_hash, p.processor, p.authorized_minor, p.captured_minor,"
+        " p.refunded_minor, p.created_at, s.customer_phone_masked, s.order_reference, s.voice_platform,"
+        " s.conversation_id"
         " FROM payment_status p LEFT JOIN session_status s ON s.session_id = p.session_id"
         " WHERE p.payment_id = %s AND (%s::uuid IS NULL OR p.merchant_id = %s::uuid)",
         (payment_id, merchant_id, merchant_id),
@@ -299,7 +304,7 @@ def build_pack(
             "processor": payment["processor"],
             "created_at": _iso(payment["created_at"]),
             "card": {"brand": payment["card_brand"], "last4": payment["card_last4"],
-                     "fingerprint": NOT_ON_READ_SIDE},
+                     "fingerprint": payment["card_fingerprint_hash"] or NOT_RECORDED},
             "customer_phone": payment["customer_phone_masked"],
             "order_reference": journey.scrub(payment["order_reference"]),
             "voice_platform": journey.scrub(payment["voice_platform"]),
@@ -321,23 +326,26 @@ def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSe
     created = payment["created_at"]
     cur.execute(
         "SELECT p.payment_id, p.created_at, p.amount_minor, p.currency, p.status, p.card_brand, p.card_last4,"
-        " s.customer_phone_masked"
+        " p.card_fingerprint_hash, s.customer_phone_masked"
         " FROM payment_status p JOIN session_status s ON s.session_id = p.session_id"
         " WHERE p.merchant_id = %(merchant)s AND p.payment_id <> %(payment)s"
         " AND p.created_at >= %(since)s AND p.created_at < %(until)s AND p.captured_minor > 0"
-        " AND s.merchant_id = %(merchant)s AND s.customer_phone_masked = %(phone)s"
-        " AND p.card_brand = %(brand)s AND p.card_last4 = %(last4)s"
+        " AND s.merchant_id = %(merchant)s AND (p.card_fingerprint_hash = %(card)s"
+        "   OR (s.customer_phone_masked = %(phone)s AND p.card_brand = %(brand)s AND p.card_last4 = %(last4)s))"
         " AND NOT (p.payment_id = ANY(%(disputed)s::uuid[]))"
         " AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.aggregate_id = p.payment_id"
         "   AND a.merchant_id = %(merchant)s AND a.event_type = 'payment.dispute_opened')"
         " ORDER BY p.created_at DESC, p.payment_id LIMIT %(limit)s",
         {"merchant": payment["merchant_id"], "payment": payment["payment_id"], "since": created - PRIOR_WINDOW,
          "until": created, "phone": payment["customer_phone_masked"], "brand": payment["card_brand"],
-         "last4": payment["card_last4"], "disputed": list(disputed), "limit": MAX_PRIOR_PAYMENTS},
+         "last4": payment["card_last4"], "card": payment["card_fingerprint_hash"], "disputed": list(disputed),
+         "limit": MAX_PRIOR_PAYMENTS},
     )
     out = []
     for row in cur.fetchall():
         shared = []
+        if payment["card_fingerprint_hash"] and row["card_fingerprint_hash"] == payment["card_fingerprint_hash"]:
+            shared.append("card_fingerprint")
         if row["customer_phone_masked"] == payment["customer_phone_masked"]:
             shared.append("phone_masked")
         if (row["card_brand"], row["card_last4"]) == (payment["card_brand"], payment["card_last4"]):

@@ -6,6 +6,7 @@ read first), then written with one INSERT for new rows and one UPDATE for change
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -52,8 +53,8 @@ PAYMENT_MUTABLE = {
 }
 PAYMENT_CREATED = {
     "payment_id": "uuid", "merchant_id": "uuid", "session_id": "uuid", "amount_minor": "bigint",
-    "currency": "text", "card_brand": "text", "card_last4": "text", "created_at": "timestamptz",
-    **PAYMENT_MUTABLE,
+    "currency": "text", "card_brand": "text", "card_last4": "text", "card_fingerprint_hash": "text",
+    "created_at": "timestamptz", **PAYMENT_MUTABLE,
 }
 
 
@@ -79,12 +80,22 @@ def _opened(e: EventEnvelope) -> dict[str, Any]:
     }
 
 
+def card_fingerprint_hash(merchant_id: Any, fingerprint: str | None) -> str | None:
+    """The vault's card fingerprint (already a keyed hash) hashed again with the merchant's id:
+    stable within a merchant, so its evidence can find the same card's earlier payments, and
+    unlinkable across merchants."""
+    if not fingerprint:
+        return None
+    return hashlib.sha256(f"{merchant_id}:{fingerprint}".encode()).hexdigest()[:32]
+
+
 def _initiated(e: EventEnvelope) -> dict[str, Any]:
     d = e.data
     return {
         "payment_id": str(e.aggregate_id), "merchant_id": _uuid(d["merchant_id"]),
         "session_id": _uuid(d["session_id"]), "status": "initiated", "amount_minor": d["amount_minor"],
         "currency": d["currency"], "card_brand": d["card_brand"], "card_last4": d["card_last4"],
+        "card_fingerprint_hash": card_fingerprint_hash(d.get("merchant_id"), d.get("card_fingerprint")),
         "processor": None, "authorized_minor": 0, "captured_minor": 0, "fee_minor": 0, "refunded_minor": 0,
         "failure_code": None, "risk_score": None, "risk_decision": None, "settled_at": None, "payout_due_minor": 0,
         "payout_currency": None,

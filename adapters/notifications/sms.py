@@ -111,6 +111,7 @@ class MessageDispatcher:
         *,
         open_payload: Callable[[bytes], bytes],
         on_failed: Callable[[UUID, UUID, str], object],
+        on_sent: Callable[[UUID, UUID, str], object] | None = None,
         max_attempts: int = 6,
         backoff_base: timedelta = timedelta(seconds=2),
         backoff_cap: timedelta = timedelta(minutes=5),
@@ -120,6 +121,7 @@ class MessageDispatcher:
         self.sender = sender
         self.open_payload = open_payload
         self.on_failed = on_failed
+        self.on_sent = on_sent
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -152,26 +154,34 @@ class MessageDispatcher:
                 message_id, session_id, payload, attempts = row
                 attempts += 1
                 result = self._send(message_id, bytes(payload))
+                final = False
                 if result.sent:
                     conn.execute(
                         "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
                         " provider_reference = %s, last_error = NULL WHERE message_id = %s",
                         (attempts, result.provider_reference, message_id),
                     )
-                    sent += 1
-                    continue
-                final = not result.retryable or attempts >= self.max_attempts
-                conn.execute(
-                    "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
-                    " state = CASE WHEN %s THEN 'failed' ELSE 'pending' END,"
-                    " next_attempt_at = now() + %s WHERE message_id = %s",
-                    (attempts, result.error[:500], final, self._backoff(attempts), message_id),
-                )
-                log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
-                            error=result.error[:200])
-            if final:
+                else:
+                    final = not result.retryable or attempts >= self.max_attempts
+                    conn.execute(
+                        "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
+                        " state = CASE WHEN %s THEN 'failed' ELSE 'pending' END,"
+                        " next_attempt_at = now() + %s WHERE message_id = %s",
+                        (attempts, result.error[:500], final, self._backoff(attempts), message_id),
+                    )
+                    log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
+                                error=result.error[:200])
+            # After the commit, the session records the outcome, once (its command id is the
+            # message's). A crash in between leaves the message's own row as the record.
+            if result.sent:
+                sent += 1
+                if self.on_sent is not None:
+                    try:
+                        self.on_sent(message_id, session_id, result.provider_reference)
+                    except Exception as failure:
+                        log.info("sms_sent_not_recorded", message_id=str(message_id), error=str(failure))
+            elif final:
                 failed += 1
-                # After the commit: the event is recorded once (its command id is the message's).
                 try:
                     self.on_failed(message_id, session_id, result.error[:500])
                 except Exception as failure:  # e.g. the session has moved on

@@ -326,7 +326,9 @@ class PaymentPageController(Controller):
         def run() -> Response[str]:
             page = _Page(services, token, services.ledger.session_for_link(token))
             if page.session.status == S.LINK_SENT and not page.expired:
-                page.ledger.open_link(f"page:open:{page.session.id}", page.session.id, token)
+                page.ledger.open_link(f"page:open:{page.session.id}", page.session.id, token,
+                                      ip=request.client.host if request.client else None,
+                                      user_agent=request.headers.get("user-agent"))
                 page.reload()
             return page.outcome(resent=resent)
 

@@ -37,6 +37,8 @@ def test_the_link_sms_is_queued_with_the_event_and_delivered_once(
     assert len(inbox) == 1
     body = inbox[0]["body"]
     assert link.code in body and f"/pay/{link.link_token}" in body and "25.00 USD" in body
+    # The session records the send, with the provider's id: evidence if the payment is disputed.
+    assert ledger.get_session(session_id).sms_sent == (str(inbox[0]["message_id"]),)
     # Sending the same message again (a crash before marking it sent) delivers nothing new.
     DevSmsSender(database_url).send(message_id=inbox[0]["message_id"], to=PHONE, body=body)
     assert len(dev_inbox(database_url, to=PHONE)) == 1

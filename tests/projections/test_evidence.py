@@ -27,6 +27,7 @@ from application.ledger import Ledger
 from application.ports import IdentityClaim
 from projections.evidence import NOT_RECORDED, build_pack, scrub
 from projections.evidence_pdf import latin1, render_pdf
+from projections.status import card_fingerprint_hash
 from projections.views import READER_ROLE, Scope
 from tests.application.flows import PHONE, new_merchant
 from tests.projections.test_views import catch_up
@@ -70,14 +71,15 @@ def open_order(ledger: Ledger, merchant_id: UUID, tag: str, *, amount_minor: int
 
 
 def paid(ledger: Ledger, merchant_id: UUID, tag: str, *, phone: str = PHONE, last4: str = "4242",
-         capture: bool = True) -> UUID:
+         capture: bool = True, fingerprint: str | None = None) -> UUID:
     """A session paid by card without a hitch, authorized and (unless told) captured."""
     session_id = open_order(ledger, merchant_id, tag, phone=phone)
     link = ledger.send_link(f"{tag}-send", session_id)
     ledger.open_link(f"{tag}-link", session_id, link.link_token)
     ledger.verify_code(f"{tag}-code", session_id, link.code)
     payment_id = UUID(ledger.attach_payment_method(f"{tag}-attach", session_id, card_token=f"tok_{tag}",
-                                                   card_brand="visa", card_last4=last4).result["payment_id"])
+                                                   card_brand="visa", card_last4=last4,
+                                                   card_fingerprint=fingerprint).result["payment_id"])
     ledger.authorize_payment(payment_id)
     if capture:
         ledger.capture_payment(f"{tag}-capture", payment_id)
@@ -105,6 +107,15 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
     clock.advance(timedelta(days=1))
     prior_2 = paid(ledger, m, "prior2")
     disputed = paid(ledger, m, "disputed")
+    clock.advance(timedelta(hours=1))
+    # The same card (its fingerprint) from another phone: the same customer's card, listed.
+    assert settings.vault_key is not None
+    fingerprint_vault = CardVault(database_url, settings.vault_key)
+    try:
+        same_card = fingerprint_vault.tokenize(CARD_NUMBER, 12, clock.now().year + 3, now=clock.now())
+    finally:
+        fingerprint_vault.close()
+    prior_card = paid(ledger, m, "prior-card", phone=OTHER_PHONE, fingerprint=same_card.fingerprint)
     left_out = {
         "too old": too_old,
         "another card": paid(ledger, m, "card", last4="4444"),
@@ -116,7 +127,7 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
 
     session = open_order(ledger, m, "disputed-purchase", amount_minor=15_000, item_name=ITEM_NAME)
     link = ledger.send_link("dp-send", session)
-    ledger.open_link("dp-link", session, link.link_token)
+    ledger.open_link("dp-link", session, link.link_token, ip="203.0.113.7", user_agent="Mozilla/5.0 (iPhone)")
     wrong = "000000" if link.code != "000000" else "111111"
     assert ledger.verify_code("dp-wrong", session, wrong).result["code_check"] != "verified"
     assert ledger.verify_code("dp-code", session, link.code).result["code_check"] == "verified"
@@ -135,7 +146,7 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
     clock.advance(timedelta(days=1))
     left_out["later"] = paid(ledger, m, "later")
     catch_up(database_url, settings)
-    return World(m, m2, payment, session, [prior_2, prior_1], disputed, left_out, card)
+    return World(m, m2, payment, session, [prior_card, prior_2, prior_1], disputed, left_out, card)
 
 
 def pack_of(database_url: str, world: World, scope: Scope, *, now: datetime,
@@ -179,7 +190,7 @@ def test_the_timeline_is_the_journey_in_position_order_each_line_an_audit_row(
     assert line["payment_session.opened"]["details"]["conversation_id"] == "conv-disputed-purchase"
     assert line["payment_session.link_sent"]["what"].endswith("phone ending 0123")
     assert line["payment_session.link_sent"]["details"]["provider_message_id"] == NOT_RECORDED
-    assert line["payment_session.link_opened"]["details"] == {"ip": NOT_RECORDED, "user_agent": NOT_RECORDED}
+    assert line["payment_session.link_opened"]["details"] == {"ip": "203.0.113.7", "user_agent": "Mozilla/5.0 (iPhone)"}
     assert line["payment_session.code_verified"]["details"] == {"attempts": 2}
     assert line["payment_session.identity_verified"]["details"]["verifier"] == "dev-identity"
     assert line["payment.initiated"]["details"]["card_last4"] == "4242"
@@ -189,14 +200,15 @@ def test_the_timeline_is_the_journey_in_position_order_each_line_an_audit_row(
 
     summary = pack["payment"]
     assert summary["payment_id"] == str(world.payment)
-    assert summary["card"] == {"brand": "visa", "last4": "4242", "fingerprint": "not on the read side"}
+    # The card's fingerprint per merchant: the vault's own never shows (it would link merchants' cards).
+    assert summary["card"] == {"brand": "visa", "last4": "4242",
+                               "fingerprint": card_fingerprint_hash(world.merchant, world.card.fingerprint)}
     assert summary["customer_phone"] == "+1******0123"
     assert (summary["status"], summary["captured_minor"]) == ("captured", 15_000)
     assert pack["merchant_id"] == str(world.merchant)
     assert pack["generated_at"] == clock.now().isoformat()
     assert pack["verify"] == "echotransact audit verify"
-    assert {m["fact"] for m in pack["not_recorded"]} >= {"link opened: IP address and user agent",
-                                                         "commerce order delivered (webhook receipt)"}
+    assert {m["fact"] for m in pack["not_recorded"]} >= {"commerce order delivered (webhook receipt)"}
 
 
 def test_no_full_phone_or_card_number_anywhere_in_the_pack(world: World, database_url: str,
@@ -220,7 +232,8 @@ def test_prior_payments_are_the_same_customers_captured_undisputed_ones_of_the_y
 
     prior = pack["prior_payments"]
     assert [p["payment_id"] for p in prior] == [str(p) for p in world.prior]
-    assert all(p["shared"] == ["phone_masked", "card_brand_last4"] for p in prior)
+    assert [p["shared"] for p in prior] == [["card_fingerprint", "card_brand_last4"],
+                                             ["phone_masked", "card_brand_last4"], ["phone_masked", "card_brand_last4"]]
     assert all((p["amount_minor"], p["currency"], p["status"]) == (2_500, "USD", "captured") for p in prior)
     listed = {p["payment_id"] for p in prior}
     assert not listed & {str(p) for p in world.left_out.values()}
