@@ -285,18 +285,29 @@ def build_worker(settings: Settings, urls: ServerUrls) -> Callable[[], None]:
 
 def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
     """``echotransact webhooks dispatch``: webhooks and commerce orders, until the stop event is set."""
-    from adapters.notifications.webhooks import run_webhooks
+    from adapters.notifications.webhooks import AttemptResult, Delivery, run_webhooks
 
     opener = envelope_opener(settings)
 
     def run(stop: threading.Event) -> None:
-        run_webhooks(urls.database_url, opener, settings.hash_key, stop,
-                     concurrency=settings.webhook_concurrency,
-                     platform_webhook_url=settings.platform_webhook_url,
-                     allow_private_destinations=settings.allow_private_destinations,
-                     retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
-                     backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
-                     backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
+        ledger = build_ledger(settings, urls.database_url)
+
+        def on_order_delivered(delivery: Delivery, result: AttemptResult) -> None:
+            # A commerce order's idempotency key is its session's id (adapters/notifications/webhooks.py).
+            assert delivery.idempotency_key is not None
+            ledger.record_order_delivered(UUID(delivery.idempotency_key), result.status_code or 0)
+
+        try:
+            run_webhooks(urls.database_url, opener, settings.hash_key, stop,
+                         concurrency=settings.webhook_concurrency,
+                         on_order_delivered=on_order_delivered,
+                         platform_webhook_url=settings.platform_webhook_url,
+                         allow_private_destinations=settings.allow_private_destinations,
+                         retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
+                         backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
+                         backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
+        finally:
+            ledger.close()
 
     return run
 

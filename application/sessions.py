@@ -243,6 +243,12 @@ class SessionCommands(LedgerBase):
             lambda s: s.record_sms_sent(str(message_id), provider_reference),
         )
 
+    def record_order_delivered(self, session_id: UUID, status_code: int) -> CommandResult:
+        return self._session_command(
+            f"order_delivered:{session_id}", "record_order_delivered", session_id, {"status_code": status_code},
+            lambda s: s.record_order_delivered(status_code),
+        )
+
     def record_sms_failure(self, message_id: UUID, session_id: UUID, reason: str) -> CommandResult:
         return self._session_command(
             f"sms_failed:{message_id}", "record_sms_failure", session_id, {"reason": reason},

@@ -124,7 +124,9 @@ class PaymentSession(Aggregate):
     if TYPE_CHECKING:  # their types, for mypy only (a class annotation would make a dataclass field)
         splits: list[dict[str, Any]]
         sms_sent: tuple[str, ...]
+        order_delivered: bool
     sms_sent = ()
+    order_delivered = False
     splits = []  # type: ignore[var-annotated]  # noqa: RUF012 - for sessions snapshotted before splits; never changed
 
     class Opened(Aggregate.Created):
@@ -168,6 +170,12 @@ class PaymentSession(Aggregate):
 
     class SmsFailed(Aggregate.Event):
         reason: str
+
+    class OrderDelivered(Aggregate.Event):
+        """The merchant's commerce backend accepted the paid order (its answer's status code):
+        evidence in a dispute."""
+
+        status_code: int
 
     class SmsSent(Aggregate.Event):
         """The provider took an SMS of this session (evidence in a dispute: when, and its id)."""
@@ -389,6 +397,14 @@ class PaymentSession(Aggregate):
     @event(SmsSent)
     def _sms_sent(self, message_id: str, provider_reference: str) -> None:
         self.sms_sent = (*self.sms_sent, message_id)
+
+    def record_order_delivered(self, status_code: int) -> None:
+        if not self.order_delivered:
+            self._order_delivered(status_code=status_code)
+
+    @event(OrderDelivered)
+    def _order_delivered(self, status_code: int) -> None:
+        self.order_delivered = True
 
     def link_token_matches(self, link_token_hash: str) -> bool:
         return self.link_token_hash is not None and hmac.compare_digest(

@@ -44,9 +44,8 @@ FREE_TEXT = frozenset({"reason", "message"})
 MISSING = (
     {"fact": "SMS: provider message id for sessions before payment_session.sms_sent existed",
      "reason": "older sessions' sends are kept only by the SMS dispatcher (outbox_messages, deleted after 30 days)"},
-    {"fact": "commerce order delivered (webhook receipt)",
-     "reason": "kept only in the webhook delivery log (no reader grant, deleted after 30 days);"
-               " no event records the delivery"},
+    {"fact": "commerce order delivered, for sessions before payment_session.order_delivered existed",
+     "reason": "older deliveries are kept only in the webhook delivery log (deleted after 30 days)"},
     {"fact": "authorization code",
      "reason": "the processor's answer carries only its reference, recorded as processor_reference"},
     {"fact": "device",
@@ -211,6 +210,7 @@ LINES: dict[str, Callable[[Mapping[str, Any], _Journey], tuple[str, Details]]] =
     "payment_session.link_opened": _link_opened,
     "payment_session.sms_failed": _fields("SMS not delivered", "reason"),
     "payment_session.sms_sent": _sms_sent,
+    "payment_session.order_delivered": _fields("Order delivered to the merchant's commerce backend", "status_code"),
     "payment_session.code_resent": _fields("Code sent again", "resends"),
     "payment_session.code_rejected": _code_rejected,
     "payment_session.locked": _fields("Session locked after wrong codes", "attempts"),

@@ -499,7 +499,10 @@ class WebhookDispatcher:
         jitter: float = 0.2,
         rng: random.Random | None = None,
         allow_private_destinations: bool = False,
+        on_order_delivered: Callable[[Delivery, AttemptResult], object] | None = None,
     ) -> None:
+        """``on_order_delivered``: told, after the commit, of each commerce order the merchant's
+        backend accepted (the session records it: evidence in a dispute)."""
         assert hash_key, "webhook secrets are derived from the hash key"
         assert 0 <= jitter < 1, "jitter is the fraction of a delay that may be taken off"
         self.database_url = database_url
@@ -513,6 +516,7 @@ class WebhookDispatcher:
         self.jitter = jitter
         self.rng = rng or random.Random()
         self.allow_private_destinations = allow_private_destinations
+        self.on_order_delivered = on_order_delivered
         self._conn = ReconnectingConnection(database_url)
 
     def connection(self) -> psycopg.Connection[Any]:
@@ -560,11 +564,21 @@ class WebhookDispatcher:
 
     def dispatch_one(self) -> DispatchOutcome | None:
         """Send the next due delivery, if any, and record the attempt."""
+        outcome, delivery, result = self._dispatch_one()
+        if (outcome is not None and delivery is not None and result is not None and self.on_order_delivered
+                and outcome.status == DeliveryStatus.DELIVERED and delivery.kind == DeliveryKind.COMMERCE_ORDER):
+            try:  # after the commit; a crash in between leaves the delivery log as the record
+                self.on_order_delivered(delivery, result)
+            except Exception as failure:
+                log.info("order_delivery_not_recorded", delivery_id=delivery.delivery_id, error=str(failure))
+        return outcome
+
+    def _dispatch_one(self) -> tuple[DispatchOutcome | None, Delivery | None, AttemptResult | None]:
         conn = self.connection()
         with conn.transaction(), conn.cursor() as cur:
             row = cur.execute(_CLAIM, (self.clock.now(),)).fetchone()
             if row is None:
-                return None
+                return None, None, None
             delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body, key, attempts, first = row
             delivery = Delivery(delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, bytes(body),
                                 key, attempts, first)
@@ -580,7 +594,7 @@ class WebhookDispatcher:
             except MissingIdempotencyKey as error:
                 # The table's check makes this impossible; if it happens, never send it.
                 result, permanent = AttemptResult(None, str(error), 0), True
-            return self._record(cur, delivery, attempted_at, result, permanent=permanent)
+            return self._record(cur, delivery, attempted_at, result, permanent=permanent), delivery, result
 
     def dispatch_due(self, limit: int | None = None) -> list[DispatchOutcome]:
         outcomes: list[DispatchOutcome] = []

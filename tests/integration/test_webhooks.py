@@ -259,7 +259,10 @@ def test_merchant_and_callback_receive_signed_masked_events_and_one_order(
     ledger.cancel_session("c3", open_session(ledger, other, "s3", None))
 
     planned = planner.plan()
-    outcomes = dispatchers().dispatch_due()
+    outcomes = dispatchers(on_order_delivered=lambda delivery, result: ledger.record_order_delivered(
+        UUID(delivery.idempotency_key), result.status_code)).dispatch_due()
+    # The session records that the merchant's backend took its order: evidence in a dispute.
+    assert ledger.get_session(s1).order_delivered and not ledger.get_session(s2).order_delivered
 
     paid = ["payment_session.link_sent", "payment_session.code_verified", "payment.authorized",
             "payment_session.completed", "payment.captured", "payment.refunded"]
