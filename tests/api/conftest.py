@@ -136,3 +136,25 @@ def paid_payment(api: Api, merchant: str = "a", amount: int = 2_500, tag: str = 
     payment_id = UUID(attached.result["payment_id"])
     ledger.authorize_payment(payment_id)
     return payment_id
+
+
+def disputed_payment(api: Api, phone: str) -> UUID:
+    """A new dispute of merchant A on a captured payment of its own (on ``phone``: the risk rules
+    count a phone's payments), notified by the processor through the ledger; its id."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from application.disputes import DISPUTE_OPENED, ProcessorEvent
+
+    ledger = api.services.ledger
+    tag = uuid.uuid4().hex
+    payment = paid_payment(api, "a", tag=f"dispute-{tag}", phone=phone)
+    ledger.capture_payment(f"capture-{tag}", payment)
+    api.project()
+    now = datetime.now(UTC)
+    result = ledger.record_processor_event("sandbox", ProcessorEvent(
+        event_id=f"evt_{tag}", type=DISPUTE_OPENED, created_at=now,
+        payment_reference=ledger.get_payment(payment).capture_reference or "", dispute_id=f"dp_{tag}",
+        reason="fraudulent", amount_minor=1_000, currency="USD", due_by=now + timedelta(days=7)))
+    api.project()
+    return UUID(result.result["dispute_id"])

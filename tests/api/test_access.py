@@ -20,7 +20,7 @@ from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
 from api.settings import Settings
 from projections.views import Scope
-from tests.api.conftest import Api, make_api, paid_payment, session_body
+from tests.api.conftest import Api, disputed_payment, make_api, paid_payment, session_body
 from tests.projections.test_reconciliations import reconcile_day
 
 PROBLEM_JSON = "application/problem+json"
@@ -73,20 +73,7 @@ def world(api: Api) -> World:
 
 def _open_dispute(api: Api) -> dict[str, str]:
     """A dispute of merchant A, notified by the processor, on a payment of its own."""
-    from application.disputes import DISPUTE_OPENED, ProcessorEvent
-
-    ledger = api.services.ledger
-    tag = uuid.uuid4().hex
-    payment = paid_payment(api, "a", tag=f"dispute-{tag}", phone="+14155550177")
-    ledger.capture_payment(f"capture-{tag}", payment)
-    api.project()
-    now = datetime.now(UTC)
-    result = ledger.record_processor_event("sandbox", ProcessorEvent(
-        event_id=f"evt_{tag}", type=DISPUTE_OPENED, created_at=now,
-        payment_reference=ledger.get_payment(payment).capture_reference or "", dispute_id=f"dp_{tag}",
-        reason="fraudulent", amount_minor=1_000, currency="USD", due_by=now + timedelta(days=7)))
-    api.project()
-    return {"dispute": result.result["dispute_id"]}
+    return {"dispute": str(disputed_payment(api, "+14155550177"))}
 
 
 def today_payout(api: Api) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from adapters.processors.notifications import SIGNATURE_HEADER, event_body, sign
 from api.http.app import MAX_BODY_BYTES
 from api.settings import Settings
 from application.disputes import DISPUTE_OPENED, ProcessorEvent
-from tests.api.conftest import Api, make_api, paid_payment, session_body
+from tests.api.conftest import Api, disputed_payment, make_api, paid_payment, session_body
 from tests.projections.test_reconciliations import reconcile_day
 
 PROBLEM_JSON = "application/problem+json"
@@ -318,21 +318,8 @@ _payouts: dict[int, str] = {}
 
 def _dispute(api: Api) -> str:
     """A new dispute of merchant A (a payment of its own on a phone of its own), notified by the processor."""
-    from application.disputes import DISPUTE_OPENED, ProcessorEvent
-
-    ledger = api.services.ledger
-    tag = uuid.uuid4().hex
-    payment = paid_payment(api, "a", tag=f"dispute-{tag}", phone=f"+1415555{len(_disputes) + 101:04d}")
-    ledger.capture_payment(f"capture-{tag}", payment)
-    api.project()
-    now = datetime.now(UTC)
-    result = ledger.record_processor_event("sandbox", ProcessorEvent(
-        event_id=f"evt_{tag}", type=DISPUTE_OPENED, created_at=now,
-        payment_reference=ledger.get_payment(payment).capture_reference or "", dispute_id=f"dp_{tag}",
-        reason="fraudulent", amount_minor=1_000, currency="USD", due_by=now + timedelta(days=7)))
-    api.project()
-    _disputes.append(result.result["dispute_id"])
-    return str(result.result["dispute_id"])
+    _disputes.append(str(disputed_payment(api, f"+1415555{len(_disputes) + 101:04d}")))
+    return _disputes[-1]
 
 
 _disputes: list[str] = []

@@ -132,19 +132,14 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
+def run_system(tmp_path: Path, settings: dict[str, str]) -> Iterator[System]:
+    """``echotransact run`` on servers of its own under ``tmp_path``, with these settings, for as
+    long as the generator runs; then SIGTERM (and its log shown when the test failed)."""
     tmp_path.chmod(0o777)  # the embedded PostgreSQL runs as a user of its own
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "MIGRATION_DATABASE_URL")}
-    env.update({
-        "ECHOTRANSACT_DATA_DIR": str(data_dir), "ECHOTRANSACT_PORT": "0", "ECHOTRANSACT_LOG_LEVEL": "info",
-        "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "0",
-        # The resolver settles an authorization cut off by a kill after 3 s instead of 30.
-        "ECHOTRANSACT_RESOLVE_AFTER_S": "3", "ECHOTRANSACT_RESOLVE_EVERY_S": "1",
-        "ECHOTRANSACT_CATCH_UP_EVERY_S": "1", "ECHOTRANSACT_CATCH_UP_GRACE_S": "2",
-    })
+    env.update({"ECHOTRANSACT_DATA_DIR": str(data_dir), "ECHOTRANSACT_PORT": "0", **settings})
     output = tmp_path / "run.log"
     with output.open("wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=env, stdout=sink,
@@ -168,6 +163,16 @@ def system(tmp_path: Path) -> Iterator[System]:
         proc.kill()
         raise
     print(running.tail())  # shown when the test failed
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    yield from run_system(tmp_path, {
+        "ECHOTRANSACT_LOG_LEVEL": "info", "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "0",
+        # The resolver settles an authorization cut off by a kill after 3 s instead of 30.
+        "ECHOTRANSACT_RESOLVE_AFTER_S": "3", "ECHOTRANSACT_RESOLVE_EVERY_S": "1",
+        "ECHOTRANSACT_CATCH_UP_EVERY_S": "1", "ECHOTRANSACT_CATCH_UP_GRACE_S": "2",
+    })
 
 
 # -- the clients: every request retried with its key while the system says 503 ------------------

@@ -14,7 +14,7 @@ import httpx
 import psycopg
 from pypdf import PdfReader
 
-from tests.e2e.test_chaos import Record, System, journey
+from tests.e2e.test_chaos import REFUND, Record, System, journey
 from tests.e2e.test_money_out import WAIT_S, system, until
 
 __all__ = ["system"]  # the fixture, from the money-out test: `echotransact run` with fast loops
@@ -27,14 +27,16 @@ def test_a_disputed_voice_payment_is_answered_with_its_evidence_and_won(system: 
     (payment_id,) = record.refunded
     merchant = httpx.Client(base_url=system.url, headers={"Authorization": f"Bearer {system.merchant_key}"},
                             timeout=30)
-    payment = merchant.get(f"/v1/payments/{payment_id}").json()
+    payment = until("the refund to reach the read model", system, lambda: (
+        lambda p: p if p["refunded_amount"] == REFUND else None)(merchant.get(f"/v1/payments/{payment_id}").json()))
     state = json.loads((system.data_dir / "running.json").read_text())
     with psycopg.connect(state["migration_database_url"]) as conn:
         row = conn.execute("SELECT data->>'processor_reference' FROM audit_log WHERE aggregate_id = %s"
                            " AND event_type = 'payment.captured'", (payment_id,)).fetchone()
     assert row is not None
     processor = state["processors"][payment["processor"]]
-    held_before = next(m for m in merchant.get("/v1/balances").json()["merchants"] if m["currency"] == "USD")
+    # The merchant's only payment here: what is pending for it before any dispute.
+    pending_before = payment["captured_amount"] - payment["fee"] - payment["refunded_amount"]
 
     opened = httpx.post(f"{processor}/v1/sandbox/disputes", json={"capture_reference": row[0], "amount_minor": 1_000,
                                                                   "reason": "fraudulent"}).json()
@@ -43,7 +45,7 @@ def test_a_disputed_voice_payment_is_answered_with_its_evidence_and_won(system: 
     assert (dispute["status"], dispute["amount"], dispute["reason"]) == ("needs_response", 1_000, "fraudulent")
     until("the amount and the fee to be held from the merchant", system, lambda: [
         m for m in merchant.get("/v1/balances").json()["merchants"]
-        if m["currency"] == "USD" and m["pending"] == held_before["pending"] - 1_000 - dispute["fee"]])
+        if m["currency"] == "USD" and m["pending"] == pending_before - 1_000 - dispute["fee"]])
 
     pack = merchant.get(f"/v1/disputes/{dispute['id']}/evidence-pack").json()
     whats = [line["what"].lower() for line in pack["timeline"]]
@@ -64,5 +66,5 @@ def test_a_disputed_voice_payment_is_answered_with_its_evidence_and_won(system: 
         f"/v1/disputes/{dispute['id']}").json()["status"] == "won")
     after = until("the amount to come back", system, lambda: [
         m for m in merchant.get("/v1/balances").json()["merchants"]
-        if m["currency"] == "USD" and m["pending"] == held_before["pending"] - dispute["fee"]])
+        if m["currency"] == "USD" and m["pending"] == pending_before - dispute["fee"]])
     assert after  # won: the amount is back, the dispute fee is kept

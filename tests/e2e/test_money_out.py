@@ -6,11 +6,7 @@ sandbox bank, once."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,40 +16,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_chaos import REPO, Record, System, journey
+from tests.e2e.test_chaos import Record, System, journey, run_system
 
 WAIT_S = 90.0
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
-    tmp_path.chmod(0o777)  # the embedded PostgreSQL runs as a user of its own
-    data_dir = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "MIGRATION_DATABASE_URL")}
-    env.update({
-        "ECHOTRANSACT_DATA_DIR": str(data_dir), "ECHOTRANSACT_PORT": "0", "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "0",
+    yield from run_system(tmp_path, {
+        "ECHOTRANSACT_RATE_LIMIT_PER_MINUTE": "0",
         # Today is reconciled as soon as the processor closes it; the loops look every second or two.
         "ECHOTRANSACT_RECONCILE_DELAY_DAYS": "0", "ECHOTRANSACT_RECONCILE_EVERY_S": "1",
         "ECHOTRANSACT_PAYOUT_EVERY_S": "2",
     })
-    output = tmp_path / "run.log"
-    with output.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=env, stdout=sink,
-                                stderr=subprocess.STDOUT)
-    running = System(proc, env, data_dir, output)
-    deadline = time.monotonic() + 120
-    while not (served := re.search(r"serving on (http://\S+)", output.read_text(errors="replace"))):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"echotransact run did not start:\n{running.tail()}")
-        time.sleep(0.2)
-    running.url = served.group(1)
-    running.merchant_key = dict(re.findall(r"^\s+(\w+)\s+key: (\S+)$", output.read_text(), re.MULTILINE))["merchant"]
-    yield running
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(90)
-    print(running.tail())  # shown when the test failed
 
 
 def keys(system: System) -> dict[str, str]:
