@@ -41,30 +41,25 @@ import hashlib
 import json
 import logging
 import signal
-import socket
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any, Self
+from typing import Any
 
-import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import Headers
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
+from adapters.dev.http_service import ThreadedHttpService
 from adapters.dev.processor_server import MAX_BODY_BYTES, InvalidRequest, _answer, _error, _json_object
 
 _log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 10.0
-# Requests still held back by time_out_next at stop() are woken at once; this only bounds a stuck one.
-STOP_GRACE_S = 2
 MAX_KEY_CHARS = 255
 MAX_MERCHANT_ID_CHARS = 200
 MAX_DESCRIPTION_CHARS = 140  # what a bank statement line shows
@@ -107,83 +102,21 @@ class _Accounts:
     time_out_next: int = 0
 
 
-class SandboxBankServer:
+class SandboxBankServer(ThreadedHttpService):
     """One sandbox bank. Its records outlive ``stop()``: a restarted instance remembers every key,
     like a real bank whose database survives an outage."""
 
+    _thread_name = "sandbox-bank"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, timeout_delay_s: float = 5.0) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.timeout_delay_s = timeout_delay_s
         self._down = False
         self._lock = threading.Lock()
         self._state = _Accounts()
-        self._stopping = threading.Event()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> str:
-        """Listen (on the port it had before, when restarted) and return the base URL."""
-        if self._server is not None:
-            return self.url
-        self._stopping.clear()
-        # Bound and listening before start() returns, so a caller may connect at once; SO_REUSEADDR
-        # so a restart gets the same port back while the old connections are in TIME_WAIT.
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
-                             socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(
-            _app_for(self), log_config=None, access_log=False, lifespan="off",
-            timeout_graceful_shutdown=STOP_GRACE_S,
-        ))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sandbox-bank", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                server.should_exit = True
-                sock.close()
-                raise RuntimeError(f"sandbox bank did not start on {self.url}")
-            time.sleep(0.005)
-        self._server, self._thread, self._socket = server, thread, sock
-        return self.url
-
-    def stop(self) -> None:
-        """Stop listening: new connections are refused. Answers held back by time_out_next are
-        released (their clients have given up)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_GRACE_S + 3)
-            self._thread = None
-        if self._socket is not None:
-            self._socket.close()  # uvicorn closed it already, unless its thread died
-            self._socket = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _app(self) -> Litestar:
+        return _app_for(self)
 
     # -- misbehaviour --------------------------------------------------------------------------
 
@@ -250,11 +183,6 @@ class SandboxBankServer:
             return {"requests": dict(self._state.requests), "money_movements": dict(self._state.money_movements)}
 
     # -- the bank ------------------------------------------------------------------------------
-
-    def pause(self, seconds: float) -> None:
-        """Sleep, but wake up when the server stops."""
-        if seconds > 0:
-            self._stopping.wait(seconds)
 
     def handle_transfer(self, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
         """Decide (or replay) one POST /v1/transfers; returns (HTTP status, JSON body, replayed).

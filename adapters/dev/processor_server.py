@@ -62,7 +62,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -71,16 +70,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
-from typing import Any, Self
+from typing import Any
 
 import httpx
-import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import Headers
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
 from adapters.backoff import EQUAL_JITTER, backoff_s
+from adapters.dev.http_service import ThreadedHttpService
 from adapters.dev.test_cards import DECLINES, SERVER_ERROR_LAST4, TIMEOUT_LAST4
 from adapters.processors.notifications import SIGNATURE_HEADER, event_body, signature_header
 from application.disputes import DISPUTE_LOST, DISPUTE_OPENED, DISPUTE_WON, EARLY_FRAUD_WARNING, ProcessorEvent
@@ -96,10 +95,6 @@ def settlement_fee(gross_minor: int) -> int:
     return round(gross_minor * SETTLEMENT_FEE_BPS / 10_000) + SETTLEMENT_FEE_FIXED_MINOR
 
 MAX_BODY_BYTES = 64 * 1024
-START_TIMEOUT_S = 10.0
-# Requests still running at stop() (held back by latency or the timeout card) are woken at once;
-# this only bounds a stuck one.
-STOP_GRACE_S = 2
 
 OPERATIONS = {
     "/v1/authorizations": "authorize",
@@ -220,7 +215,7 @@ class _Ledger:
     notifications: list[Notification] = field(default_factory=list)
 
 
-class SandboxProcessorServer:
+class SandboxProcessorServer(ThreadedHttpService):
     """One sandbox processor; start two (primary, secondary) to exercise failover.
 
     Its records outlive ``stop()``: a restarted instance remembers every key, like a real
@@ -245,84 +240,32 @@ class SandboxProcessorServer:
         self._secret = secret
         self.notify_backoff_base_s = notify_backoff_base_s
         self._senders: list[threading.Thread] = []
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.timeout_card_delay_s = timeout_card_delay_s
         self.server_error_attempts = server_error_attempts
         self._latency_ms = max(0, int(latency_ms))
         self._down = False
         self._lock = threading.Lock()
         self._state = _Ledger()
-        self._stopping = threading.Event()
         self._closed = threading.Event()  # set by stop(): notifications still retrying give up
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- lifecycle (adapters/dev/http_service.py) ------------------------------------------------
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def _thread_name(self) -> str:  # type: ignore[override]
+        return f"sandbox-processor-{self.name}"
+
+    def _app(self) -> Litestar:
+        return _app_for(self)
 
     def start(self) -> str:
-        """Listen (on the port it had before, when restarted) and return the base URL."""
-        if self._server is not None:
-            return self.url
-        self._stopping.clear()
         self._closed.clear()
-        # Bound and listening before start() returns, so a caller may connect at once; SO_REUSEADDR
-        # so a restart gets the same port back while the old connections are in TIME_WAIT.
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
-                             socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(
-            _app_for(self), log_config=None, access_log=False, lifespan="off",
-            timeout_graceful_shutdown=STOP_GRACE_S,
-        ))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name=f"sandbox-processor-{self.name}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                server.should_exit = True
-                sock.close()
-                raise RuntimeError(f"sandbox processor {self.name} did not start on {self.url}")
-            time.sleep(0.005)
-        self._server, self._thread, self._socket = server, thread, sock
-        return self.url
+        return super().start()
 
     def stop(self) -> None:
-        """Stop listening: new connections are refused. Requests held back by latency or the
-        timeout card are released (their clients have given up)."""
+        """Also ends the retries of notifications still being sent."""
         self._closed.set()
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_GRACE_S + 3)
-            self._thread = None
-        if self._socket is not None:
-            self._socket.close()  # uvicorn closed it already, unless its thread died
-            self._socket = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().stop()
 
     # -- controls ------------------------------------------------------------------------------
 
@@ -539,11 +482,6 @@ class SandboxProcessorServer:
                 record.outcome = outcome
 
     # -- the processor -------------------------------------------------------------------------
-
-    def pause(self, seconds: float) -> None:
-        """Sleep, but wake up when the server stops."""
-        if seconds > 0:
-            self._stopping.wait(seconds)
 
     def handle_operation(self, operation: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Decide (or replay) one POST; returns (HTTP status, JSON body)."""
