@@ -301,6 +301,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             applied = migrate(owner_url)
             log.info("migrations_applied", applied=[f"{m.version:04d}_{m.name}" for m in applied])
+            # Only this user reads it: it holds the owner's URL and the processors' secrets.
+            running.touch(mode=0o600)
+            running.chmod(0o600)
             running.write_text(json.dumps(
                 {"database_url": urls[0], "migration_database_url": owner_url, "redis_url": urls[1],
                  "kafka_bootstrap_servers": urls[2], "processors": settings.processors,
