@@ -33,9 +33,9 @@ MAX_PRIOR_PAYMENTS = 20
 # a card's brand and last four), so without the fingerprint a payment is listed only when it
 # shares both.
 MATCHED_ON = (
-    "the same card (its fingerprint, per merchant), or both the masked phone (country digit, length and last four)"
-    " and the card's brand and last four; captured, undisputed payments of the same merchant in the 365 days"
-    " before this one"
+    "the same card (its fingerprint, per merchant), or the page opened from the same IP address, or both the"
+    " masked phone (country digit, length and last four) and the card's brand and last four; captured,"
+    " undisputed payments of the same merchant in the 365 days before this one"
 )
 # Event fields that are free text (anyone's words): scrubbed of phone and card numbers.
 FREE_TEXT = frozenset({"reason", "message"})
@@ -325,20 +325,30 @@ def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSe
     phone and the card's brand and last four, with no dispute (passed, or in the audit trail)."""
     created = payment["created_at"]
     cur.execute(
+        "SELECT data->>'ip' FROM audit_log WHERE aggregate_id = %s AND merchant_id = %s"
+        " AND event_type = 'payment_session.link_opened' AND data->>'ip' IS NOT NULL",
+        (payment["session_id"], payment["merchant_id"]))
+    found = cur.fetchone()
+    ip = next(iter(found.values())) if found else None
+    same_ip = ("EXISTS (SELECT 1 FROM audit_log o WHERE o.aggregate_id = p.session_id AND o.merchant_id = %(merchant)s"
+               " AND o.event_type = 'payment_session.link_opened' AND o.data->>'ip' = %(ip)s)")
+    cur.execute(
         "SELECT p.payment_id, p.created_at, p.amount_minor, p.currency, p.status, p.card_brand, p.card_last4,"
-        " p.card_fingerprint_hash, s.customer_phone_masked"
+        f" p.card_fingerprint_hash, s.customer_phone_masked, {same_ip} AS same_ip"
         " FROM payment_status p JOIN session_status s ON s.session_id = p.session_id"
         " WHERE p.merchant_id = %(merchant)s AND p.payment_id <> %(payment)s"
         " AND p.created_at >= %(since)s AND p.created_at < %(until)s AND p.captured_minor > 0"
         " AND s.merchant_id = %(merchant)s AND (p.card_fingerprint_hash = %(card)s"
-        "   OR (s.customer_phone_masked = %(phone)s AND p.card_brand = %(brand)s AND p.card_last4 = %(last4)s))"
+        "   OR (s.customer_phone_masked = %(phone)s AND p.card_brand = %(brand)s AND p.card_last4 = %(last4)s)"
+        f"   OR {same_ip})"
         " AND NOT (p.payment_id = ANY(%(disputed)s::uuid[]))"
         " AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.aggregate_id = p.payment_id"
         "   AND a.merchant_id = %(merchant)s AND a.event_type = 'payment.dispute_opened')"
         " ORDER BY p.created_at DESC, p.payment_id LIMIT %(limit)s",
         {"merchant": payment["merchant_id"], "payment": payment["payment_id"], "since": created - PRIOR_WINDOW,
          "until": created, "phone": payment["customer_phone_masked"], "brand": payment["card_brand"],
-         "last4": payment["card_last4"], "card": payment["card_fingerprint_hash"], "disputed": list(disputed),
+         "last4": payment["card_last4"], "card": payment["card_fingerprint_hash"], "ip": ip,
+         "disputed": list(disputed),
          "limit": MAX_PRIOR_PAYMENTS},
     )
     out = []
@@ -346,6 +356,8 @@ def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSe
         shared = []
         if payment["card_fingerprint_hash"] and row["card_fingerprint_hash"] == payment["card_fingerprint_hash"]:
             shared.append("card_fingerprint")
+        if row["same_ip"]:
+            shared.append("ip")
         if row["customer_phone_masked"] == payment["customer_phone_masked"]:
             shared.append("phone_masked")
         if (row["card_brand"], row["card_last4"]) == (payment["card_brand"], payment["card_last4"]):

@@ -71,11 +71,11 @@ def open_order(ledger: Ledger, merchant_id: UUID, tag: str, *, amount_minor: int
 
 
 def paid(ledger: Ledger, merchant_id: UUID, tag: str, *, phone: str = PHONE, last4: str = "4242",
-         capture: bool = True, fingerprint: str | None = None) -> UUID:
+         capture: bool = True, fingerprint: str | None = None, ip: str | None = None) -> UUID:
     """A session paid by card without a hitch, authorized and (unless told) captured."""
     session_id = open_order(ledger, merchant_id, tag, phone=phone)
     link = ledger.send_link(f"{tag}-send", session_id)
-    ledger.open_link(f"{tag}-link", session_id, link.link_token)
+    ledger.open_link(f"{tag}-link", session_id, link.link_token, ip=ip)
     ledger.verify_code(f"{tag}-code", session_id, link.code)
     payment_id = UUID(ledger.attach_payment_method(f"{tag}-attach", session_id, card_token=f"tok_{tag}",
                                                    card_brand="visa", card_last4=last4,
@@ -116,6 +116,9 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
     finally:
         fingerprint_vault.close()
     prior_card = paid(ledger, m, "prior-card", phone=OTHER_PHONE, fingerprint=same_card.fingerprint)
+    clock.advance(timedelta(hours=1))
+    # Another phone and card, but the page opened from the same address: listed, sharing the IP.
+    prior_ip = paid(ledger, m, "prior-ip", phone=OTHER_PHONE, last4="4444", ip="203.0.113.7")
     left_out = {
         "too old": too_old,
         "another card": paid(ledger, m, "card", last4="4444"),
@@ -146,7 +149,7 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
     clock.advance(timedelta(days=1))
     left_out["later"] = paid(ledger, m, "later")
     catch_up(database_url, settings)
-    return World(m, m2, payment, session, [prior_card, prior_2, prior_1], disputed, left_out, card)
+    return World(m, m2, payment, session, [prior_ip, prior_card, prior_2, prior_1], disputed, left_out, card)
 
 
 def pack_of(database_url: str, world: World, scope: Scope, *, now: datetime,
@@ -232,7 +235,7 @@ def test_prior_payments_are_the_same_customers_captured_undisputed_ones_of_the_y
 
     prior = pack["prior_payments"]
     assert [p["payment_id"] for p in prior] == [str(p) for p in world.prior]
-    assert [p["shared"] for p in prior] == [["card_fingerprint", "card_brand_last4"],
+    assert [p["shared"] for p in prior] == [["ip"], ["card_fingerprint", "card_brand_last4"],
                                              ["phone_masked", "card_brand_last4"], ["phone_masked", "card_brand_last4"]]
     assert all((p["amount_minor"], p["currency"], p["status"]) == (2_500, "USD", "captured") for p in prior)
     listed = {p["payment_id"] for p in prior}
