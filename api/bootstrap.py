@@ -290,12 +290,17 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
     opener = envelope_opener(settings)
 
     def run(stop: threading.Event) -> None:
-        ledger = build_ledger(settings, urls.database_url)
+        # Built at the first order delivered, not before: at rest this process holds no pool.
+        ledgers: list[Ledger] = []
+        built = threading.Lock()
 
         def on_order_delivered(delivery: Delivery, result: AttemptResult) -> None:
+            with built:
+                if not ledgers:
+                    ledgers.append(build_ledger(settings, urls.database_url))
             # A commerce order's idempotency key is its session's id (adapters/notifications/webhooks.py).
             assert delivery.idempotency_key is not None
-            ledger.record_order_delivered(UUID(delivery.idempotency_key), result.status_code or 0)
+            ledgers[0].record_order_delivered(UUID(delivery.idempotency_key), result.status_code or 0)
 
         try:
             run_webhooks(urls.database_url, opener, settings.hash_key, stop,
@@ -307,7 +312,8 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
                          backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
                          backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
         finally:
-            ledger.close()
+            for ledger in ledgers:
+                ledger.close()
 
     return run
 
