@@ -499,6 +499,32 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_balances(args: argparse.Namespace) -> int:
+    """Balances per account and currency, now or as of a time, as an admin (every account) or one
+    merchant sees them, through the read views like the API's GET /v1/balances."""
+    import uuid
+    from collections import defaultdict
+
+    from projections.views import OutOfRange, ReadViews, Scope
+
+    scope = Scope("merchant", uuid.UUID(args.merchant)) if args.merchant else Scope("admin")
+    with _servers(_data_dir()) as (database_url, _redis, _kafka), ReadViews(database_url, max_size=1) as views:
+        try:
+            rows = views.balances(scope) if args.as_of is None else views.balances_as_of(scope, args.as_of)
+        except OutOfRange as error:
+            print(f"echotransact balances: {str(error).replace('as_of', '--as-of')}", file=sys.stderr)
+            return 2
+    totals: dict[str, int] = defaultdict(int)
+    for r in rows:
+        print(f"{r['account']:<60} {r['currency']} {r['balance_minor']:>15}")
+        totals[r["currency"]] += r["balance_minor"]
+    when = f"as of {args.as_of.isoformat()}" if args.as_of else "now"
+    sums = ", ".join(f"{currency} {total}" for currency, total in sorted(totals.items()))
+    print(f"{len(rows)} balance(s) {when}, in minor units, debits positive"
+          + (f"; sum per currency: {sums}" if sums else ""), file=sys.stderr)
+    return 0
+
+
 def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -675,6 +701,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reconcile.add_argument("--processor", required=True, help="the processor's name, e.g. primary")
     reconcile.add_argument("--date", required=True, type=_date, help="the report's day, YYYY-MM-DD")
     reconcile.add_argument("--currency", default="USD", help="ISO 4217 code (default USD)")
+    balances = sub.add_parser("balances", help="ledger balances per account and currency, now or as of a time")
+    balances.add_argument("--as-of", dest="as_of", type=_timestamp,
+                          help="an ISO 8601 time with its zone, e.g. 2026-11-23T10:00:00Z (default: now)")
+    balances.add_argument("--merchant", type=_uuid_arg, help="only this merchant's accounts (default: every account)")
     audit = sub.add_parser("audit", help="the compliance audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check the hash chain; names the first broken row")
@@ -689,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
         "webhooks": cmd_webhooks, "demo": cmd_demo, "retention": cmd_retention, "reconcile": cmd_reconcile,
+        "balances": cmd_balances,
     }
     from api.logging import configure_logging
 

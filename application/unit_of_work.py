@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -239,6 +239,25 @@ class LedgerBase(Application):
 
     def get_payment(self, payment_id: UUID, merchant_id: UUID | None = None) -> Payment:
         return self._get(Payment, payment_id, merchant_id)
+
+    def get_payment_as_of(self, payment_id: UUID, as_of: datetime, merchant_id: UUID | None = None) -> Payment | None:
+        """The payment as it was at ``as_of``: folded from its events in order up to the last that
+        occurred at or before then. Missing (or another merchant's) is ``NotFound`` as in
+        ``get_payment``, decided on the payment as it is now; None when it did not exist yet."""
+        events: list[Any] = list(self.repository.event_store.get(payment_id))
+        now = self._fold(events)
+        if not isinstance(now, Payment) or (merchant_id is not None and now.merchant_id != merchant_id):
+            raise NotFound(f"no payment {payment_id}")
+        # A prefix, never events picked out of order: one stamped after as_of ends it.
+        upto = next((i for i, event in enumerate(events) if event.timestamp > as_of), len(events))
+        return self._fold(events[:upto]) if upto else None
+
+    @staticmethod
+    def _fold(events: Sequence[Any]) -> Any:
+        aggregate: Any = None
+        for event in events:
+            aggregate = event.mutate(aggregate)
+        return aggregate
 
     def get_merchant(self, merchant_id: UUID) -> Merchant:
         return self._get(Merchant, merchant_id)

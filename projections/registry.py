@@ -8,6 +8,7 @@ from projections.balances import BalancesProjection
 from projections.disputes import DisputesProjection
 from projections.engine import Projection
 from projections.payouts import PayoutsProjection
+from projections.postings import PostingsProjection
 from projections.reconciliations import ReconciliationsProjection
 from projections.status import StatusProjection
 
@@ -16,7 +17,7 @@ def all_projections() -> dict[str, Projection]:
     return {
         p.name: p
         for p in (StatusProjection(), AnalyticsProjection(), AuditProjection(), BalancesProjection(),
-                  ReconciliationsProjection(), PayoutsProjection(), DisputesProjection())
+                  ReconciliationsProjection(), PayoutsProjection(), DisputesProjection(), PostingsProjection())
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, Self
 from uuid import UUID
 
@@ -48,6 +48,10 @@ _PAYOUT_COLUMNS = (
 )
 
 Granularity = Literal["day", "week", "month"]
+HistoryGranularity = Literal["hour", "day"]
+HISTORY_STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+# A balance history's points at most: a chart's worth (41 days by the hour, 2.7 years by the day).
+MAX_HISTORY_POINTS = 1_000
 Row = dict[str, Any]
 
 
@@ -64,6 +68,26 @@ class Scope:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
         if (self.role == "merchant") != (self.merchant_id is not None):
             raise ValueError("a merchant scope needs a merchant id, and only a merchant scope has one")
+
+
+class OutOfRange(ValueError):
+    """A time a read cannot answer for (no time zone, in the future, before what it asks about
+    existed, a range too long), naming the parameter it came in."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_moment(field: str, moment: datetime) -> None:
+    if moment.tzinfo is None:
+        raise OutOfRange(field, f"{field} needs a time zone offset (RFC 3339), e.g. 2026-11-23T10:00:00Z")
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: no instant in UTC
+        raise OutOfRange(field, f"{field} {moment.isoformat()} is out of range") from None
+    if moment > datetime.now(UTC):
+        raise OutOfRange(field, f"{field} {moment.isoformat()} is in the future")
 
 
 def _plain(row: Mapping[str, Any]) -> Row:
@@ -387,6 +411,93 @@ class ReadViews:
             + " ORDER BY account, currency",
             params,
         )
+
+    def balances_as_of(self, scope: Scope, as_of: datetime) -> list[Row]:
+        """The balances as they were at ``as_of``, in ``balances``' shape: per account and currency,
+        the sum of the postings of events that occurred at or before it (ledger_postings). Each
+        event's postings balance, so the platform's (admin's) sum to zero per currency at any time.
+        A merchant scope asking for a time before the merchant existed is OutOfRange."""
+        check_moment("as_of", as_of)
+        where, params = self._where(scope, [("occurred_at <= %s", as_of)])
+        with self._scoped(scope) as cur:
+            if scope.merchant_id is not None:
+                # The merchant's first event (its registration) is its first audit row.
+                cur.execute("SELECT occurred_at FROM audit_log WHERE merchant_id = %s ORDER BY position LIMIT 1",
+                            (scope.merchant_id,))
+                first = cur.fetchone()
+                if first is None or as_of < first["occurred_at"]:
+                    since = f" (registered {first['occurred_at'].isoformat()})" if first else ""
+                    raise OutOfRange("as_of", f"as_of is before merchant {scope.merchant_id} existed{since}")
+            cur.execute(
+                "SELECT account, currency, sum(amount_minor)::bigint AS balance_minor, merchant_id"
+                " FROM ledger_postings" + where + " GROUP BY account, currency, merchant_id ORDER BY account, currency",
+                params,
+            )
+            return [_plain(r) for r in cur.fetchall()]
+
+    def balance_history(
+        self, scope: Scope, account: str, *, date_from: datetime, date_to: datetime,
+        granularity: HistoryGranularity = "day",
+    ) -> Row | None:
+        """One account's balance per currency at the end of each hour or day (UTC) from the one
+        holding ``date_from`` to the one holding ``date_to``; the last ends at ``date_to``. Each
+        point is the as-of balance at its end (``balances_as_of`` of that moment), so a posting
+        exactly on a boundary counts in the bucket it ends, and buckets before the account's first
+        posting are 0. None when the scope sees no posting of the account (another merchant's is as
+        unknown as a missing one); OutOfRange for times in the future, ``date_from`` after
+        ``date_to``, a window that ends before the account's first posting, and more than
+        MAX_HISTORY_POINTS buckets."""
+        check_moment("from", date_from)
+        check_moment("to", date_to)
+        if date_from > date_to:
+            raise OutOfRange("from", f"from {date_from.isoformat()} is after to {date_to.isoformat()}")
+        if granularity not in HISTORY_STEPS:
+            raise ValueError(f"granularity must be one of {', '.join(HISTORY_STEPS)}, not {granularity!r}")
+        step = HISTORY_STEPS[granularity]
+        first = date_from.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        if granularity == "day":
+            first = first.replace(hour=0)
+        count = -(-(date_to - first) // step) or 1  # buckets up to the one holding date_to
+        if count > MAX_HISTORY_POINTS:
+            raise OutOfRange("to", f"from {date_from.isoformat()} to {date_to.isoformat()} is {count} {granularity}s;"
+                             f" a history has at most {MAX_HISTORY_POINTS} points")
+        starts = [first + i * step for i in range(count)]
+        where, params = self._where(scope, [("account = %s", account)])
+        with self._scoped(scope) as cur:
+            cur.execute("SELECT min(occurred_at) AS opened FROM ledger_postings" + where, params)
+            opened = cur.fetchone()["opened"]  # type: ignore[index]
+            if opened is None:
+                return None
+            if date_to < opened:
+                raise OutOfRange("to", f"to is before account {account} existed"
+                                 f" (its first posting: {opened.isoformat()})")
+            # The balance when the first bucket starts, then each bucket's change: a posting at t
+            # belongs to the bucket ending at or after t (so t - 1 microsecond, truncated).
+            cur.execute(
+                "SELECT currency, NULL::timestamptz AS start, sum(amount_minor)::bigint AS change"
+                " FROM ledger_postings" + where + " AND occurred_at <= %s GROUP BY currency"
+                " UNION ALL SELECT currency,"
+                " date_trunc(%s, occurred_at - interval '1 microsecond', 'UTC') AS start, sum(amount_minor)::bigint"
+                " FROM ledger_postings" + where + " AND occurred_at > %s AND occurred_at <= %s GROUP BY 1, 2",
+                [*params, first, granularity, *params, first, date_to],
+            )
+            changes = cur.fetchall()
+        opening: dict[str, int] = {}
+        by_bucket: dict[tuple[str, datetime], int] = {}
+        for r in changes:
+            if r["start"] is None:
+                opening[r["currency"]] = r["change"]
+            else:
+                by_bucket[(r["currency"], r["start"])] = r["change"]
+        series = []
+        for currency in sorted({r["currency"] for r in changes}):
+            balance = opening.get(currency, 0)
+            points = []
+            for start in starts:
+                balance += by_bucket.get((currency, start), 0)
+                points.append({"period_start": start, "as_of": min(start + step, date_to), "balance_minor": balance})
+            series.append({"currency": currency, "points": points})
+        return {"account": account, "granularity": granularity, "from": date_from, "to": date_to, "series": series}
 
     # -- analytics -------------------------------------------------------------------------------
 

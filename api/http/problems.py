@@ -165,11 +165,23 @@ def api_problem_handler(request: Request[Any, Any, Any], error: ApiProblem) -> R
     return problem(error.status, error.code, error.detail, request, error.headers, **error.extra)
 
 
+def _query_name(request: Request[Any, Any, Any], key: str) -> str:
+    """A parameter's name as the client sends it (``from``), where Litestar names its Python one
+    (``date_from``)."""
+    try:
+        parameter = request.route_handler.parsed_fn_signature.parameters.get(key)
+    except (AttributeError, KeyError):  # no handler resolved for this request
+        return key
+    alias = getattr(getattr(parameter, "kwarg_definition", None), "query", None)
+    return alias if isinstance(alias, str) else key
+
+
 def validation_handler(request: Request[Any, Any, Any], error: ValidationException) -> Response[Any]:
     fields = []
     for item in error.extra or []:
         if isinstance(item, dict):
-            fields.append({"field": item.get("key") or item.get("source") or "body",
+            key = item.get("key")
+            fields.append({"field": _query_name(request, key) if key else item.get("source") or "body",
                            "message": item.get("message", "invalid")})
         else:
             fields.append({"field": "body", "message": str(item)})

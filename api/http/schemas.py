@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import phonenumbers
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, field
 
 Text = Annotated[str, Meta(min_length=1, max_length=200)]
 ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -227,6 +227,28 @@ class BalanceSplit(Struct):
 class BalanceList(Struct):
     data: list[Balance]
     merchants: list[BalanceSplit]
+
+
+class BalancePoint(Struct):
+    """An account's balance at the end of one hour or day (``as_of``: the bucket's end, the last
+    one's is the request's ``to``), as ``GET /v1/balances?as_of=`` would give it then."""
+
+    period_start: datetime
+    as_of: datetime
+    balance: int
+
+
+class BalanceSeries(Struct):
+    currency: str
+    points: list[BalancePoint]
+
+
+class BalanceHistory(Struct, kw_only=True):
+    account: str
+    granularity: str
+    date_from: datetime = field(name="from")
+    date_to: datetime = field(name="to")
+    series: list[BalanceSeries]
 
 
 class Merchant(Struct):

@@ -134,7 +134,9 @@ class Endpoint:
 
     def send(self, client: httpx.Client, ids: dict[str, str]) -> httpx.Response:
         headers = _idem() if self.is_command else {}
-        return client.request(self.method, self.path.format(**ids), json=self.body, params=self.params,
+        # Parameters may name the world's ids too, and {now}: the moment of the request.
+        params = {k: v.format(**ids, now=datetime.now(UTC).isoformat()) for k, v in self.params.items()}
+        return client.request(self.method, self.path.format(**ids), json=self.body, params=params,
                               headers=headers)
 
 
@@ -160,6 +162,9 @@ ENDPOINTS = [
     Endpoint("refundPayment", "POST", "/v1/payments/{payment}/refunds", MERCHANT, 201,
              body={"amount": 100, "reason": "cold"}, fresh=_captured_payment),
     Endpoint("listBalances", "GET", "/v1/balances", MERCHANT_READS),
+    Endpoint("getBalanceHistory", "GET", "/v1/balances/history", MERCHANT_READS,
+             params={"account": "merchant:{merchant}:payable",
+                     "from": (datetime.now(UTC) - timedelta(days=30)).isoformat(), "to": "{now}"}),
     Endpoint("listDisputes", "GET", "/v1/disputes", PAYOUT_READS),
     Endpoint("getDispute", "GET", "/v1/disputes/{dispute}", PAYOUT_READS),
     Endpoint("getDisputeEvidencePack", "GET", "/v1/disputes/{dispute}/evidence-pack", MERCHANT_READS),
@@ -320,7 +325,7 @@ def _normalized(response: httpx.Response, *ids: str) -> dict[str, Any]:
 
 
 CROSS_MERCHANT = ["getPaymentSession", "cancelPaymentSession", "getPayment", "capturePayment", "voidPayment",
-                  "refundPayment"]
+                  "refundPayment", "getBalanceHistory"]
 
 
 @pytest.mark.parametrize("operation_id", CROSS_MERCHANT)

@@ -271,6 +271,17 @@ def _payment(api: Api, captured: bool = False) -> str:
     return str(payment)
 
 
+def _balance_history(api: Api) -> dict[str, Any]:
+    """Merchant A's payable by the hour over the last two, after a capture of its own (from a phone
+    of its own: the module's many payments of the usual phone trip the velocity rule)."""
+    payment = paid_payment(api, "a", tag=uuid.uuid4().hex, phone="+14155550166")
+    api.services.ledger.capture_payment(f"capture-{payment}", payment)
+    api.project()
+    now = datetime.now(UTC)
+    return {"account": f"merchant:{api.merchants['a']}:payable", "from": (now - timedelta(hours=2)).isoformat(),
+            "to": now.isoformat(), "granularity": "hour"}
+
+
 def _projected_session(api: Api) -> str:
     session = _session(api)
     api.project()
@@ -370,7 +381,8 @@ VALID_CALLS: dict[str, ValidCall] = {
     "voidPayment": ValidCall("a", lambda api: ({"payment_id": _payment(api)}, {"reason": "no dough"}, {})),
     "refundPayment": ValidCall("a", lambda api: ({"payment_id": _payment(api, captured=True)},
                                                  {"amount": 500}, {})),
-    "listBalances": ValidCall("a", lambda api: ({}, NO_BODY, {})),
+    "listBalances": ValidCall("a", lambda api: ({}, NO_BODY, {"as_of": datetime.now(UTC).isoformat()})),
+    "getBalanceHistory": ValidCall("a", lambda api: ({}, NO_BODY, _balance_history(api))),
     "listPayouts": ValidCall("a", lambda api: (_listed_payout(api), NO_BODY, {"limit": 5, "currency": "USD"})),
     "getPayout": ValidCall("a", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),
     "getPayoutLinesCsv": ValidCall("compliance", lambda api: ({"payout_id": _payout(api)}, NO_BODY, {})),

@@ -157,3 +157,31 @@ def test_reconcile_reports_the_day_settles_its_captures_and_says_so_when_run_aga
         with pytest.raises(SystemExit):
             main(["reconcile", "--processor", "primary", "--date", "yesterday"])
         assert "expected a date as YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_balances_now_and_as_of_a_time_and_readable_refusals(
+    cli_env: None, projected: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    payable = f"merchant:{projected['merchant']}:payable"
+    assert main(["balances"]) == 0
+    out = capsys.readouterr()
+    assert payable in out.out and "platform:fees" in out.out
+    assert "now" in out.err and "sum per currency: USD 0" in out.err  # the admin's view balances
+    assert main(["balances", "--as-of", "2001-01-01T00:00:00Z"]) == 0  # the platform's: nothing then
+    assert capsys.readouterr().err.startswith("0 balance(s) as of 2001-01-01T00:00:00+00:00")
+
+    assert main(["balances", "--merchant", str(projected["merchant"])]) == 0
+    mine = capsys.readouterr().out.splitlines()
+    assert mine and all(line.startswith(f"merchant:{projected['merchant']}:") for line in mine)
+    assert main(["balances", "--merchant", str(projected["other"])]) == 0  # registered, no money yet
+    assert capsys.readouterr().out == ""
+
+    for as_of, says in [("2999-01-01T00:00:00Z", "in the future"), ("2001-01-01T00:00:00Z", "before merchant")]:
+        assert main(["balances", "--merchant", str(projected["merchant"]), "--as-of", as_of]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "--as-of" in err and "Traceback" not in err
+    for bad in ("yesterday", "2026-11-23T10:00:00"):  # not a time; no zone
+        with pytest.raises(SystemExit) as exit_:
+            main(["balances", "--as-of", bad])
+        assert exit_.value.code == 2
+        assert "--as-of" in capsys.readouterr().err

@@ -57,6 +57,8 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "volume_daily": (READ_WRITE, frozenset()),
     "analytics_payments": (READ_WRITE, frozenset()),
     "ledger_balances": (READ_WRITE, frozenset()),
+    # Inserted only: a posting never changes (migrations/0022_postings.sql).
+    "ledger_postings": (frozenset({"SELECT", "INSERT"}), frozenset()),
     # Inserted only: a reconciliation has one event (migrations/0016_reconciliations.sql).
     "reconciliations": (frozenset({"SELECT", "INSERT"}), frozenset()),
     "reconciliation_findings": (frozenset({"SELECT", "INSERT"}), frozenset()),

@@ -45,6 +45,7 @@ POLICY: dict[str, dict[str, str]] = {
     "analytics_payments":        {"merchant": "own", "analyst": "none", "compliance": "all", "admin": "all"},
     "audit_log":                 {"merchant": "own", "analyst": "none", "compliance": "all", "admin": "all"},
     "ledger_balances":           {"merchant": "own", "analyst": "none", "compliance": "none", "admin": "all"},
+    "ledger_postings":           {"merchant": "own", "analyst": "none", "compliance": "none", "admin": "all"},
 }
 TABLES = tuple(POLICY)
 FUNNEL_STEP = {  # written out again here, so the expectation does not borrow the projection's map

@@ -1,10 +1,11 @@
-"""Merchants: payment history, one payment with its timeline, capture, void, refunds, balances
-(per account, and split per merchant into pending, available, reserved and in transit)."""
+"""Merchants: payment history, one payment with its timeline (now, or as it was at a time),
+capture, void, refunds, balances (per account, and split per merchant into pending, available,
+reserved and in transit; now, or as of a time) and one account's balance history."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import anyio
@@ -18,14 +19,23 @@ from api.http.controllers._common import payment_from_aggregate, payment_from_ro
 from api.http.openapi import PROCESSOR_PROBLEMS, command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
-from projections.views import Scope
+from application.errors import NotFound
+from projections.views import MAX_HISTORY_POINTS, OutOfRange, Scope, check_moment
 
 PAYMENT_STATUSES = ("initiated", "processing", "authorized", "captured", "settled", "voided",
                     "authorization_expired", "failed", "refunded")
 
 
+AS_OF = Parameter(description="an RFC 3339 time with its offset, e.g. 2026-11-23T10:00:00Z: the answer as it was"
+                              " then (not in the future)")
+
+
 def scope_of(principal: Principal) -> Scope:
     return Scope(principal.role, principal.merchant_id)
+
+
+def out_of_range(error: OutOfRange) -> ApiProblem:
+    return ApiProblem(400, "validation_error", str(error), errors=[{"field": error.field, "message": str(error)}])
 
 
 class PaymentController(Controller):
@@ -62,8 +72,11 @@ class PaymentController(Controller):
 
     @get("/{payment_id:uuid}", operation_id="getPayment", summary="A payment with its event timeline",
          responses=problems())
-    async def read(self, payment_id: UUID, services: ApiServices, principal: Principal) -> schemas.Payment:
+    async def read(self, payment_id: UUID, services: ApiServices, principal: Principal,
+                   as_of: Annotated[datetime | None, AS_OF] = None) -> schemas.Payment:
         require(principal, "merchant", "admin")
+        if as_of is not None:
+            return await anyio.to_thread.run_sync(lambda: _payment_as_of(services, principal, payment_id, as_of))
         row = await anyio.to_thread.run_sync(lambda: services.views.payment(scope_of(principal), payment_id))
         if row is None:
             raise ApiProblem(404, "not_found", f"no payment {payment_id}")
@@ -119,15 +132,67 @@ class BalanceController(Controller):
     path = "/v1/balances"
     tags = ["merchants"]  # noqa: RUF012  (Litestar's layer attribute)
 
-    @get("/", operation_id="listBalances", summary="Ledger balances per account and currency",
+    @get("/", operation_id="listBalances", summary="Ledger balances per account and currency, now or as of a time",
          responses=problems())
-    async def balances(self, services: ApiServices, principal: Principal) -> schemas.BalanceList:
+    async def balances(self, services: ApiServices, principal: Principal,
+                       as_of: Annotated[datetime | None, AS_OF] = None) -> schemas.BalanceList:
         require(principal, "merchant", "admin")
-        rows = await anyio.to_thread.run_sync(lambda: services.views.balances(scope_of(principal)))
+        scope = scope_of(principal)
+        try:
+            rows = await anyio.to_thread.run_sync(lambda: services.views.balances(scope) if as_of is None
+                                                  else services.views.balances_as_of(scope, as_of))
+        except OutOfRange as error:
+            raise out_of_range(error) from None
         return schemas.BalanceList(data=[
             schemas.Balance(account=r["account"], currency=r["currency"], balance=int(r["balance_minor"]))
             for r in rows
         ], merchants=balance_split(rows))
+
+    @get("/history", operation_id="getBalanceHistory", responses=problems(),
+         summary="One account's balance at the end of each hour or day, per currency, for a chart")
+    async def history(
+        self, services: ApiServices, principal: Principal,
+        account: Annotated[str, Parameter(min_length=1, max_length=200, description="e.g. merchant:<id>:payable")],
+        date_from: Annotated[datetime, Parameter(query="from", description="RFC 3339")],
+        date_to: Annotated[datetime, Parameter(query="to", description="RFC 3339; not in the future, not before the"
+                                               f" account's first posting, at most {MAX_HISTORY_POINTS} buckets"
+                                               " after from")],
+        granularity: Literal["hour", "day"] = "day",
+    ) -> schemas.BalanceHistory:
+        require(principal, "merchant", "admin")
+        try:
+            history = await anyio.to_thread.run_sync(lambda: services.views.balance_history(
+                scope_of(principal), account, date_from=date_from, date_to=date_to, granularity=granularity))
+        except OutOfRange as error:
+            raise out_of_range(error) from None
+        if history is None:  # no posting this key may see: another merchant's account is as unknown
+            raise ApiProblem(404, "not_found", f"no account {account}")
+        return schemas.BalanceHistory(
+            account=account, granularity=granularity, date_from=date_from, date_to=date_to,
+            series=[schemas.BalanceSeries(currency=s["currency"], points=[
+                schemas.BalancePoint(period_start=p["period_start"], as_of=p["as_of"], balance=p["balance_minor"])
+                for p in s["points"]]) for s in history["series"]])
+
+
+def _payment_as_of(services: ApiServices, principal: Principal, payment_id: UUID, as_of: datetime) -> schemas.Payment:
+    """The payment rebuilt from its events up to ``as_of`` (the event store's, not the read
+    model's), with its timeline up to the same version."""
+    try:
+        check_moment("as_of", as_of)
+        payment = services.ledger.get_payment_as_of(payment_id, as_of, merchant_id=principal.merchant_id)
+    except OutOfRange as error:
+        raise out_of_range(error) from None
+    except NotFound:  # another merchant's payment answers as a missing one, as without as_of
+        raise ApiProblem(404, "not_found", f"no payment {payment_id}") from None
+    if payment is None:
+        raise ApiProblem(400, "validation_error", f"as_of is before payment {payment_id} existed",
+                         errors=[{"field": "as_of", "message": "before the payment existed"}])
+    row = services.views.payment(scope_of(principal), payment_id)
+    timeline = None if row is None else [
+        schemas.TimelineEntry(event_type=t["event_type"], version=int(t["version"]), occurred_at=t["occurred_at"],
+                              data=t["data"])
+        for t in row["timeline"] if int(t["version"]) <= payment.version]
+    return payment_from_aggregate(payment, None, timeline=timeline)
 
 
 BUCKETS = {"payable": "pending", "available": "available", "reserved": "reserved", "in_transit": "in_transit"}
