@@ -246,32 +246,36 @@ class ReadViews:
         """(payments newest first, whether more follow). ``created_from`` is inclusive and
         ``created_to`` exclusive; ``starting_after`` is the last payment id of the previous page,
         and one this scope cannot see is a ValueError, the same as one that does not exist."""
-        _check_limit(limit, MAX_PAGE)
         if created_from is not None and created_to is not None and created_from > created_to:
             raise ValueError(f"created_from {created_from} is after created_to {created_to}")
+        return self._newest_first(
+            scope, table="payment_status", what="payment", key="payment_id", time="created_at",
+            columns="payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand, card_last4,"
+                    " processor, authorized_minor, captured_minor, fee_minor, refunded_minor, failure_code,"
+                    " risk_decision, risk_score, created_at, updated_at, version, position",
+            conditions=[("status = %s", status), ("created_at >= %s", created_from), ("created_at < %s", created_to)],
+            limit=limit, starting_after=starting_after)
+
+    def _newest_first(
+        self, scope: Scope, *, table: str, columns: str, key: str, time: str, what: str,
+        conditions: list[tuple[str, Any]], limit: int, starting_after: UUID | None,
+    ) -> tuple[list[Row], bool]:
+        """A page of ``table`` newest first by (``time``, ``key``), and whether more follow.
+        ``starting_after`` is the last ``key`` of the previous page; one this scope cannot see is
+        a ValueError, the same as one that does not exist."""
+        _check_limit(limit, MAX_PAGE)
         with self._scoped(scope) as cur:
             after: tuple[datetime, UUID] | None = None
             if starting_after is not None:
-                where, params = self._where(scope, [("payment_id = %s", starting_after)])
-                cur.execute("SELECT created_at, payment_id FROM payment_status" + where, params)
+                where, params = self._where(scope, [(f"{key} = %s", starting_after)])
+                cur.execute(f"SELECT {time}, {key} FROM {table}" + where, params)
                 cursor_row = cur.fetchone()
                 if cursor_row is None:
-                    raise ValueError(f"starting_after {starting_after} is not a payment you can see")
-                after = (cursor_row["created_at"], cursor_row["payment_id"])
-            where, params = self._where(scope, [
-                ("status = %s", status),
-                ("created_at >= %s", created_from),
-                ("created_at < %s", created_to),
-                ("(created_at, payment_id) < (%s, %s)", after),
-            ])
-            cur.execute(
-                "SELECT payment_id, merchant_id, session_id, status, amount_minor, currency, card_brand,"
-                " card_last4, processor, authorized_minor, captured_minor, fee_minor, refunded_minor,"
-                " failure_code, risk_decision, risk_score, created_at, updated_at, version, position"
-                " FROM payment_status" + where
-                + " ORDER BY created_at DESC, payment_id DESC LIMIT %s",
-                [*params, limit + 1],
-            )
+                    raise ValueError(f"starting_after {starting_after} is not a {what} you can see")
+                after = (cursor_row[time], cursor_row[key])
+            where, params = self._where(scope, [*conditions, (f"({time}, {key}) < (%s, %s)", after)])
+            cur.execute(f"SELECT {columns} FROM {table}" + where + f" ORDER BY {time} DESC, {key} DESC LIMIT %s",
+                        [*params, limit + 1])
             rows = [_plain(r) for r in cur.fetchall()]
         return rows[:limit], len(rows) > limit
 
@@ -283,24 +287,11 @@ class ReadViews:
         starting_after: UUID | None = None,
     ) -> tuple[list[Row], bool]:
         """(disputes newest first, whether more follow); ``starting_after`` as for payments."""
-        _check_limit(limit, MAX_PAGE)
-        with self._scoped(scope) as cur:
-            after: tuple[datetime, UUID] | None = None
-            if starting_after is not None:
-                where, params = self._where(scope, [("dispute_id = %s", starting_after)])
-                cur.execute("SELECT opened_at, dispute_id FROM disputes" + where, params)
-                cursor_row = cur.fetchone()
-                if cursor_row is None:
-                    raise ValueError(f"starting_after {starting_after} is not a dispute you can see")
-                after = (cursor_row["opened_at"], cursor_row["dispute_id"])
-            where, params = self._where(scope, [
-                ("status = %s", status), ("reason = %s", reason), ("opened_at >= %s", opened_from),
-                ("opened_at < %s", opened_to), ("(opened_at, dispute_id) < (%s, %s)", after),
-            ])
-            cur.execute(f"SELECT {_DISPUTE_COLUMNS} FROM disputes" + where
-                        + " ORDER BY opened_at DESC, dispute_id DESC LIMIT %s", [*params, limit + 1])
-            rows = [_plain(r) for r in cur.fetchall()]
-        return rows[:limit], len(rows) > limit
+        return self._newest_first(
+            scope, table="disputes", columns=_DISPUTE_COLUMNS, key="dispute_id", time="opened_at", what="dispute",
+            conditions=[("status = %s", status), ("reason = %s", reason), ("opened_at >= %s", opened_from),
+                        ("opened_at < %s", opened_to)],
+            limit=limit, starting_after=starting_after)
 
     def dispute(self, scope: Scope, dispute_id: UUID) -> Row | None:
         where, params = self._where(scope, [("dispute_id = %s", dispute_id)])
@@ -370,23 +361,10 @@ class ReadViews:
         starting_after: UUID | None = None,
     ) -> tuple[list[Row], bool]:
         """(payouts newest first, whether more follow); ``starting_after`` as for payments."""
-        _check_limit(limit, MAX_PAGE)
-        with self._scoped(scope) as cur:
-            after: tuple[datetime, UUID] | None = None
-            if starting_after is not None:
-                where, params = self._where(scope, [("payout_id = %s", starting_after)])
-                cur.execute("SELECT created_at, payout_id FROM payouts" + where, params)
-                cursor_row = cur.fetchone()
-                if cursor_row is None:
-                    raise ValueError(f"starting_after {starting_after} is not a payout you can see")
-                after = (cursor_row["created_at"], cursor_row["payout_id"])
-            where, params = self._where(scope, [
-                ("status = %s", status), ("currency = %s", currency), ("(created_at, payout_id) < (%s, %s)", after),
-            ])
-            cur.execute(f"SELECT {_PAYOUT_COLUMNS} FROM payouts" + where
-                        + " ORDER BY created_at DESC, payout_id DESC LIMIT %s", [*params, limit + 1])
-            rows = [_plain(r) for r in cur.fetchall()]
-        return rows[:limit], len(rows) > limit
+        return self._newest_first(
+            scope, table="payouts", columns=_PAYOUT_COLUMNS, key="payout_id", time="created_at", what="payout",
+            conditions=[("status = %s", status), ("currency = %s", currency)], limit=limit,
+            starting_after=starting_after)
 
     def payout(self, scope: Scope, payout_id: UUID) -> tuple[Row, list[Row]] | None:
         """A payout and its lines in order; None when there is none this scope can see."""
