@@ -231,8 +231,8 @@ def build_message_dispatcher(settings: Settings, database_url: str, ledger: Ledg
     def on_failed(message_id: UUID, session_id: UUID, reason: str) -> None:
         ledger.record_sms_failure(message_id, session_id, reason)
 
-    def on_sent(message_id: UUID, session_id: UUID, provider_reference: str) -> None:
-        ledger.record_sms_sent(message_id, session_id, provider_reference)
+    def on_sent(sent: list[tuple[UUID, UUID, str]]) -> None:
+        ledger.record_sms_sent_many(sent)
 
     return MessageDispatcher(
         database_url, sender, open_payload=cipher.decrypt if cipher else (lambda payload: payload), on_failed=on_failed,

@@ -243,6 +243,20 @@ class SessionCommands(LedgerBase):
             lambda s: s.record_sms_sent(str(message_id), provider_reference),
         )
 
+    def record_sms_sent_many(self, sent: Sequence[tuple[UUID, UUID, str]]) -> int:
+        """A dispatcher's batch of sends, ``(message id, session id, provider reference)``:
+        the sessions loaded with one query and saved with one statement. Each session records a
+        message once, so the batch recorded again (after a crash) records nothing twice."""
+        by_session: dict[UUID, list[tuple[str, str]]] = {}
+        for message_id, session_id, provider_reference in sent:
+            by_session.setdefault(session_id, []).append((str(message_id), provider_reference))
+
+        def record(session: PaymentSession) -> None:
+            for message_id, provider_reference in by_session[session.id]:
+                session.record_sms_sent(message_id, provider_reference)
+
+        return self._change_many(PaymentSession, list(by_session), record)
+
     def record_order_delivered(self, session_id: UUID, status_code: int) -> CommandResult:
         return self._session_command(
             f"order_delivered:{session_id}", "record_order_delivered", session_id, {"status_code": status_code},

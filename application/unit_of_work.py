@@ -197,6 +197,27 @@ class LedgerBase(Application):
             f"{command_name} kept losing the race for {aggregate_id}; retry the request"
         )
 
+    def _change_many(self, cls: type[Any], aggregate_ids: Sequence[UUID], change: Callable[[Any], None]) -> int:
+        """Apply ``change`` to each of these aggregates (missing ones are skipped) and save all
+        that changed with one statement, again from a fresh load after a lost race. No command
+        record: ``change`` must itself be idempotent (it records nothing the aggregate already
+        holds), so a batch done twice records nothing twice. Returns how many changed."""
+        for _ in range(_MAX_SAVE_ATTEMPTS):
+            changed = []
+            for aggregate in self._get_many(cls, aggregate_ids).values():
+                before = aggregate.version
+                change(aggregate)
+                if aggregate.version != before:
+                    changed.append(aggregate)
+            if not changed:
+                return 0
+            try:
+                self.save(*changed)
+            except IntegrityError:
+                continue
+            return len(changed)
+        raise ConcurrencyConflict(f"a batch of {len(aggregate_ids)} kept losing the race; retry it")
+
     def _derived_id(self, command_id: str, kind: str) -> UUID:
         return uuid5(_COMMAND_NAMESPACE, f"{kind}:{command_id}")
 

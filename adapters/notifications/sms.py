@@ -59,6 +59,23 @@ class DevSmsSender:
                         raise
         return SmsResult(True, provider_reference=f"dev_{message_id}")
 
+    def send_many(self, messages: list[tuple[str, str, str]]) -> list[SmsResult]:
+        """A batch of ``(message id, to, body)`` with one statement."""
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    self._conn.get().execute(
+                        "INSERT INTO dev_sms_inbox (message_id, to_phone, body)"
+                        " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[]) ON CONFLICT (message_id) DO NOTHING",
+                        ([m for m, _, _ in messages], [t for _, t, _ in messages], [b for _, _, b in messages]),
+                    )
+                    break
+                except psycopg.OperationalError:  # the kept connection died (a restart): once more
+                    self._conn.close()
+                    if attempt:
+                        raise
+        return [SmsResult(True, provider_reference=f"dev_{m}") for m, _, _ in messages]
+
     def close(self) -> None:
         self._conn.close()
 
@@ -111,7 +128,7 @@ class MessageDispatcher:
         *,
         open_payload: Callable[[bytes], bytes],
         on_failed: Callable[[UUID, UUID, str], object],
-        on_sent: Callable[[UUID, UUID, str], object] | None = None,
+        on_sent: Callable[[list[tuple[UUID, UUID, str]]], object] | None = None,
         max_attempts: int = 6,
         backoff_base: timedelta = timedelta(seconds=2),
         backoff_cap: timedelta = timedelta(minutes=5),
@@ -135,33 +152,42 @@ class MessageDispatcher:
                                            cap_s=self.backoff_cap.total_seconds(), jitter=(0.8, 1.2)))
 
     def run_once(self) -> DispatchReport:
-        """Up to ``batch_size`` due messages, each in a transaction of its own: claimed (``FOR
-        UPDATE SKIP LOCKED``: the row lock is held while we talk to the provider, so a second
-        dispatcher skips it instead of sending it too), sent, its outcome recorded, committed. A
-        crash before the commit sends it again with the same message id, which the provider
-        drops as a duplicate."""
+        """Up to ``batch_size`` sends of due messages, in batches. A batch is one transaction:
+        claimed (``FOR UPDATE SKIP LOCKED``: the row locks are held while we talk to the
+        provider, so a second dispatcher skips these rows instead of sending them too), sent,
+        the sends recorded on their sessions (``payment_session.sms_sent``, one save for the
+        batch), the outcomes written, committed. A crash anywhere before the commit releases
+        the locks and sends the batch again with the same message ids, which the provider drops
+        as duplicates; the sessions record each message once."""
         sent = retried = failed = 0
         conn = self._conn.get()  # one long-lived connection, which also listens for commits (run)
-        for _ in range(self.batch_size):
+        while sent + retried + failed < self.batch_size:
+            final_failures: list[tuple[UUID, UUID, str]] = []
             with conn.transaction():
-                row = conn.execute(
+                rows = conn.execute(
                     "SELECT message_id, aggregate_id, payload, attempts FROM outbox_messages"
                     " WHERE state = 'pending' AND next_attempt_at <= now()"
-                    " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-                ).fetchone()
-                if row is None:
+                    " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (self.batch_size - sent - retried - failed,),
+                ).fetchall()
+                if not rows:
                     break
-                message_id, session_id, payload, attempts = row
-                attempts += 1
-                result = self._send(message_id, bytes(payload))
-                final = False
-                if result.sent:
+                results = self._send_all([(m, bytes(p)) for m, _, p, _ in rows])
+                delivered = [(m, s, r.provider_reference) for (m, s, _, _), r in zip(rows, results, strict=True)
+                             if r.sent]
+                if delivered:
+                    self._record_sent(delivered)
                     conn.execute(
-                        "UPDATE outbox_messages SET state = 'sent', attempts = %s, sent_at = now(),"
-                        " provider_reference = %s, last_error = NULL WHERE message_id = %s",
-                        (attempts, result.provider_reference, message_id),
+                        "UPDATE outbox_messages SET state = 'sent', attempts = attempts + 1, sent_at = now(),"
+                        " provider_reference = t.reference, last_error = NULL"
+                        " FROM unnest(%s::uuid[], %s::text[]) AS t(id, reference) WHERE message_id = t.id",
+                        ([m for m, _, _ in delivered], [r for _, _, r in delivered]),
                     )
-                else:
+                    sent += len(delivered)
+                for (message_id, session_id, _, attempts), result in zip(rows, results, strict=True):
+                    if result.sent:
+                        continue
+                    attempts += 1
                     final = not result.retryable or attempts >= self.max_attempts
                     conn.execute(
                         "UPDATE outbox_messages SET attempts = %s, last_error = %s,"
@@ -171,35 +197,59 @@ class MessageDispatcher:
                     )
                     log.warning("sms_not_sent", message_id=str(message_id), attempts=attempts, final=final,
                                 error=result.error[:200])
-            # After the commit, the session records the outcome, once (its command id is the
+                    if final:
+                        failed += 1
+                        final_failures.append((message_id, session_id, result.error[:500]))
+                    else:
+                        retried += 1
+            # After the commit, the session records the failure, once (its command id is the
             # message's). A crash in between leaves the message's own row as the record.
-            if result.sent:
-                sent += 1
-                if self.on_sent is not None:
-                    try:
-                        self.on_sent(message_id, session_id, result.provider_reference)
-                    except Exception as failure:
-                        log.info("sms_sent_not_recorded", message_id=str(message_id), error=str(failure))
-            elif final:
-                failed += 1
+            for message_id, session_id, reason in final_failures:
                 try:
-                    self.on_failed(message_id, session_id, result.error[:500])
+                    self.on_failed(message_id, session_id, reason)
                 except Exception as failure:  # e.g. the session has moved on
                     log.info("sms_failure_not_recorded", message_id=str(message_id), error=str(failure))
-            else:
-                retried += 1
         return DispatchReport(sent, retried, failed)
 
-    def _send(self, message_id: UUID, payload: bytes) -> SmsResult:
-        """A message that cannot be opened never will be (a final failure); a provider that
-        raised instead of answering (a lost connection, say) is tried again later."""
+    def _record_sent(self, delivered: list[tuple[UUID, UUID, str]]) -> None:
+        """The sends, on their sessions, before the rows are marked sent: a crash in between
+        sends again (a duplicate the provider drops) and records nothing twice. A session that
+        cannot record (gone, say) does not hold its batch's messages back: they are marked sent,
+        and their rows stay the record."""
+        if self.on_sent is None:
+            return
+        try:
+            self.on_sent(delivered)
+        except Exception as failure:
+            log.info("sms_sent_not_recorded", messages=len(delivered), error=str(failure))
+
+    def _send_all(self, messages: list[tuple[UUID, bytes]]) -> list[SmsResult]:
+        """Each message's outcome, in order: through the sender's ``send_many`` when it has one
+        (the development mailbox writes a batch with one statement), else one by one."""
+        opened: list[tuple[str, str, str] | SmsResult] = [self._open(m, p) for m, p in messages]
+        send_many = getattr(self.sender, "send_many", None)
+        if send_many is None:
+            return [o if isinstance(o, SmsResult) else self._send_one(*o) for o in opened]
+        ready = [o for o in opened if not isinstance(o, SmsResult)]
+        try:
+            answers = iter(send_many(ready) if ready else [])
+        except Exception as error:
+            answers = iter([SmsResult(False, retryable=True, error=f"{type(error).__name__}: {error}")] * len(ready))
+        return [o if isinstance(o, SmsResult) else next(answers) for o in opened]
+
+    def _open(self, message_id: UUID, payload: bytes) -> tuple[str, str, str] | SmsResult:
+        """(message id, to, body), or the final failure of a message that cannot be opened (it
+        never will be)."""
         try:
             message = json.loads(self.open_payload(payload))
-            to, body = message["to"], message["body"]
+            return str(message_id), message["to"], message["body"]
         except Exception as error:
             return SmsResult(False, retryable=False, error=f"{type(error).__name__}: {error}")
+
+    def _send_one(self, message_id: str, to: str, body: str) -> SmsResult:
+        """A provider that raised instead of answering (a lost connection, say) is tried again later."""
         try:
-            return self.sender.send(message_id=str(message_id), to=to, body=body)
+            return self.sender.send(message_id=message_id, to=to, body=body)
         except Exception as error:
             return SmsResult(False, retryable=True, error=f"{type(error).__name__}: {error}")
 

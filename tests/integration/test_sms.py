@@ -141,3 +141,39 @@ def test_two_dispatchers_never_send_one_message_twice(ledger: Ledger, database_u
     for t in threads:
         t.join()
     assert len(calls) == len(set(calls)) == 20
+
+
+class _Crash(BaseException):
+    """A process killed between recording a batch's sends and marking its rows sent."""
+
+
+def test_a_batch_is_recorded_once_even_when_the_dispatcher_dies_before_marking_it(
+    ledger: Ledger, database_url: str, settings: Settings
+) -> None:
+    merchant = new_merchant(ledger)
+    sessions = [open_session(ledger, merchant, f"open-{i}") for i in range(5)]
+    for i, session_id in enumerate(sessions):
+        ledger.send_link(f"send-{i}", session_id)
+    dying = build_message_dispatcher(settings, database_url, ledger)
+    recorded: list[int] = []
+
+    def record_then_die(sent: list[Any]) -> None:
+        recorded.append(ledger.record_sms_sent_many(sent))
+        raise _Crash
+
+    dying.on_sent = record_then_die
+    with pytest.raises(_Crash):
+        dying.run_once()
+    assert recorded == [5]  # the whole batch, one save
+    with psycopg.connect(database_url) as conn:  # nothing marked: the transaction died with it
+        assert conn.execute("SELECT count(*) FROM outbox_messages WHERE state = 'pending'").fetchone() == (5,)
+    # Another dispatcher sends the batch again (the same ids: the mailbox drops the duplicates)
+    # and the sessions record nothing twice.
+    assert build_message_dispatcher(settings, database_url, ledger).run_once() == DispatchReport(sent=5)
+    assert len(dev_inbox(database_url, to=PHONE)) == 5
+    with psycopg.connect(database_url) as conn:
+        messages = dict(conn.execute("SELECT aggregate_id, message_id::text FROM outbox_messages"
+                                     " WHERE state = 'sent'").fetchall())
+    for session_id in sessions:
+        session = ledger.get_session(session_id)
+        assert session.sms_sent == (messages[session_id],)
