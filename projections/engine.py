@@ -52,6 +52,9 @@ class Projection(Protocol):
         ...
 
 
+# Told after each committed page of a catch-up or rebuild: (position reached, events applied so far).
+Progress = Callable[[int, int], object]
+
 # What runs inside a batch's transaction once its rows are written (ProjectionStore.on_batch).
 OnBatch = Callable[[psycopg.Connection[Any], Sequence[UUID]], object]
 
@@ -316,11 +319,13 @@ class ProjectionStore:
             envelopes.append(_with_position(open_envelope(payload), position))
         return envelopes, len(envelopes) == batch_size
 
-    def catch_up(self, *, grace: timedelta = timedelta(seconds=5), batch_size: int = CATCH_UP_PAGE) -> int:
+    def catch_up(self, *, grace: timedelta = timedelta(seconds=5), batch_size: int = CATCH_UP_PAGE,
+                 progress: Progress | None = None) -> int:
         """Apply every event older than ``grace`` that some projection has not applied yet, and
         move the checkpoints. Returns how many events were applied. ``grace`` leaves the newest
         events to Kafka, the fast path, so both rarely apply the same event at once (and when
-        they do, the version check makes the second a no-op)."""
+        they do, the version check makes the second a no-op). ``progress`` hears of each page
+        once it is committed."""
         conn = self.connection()
         names = [p.name for p in self.projections]
         position = self._start(conn)
@@ -344,6 +349,8 @@ class ProjectionStore:
                 )
             applied += result.applied
             position = last
+            if progress is not None:
+                progress(position, applied)
             if not more:
                 return applied
 
@@ -360,6 +367,11 @@ class ProjectionStore:
             conn.execute("DELETE FROM projection_versions WHERE projection = ANY(%s)", (names,))
             conn.execute("DELETE FROM projection_checkpoints WHERE projection = ANY(%s)", (names,))
 
-    def rebuild(self) -> int:
+    def last_position(self) -> int:
+        """The outbox's newest position: how far a rebuild goes (for its progress)."""
+        row = self.connection().execute("SELECT COALESCE(max(position), 0) FROM public.outbox").fetchone()
+        return int(row[0]) if row else 0
+
+    def rebuild(self, progress: Progress | None = None) -> int:
         self.reset()
-        return self.catch_up(grace=timedelta(0), batch_size=REPLAY_PAGE)
+        return self.catch_up(grace=timedelta(0), batch_size=REPLAY_PAGE, progress=progress)

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projections.engine import OpenEnvelope, Projection, ProjectionStore
+from projections.engine import OpenEnvelope, Progress, Projection, ProjectionStore
 
 BOOKKEEPING = ("projection_versions", "projection_checkpoints")
 
@@ -22,16 +22,20 @@ class Difference:
     row: dict[str, Any]
 
 
-def rebuild(database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope) -> int:
+def rebuild(database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope,
+            progress: Progress | None = None) -> int:
+    """Empty the read models and apply the whole outbox again. ``progress``: see
+    ``ProjectionStore.catch_up`` (the end is ``ProjectionStore.last_position``)."""
     store = ProjectionStore(database_url, projections, open_envelope)
     try:
-        return store.rebuild()
+        return store.rebuild(progress)
     finally:
         store.close()
 
 
 def verify(
-    database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope, *, max_rows: int = 50
+    database_url: str, projections: Sequence[Projection], open_envelope: OpenEnvelope, *, max_rows: int = 50,
+    progress: Progress | None = None,
 ) -> list[Difference]:
     """Rebuild into scratch tables and list every row that differs from the live tables."""
     schema = f"verify_{uuid.uuid4().hex[:10]}"
@@ -57,7 +61,7 @@ def verify(
                 conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(index)))
             store = ProjectionStore(database_url, projections, open_envelope, schema=schema)
             try:
-                store.rebuild()
+                store.rebuild(progress)
             finally:
                 store.close()
             comparisons: list[tuple[str, sql.Composable, list[Any]]] = [
