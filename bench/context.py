@@ -38,12 +38,13 @@ class Sizes:
     e2e_requests: int = 1_000
     e2e_journeys: int = 160
     reconcile_payments: int = 2_000
+    replay_events: int = 20_000
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(write_commands=150, relay_rows=300, projection_events=300, api_requests=200,
                    api_sessions=20, cache_rows=200, e2e_commands=300, e2e_requests=200,
-                   e2e_journeys=48, reconcile_payments=300)
+                   e2e_journeys=48, reconcile_payments=300, replay_events=3_000)
 
     @classmethod
     def uniform(cls, n: int) -> Sizes:
@@ -52,7 +53,7 @@ class Sizes:
             raise ValueError("n must be positive")
         return cls(write_commands=n, relay_rows=n, projection_events=n, api_requests=n,
                    api_sessions=min(n, 50), cache_rows=n, e2e_commands=n, e2e_requests=n,
-                   e2e_journeys=n, reconcile_payments=n)
+                   e2e_journeys=n, reconcile_payments=n, replay_events=n)
 
 
 def bench_settings(run_token: str) -> Settings:

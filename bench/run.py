@@ -41,6 +41,7 @@ from bench.harness import Benchmark, BenchmarkResult, format_table, run_interlea
 from bench.projection_apply import ProjectionApply
 from bench.reconcile_day import ReconcileDay
 from bench.relay_throughput import RelayThroughput
+from bench.replay import Replay
 from bench.write_path import WritePath
 from migrations import migrate
 
@@ -61,6 +62,8 @@ def all_benchmarks(ctx: BenchContext, sizes: Sizes) -> list[Benchmark]:
         E2eOpenSession(ctx, sizes.e2e_commands, versus="insert"),
         E2eGetSession(ctx, sizes.e2e_requests),
         E2eJourney(ctx, sizes.e2e_journeys),
+        Replay(ctx, sizes.replay_events),
+        Replay(ctx, sizes.replay_events, check=True),
         # Last: it leaves thousands of unpublished outbox rows that a relay started later would take on.
         ReconcileDay(ctx, sizes.reconcile_payments),
     ]

@@ -222,26 +222,38 @@ class ProjectionStore:
     def _apply(self, cur: psycopg.Cursor[Any], batch: list[EventEnvelope], result: BatchResult) -> None:
         fetched: dict[tuple[UUID, int], EventEnvelope] = {}  # gap fillers, shared by the projections
         aggregate_ids = sorted({e.aggregate_id for e in batch})
-        planned: tuple[dict[UUID, int], Plan] | None = None
+        names = [p.name for p in self.projections]
+        # Every projection's versions in one query, its rows locked in a fixed order: two workers
+        # touching the same aggregates wait, not deadlock.
+        cur.execute(
+            "SELECT projection, aggregate_id, version FROM projection_versions"
+            " WHERE projection = ANY(%b::text[]) AND aggregate_id = ANY(%b::uuid[])"
+            " ORDER BY projection, aggregate_id FOR UPDATE",
+            (names, aggregate_ids), binary=True,
+        )
+        applied: dict[str, dict[UUID, int]] = {name: {} for name in names}
+        for name, aggregate_id, version in cur.fetchall():
+            applied[name][aggregate_id] = version
+        # The projections have nearly always applied the same versions: one plan (and one
+        # write of the versions) per distinct set of them, nearly always one for all.
+        groups: list[tuple[dict[UUID, int], Plan, list[str]]] = []
         for projection in self.projections:
-            # Row locks in a fixed order: two workers touching the same aggregates wait, not deadlock.
-            cur.execute(
-                "SELECT aggregate_id, version FROM projection_versions"
-                " WHERE projection = %s AND aggregate_id = ANY(%s) ORDER BY aggregate_id FOR UPDATE",
-                (projection.name, aggregate_ids), binary=True,
-            )
-            versions: dict[UUID, int] = dict(cur.fetchall())
-            # The projections have nearly always applied the same versions: plan once for all.
-            if planned is None or planned[0] != versions:
-                planned = (versions, self._plan(cur, batch, versions, fetched))
-            todo = planned[1]
+            versions = applied[projection.name]
+            group = next((g for g in groups if g[0] == versions), None)
+            if group is None:
+                group = (versions, self._plan(cur, batch, versions, fetched), [])
+                groups.append(group)
+            group[2].append(projection.name)
+            todo = group[1]
             result.duplicates += todo.duplicates
             result.gaps_filled += todo.gaps_filled
             result.applied += len(todo.apply)
             result.touched.setdefault(projection.name, set()).update(todo.touched)
             if todo.apply:
                 projection.apply_batch(cur, todo.apply)
-                self._store_versions(cur, projection.name, todo.last, versions)
+        for versions, todo, group_names in groups:
+            if todo.apply:
+                self._store_versions(cur, group_names, todo.last, versions)
         if self.on_batch is not None:
             self.on_batch(cur.connection, aggregate_ids)
 
@@ -260,8 +272,10 @@ class ProjectionStore:
 
     @staticmethod
     def _store_versions(
-        cur: psycopg.Cursor[Any], name: str, last: dict[UUID, tuple[int, int]], before: dict[UUID, int]
+        cur: psycopg.Cursor[Any], names: list[str], last: dict[UUID, tuple[int, int]], before: dict[UUID, int]
     ) -> None:
+        """The versions now applied by these projections (which had applied ``before``), with
+        one statement for the aggregates new to them and one for the others."""
         new = [a for a in last if a not in before]
         seen = [a for a in last if a in before]
         if new:
@@ -270,15 +284,16 @@ class ProjectionStore:
             # applying the events a second time.
             cur.execute(
                 "INSERT INTO projection_versions (projection, aggregate_id, version, position)"
-                " SELECT %s, a, v, p FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[]) AS t(a, v, p)",
-                (name, new, [last[a][0] for a in new], [last[a][1] for a in new]), binary=True,
+                " SELECT n, t.a, t.v, t.p FROM unnest(%b::text[]) AS n"
+                " CROSS JOIN unnest(%b::uuid[], %b::bigint[], %b::bigint[]) AS t(a, v, p)",
+                (names, new, [last[a][0] for a in new], [last[a][1] for a in new]), binary=True,
             )
         if seen:
             cur.execute(
                 "UPDATE projection_versions pv SET version = t.v, position = t.p"
                 " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[]) AS t(a, v, p)"
-                " WHERE pv.projection = %s AND pv.aggregate_id = t.a",
-                (seen, [last[a][0] for a in seen], [last[a][1] for a in seen], name), binary=True,
+                " WHERE pv.projection = ANY(%b::text[]) AND pv.aggregate_id = t.a",
+                (seen, [last[a][0] for a in seen], [last[a][1] for a in seen], names), binary=True,
             )
 
     # -- catching up from the outbox ---------------------------------------------------------------
