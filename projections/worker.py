@@ -190,4 +190,9 @@ class _PromptConsumer(AIOKafkaConsumer):
 
 
 def run_worker(**kwargs: Any) -> None:
+    # uvloop under Faust and aiokafka: the worker's own CPU is mostly the event loop's (fetch
+    # requests, their futures and callbacks), which uvloop runs in C.
+    import mode.loop
+
+    mode.loop.use("uvloop")
     ProjectionWorker(**kwargs).run()
