@@ -103,8 +103,15 @@ def _servers(data_dir: Path, *, own: bool = False, owner: bool = False) -> Itera
 _local_servers: Any = None
 
 
-def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subprocess.Popen[bytes]:
+def _command_of(label: str) -> str:
+    """The command a supervised child runs: its label without the instance number ("relay#2")."""
+    return label.partition("#")[0]
+
+
+def _child(label: str, urls: tuple[str, str, str], settings: Settings) -> subprocess.Popen[bytes]:
     import base64
+
+    command = _command_of(label)
 
     env = {
         **{k: v for k, v in os.environ.items() if k != "MIGRATION_DATABASE_URL"},  # the owner's: not theirs
@@ -125,7 +132,7 @@ def _child(command: str, urls: tuple[str, str, str], settings: Settings) -> subp
     if settings.bank_url:
         env["ECHOTRANSACT_BANK_URL"] = settings.bank_url
     env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
-    env["PGAPPNAME"] = f"echotransact-{command.replace(' ', '-')}"
+    env["PGAPPNAME"] = f"echotransact-{label.replace(' ', '-').replace('#', '-')}"
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
 
 
@@ -139,8 +146,14 @@ class Supervisor:
         self._start = start
         # The embedded servers (adapters/dev/servers.py): one that dies is started again, at its address.
         self._servers = servers
-        self.children = {command: start(command) for command in commands}
-        self.started_at = dict.fromkeys(commands, time.monotonic())
+        # A command given more than once (several relays or workers) runs as that many children,
+        # named "relay", "relay#2", ...
+        labels: list[str] = []
+        for command in commands:
+            count = sum(1 for label in labels if _command_of(label) == command)
+            labels.append(command if count == 0 else f"{command}#{count + 1}")
+        self.children = {label: start(label) for label in labels}
+        self.started_at = dict.fromkeys(labels, time.monotonic())
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
@@ -310,7 +323,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "bank_url": settings.bank_url,
                  "processor_webhook_secrets": {k: list(v) for k, v in settings.processor_webhook_secrets.items()}}
             ))
-            supervisor = Supervisor(("relay", "worker", "dispatch", "webhooks dispatch"),
+            supervisor = Supervisor(("relay",) * args.relays + ("worker",) * args.workers
+                                    + ("dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings), servers=_local_servers)
             _serve_api(settings, urls, demo=True, running=running, on_serving=notify)
         finally:
@@ -574,6 +588,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instances(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes from 1 to 8")
+    return count
+
+
 def _timestamp(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -657,7 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="the whole system: servers, migrations, relay, projection worker, API")
+    run = sub.add_parser("run", help="the whole system: servers, migrations, relay, projection worker, API")
+    run.add_argument("--relays", type=_instances, default=1, metavar="N",
+                     help="outbox relays (1-8; they share the outbox's lock partitions)")
+    run.add_argument("--workers", type=_instances, default=1, metavar="M",
+                     help="projection workers (1-8; they share the topics' partitions as one consumer group)")
     sub.add_parser("serve", help="the HTTP API alone")
     sub.add_parser("migrate", help="apply database migrations (safe to re-run)")
     sub.add_parser("relay", help="publish outbox rows to Kafka")

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,9 +132,9 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def run_system(tmp_path: Path, settings: dict[str, str]) -> Iterator[System]:
-    """``echotransact run`` on servers of its own under ``tmp_path``, with these settings, for as
-    long as the generator runs; then SIGTERM (and its log shown when the test failed)."""
+def run_system(tmp_path: Path, settings: dict[str, str], args: Sequence[str] = ()) -> Iterator[System]:
+    """``echotransact run`` (with ``args``) on servers of its own under ``tmp_path``, with these
+    settings, for as long as the generator runs; then SIGTERM (and its log shown when the test failed)."""
     tmp_path.chmod(0o777)  # the embedded PostgreSQL runs as a user of its own
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items()
@@ -142,7 +142,7 @@ def run_system(tmp_path: Path, settings: dict[str, str]) -> Iterator[System]:
     env.update({"ECHOTRANSACT_DATA_DIR": str(data_dir), "ECHOTRANSACT_PORT": "0", **settings})
     output = tmp_path / "run.log"
     with output.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "run"], cwd=REPO, env=env, stdout=sink,
+        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "run", *args], cwd=REPO, env=env, stdout=sink,
                                 stderr=subprocess.STDOUT)
     running = System(proc, env, data_dir, output)
     deadline = time.monotonic() + 120
