@@ -42,6 +42,7 @@ from bench.projection_apply import ProjectionApply
 from bench.reconcile_day import ReconcileDay
 from bench.relay_throughput import RelayThroughput
 from bench.replay import Replay
+from bench.scale import ScaleRelays
 from bench.write_path import WritePath
 from migrations import migrate
 
@@ -64,6 +65,7 @@ def all_benchmarks(ctx: BenchContext, sizes: Sizes) -> list[Benchmark]:
         E2eJourney(ctx, sizes.e2e_journeys),
         Replay(ctx, sizes.replay_events),
         Replay(ctx, sizes.replay_events, check=True),
+        ScaleRelays(ctx, sizes.relay_rows * 5),
         # Last: it leaves thousands of unpublished outbox rows that a relay started later would take on.
         ReconcileDay(ctx, sizes.reconcile_payments),
     ]
