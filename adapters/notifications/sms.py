@@ -65,8 +65,10 @@ class DevSmsSender:
             for attempt in range(2):
                 try:
                     self._conn.get().execute(
-                        "INSERT INTO dev_sms_inbox (message_id, to_phone, body)"
-                        " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[]) ON CONFLICT (message_id) DO NOTHING",
+                        # received_at per row, in the batch's order: a phone shows the last one last.
+                        "INSERT INTO dev_sms_inbox (message_id, to_phone, body, received_at)"
+                        " SELECT m, t, b, clock_timestamp() FROM unnest(%s::uuid[], %s::text[], %s::text[])"
+                        " WITH ORDINALITY AS u(m, t, b, n) ORDER BY n ON CONFLICT (message_id) DO NOTHING",
                         ([m for m, _, _ in messages], [t for _, t, _ in messages], [b for _, _, b in messages]),
                     )
                     break

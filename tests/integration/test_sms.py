@@ -172,7 +172,7 @@ def test_a_batch_is_recorded_once_even_when_the_dispatcher_dies_before_marking_i
     assert build_message_dispatcher(settings, database_url, ledger).run_once() == DispatchReport(sent=5)
     assert len(dev_inbox(database_url, to=PHONE)) == 5
     with psycopg.connect(database_url) as conn:
-        messages = dict(conn.execute("SELECT aggregate_id, message_id::text FROM outbox_messages"
+        messages: dict[Any, str] = dict(conn.execute("SELECT aggregate_id, message_id::text FROM outbox_messages"
                                      " WHERE state = 'sent'").fetchall())
     for session_id in sessions:
         session = ledger.get_session(session_id)
