@@ -238,6 +238,7 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
     if on_serving is not None:  # what needs the API's address, once it is known
         on_serving(f"http://{settings.host}:{port}")
     print(f"EchoTransact serving on http://{settings.host}:{port}", flush=True)
+    print(f"Web console on http://{settings.host}:{port}/console/login (log in with an API key)", flush=True)
     # uvicorn restores the SIGTERM handler it found and re-raises the signal after its graceful
     # shutdown; ours turns it into Terminated so the callers' cleanup runs.
     signal.signal(signal.SIGTERM, _raise_terminated)

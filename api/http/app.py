@@ -13,6 +13,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
 
 from api.http.auth import Principal, authenticate, authenticate_at_once
+from api.http.console import CONSOLE_PREFIX, ConsoleController
 from api.http.controllers.disputes import DisputeController
 from api.http.controllers.merchants import MerchantController
 from api.http.controllers.payments import BalanceController, PaymentController
@@ -33,8 +34,8 @@ JSON_TYPES = ("application/json",)
 
 def _json_only(request: Request[Any, Any, Any]) -> None:
     """Commands take JSON only: anything else is 415, before the body is parsed. The payment
-    page takes HTML forms and checks them itself."""
-    if request.method in ("POST", "PATCH", "PUT") and not request.url.path.startswith(PAGE_PREFIX):
+    page and the console take HTML forms and check them themselves."""
+    if request.method in ("POST", "PATCH", "PUT") and not request.url.path.startswith((PAGE_PREFIX, CONSOLE_PREFIX)):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
         if (content_type or (length and length != "0")) and content_type not in JSON_TYPES:
@@ -62,7 +63,7 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
         dependencies["principal"] = Provide(provide_principal)
         handlers += [PaymentSessionController, PaymentController, BalanceController, PayoutController,
                      DisputeController, AnalyticsController, AuditController, ReconciliationController,
-                     MerchantController, PaymentPageController, ProcessorEventController]
+                     MerchantController, PaymentPageController, ProcessorEventController, ConsoleController]
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Who is calling comes first: a caller without a key learns nothing about the body.
         # Processors sign their notifications instead (api/http/controllers/processor_events.py).
