@@ -23,6 +23,7 @@ from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.postgres.connection import open_pool
 from adapters.postgres.locks import PostgresAdvisoryLocks
 from adapters.postgres.velocity import PostgresVelocityCounter
+from api.metrics import observed
 from api.settings import ConfigurationError, Settings
 from application.envelope import EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy
@@ -30,6 +31,7 @@ from application.ports import Clock, PaymentProcessor, ProcessorRouter
 
 if TYPE_CHECKING:
     from adapters.notifications.sms import MessageDispatcher
+    from adapters.postgres.customer_keys import PostgresPersonalDataReader
     from api.http.services import ApiServices
 
 
@@ -139,6 +141,10 @@ def build_ledger(
     extra.setdefault("fx_rates", SandboxFxRates())
     # Disputes: the payment behind a processor's capture reference.
     extra.setdefault("payment_references", PostgresPaymentReferences(pool))
+    # Customers' data keys: personal data in events is sealed under them (application/privacy.py).
+    from adapters.postgres.customer_keys import PostgresCustomerKeys
+
+    extra.setdefault("customer_keys", PostgresCustomerKeys(pool, settings.hash_key))
     if settings.processors:
         from adapters.processors.settlement import HttpSettlementReports
 
@@ -151,7 +157,9 @@ def build_ledger(
     if settings.encryption_key:
         cipher = {"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
                   "CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()}
-    return Ledger(
+    from api.metrics import InstrumentedLedger  # Ledger, with its commands counted (and traced)
+
+    return InstrumentedLedger(
         # The event store: PostgreSQL through our recorder, which writes the outbox rows, SMS and
         # command record of a save with its events; the tables come from migrations/.
         cipher,
@@ -175,10 +183,24 @@ def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
             Environment("ENVELOPE", {"CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()})
         )
 
+    # What opens envelopes also opens the personal data they seal: projections built without a
+    # reader of their own (projections/status.py) use this process's.
+    from application.masking import set_personal_data_reader
+
+    set_personal_data_reader(personal_data_reader(settings))
+
     def open_envelope(payload: bytes) -> EventEnvelope:
         return decode(cipher.decrypt(bytes(payload)) if cipher else bytes(payload))
 
     return open_envelope
+
+
+def personal_data_reader(settings: Settings) -> PostgresPersonalDataReader:
+    """What opens customers' sealed personal data on the read side (the status projection's masked
+    phone), with the keys as they are now: destroyed ones open to nothing."""
+    from adapters.postgres.customer_keys import PostgresPersonalDataReader
+
+    return PostgresPersonalDataReader(settings.hash_key)
 
 
 def build_api_services(settings: Settings, database_url: str, redis_url: str, kafka_bootstrap_servers: str,
@@ -260,7 +282,9 @@ def build_relay(settings: Settings, urls: ServerUrls) -> Loop:
     opener = envelope_opener(settings)
 
     def run(stop: threading.Event) -> None:
-        run_relay(urls.database_url, urls.kafka_bootstrap_servers, opener, stop, topic_prefix=settings.topic_prefix)
+        with observed(settings, "relay", urls.database_url):
+            run_relay(urls.database_url, urls.kafka_bootstrap_servers, opener, stop,
+                      topic_prefix=settings.topic_prefix)
 
     return run
 
@@ -273,12 +297,14 @@ def build_worker(settings: Settings, urls: ServerUrls) -> Callable[[], None]:
 
     def run() -> None:
         ensure_topics(urls.kafka_bootstrap_servers, settings.topic_prefix)
-        run_worker(
-            database_url=urls.database_url, kafka_bootstrap_servers=urls.kafka_bootstrap_servers,
-            redis_url=urls.redis_url, projections=list(all_projections().values()),
-            open_envelope=envelope_opener(settings), topic_prefix=settings.topic_prefix,
-            catch_up_every_s=settings.catch_up_every_s, catch_up_grace=timedelta(seconds=settings.catch_up_grace_s),
-        )
+        with observed(settings, "worker", urls.database_url, projections=list(all_projections())):
+            run_worker(
+                database_url=urls.database_url, kafka_bootstrap_servers=urls.kafka_bootstrap_servers,
+                redis_url=urls.redis_url, projections=list(all_projections(personal_data_reader(settings)).values()),
+                open_envelope=envelope_opener(settings), topic_prefix=settings.topic_prefix,
+                catch_up_every_s=settings.catch_up_every_s,
+                catch_up_grace=timedelta(seconds=settings.catch_up_grace_s),
+            )
 
     return run
 
@@ -303,14 +329,15 @@ def build_webhooks(settings: Settings, urls: ServerUrls) -> Loop:
             ledgers[0].record_order_delivered(UUID(delivery.idempotency_key), result.status_code or 0)
 
         try:
-            run_webhooks(urls.database_url, opener, settings.hash_key, stop,
-                         concurrency=settings.webhook_concurrency,
-                         on_order_delivered=on_order_delivered,
-                         platform_webhook_url=settings.platform_webhook_url,
-                         allow_private_destinations=settings.allow_private_destinations,
-                         retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
-                         backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
-                         backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
+            with observed(settings, "webhooks", urls.database_url):
+                run_webhooks(urls.database_url, opener, settings.hash_key, stop,
+                           concurrency=settings.webhook_concurrency,
+                           on_order_delivered=on_order_delivered,
+                           platform_webhook_url=settings.platform_webhook_url,
+                           allow_private_destinations=settings.allow_private_destinations,
+                           retry_horizon=timedelta(seconds=settings.webhook_retry_horizon_s),
+                           backoff_base=timedelta(seconds=settings.webhook_backoff_base_s),
+                           backoff_cap=timedelta(seconds=settings.webhook_backoff_cap_s))
         finally:
             for ledger in ledgers:
                 ledger.close()
@@ -330,6 +357,10 @@ def build_dispatch(settings: Settings, urls: ServerUrls) -> Loop:
     from adapters.processors.resolver import run_resolver
 
     def run(stop: threading.Event) -> None:
+        with observed(settings, "dispatch", urls.database_url):
+            run_dispatch(stop)
+
+    def run_dispatch(stop: threading.Event) -> None:
         ledger = build_ledger(settings, urls.database_url)
         threads = [threading.Thread(
             target=run_resolver, args=(ledger, urls.database_url, stop), daemon=True, name="resolver",

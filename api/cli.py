@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from api.progress import Interrupted, ProgressLine, interruptible
 from api.settings import ENV_VARS, ConfigurationError, Settings, development_keys
 from migrations import MigrationError
 
@@ -133,7 +134,31 @@ def _child(label: str, urls: tuple[str, str, str], settings: Settings) -> subpro
         env["ECHOTRANSACT_BANK_URL"] = settings.bank_url
     env["ECHOTRANSACT_ALLOW_PRIVATE_DESTINATIONS"] = "1" if settings.allow_private_destinations else "0"
     env["PGAPPNAME"] = f"echotransact-{label.replace(' ', '-').replace('#', '-')}"
+    env[f"ECHOTRANSACT_{_process_of(label).upper()}_METRICS_PORT"] = str(_metrics_port(label, settings))
     return subprocess.Popen([sys.executable, "-m", "api.cli", *command.split()], env=env)
+
+
+def _process_of(label: str) -> str:
+    """The process kind of a child ("relay#2" -> relay, "webhooks dispatch" -> webhooks)."""
+    return _command_of(label).split()[0]
+
+
+# Each child's /metrics port, kept across its restarts (a scraper's target stays put).
+_metrics_ports: dict[str, int] = {}
+
+
+def _metrics_port(label: str, settings: Settings) -> int:
+    """The configured port of the child's kind (ECHOTRANSACT_<KIND>_METRICS_PORT; the Nth relay or
+    worker gets that port + N - 1), else a free one."""
+    if label not in _metrics_ports:
+        configured = int(getattr(settings, f"{_process_of(label)}_metrics_port"))
+        if configured:
+            _metrics_ports[label] = configured + int(label.partition("#")[2] or 1) - 1
+        else:
+            with socket.socket() as probe:
+                probe.bind((settings.metrics_host, 0))
+                _metrics_ports[label] = probe.getsockname()[1]
+    return _metrics_ports[label]
 
 
 class Supervisor:
@@ -207,6 +232,7 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
                running: Path | None = None, on_serving: Callable[[str], None] | None = None) -> None:
     import uvicorn
 
+    from api import tracing
     from api.bootstrap import build_api_services
     from api.http.app import asgi_app
 
@@ -228,6 +254,7 @@ def _serve_api(settings: Settings, urls: tuple[str, str, str], *, demo: bool = F
     port = sock.getsockname()[1]
 
     settings = settings.replace(port=port)  # so SMS links name the port actually served
+    tracing.configure_tracing("api", settings.otel_exporter_otlp_endpoint)  # off unless OTEL_EXPORTER_OTLP_ENDPOINT
     services = build_api_services(settings, *urls)
     app = asgi_app(services)
     if demo:
@@ -327,6 +354,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             supervisor = Supervisor(("relay",) * args.relays + ("worker",) * args.workers
                                     + ("dispatch", "webhooks dispatch"),
                                     lambda command: _child(command, urls, settings), servers=_local_servers)
+            for label in supervisor.children:
+                print(f"Metrics of {label} on http://{settings.metrics_host}:{_metrics_port(label, settings)}/metrics",
+                      flush=True)
             _serve_api(settings, urls, demo=True, running=running, on_serving=notify)
         finally:
             running.unlink(missing_ok=True)
@@ -479,6 +509,50 @@ def cmd_sms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_customers(args: argparse.Namespace) -> int:
+    """A customer's personal data: erase (destroy their data key) or export (subject access)."""
+    import getpass
+
+    import redis
+
+    from api.bootstrap import build_ledger
+    from api.http.controllers.customers import forget_sessions
+    from domain.errors import DomainError
+
+    data_dir = _data_dir()
+    settings = _settings(data_dir)
+    with _servers(data_dir) as (database_url, redis_url, _kafka):
+        ledger = build_ledger(settings, database_url)
+        try:
+            if args.customers_command == "export":
+                exported = json.dumps(ledger.export_customer(args.phone), indent=2, sort_keys=True)
+                if args.output:
+                    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data
+                    with os.fdopen(fd, "w") as f:
+                        f.write(exported + "\n")
+                else:
+                    print(exported)
+                return 0
+            # The same phone and reason erased again is the same command (idempotent).
+            command_id = args.idempotency_key or "cli:" + ledger.keyed_hash("erase_customer", args.phone,
+                                                                            args.reason)
+            erasure = ledger.erase_customer(command_id, phone=args.phone,
+                                            erased_by=args.by or f"cli:{getpass.getuser()}", reason=args.reason)
+        except DomainError as error:
+            raise ConfigurationError(str(error)) from None
+        finally:
+            ledger.close()
+        forget_sessions(redis.Redis.from_url(redis_url, socket_timeout=1.0), erasure.session_ids)
+    result = erasure.result.result
+    print(json.dumps({"erased": result["erased"], "customer_ids": result["customer_ids"],
+                      "erased_at": result["erased_at"], "replayed": erasure.result.replayed,
+                      "keys_destroyed": sum(s.keys_destroyed for s in erasure.scrubbed),
+                      "sessions": len(erasure.session_ids),
+                      "rows_scrubbed": {t: sum(s.rows.get(t, 0) for s in erasure.scrubbed)
+                                        for t in sorted({t for s in erasure.scrubbed for t in s.rows})}}, indent=2))
+    return 0
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """A processor's settlement report of one day against the ledger; matched captures settle."""
     from api.bootstrap import build_ledger
@@ -558,21 +632,30 @@ def _stale_cache_entries(database_url: str, redis_url: str) -> list[tuple[str, s
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from api.bootstrap import envelope_opener
+    from api.bootstrap import envelope_opener, personal_data_reader
     from projections.registry import select
     from projections.replay import rebuild, verify
 
-    try:
-        chosen = select(args.projection)
-    except ValueError as error:
-        raise ConfigurationError(str(error)) from None
     data_dir = _data_dir()
     settings = _settings(data_dir)
+    try:
+        chosen = select(args.projection, personal_data_reader(settings))
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
     # An operator's tool: emptying read models (TRUNCATE) and --verify's scratch schema are the
-    # tables' owner's to do, not the application's.
-    with _servers(data_dir, owner=True) as (database_url, redis_url, _kafka):
+    # tables' owner's to do, not the application's. Progress on stderr; Ctrl-C stops between pages.
+    with interruptible() as stopping, _servers(data_dir, owner=True) as (database_url, redis_url, _kafka):
+        progress = ProgressLine("replay --verify" if args.verify else "replay",
+                                _replay_end(database_url, chosen, envelope_opener(settings)), should_stop=stopping)
         if args.verify:
-            differences = verify(database_url, chosen, envelope_opener(settings))
+            try:
+                differences = verify(database_url, chosen, envelope_opener(settings), progress=progress)
+            except (Interrupted, KeyboardInterrupt):
+                progress.clear()
+                print("replay --verify interrupted: its scratch schema was dropped, nothing was changed",
+                      file=sys.stderr)
+                return 130
+            progress.finish()
             for d in differences:
                 print(json.dumps({"table": d.table, "side": d.side, "row": d.row}, default=str))
             names = ", ".join(p.name for p in chosen)
@@ -584,9 +667,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(f"{len(stale)} status cache entr{'y' if len(stale) == 1 else 'ies'} differ from the read model",
                       file=sys.stderr)
             return 1 if differences or stale else 0
-        applied = rebuild(database_url, chosen, envelope_opener(settings))
+        try:
+            applied = rebuild(database_url, chosen, envelope_opener(settings), progress=progress)
+        except (Interrupted, KeyboardInterrupt):
+            progress.clear()
+            print(f"replay interrupted at position {progress.position:,} of {progress.end:,}: the read models "
+                  "hold every event up to it (each page commits whole, with its checkpoint); the projection "
+                  "worker's catch-up, or `echotransact replay` again, takes them to the end", file=sys.stderr)
+            return 130
+        progress.finish()
         print(f"rebuilt {', '.join(p.name for p in chosen)} from {applied} event applications")
     return 0
+
+
+def _replay_end(database_url: str, projections: Sequence[Any], open_envelope: Any) -> int:
+    """The outbox's last position: where a replay ends (for its progress)."""
+    from projections.engine import ProjectionStore
+
+    store = ProjectionStore(database_url, projections, open_envelope)
+    try:
+        return store.last_position()
+    finally:
+        store.close()
 
 
 def _instances(text: str) -> int:
@@ -612,26 +714,50 @@ def _timestamp(text: str) -> datetime:
 def cmd_audit(args: argparse.Namespace) -> int:
     import psycopg
 
-    from projections.audit import export_rows, verify_chain
+    from projections.audit import export_rows, last_position, verify_chain
 
-    with _servers(_data_dir()) as (database_url, _redis, _kafka), psycopg.connect(database_url) as conn:
+    with (interruptible() as stopping, _servers(_data_dir()) as (database_url, _redis, _kafka),
+          psycopg.connect(database_url) as conn):
+        progress = ProgressLine(f"audit {args.audit_command}", last_position(conn), unit="rows",
+                                should_stop=stopping)
         if args.audit_command == "verify":
-            report = verify_chain(conn)
+            try:
+                report = verify_chain(conn, progress)
+            except (Interrupted, KeyboardInterrupt):
+                progress.clear()
+                print(f"audit verify interrupted after {progress.done:,} rows: nothing was changed", file=sys.stderr)
+                return 130
+            progress.finish()
             if report.ok:
                 print(f"audit chain intact: {report.rows_checked} rows checked, {report.unchained} not yet chained")
                 return 0
             print(f"audit chain broken at position {report.first_broken_position}: {report.reason}"
                   f" ({report.rows_checked} rows checked)", file=sys.stderr)
             return 1
-        out = open(args.output, "w") if args.output else sys.stdout
+        # A file is written beside its name and renamed when complete: never a half export under it.
+        target = Path(args.output) if args.output else None
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial") if target else None
+        out = open(partial, "w") if partial else sys.stdout
         count = 0
-        with conn.transaction():
-            for row in export_rows(conn, aggregate_id=args.aggregate, merchant_id=args.merchant,
-                                   since=args.since, until=args.until):
-                out.write(json.dumps(row, default=str, sort_keys=True) + "\n")
-                count += 1
-        if out is not sys.stdout:
-            out.close()
+        try:
+            with conn.transaction():
+                for row in export_rows(conn, aggregate_id=args.aggregate, merchant_id=args.merchant,
+                                       since=args.since, until=args.until, progress=progress):
+                    out.write(json.dumps(row, default=str, sort_keys=True) + "\n")
+                    count += 1
+            if partial is not None and target is not None:
+                out.close()
+                partial.replace(target)
+        except (Interrupted, KeyboardInterrupt):
+            progress.clear()
+            print(f"audit export interrupted after {count:,} rows"
+                  + (f": {target} was not written" if target else ""), file=sys.stderr)
+            return 130
+        finally:
+            if partial is not None:
+                out.close()
+                partial.unlink(missing_ok=True)
+        progress.finish()
         print(f"exported {count} audit rows", file=sys.stderr)
     return 0
 
@@ -743,12 +869,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--from", dest="since", type=_timestamp)
     export.add_argument("--to", dest="until", type=_timestamp)
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    customers = sub.add_parser("customers", help="a customer's personal data: erase it, or export it")
+    customers_sub = customers.add_subparsers(dest="customers_command", required=True)
+    erase = customers_sub.add_parser("erase", help="destroy the customer's data key and record customer.erased")
+    erase.add_argument("--phone", required=True, help="the customer's phone, E.164 (+14155550123)")
+    erase.add_argument("--reason", required=True, help="why (recorded on customer.erased)")
+    erase.add_argument("--by", help="who asked for it (default: cli:<your user name>)")
+    erase.add_argument("--idempotency-key", help="the command id (default: derived from phone and reason)")
+    customer_export = customers_sub.add_parser("export", help="everything held about the customer, as JSON")
+    customer_export.add_argument("--phone", required=True, help="the customer's phone, E.164")
+    customer_export.add_argument("--output", "-o", help="file to write, mode 600 (default: standard output)")
     args = parser.parse_args(argv)
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,
         "replay": cmd_replay, "audit": cmd_audit, "keys": cmd_keys, "dispatch": cmd_dispatch, "sms": cmd_sms,
         "webhooks": cmd_webhooks, "demo": cmd_demo, "retention": cmd_retention, "reconcile": cmd_reconcile,
-        "balances": cmd_balances,
+        "balances": cmd_balances, "customers": cmd_customers,
     }
     from api.logging import configure_logging
 

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from api.tracing import add_trace_ids
+
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is now: the process's stream may be replaced after
@@ -29,6 +31,7 @@ def configure_logging(level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,  # the active span's trace_id and span_id, with tracing on (api/tracing.py)
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -191,6 +191,25 @@ class Settings(BaseModel):
         "ECHOTRANSACT_IDENTITY_THRESHOLDS", "identity check thresholds, minor units: USD=10000,EUR=10000",
         default="")
     log_level: str = _env("ECHOTRANSACT_LOG_LEVEL", "log level (info)", default="info")
+    # Operations (api/metrics.py, api/tracing.py): the API serves /metrics on its own port; each
+    # background process on a port of its own, 0 = none (`run` gives its children free ones).
+    metrics_host: str = _env("ECHOTRANSACT_METRICS_HOST",
+                             "address the background processes serve /metrics on (127.0.0.1)", default="127.0.0.1")
+    relay_metrics_port: int = _env("ECHOTRANSACT_RELAY_METRICS_PORT",
+                                   "port of the relay's /metrics (0: none; run picks a free one)", default=0,
+                                   ge=0, le=65535)
+    worker_metrics_port: int = _env("ECHOTRANSACT_WORKER_METRICS_PORT",
+                                    "port of the projection worker's /metrics (0: none; run picks a free one)",
+                                    default=0, ge=0, le=65535)
+    dispatch_metrics_port: int = _env("ECHOTRANSACT_DISPATCH_METRICS_PORT",
+                                      "port of the SMS dispatcher's /metrics (0: none; run picks a free one)",
+                                      default=0, ge=0, le=65535)
+    webhooks_metrics_port: int = _env("ECHOTRANSACT_WEBHOOKS_METRICS_PORT",
+                                      "port of the webhook dispatcher's /metrics (0: none; run picks a free one)",
+                                      default=0, ge=0, le=65535)
+    otel_exporter_otlp_endpoint: _Url = _env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OpenTelemetry collector base URL for traces over OTLP/HTTP (unset: tracing off)", default=None)
     public_url: _Url = _env(
         "ECHOTRANSACT_PUBLIC_URL", "base URL of the payment page in SMS links (http://127.0.0.1:PORT of the API)",
         default=None)

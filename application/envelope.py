@@ -8,7 +8,7 @@ classes to aggregate types (application/aggregate_types.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ _EVENT_ID_NAMESPACE = UUID("6f1d8a53-3c4e-4b8e-9d4a-2b3c5e7f9a10")
 _ENVELOPE_FIELDS_FROM_EVENT = ("originator_id", "originator_version", "timestamp")
 
 
-class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     event_id: UUID
     aggregate_id: UUID
     aggregate_type: str
@@ -37,6 +37,20 @@ class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     occurred_at: datetime
     merchant_id: UUID | None
     data: dict[str, Any]
+    # The W3C traceparent of the command that recorded the event, so that the relay, the
+    # projections and the webhooks continue its trace (api/tracing.py). None, and left out of
+    # the JSON, when tracing is off; envelopes written before it existed decode as None.
+    trace_context: str | None = None
+
+
+# Where envelope_for finds the current trace context; None (tracing off) costs nothing.
+_trace_context_source: Callable[[], str | None] | None = None
+
+
+def set_trace_context_source(source: Callable[[], str | None] | None) -> None:
+    """Install (or, with None, remove) what gives new envelopes their ``trace_context``."""
+    global _trace_context_source
+    _trace_context_source = source
 
 
 _encoder = msgspec.json.Encoder()
@@ -85,6 +99,7 @@ def envelope_for(event: Any, aggregate_type: str, merchant_id: UUID | None) -> E
         occurred_at=event.timestamp,
         merchant_id=merchant_id,
         data=data,
+        trace_context=_trace_context_source() if _trace_context_source is not None else None,
     )
 
 

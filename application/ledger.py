@@ -37,6 +37,7 @@ from application.ports import (
     SingleProcessor,
     VelocityCounter,
 )
+from application.privacy import CustomerKeys, PrivacyCommands
 from application.reconciliation import ReconciliationCommands
 from application.sessions import SessionCommands
 from application.unit_of_work import CommandResult, LedgerPolicy, LinkIssued
@@ -54,7 +55,7 @@ __all__ = [
 
 
 class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands, ReconciliationCommands,
-             PayoutCommands, DisputeCommands):
+             PayoutCommands, DisputeCommands, PrivacyCommands):
     name = "Ledger"
 
     def __init__(
@@ -76,6 +77,7 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         fx_rates: FxRates | None = None,
         payment_references: PaymentReferences | None = None,
         dispute_fee_returned_on_win: bool = False,
+        customer_keys: CustomerKeys | None = None,
     ) -> None:
         """``env``: the event store's settings (which persistence module and recorder, where);
         the composition root chooses them (api/bootstrap.py)."""
@@ -102,6 +104,10 @@ class Ledger(MerchantCommands, ApiKeyCommands, SessionCommands, PaymentCommands,
         # Disputes (application/disputes.py): the payment behind a processor's reference.
         self.payment_references = payment_references
         self.dispute_fee_returned_on_win = dispute_fee_returned_on_win
+        # Customers' data keys (application/privacy.py): personal data is sealed under them.
+        if customer_keys is None:
+            raise ValueError("a Ledger needs customer_keys (adapters/postgres/customer_keys.py, or the in-memory one)")
+        self.customer_keys = customer_keys
 
     def close(self) -> None:
         for part in (self.locks, self.settlement_reports, self.bank):

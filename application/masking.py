@@ -1,8 +1,16 @@
-"""What the read side may show of an event: personal data masked, secrets' hashes dropped."""
+"""What the read side may show of an event: personal data masked, secrets' hashes dropped; and
+the port through which a projection opens personal data sealed under a customer's key.
+
+Events carry personal data sealed (``personal``: the key's id and ciphertext, application/
+privacy.py) beside the customer's pseudonymous ``customer_id``; both pass through as they are
+(ciphertext under a key that erasure destroys). Envelopes from before sealing existed carry
+``customer_phone``, masked here.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from domain.values import mask_phone
 
@@ -24,3 +32,24 @@ def mask_event_data(data: dict[str, Any]) -> dict[str, Any]:
         else:
             masked[key] = value
     return masked
+
+
+class PersonalDataReader(Protocol):
+    """Opens sealed personal data on the read side (adapters/postgres/customer_keys.py), with the
+    projection's own cursor; None for each value whose key is destroyed (or that is None)."""
+
+    def open_many(self, cur: Any, sealed: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any] | None]: ...
+
+
+# The process's reader, for projections built without one (api/bootstrap.py installs it with the
+# envelope opener: whoever can open envelopes holds the keys to open what they seal).
+_default_reader: PersonalDataReader | None = None
+
+
+def set_personal_data_reader(reader: PersonalDataReader | None) -> None:
+    global _default_reader
+    _default_reader = reader
+
+
+def personal_data_reader() -> PersonalDataReader | None:
+    return _default_reader

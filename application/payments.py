@@ -21,13 +21,14 @@ from application.ports import (
     ProcessorRouter,
     VelocityCounter,
 )
-from application.unit_of_work import CommandResult, LedgerBase
+from application.privacy import PrivacyCommands
+from application.unit_of_work import CommandResult
 from domain.payment import Payment, PaymentStatus
 from domain.payment_session import PaymentSession
 from domain.risk import assess as assess_risk
 
 
-class PaymentCommands(LedgerBase):
+class PaymentCommands(PrivacyCommands):
     # Given by the composition root (through Ledger's constructor). Without locks, the
     # authorizations of one payment are not serialized across processes; without a velocity
     # counter, the risk rules cannot run and no payment is authorized.
@@ -125,8 +126,9 @@ class PaymentCommands(LedgerBase):
             raise ProcessorUnavailable("no velocity counter is configured; risk rules cannot run")
         policy = self.policy.risk
         keys = {"card": self.keyed_hash("velocity", "card", payment.card_fingerprint or payment.card_token)}
-        if session is not None:
-            keys["phone"] = self.keyed_hash("velocity", "phone", session.customer_phone)
+        customer_id = self._session_customer_id(session) if session is not None else None
+        if customer_id is not None:  # counted by the customer's pseudonym, never by the phone
+            keys["phone"] = self.keyed_hash("velocity", "customer", customer_id)
         counts = self.velocity.record_and_count(
             str(payment.id), self.clock.now(), policy.velocity_window_minutes * 60, keys
         )

@@ -7,15 +7,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import UUID
 
 import msgspec
-from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate
 
 from application.errors import NotFound, ProcessorUnavailable
 from application.ports import IdentityClaim, IdentityVerifier, MessageWording, OutboxSms
-from application.unit_of_work import CommandResult, LedgerBase, LinkIssued
+from application.privacy import CustomerKey, PrivacyCommands
+from application.unit_of_work import CommandResult, LinkIssued
 from domain.customer import Customer
 from domain.errors import InvalidSplit
 from domain.ledger import PLATFORM_PARTY, Split
@@ -23,12 +23,12 @@ from domain.merchant import Merchant
 from domain.money import Money, check_currency
 from domain.payment import Payment
 from domain.payment_session import PaymentSession, SessionStatus
+from domain.values import check_phone
 
-_CUSTOMER_NAMESPACE = uuid5(NAMESPACE_URL, "https://echotransact.example/customers")
 _sms_json = msgspec.json.Encoder(order="sorted")
 
 
-class SessionCommands(LedgerBase):
+class SessionCommands(PrivacyCommands):
     # Given by the composition root (through Ledger's constructor).
     wording: MessageWording
     identity_verifier: IdentityVerifier | None
@@ -76,15 +76,21 @@ class SessionCommands(LedgerBase):
         issued: dict[str, str] = {}
         sms: list[OutboxSms] = []
 
+        key: list[CustomerKey] = []
+
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             merchant = self._merchant_to_read(merchant_id)
             check_currency(currency)
+            if not key:  # the customer's data key (made on their first session), once per command
+                key.append(self._customer_key(check_phone(customer_phone), session_id))
             session = PaymentSession.open(
                 session_id,
                 merchant_id=merchant_id,
                 amount_minor=amount_minor,
                 currency=currency,
                 customer_phone=customer_phone,
+                customer_id=key[0].customer_id,
+                seal=self._sealer(key[0]),
                 order_reference=order_reference,
                 line_items=line_items,
                 voice_platform=voice_platform,
@@ -98,14 +104,14 @@ class SessionCommands(LedgerBase):
             merchant.check_can_accept(amount_minor, currency)
             self._check_partners(splits)
             if session.identity_required:
-                customer = self._find_customer(customer_phone)
-                if customer is not None and customer.identity_on_file(self.clock.now(), self.policy.identity_reuse):
+                customer = self._customer_on_file(key[0].customer_id, customer_phone)
+                if customer is not None:
                     assert customer.identity_verified_at is not None
                     session.recognize_identity(customer.id, customer.identity_verified_at)
             if send_link:
                 issued["token"], issued["code"] = self._issue_link(session)
                 text = self._link_text(session, merchant, issued["token"], issued["code"])
-                sms[:] = [self._sms(f"{command_id}:send_link", session, text)]
+                sms[:] = [self._sms(f"{command_id}:send_link", session, text, phone=customer_phone)]
             return [session], _session_result(session)
 
         result = self._execute(command_id, "open_session", request, session_id, decide,
@@ -148,8 +154,12 @@ class SessionCommands(LedgerBase):
             command_id, name, {"session_id": str(session_id), **request}, session_id, decide
         )
 
-    def _sms(self, command_id: str, session: PaymentSession, body: str) -> OutboxSms:
-        payload = _sms_json.encode({"to": session.customer_phone, "body": body})
+    def _sms(self, command_id: str, session: PaymentSession, body: str, *, phone: str | None = None) -> OutboxSms:
+        """The SMS to queue (encrypted like the events; deleted when the customer is erased)."""
+        phone = phone or self.session_phone(session)
+        if phone is None:
+            raise NotFound(f"payment session {session.id} has no customer any more (erased)")
+        payload = _sms_json.encode({"to": phone, "body": body})
         if self.mapper.cipher:
             payload = self.mapper.cipher.encrypt(payload)
         return OutboxSms(self._derived_id(command_id, "sms"), session.id, payload)
@@ -214,7 +224,10 @@ class SessionCommands(LedgerBase):
         def act(session: PaymentSession) -> None:
             if not session.link_token_matches(self.keyed_hash("link", link_token)):
                 raise NotFound(f"no payment session {session_id}")
-            session.open_link(self.clock.now(), ip=ip, user_agent=user_agent)
+            key = self._session_key(session) if session.status == SessionStatus.LINK_SENT and (ip or user_agent) \
+                else None
+            session.open_link(self.clock.now(), ip=ip, user_agent=user_agent,
+                              seal=self._sealer(key) if key is not None else None)
 
         return self._session_command(command_id, "open_link", session_id, {}, act)
 
@@ -293,15 +306,18 @@ class SessionCommands(LedgerBase):
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             session = self.get_session(session_id)
-            outcome = verifier.verify(phone=session.customer_phone, claim=claim)
+            phone = self.session_phone(session)
+            customer_id = self._session_customer_id(session)
+            if phone is None or customer_id is None:
+                raise NotFound(f"payment session {session_id} has no customer any more (erased)")
+            outcome = verifier.verify(phone=phone, claim=claim)
             now = self.clock.now()
             session.record_identity_check(
                 verified=outcome.verified, verifier=outcome.verifier, reason=outcome.reason, now=now,
             )
             changed: list[Aggregate] = [session]
             if outcome.verified:
-                customer = self._find_customer(session.customer_phone) or Customer.register(
-                    self._customer_id(session.customer_phone))
+                customer = self._find_customer_by_id(customer_id) or Customer.register(customer_id)
                 customer.record_identity_verified(verifier=outcome.verifier, session_id=session_id, now=now)
                 changed.append(customer)
             return changed, _session_result(session)
@@ -310,15 +326,15 @@ class SessionCommands(LedgerBase):
                    "claim": self.keyed_hash("identity", claim.date_of_birth, claim.postal_code)}
         return self._execute(command_id, "verify_identity", request, session_id, decide)
 
-    def _customer_id(self, phone: str) -> UUID:
-        return uuid5(_CUSTOMER_NAMESPACE, self.keyed_hash("customer", phone))
-
-    def _find_customer(self, phone: str) -> Customer | None:
-        try:
-            customer: Customer = self.repository.get(self._customer_id(phone))
-        except AggregateNotFoundError:
-            return None
-        return customer
+    def _customer_on_file(self, customer_id: UUID, phone: str) -> Customer | None:
+        """The customer whose passed identity check stands in for a new one: under the pseudonym,
+        or (a customer remembered before pseudonyms existed) under the id derived from the phone."""
+        now, reuse = self.clock.now(), self.policy.identity_reuse
+        for candidate in (customer_id, self._legacy_customer_id(phone)):
+            customer = self._find_customer_by_id(candidate)
+            if customer is not None and customer.identity_on_file(now, reuse):
+                return customer
+        return None
 
     def attach_payment_method(
         self, command_id: str, session_id: UUID, *, card_token: str, card_brand: str, card_last4: str,

@@ -8,7 +8,11 @@ conversation to a payment method attached and the payment completed.
     and the ends: expired, cancelled, failed, locked (too many wrong codes).
 
 No event holds a one-time code or link token in plain text (only keyed hashes computed by the
-application) and no card number (only token, brand and last four digits).
+application) and no card number (only token, brand and last four digits). Personal data (the
+customer's phone, the merchant's free-text metadata, where the page was opened from) is recorded
+only sealed under the customer's data key (``personal``, from the ``Seal`` the application
+gives), beside the customer's pseudonymous id: destroying the key erases it, the rest of the
+event stays readable.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from domain.errors import (
 )
 from domain.ledger import Split, check_splits
 from domain.money import CURRENCY_EXPONENTS, check_amount, check_currency
-from domain.values import check_line_items, check_phone, check_text, check_url
+from domain.values import Seal, check_line_items, check_phone, check_text, check_url
 
 MAX_CODE_ATTEMPTS = 5
 MAX_CODE_RESENDS = 3
@@ -127,46 +131,66 @@ class PaymentSession(Aggregate):
         order_delivered: bool
     sms_sent = ()
     order_delivered = False
+    # Sessions snapshotted before personal data was sealed have neither (their state holds
+    # ``customer_phone`` and ``metadata`` as they were).
+    customer_id: UUID | None = None
+    personal: dict[str, Any] | None = None
     splits = []  # type: ignore[var-annotated]  # noqa: RUF012 - for sessions snapshotted before splits; never changed
 
     class Opened(Aggregate.Created):
         merchant_id: UUID
         amount_minor: int
         currency: str
-        customer_phone: str
+        # The customer's pseudonymous id (application/privacy.py: one per data key, never derived
+        # from the phone alone) and, sealed under that key, ``phone`` and ``metadata`` (v3; v1-v2
+        # events carried both in plain text, and read as ``customer_id`` None and ``personal``
+        # {"plain": {...}}).
+        customer_id: UUID | None
+        personal: dict[str, Any]
         order_reference: str
         line_items: list[dict[str, Any]]
         voice_platform: str
         conversation_id: str
         callback_url: str | None
-        metadata: dict[str, str]
         identity_required: bool
         expires_at: datetime
         # Shares of the payment for the platform and partner merchants (domain/ledger.py Split);
         # v1 sessions had none.
         splits: list[dict[str, Any]]
-        class_version = 2
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["splits"] = []
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["customer_id"] = None
+            state["personal"] = {"plain": {"phone": state.pop("customer_phone"),
+                                           "metadata": state.pop("metadata", {})}}
 
     class LinkSent(Aggregate.Event):
         link_token_hash: str
         code_hash: str
 
     class LinkOpened(Aggregate.Event):
-        """The customer opened the payment page: from where, with what (evidence in a dispute;
-        v1 events recorded neither)."""
+        """The customer opened the payment page: from where (``ip``), with what (``user_agent``),
+        sealed under the customer's key in ``personal`` (v3): evidence in a dispute. v1 events
+        recorded neither; v2 events both in plain text, read as ``personal`` {"plain": {...}}.
+        None when nothing was known, or the customer's key was already destroyed."""
 
-        ip: str | None
-        user_agent: str | None
-        class_version = 2
+        personal: dict[str, Any] | None
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["ip"] = None
             state["user_agent"] = None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            ip, user_agent = state.pop("ip"), state.pop("user_agent")
+            state["personal"] = {"plain": {"ip": ip, "user_agent": user_agent}} if ip or user_agent else None
 
     class SmsFailed(Aggregate.Event):
         reason: str
@@ -245,6 +269,8 @@ class PaymentSession(Aggregate):
         amount_minor: int,
         currency: str,
         customer_phone: str,
+        customer_id: UUID | None,
+        seal: Seal,
         order_reference: str,
         line_items: Sequence[Mapping[str, Any]],
         voice_platform: str,
@@ -255,26 +281,35 @@ class PaymentSession(Aggregate):
         metadata: Mapping[str, Any] | None = None,
         splits: Sequence[Split] = (),
     ) -> PaymentSession:
+        """``customer_id``: the customer's pseudonym; ``seal``: what seals personal data under the
+        customer's data key (the phone and metadata are checked here, then recorded only sealed)."""
         assert expires_at.tzinfo is not None, "expiry times are timezone-aware"
         check_currency(currency)
         check_amount(amount_minor, currency)
         items = check_line_items(line_items, amount_minor, currency)
+        phone = check_phone(customer_phone)
+        reference = check_text("order.reference", order_reference, max_length=100)
+        platform = check_text("voice.platform", voice_platform, max_length=50)
+        conversation = check_text("voice.conversation_id", conversation_id)
+        callback = check_url("callback_url", callback_url)
+        checked_metadata = check_metadata(metadata)
+        checked_splits = [s.as_dict() for s in check_splits(splits, amount_minor, merchant_id)]
         return cls._create(
             cls.Opened,
             id=session_id,
             merchant_id=merchant_id,
             amount_minor=amount_minor,
             currency=currency,
-            customer_phone=check_phone(customer_phone),
-            order_reference=check_text("order.reference", order_reference, max_length=100),
+            customer_id=customer_id,
+            personal=seal({"phone": phone, "metadata": checked_metadata}),
+            order_reference=reference,
             line_items=[item.as_dict() for item in items],
-            voice_platform=check_text("voice.platform", voice_platform, max_length=50),
-            conversation_id=check_text("voice.conversation_id", conversation_id),
-            callback_url=check_url("callback_url", callback_url),
-            metadata=check_metadata(metadata),
+            voice_platform=platform,
+            conversation_id=conversation,
+            callback_url=callback,
             identity_required=amount_minor > identity_threshold_minor,
             expires_at=expires_at,
-            splits=[s.as_dict() for s in check_splits(splits, amount_minor, merchant_id)],
+            splits=checked_splits,
         )
 
     @event(Opened)
@@ -284,13 +319,13 @@ class PaymentSession(Aggregate):
         merchant_id: UUID,
         amount_minor: int,
         currency: str,
-        customer_phone: str,
+        customer_id: UUID | None,
+        personal: dict[str, Any],
         order_reference: str,
         line_items: list[dict[str, Any]],
         voice_platform: str,
         conversation_id: str,
         callback_url: str | None,
-        metadata: dict[str, str],
         identity_required: bool,
         expires_at: datetime,
         splits: list[dict[str, Any]],
@@ -299,13 +334,13 @@ class PaymentSession(Aggregate):
         self.splits = splits
         self.amount_minor = amount_minor
         self.currency = currency
-        self.customer_phone = customer_phone
+        self.customer_id = customer_id
+        self.personal = personal
         self.order_reference = order_reference
         self.line_items = line_items
         self.voice_platform = voice_platform
         self.conversation_id = conversation_id
         self.callback_url = callback_url
-        self.metadata = metadata
         self.identity_required = identity_required
         self.expires_at = expires_at
         self.status = S.AWAITING_CUSTOMER
@@ -411,15 +446,19 @@ class PaymentSession(Aggregate):
             self.link_token_hash, link_token_hash
         )
 
-    def open_link(self, now: datetime, *, ip: str | None = None, user_agent: str | None = None) -> None:
-        """The customer opened the page; opening it again is not a new event."""
+    def open_link(self, now: datetime, *, ip: str | None = None, user_agent: str | None = None,
+                  seal: Seal | None = None) -> None:
+        """The customer opened the page; opening it again is not a new event. ``ip`` and
+        ``user_agent`` are recorded sealed with ``seal`` (none: the customer's key is gone, so
+        they are not recorded)."""
         if self.status == S.LINK_OPENED:
             return
         self._require_live("open the link of", now, S.LINK_SENT)
-        self._link_opened(ip=(ip or None) and ip[:64], user_agent=(user_agent or None) and user_agent[:300])
+        seen = {"ip": (ip or None) and ip[:64], "user_agent": (user_agent or None) and user_agent[:300]}
+        self._link_opened(personal=seal(seen) if seal is not None and any(seen.values()) else None)
 
     @event(LinkOpened)
-    def _link_opened(self, ip: str | None, user_agent: str | None) -> None:
+    def _link_opened(self, personal: dict[str, Any] | None) -> None:
         self.status = S.LINK_OPENED
 
     def resend_code(self, code_hash: str, now: datetime) -> None:

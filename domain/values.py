@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,14 @@ def check_phone(phone: str) -> str:
             phone="(withheld)",
         )
     return phone
+
+
+# Personal data leaves the domain only sealed: the application hands a command a ``Seal`` (its
+# per-customer data key, application/privacy.py) and the event records what it returns, an opaque
+# mapping (the key's id and the ciphertext). The domain never sees a key.
+Seal = Callable[[dict[str, Any]], dict[str, Any]]
+# What the read side shows where personal data was, once its customer's key is destroyed.
+ERASED = "erased"
 
 
 def mask_phone(phone: str) -> str:

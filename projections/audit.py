@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -214,12 +214,26 @@ def _rows(conn: psycopg.Connection[Any], batch: int = 5_000) -> Iterator[dict[st
             yield dict(zip(names, r, strict=True))
 
 
-def verify_chain(conn: psycopg.Connection[Any]) -> ChainReport:
-    """Recompute the chain from the first row; name the first row that does not hold."""
+# Progress callbacks (api/progress.py) hear of every this many rows: (position reached, rows done).
+PROGRESS_EVERY_ROWS = 5_000
+Progress = Callable[[int, int], object]
+
+
+def last_position(conn: psycopg.Connection[Any]) -> int:
+    """The audit log's last position (its primary key): the end of a verify or an export."""
+    row = conn.execute("SELECT COALESCE(max(position), 0) FROM audit_log").fetchone()
+    return int(row[0]) if row else 0
+
+
+def verify_chain(conn: psycopg.Connection[Any], progress: Progress | None = None) -> ChainReport:
+    """Recompute the chain from the first row; name the first row that does not hold.
+    ``progress`` hears of every PROGRESS_EVERY_ROWS rows read."""
     prev, checked, unchained = GENESIS_HASH, 0, 0
     ended = False
     with conn.transaction():
-        for row in _rows(conn):
+        for read, row in enumerate(_rows(conn), 1):
+            if progress is not None and read % PROGRESS_EVERY_ROWS == 0:
+                progress(row["position"], read)
             if row["hash"] is None:
                 ended = True
                 unchained += 1
@@ -237,8 +251,10 @@ def verify_chain(conn: psycopg.Connection[Any]) -> ChainReport:
 
 def export_rows(
     conn: psycopg.Connection[Any], *, aggregate_id: str | None = None, merchant_id: str | None = None,
-    since: datetime | None = None, until: datetime | None = None,
+    since: datetime | None = None, until: datetime | None = None, progress: Progress | None = None,
 ) -> Iterator[dict[str, Any]]:
+    """The rows that match, in position order. ``progress`` hears of every PROGRESS_EVERY_ROWS
+    rows yielded (once the caller took them)."""
     clauses, params = [], []
     for column, op, value in (
         ("aggregate_id", "=", aggregate_id), ("merchant_id", "=", merchant_id),
@@ -254,5 +270,8 @@ def export_rows(
             params,
         )
         names = [*COLUMNS, "prev_hash", "hash"]
-        for r in cur:
-            yield dict(zip(names, r, strict=True))
+        for done, r in enumerate(cur, 1):
+            row = dict(zip(names, r, strict=True))
+            yield row
+            if progress is not None and done % PROGRESS_EVERY_ROWS == 0:
+                progress(row["position"], done)

@@ -19,7 +19,9 @@ from uuid import UUID
 
 import psycopg
 
+from application.masking import personal_data_reader
 from domain.money import Money
+from domain.values import ERASED
 
 VERIFY_COMMAND = "echotransact audit verify"
 NOT_RECORDED = "not recorded"
@@ -142,6 +144,26 @@ def _sms_sent(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
 def _link_opened(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
     return "Payment link opened", {"ip": d.get("ip") or NOT_RECORDED,
                                    "user_agent": d.get("user_agent") or NOT_RECORDED}
+
+
+def _opened_personal(cur: psycopg.Cursor[Row], rows: list[Row]) -> list[Row]:
+    """Audit rows with the IP address and user agent a ``link_opened`` sealed under the customer's
+    key opened (``erased`` once the key is destroyed; events from before sealing carry them)."""
+    sealed = [r for r in rows if r["event_type"] == "payment_session.link_opened"
+              and isinstance(r["data"].get("personal"), Mapping)]
+    reader = personal_data_reader()
+    if not sealed or reader is None:
+        return rows
+    opened = dict(zip((id(r) for r in sealed), reader.open_many(cur, [r["data"]["personal"] for r in sealed]),
+                      strict=True))
+    out = []
+    for r in rows:
+        if id(r) in opened:
+            seen = opened[id(r)]
+            values = seen if seen is not None else {"ip": ERASED, "user_agent": ERASED}
+            r = {**r, "data": {**r["data"], "ip": values.get("ip"), "user_agent": values.get("user_agent")}}
+        out.append(r)
+    return out
 
 
 def _code_rejected(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
@@ -290,7 +312,7 @@ def build_pack(
         (aggregates, merchant),
     )
     journey = _Journey(payment["currency"], payment["customer_phone_masked"])
-    timeline = [_line(row, journey) for row in cur.fetchall()]
+    timeline = [_line(row, journey) for row in _opened_personal(cur, cur.fetchall())]
     return {
         "payment": {
             "payment_id": str(payment_id),
@@ -320,18 +342,46 @@ def build_pack(
     }
 
 
+MAX_IP_CANDIDATES = 2_000
+
+
+def _opened_ips(cur: psycopg.Cursor[Row], merchant_id: UUID, *, session_id: UUID | None = None,
+                since: datetime | None = None, until: datetime | None = None) -> dict[UUID, str]:
+    """Session -> the IP address its payment page was opened from (the last opening), for one
+    session or for the merchant's openings in a window (the newest MAX_IP_CANDIDATES); sealed
+    ones opened with the customers' keys, erased ones left out."""
+    cur.execute(
+        "SELECT aggregate_id, data FROM audit_log WHERE merchant_id = %(merchant)s"
+        " AND event_type = 'payment_session.link_opened'"
+        " AND (%(session)s::uuid IS NULL OR aggregate_id = %(session)s)"
+        " AND (%(since)s::timestamptz IS NULL OR occurred_at >= %(since)s)"
+        " AND (%(until)s::timestamptz IS NULL OR occurred_at < %(until)s)"
+        " ORDER BY position DESC LIMIT %(limit)s",
+        {"merchant": merchant_id, "session": session_id, "since": since, "until": until, "limit": MAX_IP_CANDIDATES})
+    rows = cur.fetchall()
+    sealed = [r for r in rows if isinstance(r["data"].get("personal"), Mapping)]
+    reader = personal_data_reader()
+    opened = reader.open_many(cur, [r["data"]["personal"] for r in sealed]) if sealed and reader else []
+    ips: dict[UUID, str] = {}
+    for row, values in [*zip(sealed, opened, strict=False),
+                        *((r, r["data"]) for r in rows if not isinstance(r["data"].get("personal"), Mapping))]:
+        ip = (values or {}).get("ip")
+        if ip and ip != ERASED:
+            ips.setdefault(row["aggregate_id"], ip)  # newest first: the last opening wins
+    return ips
+
+
 def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSet[UUID]) -> list[Row]:
     """Captured payments of the same merchant in the year before this one, sharing the masked
     phone and the card's brand and last four, with no dispute (passed, or in the audit trail)."""
     created = payment["created_at"]
-    cur.execute(
-        "SELECT data->>'ip' FROM audit_log WHERE aggregate_id = %s AND merchant_id = %s"
-        " AND event_type = 'payment_session.link_opened' AND data->>'ip' IS NOT NULL",
-        (payment["session_id"], payment["merchant_id"]))
-    found = cur.fetchone()
-    ip = next(iter(found.values())) if found else None
-    same_ip = ("EXISTS (SELECT 1 FROM audit_log o WHERE o.aggregate_id = p.session_id AND o.merchant_id = %(merchant)s"
-               " AND o.event_type = 'payment_session.link_opened' AND o.data->>'ip' = %(ip)s)")
+    own_ips = set(_opened_ips(cur, payment["merchant_id"], session_id=payment["session_id"]).values())
+    # The IP address is sealed under each customer's key: opened here, for the merchant's most
+    # recent MAX_IP_CANDIDATES page openings of the window (erased customers' no longer open).
+    ip_sessions = [] if not own_ips else [
+        session for session, ip in _opened_ips(cur, payment["merchant_id"], since=created - PRIOR_WINDOW,
+                                               until=created).items() if ip in own_ips]
+    same_ip = "p.session_id = ANY(%(ip_sessions)s::uuid[])"
     cur.execute(
         "SELECT p.payment_id, p.created_at, p.amount_minor, p.currency, p.status, p.card_brand, p.card_last4,"
         f" p.card_fingerprint_hash, s.customer_phone_masked, {same_ip} AS same_ip"
@@ -347,7 +397,7 @@ def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSe
         " ORDER BY p.created_at DESC, p.payment_id LIMIT %(limit)s",
         {"merchant": payment["merchant_id"], "payment": payment["payment_id"], "since": created - PRIOR_WINDOW,
          "until": created, "phone": payment["customer_phone_masked"], "brand": payment["card_brand"],
-         "last4": payment["card_last4"], "card": payment["card_fingerprint_hash"], "ip": ip,
+         "last4": payment["card_last4"], "card": payment["card_fingerprint_hash"], "ip_sessions": ip_sessions,
          "disputed": list(disputed),
          "limit": MAX_PRIOR_PAYMENTS},
     )

@@ -2,6 +2,12 @@
 
 A batch is folded in Python into the latest row per aggregate (the rows it does not create are
 read first), then written with one INSERT for new rows and one UPDATE for changed ones per table.
+
+A session's row keeps its customer's pseudonym (``customer_id``) and the phone masked to country
+digit and last four, opened at projection time from the sealed phone with the customer's key
+(``PersonalDataReader``); once the key is destroyed it reads ``erased``, live (``customer.erased``
+rewrites the customer's rows) and in a rebuild alike. Without a reader (a tool that was given no
+key) it reads ``withheld``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from uuid import UUID
 import psycopg
 
 from application.envelope import EventEnvelope
-from domain.values import mask_phone
+from application.masking import PersonalDataReader, personal_data_reader
+from domain.values import ERASED, mask_phone
+
+# The masked phone where the projection has no way to open sealed data (no reader given).
+WITHHELD = "withheld"
 
 # Session events that only move the status.
 SESSION_STATUS_AFTER = {
@@ -43,7 +53,8 @@ SESSION_MUTABLE = {
 SESSION_CREATED = {
     "session_id": "uuid", "merchant_id": "uuid", "amount_minor": "bigint", "currency": "text",
     "customer_phone_masked": "text", "order_reference": "text", "voice_platform": "text",
-    "conversation_id": "text", "expires_at": "timestamptz", "opened_at": "timestamptz", **SESSION_MUTABLE,
+    "conversation_id": "text", "expires_at": "timestamptz", "opened_at": "timestamptz", "customer_id": "uuid",
+    **SESSION_MUTABLE,
 }
 PAYMENT_MUTABLE = {
     "status": "text", "processor": "text", "authorized_minor": "bigint", "captured_minor": "bigint",
@@ -68,12 +79,12 @@ def _text(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _opened(e: EventEnvelope) -> dict[str, Any]:
+def _opened(e: EventEnvelope, phone_masked: str) -> dict[str, Any]:
     d = e.data
     return {
         "session_id": str(e.aggregate_id), "merchant_id": _uuid(d["merchant_id"]), "status": "awaiting_customer",
-        "amount_minor": d["amount_minor"], "currency": d["currency"],
-        "customer_phone_masked": mask_phone(d["customer_phone"]), "order_reference": d["order_reference"],
+        "amount_minor": d["amount_minor"], "currency": d["currency"], "customer_id": _uuid(d.get("customer_id")),
+        "customer_phone_masked": phone_masked, "order_reference": d["order_reference"],
         "voice_platform": d["voice_platform"], "conversation_id": d["conversation_id"],
         "identity_required": d["identity_required"], "payment_id": None, "code_attempts": 0, "end_reason": None,
         "expires_at": _text(d["expires_at"]), "opened_at": e.occurred_at,
@@ -252,12 +263,46 @@ _SESSIONS = _Table("session_status", "session_id", SESSION_CREATED, SESSION_MUTA
 _PAYMENTS = _Table("payment_status", "payment_id", PAYMENT_CREATED, PAYMENT_MUTABLE)
 
 
+def phones_masked(cur: psycopg.Cursor[Any], opened: Sequence[EventEnvelope],
+                  personal: PersonalDataReader | None) -> dict[UUID, str]:
+    """The masked phone of each opened session (by event id): from the sealed phone while its key
+    exists, ``erased`` after; an event from before sealing carried the phone itself."""
+    masked: dict[UUID, str] = {}
+    sealed = [e for e in opened if "customer_phone" not in e.data]
+    for e in opened:
+        if "customer_phone" in e.data:
+            masked[e.event_id] = mask_phone(e.data["customer_phone"])
+    if sealed and personal is None:
+        masked.update((e.event_id, WITHHELD) for e in sealed)
+    elif sealed and personal is not None:
+        for e, data in zip(sealed, personal.open_many(cur, [e.data.get("personal") for e in sealed]), strict=True):
+            phone = (data or {}).get("phone")
+            masked[e.event_id] = mask_phone(phone) if isinstance(phone, str) else ERASED
+    return masked
+
+
 class StatusProjection:
     name = "status"
     tables: tuple[str, ...] = ("session_status", "payment_status")
 
+    def __init__(self, personal: PersonalDataReader | None = None) -> None:
+        """``personal``: opens sealed phones; None: the process's (application/masking.py), if any."""
+        self._personal = personal
+
+    @property
+    def personal(self) -> PersonalDataReader | None:
+        return self._personal or personal_data_reader()
+
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
         sessions = [e for e in envelopes if e.aggregate_type == "payment_session"]
         payments = [e for e in envelopes if e.aggregate_type == "payment"]
-        _SESSIONS.write(cur, sessions, "payment_session.opened", _opened, change_session)
+        masked = phones_masked(cur, [e for e in sessions if e.event_type == "payment_session.opened"], self.personal)
+        _SESSIONS.write(cur, sessions, "payment_session.opened", lambda e: _opened(e, masked[e.event_id]),
+                        change_session)
         _PAYMENTS.write(cur, payments, "payment.initiated", _initiated, change_payment)
+        erased = [e.aggregate_id for e in envelopes if e.event_type == "customer.erased"]
+        if erased:
+            # The customer's key is destroyed right after this event is recorded: every session
+            # sealed under it shows what a rebuild shows.
+            cur.execute("UPDATE session_status SET customer_phone_masked = %s"
+                        " WHERE customer_id = ANY(%s) AND customer_phone_masked <> %s", (ERASED, erased, ERASED))

@@ -13,6 +13,7 @@ import asyncio
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -25,6 +26,9 @@ import redis
 import structlog
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import Counter
 
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, decode, event_topics
 from projections.engine import OpenEnvelope, Projection, ProjectionStore
@@ -35,6 +39,15 @@ log = structlog.get_logger(__name__)
 # Beyond this many aggregates with a failed cache write, older ones are forgotten (their entries
 # expire within the cache's TTL at most).
 MAX_STALE_IN_CACHE = 100_000
+# Prometheus counters of this process (api/metrics.py serves them, with each projection's position
+# and lag read from the database when scraped). Source: kafka (the stream) or outbox (catch-up).
+APPLIED = Counter("echotransact_projection_applied_events_total", "Events applied to the read models (one per "
+                  "event and distinct set of projections), by source", ["source"])
+DUPLICATES = Counter("echotransact_projection_duplicate_events_total", "Redelivered events skipped as already "
+                     "applied (Kafka only)")
+BATCHES = Counter("echotransact_projection_batches_total", "Batches applied from Kafka")
+_APPLIED_KAFKA, _APPLIED_OUTBOX = APPLIED.labels("kafka"), APPLIED.labels("outbox")
+_propagator = TraceContextTextMapPropagator()
 RETRYABLE = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
 
@@ -107,6 +120,7 @@ class ProjectionWorker:
         self._agent, self._timer = project, catch_up
 
     def _apply(self, store: ProjectionStore, envelopes: list[EventEnvelope]) -> None:
+        started = time.time_ns()
         for attempt in range(1, 8):
             try:
                 result = store.apply_batch(envelopes)
@@ -117,6 +131,10 @@ class ProjectionWorker:
                 log.info("projection_batch_retry", attempt=attempt, error=type(error).__name__)
         else:
             raise RuntimeError("projection batch kept conflicting; the catch-up will apply it")
+        BATCHES.inc()
+        _APPLIED_KAFKA.inc(result.applied)
+        DUPLICATES.inc(result.duplicates)
+        _trace_applied(envelopes, started)
         log.debug("projection_batch", applied=result.applied, duplicates=result.duplicates,
                   gaps_filled=result.gaps_filled)
 
@@ -147,6 +165,7 @@ class ProjectionWorker:
             self.catch_up_store.close()
             return
         if applied:
+            _APPLIED_OUTBOX.inc(applied)
             log.info("caught_up_from_outbox", applied=applied)
 
     def run(self) -> None:
@@ -167,6 +186,23 @@ class ProjectionWorker:
     def close(self) -> None:
         self.stream_store.close()
         self.catch_up_store.close()
+
+
+def _trace_applied(envelopes: Sequence[EventEnvelope], started_ns: int) -> None:
+    """A span per traced event of a committed batch, the child of the span its Kafka message
+    carried (the relay's): the batch's time, its event. Nothing when tracing is off."""
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return
+    tracer, ended = trace.get_tracer("echotransact"), time.time_ns()
+    for envelope in envelopes:
+        if envelope.trace_context is None:
+            continue
+        span = tracer.start_span(
+            f"project {envelope.event_type}", context=_propagator.extract({"traceparent": envelope.trace_context}),
+            kind=trace.SpanKind.CONSUMER, start_time=started_ns,
+            attributes={"echotransact.position": envelope.position or 0, "echotransact.batch_size": len(envelopes)},
+        )
+        span.end(end_time=ended)
 
 
 # How long a Kafka fetch may wait for data. faust-streaming's aiokafka driver fixes it at

@@ -41,7 +41,10 @@ import psycopg
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from opentelemetry.trace import SpanKind
+from prometheus_client import Counter
 
+from adapters import tracing
 from adapters.backoff import backoff_s
 from adapters.postgres.connection import listen_for_commits, wait_for_commit
 from application.envelope import DEFAULT_TOPIC_PREFIX, EventEnvelope, encode, event_topics
@@ -65,6 +68,12 @@ _MAX_POISONED_KEYS = 1_000
 # A failure of the same kind is logged at most this often; a broker that is down reports it
 # every few hundred milliseconds.
 _LOG_EVERY_S = 30.0
+
+# Prometheus counters of this process (api/metrics.py serves them); rate() of the first is the
+# publish rate. The backlog is a scrape-time gauge (adapters/postgres/metrics.py).
+PUBLISHED = Counter("echotransact_relay_published_messages_total", "Outbox rows published to Kafka and marked")
+FAILED = Counter("echotransact_relay_failed_messages_total", "Outbox rows whose delivery failed (sent again later)")
+BATCHES = Counter("echotransact_relay_batches_total", "Batches the relay produced and flushed")
 
 # Advisory locks are per database; pg_locks shows the whole cluster.
 _LOCKS_IN_NAMESPACE = """
@@ -259,6 +268,10 @@ class OutboxRelay:
         self.stats.batches += 1
         self.stats.published += len(published)
         self.stats.failed += len(failed)
+        BATCHES.inc()
+        PUBLISHED.inc(len(published))
+        if failed:
+            FAILED.inc(len(failed))
         if failed:
             self._log_limited(
                 "batch_failed", "outbox_relay.delivery_failed",
@@ -447,12 +460,23 @@ class OutboxRelay:
         envelope = self.open_envelope(row.envelope)
         if envelope.event_id != row.event_id:
             raise ValueError(f"envelope event id {envelope.event_id} != outbox row {row.event_id}")
-        value = encode(msgspec.structs.replace(envelope, position=row.position))
+        context = envelope.trace_context
+        if context is not None and tracing.active():
+            # The command's trace goes on through a span of ours; the consumer's is its child.
+            with tracing.tracer().start_as_current_span(
+                f"publish {row.topic}", context=tracing.parent(context), kind=SpanKind.PRODUCER,
+                attributes={"messaging.system": "kafka", "messaging.destination.name": row.topic,
+                            "echotransact.position": row.position, "echotransact.event_type": envelope.event_type},
+            ) as span:
+                context = tracing.traceparent(span)
+        value = encode(msgspec.structs.replace(envelope, position=row.position, trace_context=context))
         headers: list[tuple[str, str | bytes | None]] = [
             ("event_id", str(row.event_id).encode()),
             ("event_type", envelope.event_type.encode()),
             ("aggregate_type", envelope.aggregate_type.encode()),
         ]
+        if context is not None:  # W3C trace context, for any consumer that reads headers
+            headers.append(("traceparent", context.encode()))
         return value, headers
 
     def _settle(

@@ -48,9 +48,12 @@ import httpx
 import msgspec
 import psycopg
 import structlog
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from adapters import tracing
 from adapters.backoff import backoff_s
 from adapters.clock import SystemClock
 from adapters.notifications.commerce import (
@@ -77,6 +80,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+# Prometheus counters of this process (api/metrics.py); the queue's depth is a scrape-time gauge
+# (adapters/postgres/metrics.py). Result: delivered, retry (failed, to be sent again), dead.
+ATTEMPTS = Counter("echotransact_webhook_attempts_total", "Webhook and commerce-order delivery attempts, by kind "
+                   "and result (delivered, retry, dead: a dead letter)", ["kind", "result"])
 
 OpenEnvelope = Callable[[bytes], EventEnvelope]
 
@@ -500,9 +508,11 @@ class WebhookDispatcher:
         rng: random.Random | None = None,
         allow_private_destinations: bool = False,
         on_order_delivered: Callable[[Delivery, AttemptResult], object] | None = None,
+        open_envelope: OpenEnvelope | None = None,
     ) -> None:
         """``on_order_delivered``: told, after the commit, of each commerce order the merchant's
-        backend accepted (the session records it: evidence in a dispute)."""
+        backend accepted (the session records it: evidence in a dispute). ``open_envelope``: with
+        tracing on, each attempt is a span in the trace of the event it tells of."""
         assert hash_key, "webhook secrets are derived from the hash key"
         assert 0 <= jitter < 1, "jitter is the fraction of a delay that may be taken off"
         self.database_url = database_url
@@ -517,6 +527,7 @@ class WebhookDispatcher:
         self.rng = rng or random.Random()
         self.allow_private_destinations = allow_private_destinations
         self.on_order_delivered = on_order_delivered
+        self.open_envelope = open_envelope
         self._conn = ReconnectingConnection(database_url)
 
     def connection(self) -> psycopg.Connection[Any]:
@@ -588,13 +599,36 @@ class WebhookDispatcher:
                 # A merchant-chosen URL into our own network is never called (SSRF); it is a
                 # dead letter at once, for an operator to see, not something a retry fixes.
                 check_destination(delivery.endpoint_url, allow_private=self.allow_private_destinations)
-                result = self.send(delivery)
+                context = self._trace_context(cur, delivery) if self.open_envelope and tracing.active() else None
+                if context is None:
+                    result = self.send(delivery)
+                else:
+                    result = self._traced_send(delivery, context)
             except UnsafeDestination as error:
                 result, permanent = AttemptResult(None, f"unsafe_destination: {error}"[:500], 0), True
             except MissingIdempotencyKey as error:
                 # The table's check makes this impossible; if it happens, never send it.
                 result, permanent = AttemptResult(None, str(error), 0), True
             return self._record(cur, delivery, attempted_at, result, permanent=permanent), delivery, result
+
+    def _trace_context(self, cur: psycopg.Cursor[Any], delivery: Delivery) -> str | None:
+        """The trace context the delivery's event was saved with (one query, with tracing on)."""
+        assert self.open_envelope is not None
+        row = cur.execute("SELECT envelope FROM outbox WHERE event_id = %s", (delivery.event_id,)).fetchone()
+        return self.open_envelope(bytes(row[0])).trace_context if row else None
+
+    def _traced_send(self, delivery: Delivery, context: str) -> AttemptResult:
+        with tracing.tracer().start_as_current_span(
+            f"deliver {delivery.kind}", context=tracing.parent(context), kind=SpanKind.CLIENT,
+            attributes={"echotransact.delivery_kind": delivery.kind, "echotransact.event_type": delivery.event_type,
+                        "echotransact.attempt": delivery.attempts + 1},
+        ) as span:
+            result = self.send(delivery)
+            if result.status_code is not None:
+                span.set_attribute("http.response.status_code", result.status_code)
+            if not result.ok:
+                span.set_status(Status(StatusCode.ERROR, result.error or f"status {result.status_code}"))
+            return result
 
     def dispatch_due(self, limit: int | None = None) -> list[DispatchOutcome]:
         outcomes: list[DispatchOutcome] = []
@@ -635,6 +669,8 @@ class WebhookDispatcher:
             (status, attempt, first, attempted_at, result.status_code, result.error, next_at,
              status, now, status, now, delivery.delivery_id),
         )
+        ATTEMPTS.labels(delivery.kind, "delivered" if result.ok else "dead" if status == DeliveryStatus.DEAD
+                        else "retry").inc()
         log_call = log.warning if status == DeliveryStatus.DEAD else log.info
         log_call("webhook_" + ("delivered" if result.ok else "dead_letter" if status == "dead" else "retry"),
                  delivery_id=delivery.delivery_id, kind=delivery.kind, event_type=delivery.event_type,
@@ -779,7 +815,8 @@ def run_webhooks(
                          name="webhooks-planner")
     ]
     for index in range(concurrency):
-        dispatcher = WebhookDispatcher(database_url, hash_key, clock=clock, **dispatcher_options)
+        dispatcher = WebhookDispatcher(database_url, hash_key, clock=clock, open_envelope=open_envelope,
+                                       **dispatcher_options)
         threads.append(threading.Thread(
             target=guarded, args=(f"dispatcher-{index}", lambda d=dispatcher: bool(d.dispatch_due(limit=50)),
                                   dispatcher.close),

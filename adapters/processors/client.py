@@ -26,20 +26,54 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from adapters.backoff import EQUAL_JITTER, backoff_s
-from adapters.processors.circuit_breaker import CircuitBreaker
+from adapters.processors.circuit_breaker import CircuitBreaker, CircuitState
 from application.errors import ProcessorUnavailable
 from application.ports import Decision, ProcessorOutcome
 
 DECLINE_STATUSES = (402, 422)
+
+
+class _BreakerStates(Collector):
+    """Each live processor's circuit state, read when Prometheus scrapes (open turns half-open
+    by the clock, not by a call, so a gauge set on changes would go stale)."""
+
+    def __init__(self) -> None:
+        self.processors: weakref.WeakSet[HttpProcessor] = weakref.WeakSet()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        states = GaugeMetricFamily("echotransact_processor_circuit_state", "1 for each processor's current circuit "
+                                   "breaker state (closed, open, half_open), 0 for the others",
+                                   labels=["processor", "state"])
+        failures = GaugeMetricFamily("echotransact_processor_consecutive_failures",
+                                     "Consecutive failed calls counted by each processor's breaker",
+                                     labels=["processor"])
+        for processor in list(self.processors):
+            current = processor.breaker.state
+            for state in CircuitState:
+                states.add_metric([processor.name, state.value], 1 if state == current else 0)
+            failures.add_metric([processor.name], processor.breaker.consecutive_failures)
+        yield states
+        yield failures
+
+
+BREAKER_STATES = _BreakerStates()
+REGISTRY.register(BREAKER_STATES)
 
 
 class ProcessorProtocolError(RuntimeError):
@@ -90,6 +124,7 @@ class HttpProcessor:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout_s))
+        BREAKER_STATES.processors.add(self)
 
     def close(self) -> None:
         self._client.close()

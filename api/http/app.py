@@ -14,6 +14,7 @@ from litestar.types import ASGIApp
 
 from api.http.auth import Principal, authenticate, authenticate_at_once
 from api.http.console import CONSOLE_PREFIX, ConsoleController
+from api.http.controllers.customers import CustomerController
 from api.http.controllers.disputes import DisputeController
 from api.http.controllers.merchants import MerchantController
 from api.http.controllers.payments import BalanceController, PaymentController
@@ -44,8 +45,13 @@ def _json_only(request: Request[Any, Any, Any]) -> None:
 
 def asgi_app(services: ApiServices) -> ASGIApp:
     """What a server runs: the app inside the request-id and logging middleware, outside
-    Litestar so requests that match no route get an id and a log line too."""
-    return RequestContextMiddleware(create_app(services))
+    Litestar so requests that match no route get an id and a log line too; around them the
+    request metrics and ``/metrics`` (api/metrics.py), and, with tracing on, the request's span."""
+    from api import tracing
+    from api.metrics import MetricsMiddleware, api_registry
+
+    app: ASGIApp = RequestContextMiddleware(MetricsMiddleware(create_app(services), api_registry(services.pool)))
+    return tracing.TracingMiddleware(app) if tracing.enabled() else app
 
 
 def create_app(services: ApiServices | None = None, *, health: Dependencies | None = None) -> Litestar:
@@ -63,7 +69,8 @@ def create_app(services: ApiServices | None = None, *, health: Dependencies | No
         dependencies["principal"] = Provide(provide_principal)
         handlers += [PaymentSessionController, PaymentController, BalanceController, PayoutController,
                      DisputeController, AnalyticsController, AuditController, ReconciliationController,
-                     MerchantController, PaymentPageController, ProcessorEventController, ConsoleController]
+                     MerchantController, PaymentPageController, ProcessorEventController, ConsoleController,
+                     CustomerController]
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Who is calling comes first: a caller without a key learns nothing about the body.
         # Processors sign their notifications instead (api/http/controllers/processor_events.py).

@@ -147,6 +147,7 @@ class _Page:
         self.session = session
         self.merchant_name = self.ledger.get_merchant(session.merchant_id).name
         self.base_url = f"/pay/{token}"
+        self._phone: str | None = None
 
     def reload(self) -> None:
         self.session = self.ledger.get_session(self.session.id)
@@ -154,6 +155,12 @@ class _Page:
     @property
     def expired(self) -> bool:
         return self.ledger.clock.now() >= self.session.expires_at
+
+    def phone(self) -> str:
+        """The customer's phone, opened with their key (once per page); ``+0000`` if erased."""
+        if self._phone is None:
+            self._phone = self.ledger.session_phone(self.session) or "+0000"
+        return self._phone
 
     def context(self) -> dict[str, Any]:
         s = self.session
@@ -167,7 +174,7 @@ class _Page:
         return {
             "token": self.token, "base_url": self.base_url, "merchant_name": self.merchant_name,
             "order_reference": s.order_reference, "items": items,
-            "total": Money(s.amount_minor, currency).format(), "phone_last4": s.customer_phone[-4:],
+            "total": Money(s.amount_minor, currency).format(), "phone_last4": self.phone()[-4:],
             "steps": steps, "csrf": csrf_token(self.ledger, self.token),
             "form_id": secrets.token_urlsafe(24), "errors": {}, "message": None, "values": {},
         }
@@ -183,7 +190,7 @@ class _Page:
         s = self.session
         return self.step("pay/code.html", status, resent=resent and s.code_resends > 0,
                          resends_left=max(0, MAX_CODE_RESENDS - s.code_resends),
-                         phone_masked=masked_phone(s.customer_phone),
+                         phone_masked=masked_phone(self.phone()),
                          resend_form_id=secrets.token_urlsafe(24), **extra)
 
     def identity_step(self, status: int = 200, **extra: Any) -> Response[str]:

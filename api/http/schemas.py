@@ -369,3 +369,26 @@ class Problem(Struct):
     request_id: str | None = None
     errors: list[ProblemField] | None = None
     details: dict[str, Any] | None = None
+
+
+class CustomerErasureCreate(Strict):
+    """Erase what is held about a customer (admin): their data key is destroyed."""
+
+    customer_phone: Phone
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class CustomerErasure(Struct, kw_only=True):
+    """What an erasure did; never the phone."""
+
+    erased: bool
+    customer_ids: list[str]
+    erased_at: datetime
+    keys_destroyed: int
+    sessions: int
+
+
+class CustomerExportCreate(Strict):
+    """A subject access request: everything held about this phone (admin)."""
+
+    customer_phone: Phone

@@ -17,6 +17,7 @@ import psycopg
 from adapters.clock import ManualClock
 from adapters.dev.identity import DevIdentityVerifier
 from adapters.dev.sandbox_processor import SandboxProcessor
+from adapters.memory.customer_keys import InMemoryCustomerKeys
 from adapters.memory.event_store import InMemoryOutboxRecorder
 from adapters.memory.velocity import InMemoryVelocityCounter
 from adapters.notifications.wording import SmsWording
@@ -40,6 +41,7 @@ def memory_ledger(settings: Settings, clock: ManualClock, processor: SandboxProc
         wording=SmsWording(),
         identity_verifier=DevIdentityVerifier(),
         velocity=InMemoryVelocityCounter(),
+        customer_keys=InMemoryCustomerKeys(settings.hash_key),
     )
 
 

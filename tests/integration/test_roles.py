@@ -67,6 +67,10 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "partner_dues": (READ_WRITE, frozenset()),
     "disputes": (READ_WRITE, frozenset()),
     "audit_log": (frozenset({"SELECT", "INSERT"}), frozenset({"prev_hash", "hash"})),
+    # Customers' data keys (migrations/0024_customer_keys.sql): made, read and destroyed (UPDATE to
+    # NULL), never deleted, so the record that a key existed and was destroyed stays.
+    "customer_keys": (READ_WRITE, frozenset()),
+    "customer_sessions": (frozenset({"SELECT", "INSERT"}), frozenset()),
 }
 
 

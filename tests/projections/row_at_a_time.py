@@ -14,7 +14,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from application.envelope import EventEnvelope
-from domain.values import mask_phone
+from application.masking import personal_data_reader
+from projections.status import phones_masked
 from projections.audit import COLUMNS, GENESIS_HASH, _CHAIN_LOCK_ID, row_hash
 from projections.balances import merchant_of
 from application.masking import mask_event_data
@@ -49,12 +50,14 @@ class Status:
             cur.execute(
                 "INSERT INTO session_status (session_id, merchant_id, status, amount_minor, currency,"
                 " customer_phone_masked, order_reference, voice_platform, conversation_id,"
-                " identity_required, expires_at, opened_at, updated_at, version, position)"
+                " identity_required, expires_at, opened_at, updated_at, version, position, customer_id)"
                 " VALUES (%(id)s, %(merchant_id)s, 'awaiting_customer', %(amount)s, %(currency)s,"
                 " %(phone)s, %(reference)s, %(platform)s, %(conversation)s, %(identity)s,"
-                " %(expires_at)s, %(at)s, %(at)s, %(version)s, %(position)s)",
+                " %(expires_at)s, %(at)s, %(at)s, %(version)s, %(position)s, %(customer_id)s)",
                 {**stamp, "merchant_id": d["merchant_id"], "amount": d["amount_minor"],
-                 "currency": d["currency"], "phone": mask_phone(d["customer_phone"]),
+                 "currency": d["currency"], "customer_id": d.get("customer_id"),
+                 # The sealed phone opened with the customer's key, as the set-based projection does.
+                 "phone": phones_masked(cur, [e], personal_data_reader())[e.event_id],
                  "reference": d["order_reference"], "platform": d["voice_platform"],
                  "conversation": d["conversation_id"], "identity": d["identity_required"],
                  "expires_at": d["expires_at"]},

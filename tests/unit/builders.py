@@ -43,6 +43,8 @@ def open_session(
         "amount_minor": amount_minor,
         "currency": currency,
         "customer_phone": "+14155550123",
+        "customer_id": uuid4(),
+        "seal": fake_seal,
         "order_reference": "ORDER-42",
         "line_items": line_items_for(amount_minor),
         "voice_platform": "vapi",
@@ -53,6 +55,11 @@ def open_session(
     }
     kwargs.update(overrides)
     return PaymentSession.open(uuid4(), **kwargs)
+
+
+def fake_seal(data: dict[str, Any]) -> dict[str, Any]:
+    """Stands in for a customer's data key in domain tests: marks the data as sealed, keeps it."""
+    return {"key_id": "test", "sealed": dict(data)}
 
 
 def attach(session: PaymentSession, payment_id: UUID | None = None, now: datetime = NOW) -> UUID:

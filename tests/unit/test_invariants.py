@@ -18,7 +18,7 @@ from domain.money import CURRENCY_EXPONENTS, max_amount_minor
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
 
-from .builders import EXPIRES_AT, NOW, clear_risk, line_items_for
+from .builders import EXPIRES_AT, NOW, clear_risk, fake_seal, line_items_for
 
 STATEFUL = settings(
     max_examples=200,
@@ -341,6 +341,8 @@ class SessionMachine(EventSourcedMachine):
             amount_minor=amount,
             currency="USD",
             customer_phone="+14155550123",
+            customer_id=uuid4(),
+            seal=fake_seal,
             order_reference="ORDER-1",
             line_items=line_items_for(amount),
             voice_platform="vapi",

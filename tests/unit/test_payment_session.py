@@ -37,6 +37,7 @@ from .builders import (
     SESSION_AMOUNT_MINOR,
     WRONG_CODE_HASH,
     attach,
+    fake_seal,
     line_items_for,
     open_session,
     session_in,
@@ -149,7 +150,9 @@ def test_open_records_the_order() -> None:
     assert session.status == "awaiting_customer"
     assert session.amount_minor == SESSION_AMOUNT_MINOR
     assert session.line_items == line_items_for(SESSION_AMOUNT_MINOR)
-    assert session.metadata == {"store": "12"}
+    # Personal data (the phone, free-text metadata) is recorded only as the seal returned it.
+    assert session.personal == fake_seal({"phone": "+14155550123", "metadata": {"store": "12"}})
+    assert "customer_phone" not in session.__dict__
     assert session.expires_at == EXPIRES_AT
     assert session.code_attempts_left == 5
 

@@ -7,15 +7,16 @@ from typing import Any
 from api.http import schemas
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
-from domain.values import mask_phone
 
 
-def session_from_aggregate(session: PaymentSession, position: int | None, *,
+def session_from_aggregate(session: PaymentSession, position: int | None, *, phone_masked: str,
                            caught_up: bool = True) -> schemas.PaymentSession:
+    """``phone_masked``: the ledger's ``session_phone_masked`` (the aggregate holds the phone only
+    sealed)."""
     return schemas.PaymentSession(
         id=str(session.id), merchant_id=str(session.merchant_id), status=session.status,
         amount=session.amount_minor, currency=session.currency,
-        customer_phone=mask_phone(session.customer_phone), order_reference=session.order_reference,
+        customer_phone=phone_masked, order_reference=session.order_reference,
         voice={"platform": session.voice_platform, "conversation_id": session.conversation_id},
         identity_required=session.needs_identity_check,
         payment_id=str(session.payment_id) if session.payment_id else None,

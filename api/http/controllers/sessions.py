@@ -19,6 +19,7 @@ from api.http.services import ApiServices
 from application.errors import NotFound
 from domain.ledger import Split
 from domain.payment_session import PaymentSession
+from domain.values import mask_phone
 from projections.views import Scope
 
 
@@ -55,7 +56,8 @@ class PaymentSessionController(Controller):
             result = issued.result
             session_id = UUID(result.result["session_id"])
             session = result.saved_one(PaymentSession, session_id) or ledger.get_session(session_id)
-            return 201, session_from_aggregate(session, result.position)
+            # The phone is the request's: no need to open the sealed copy with the customer's key.
+            return 201, session_from_aggregate(session, result.position, phone_masked=mask_phone(data.customer_phone))
 
         return await run_command(request, services, principal, data, run)
 
@@ -85,7 +87,8 @@ class PaymentSessionController(Controller):
                 lambda: services.ledger.get_session(session_id, principal.merchant_id))
         except NotFound:
             raise ApiProblem(404, "not_found", f"no payment session {session_id}") from None
-        return session_from_aggregate(session, None, caught_up=False)
+        phone_masked = await anyio.to_thread.run_sync(lambda: services.ledger.session_phone_masked(session))
+        return session_from_aggregate(session, None, phone_masked=phone_masked, caught_up=False)
 
     @post("/{session_id:uuid}/cancel", operation_id="cancelPaymentSession", status_code=200,
           summary="Cancel a session that has not been paid",
@@ -101,6 +104,7 @@ class PaymentSessionController(Controller):
             result = ledger.cancel_session(command_id, session_id, reason=body.reason, merchant_id=merchant_id)
             # The session as the command saved it; loaded again only for a replayed command.
             session = result.saved_one(PaymentSession, session_id) or ledger.get_session(session_id)
-            return 200, session_from_aggregate(session, result.position)
+            return 200, session_from_aggregate(session, result.position,
+                                               phone_masked=ledger.session_phone_masked(session))
 
         return await run_command(request, services, principal, body, run)

@@ -1,0 +1,146 @@
+"""Customers' data keys in PostgreSQL (tables ``customer_keys`` and ``customer_sessions``,
+migration 0024), behind application/privacy.py's ``CustomerKeys`` port, and what erasing one
+scrubs from the side tables; also the read side's ``PersonalDataReader`` (application/masking.py),
+which opens sealed data inside a projection's own transaction.
+
+A key row holds the key wrapped under the master key (adapters/personal_data.py) and the keyed
+hash of the phone that finds it. Erasure sets both to NULL (the row stays, with ``erased_at``,
+as the record that a key existed and was destroyed), so nothing can open what the key sealed
+and nothing links the pseudonym to a phone any more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from adapters.personal_data import KeyCipher, key_id_of
+from application.privacy import CustomerKey, CustomerKeys, Scrubbed
+from domain.values import ERASED
+
+_KEY_FOR = """
+WITH made AS (
+    INSERT INTO customer_keys (key_id, customer_id, lookup_hash, wrapped_key)
+    VALUES (%(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s)
+    ON CONFLICT (lookup_hash) DO UPDATE SET lookup_hash = EXCLUDED.lookup_hash
+    RETURNING key_id, customer_id, wrapped_key
+), linked AS (
+    INSERT INTO customer_sessions (customer_id, session_id, key_id)
+    SELECT customer_id, %(session_id)s, key_id FROM made WHERE %(session_id)s::uuid IS NOT NULL
+    ON CONFLICT DO NOTHING
+)
+SELECT key_id, customer_id, wrapped_key FROM made
+"""
+
+
+class PostgresCustomerKeys(CustomerKeys):
+    def __init__(self, pool: ConnectionPool[Any], hash_key: bytes) -> None:
+        self._pool = pool
+        self._cipher = KeyCipher(hash_key)
+
+    def _unwrapped(self, row: Sequence[Any] | None) -> CustomerKey | None:
+        if row is None or row[2] is None:
+            return None
+        return CustomerKey(row[0], row[1], self._cipher.unwrap(row[0], row[2]))
+
+    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
+        key_id = uuid4()
+        material = KeyCipher.new_key_material()
+        with self._pool.connection() as conn:
+            row = conn.execute(_KEY_FOR, {
+                "key_id": key_id, "customer_id": uuid4(), "lookup": lookup_hash,
+                "wrapped": self._cipher.wrap(key_id, material), "session_id": session_id,
+            }).fetchone()
+        key = self._unwrapped(row)
+        assert key is not None, "a key found by its lookup hash is live"
+        return key
+
+    def find(self, lookup_hash: str) -> CustomerKey | None:
+        with self._pool.connection() as conn:
+            return self._unwrapped(conn.execute(
+                "SELECT key_id, customer_id, wrapped_key FROM customer_keys WHERE lookup_hash = %s",
+                (lookup_hash,)).fetchone())
+
+    def key(self, key_id: UUID) -> CustomerKey | None:
+        with self._pool.connection() as conn:
+            return self._unwrapped(conn.execute(
+                "SELECT key_id, customer_id, wrapped_key FROM customer_keys WHERE key_id = %s", (key_id,)).fetchone())
+
+    def seal(self, key: CustomerKey, data: Mapping[str, Any]) -> dict[str, Any]:
+        return self._cipher.seal(key, data)
+
+    def open(self, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
+        key_id = key_id_of(sealed)
+        key = self.key(key_id) if key_id is not None else None
+        return None if key is None else self._cipher.open_with(key.material, sealed)
+
+    def sessions_of(self, customer_id: UUID) -> list[UUID]:
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT session_id FROM customer_sessions WHERE customer_id = %s ORDER BY session_id",
+                                (customer_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    def key_created_at(self, customer_id: UUID) -> datetime | None:
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT min(created_at) FROM customer_keys WHERE customer_id = %s",
+                               (customer_id,)).fetchone()
+        return row[0] if row else None
+
+    def destroy(self, customer_id: UUID, *, phone: str, velocity_keys: Sequence[str]) -> Scrubbed:
+        with self._pool.connection() as conn, conn.transaction():
+            return scrub_customer(conn, customer_id, phone=phone, velocity_keys=velocity_keys)
+
+
+def scrub_customer(conn: psycopg.Connection[Any], customer_id: UUID, *, phone: str,
+                   velocity_keys: Sequence[str]) -> Scrubbed:
+    """Destroy the customer's keys and scrub the side tables, in the caller's transaction. The
+    queued SMS of the customer's sessions are deleted (their payload names the phone; the
+    dispatcher has nothing to send to an erased customer), the development mailbox's messages to
+    the phone too, the velocity rows counted for it, and the status read model shows ``erased``
+    where it showed the phone's last four (a rebuild shows the same: the key is gone)."""
+    destroyed = conn.execute(
+        "UPDATE customer_keys SET wrapped_key = NULL, lookup_hash = NULL, erased_at = now()"
+        " WHERE customer_id = %s AND erased_at IS NULL", (customer_id,)).rowcount
+    sessions = [r[0] for r in conn.execute(
+        "SELECT session_id FROM customer_sessions WHERE customer_id = %s", (customer_id,)).fetchall()]
+    rows = {
+        "outbox_messages": conn.execute(
+            "DELETE FROM outbox_messages WHERE aggregate_id = ANY(%s)", (sessions,)).rowcount,
+        "dev_sms_inbox": conn.execute("DELETE FROM dev_sms_inbox WHERE to_phone = %s", (phone,)).rowcount,
+        "risk_attempts": conn.execute(
+            "DELETE FROM risk_attempts WHERE kind = 'phone' AND key = ANY(%s)", (list(velocity_keys),)).rowcount,
+        "session_status": conn.execute(
+            "UPDATE session_status SET customer_phone_masked = %s WHERE customer_id = %s"
+            " AND customer_phone_masked IS DISTINCT FROM %s", (ERASED, customer_id, ERASED)).rowcount,
+    }
+    return Scrubbed(destroyed, tuple(sessions), rows)
+
+
+class PostgresPersonalDataReader:
+    """Opens sealed personal data for a projection, reading the keys with the projection's own
+    cursor (so a rebuild sees the keys as they are: destroyed ones open to nothing)."""
+
+    def __init__(self, hash_key: bytes) -> None:
+        self._cipher = KeyCipher(hash_key)
+
+    def open_many(self, cur: psycopg.Cursor[Any], sealed: Sequence[Mapping[str, Any] | None]
+                  ) -> list[dict[str, Any] | None]:
+        ids = {k for k in (key_id_of(s) for s in sealed) if k is not None}
+        materials: dict[UUID, bytes] = {}
+        if ids:
+            cur.execute("SELECT key_id, wrapped_key FROM public.customer_keys"
+                        " WHERE key_id = ANY(%s) AND wrapped_key IS NOT NULL", (list(ids),))
+            for row in cur.fetchall():
+                key_id, wrapped = (row["key_id"], row["wrapped_key"]) if isinstance(row, dict) else row
+                materials[key_id] = self._cipher.unwrap(key_id, wrapped)
+        opened: list[dict[str, Any] | None] = []
+        for s in sealed:
+            key_id = key_id_of(s)
+            material = materials.get(key_id) if key_id is not None else None
+            opened.append(None if s is None or material is None else self._cipher.open_with(material, s))
+        return opened
