@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from application.privacy import CustomerKey
+from application.privacy import CustomerKey, CustomerKeys
 
 _NONCE_BYTES = 12
 _KEY_BYTES = 32
@@ -77,3 +77,18 @@ def key_id_of(sealed: Mapping[str, Any] | None) -> UUID | None:
         return UUID(str(sealed["key_id"]))
     except ValueError:
         return None
+
+
+class SealingCustomerKeys(CustomerKeys):
+    """Sealing and opening with a ``KeyCipher``, the same for every store of keys: a store gives
+    ``_cipher`` and ``key``."""
+
+    _cipher: KeyCipher
+
+    def seal(self, key: CustomerKey, data: Mapping[str, Any]) -> dict[str, Any]:
+        return self._cipher.seal(key, data)
+
+    def open(self, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
+        key_id = key_id_of(sealed)
+        key = self.key(key_id) if key_id is not None else None
+        return None if key is None else self._cipher.open_with(key.material, sealed)

@@ -5,6 +5,11 @@ commits (ProjectionStore.on_batch), for every aggregate of the batch, already ap
 a worker killed between its commit and its cache write cannot exist: the cache write came first,
 and if the commit is then lost, the redelivered batch writes the same rows again. Two workers may
 race; the compare-and-set keeps the highest version, so the cache never goes back in time.
+Redis itself may: restarted from an older snapshot, it brings back entries older than the read
+model that no later event may overwrite. Every write also increments a clock key; a writer that
+reads a clock not above the last one it saw drops the whole cache (the worker also looks at every
+catch-up while idle, and drops the cache when it starts, since a worker that died may have held
+failed writes to retry).
 ``differences`` lists entries that disagree with the read model (``echotransact replay --verify``).
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,8 +41,13 @@ return 1
 TABLES = {"session": ("session_status", "session_id"), "payment": ("payment_status", "payment_id")}
 
 
+_PREFIX = "echotransact:status:"
+# Incremented with every write of the cache: how a writer sees that Redis went back in time.
+CLOCK_KEY = "echotransact:status-clock"
+
+
 def _key(kind: str, aggregate_id: UUID | str) -> str:
-    return f"echotransact:status:{kind}:{aggregate_id}"
+    return f"{_PREFIX}{kind}:{aggregate_id}"
 
 
 def _row_json(row: dict[str, Any]) -> str:
@@ -56,6 +67,8 @@ class StatusCache:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
+        self._last_clock: int | None = None
+        self._clock_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> StatusCache:
@@ -64,16 +77,58 @@ class StatusCache:
 
     def refresh(self, conn: psycopg.Connection[Any], aggregate_ids: Iterable[UUID]) -> int:
         """Copy the rows of these aggregates, as ``conn`` sees them, into the cache (one pipelined
-        round trip); returns how many entries changed."""
+        round trip); returns how many entries changed. If Redis went back in time since this
+        cache last wrote (it restarted from an older snapshot, whose entries may be older than
+        the read model), every entry is dropped first."""
         ids = list(aggregate_ids)
         if not ids:
             return 0
         pipe = self.client.pipeline(transaction=False)
+        pipe.incr(CLOCK_KEY)
         for kind, row in _rows(conn, ids):
             id_column = TABLES[kind][1]
             self._set_if_newer(keys=[_key(kind, row[id_column])], args=[row["version"], _row_json(row), TTL_S],
                                client=pipe)
-        return sum(int(changed) for changed in pipe.execute())
+        with self._clock_lock:  # the clock's reading and its comparison, one thread at a time
+            clock, *changed = pipe.execute()
+            went_back = self._went_back(int(clock))
+        if went_back:
+            self.clear()
+            return self.refresh(conn, ids)
+        return sum(int(c) for c in changed)
+
+    def check(self) -> bool:
+        """Drop every entry if Redis went back in time since this cache last looked (for an idle
+        worker, between batches); True when it did."""
+        with self._clock_lock:
+            went_back = self._went_back(int(self.client.incr(CLOCK_KEY)))
+        if went_back:
+            self.clear()
+            return True
+        return False
+
+    def _went_back(self, clock: int) -> bool:
+        # The clock only grows, whoever increments it; a value not above the last one seen here
+        # means Redis lost writes (a restart from a snapshot, or a new empty server).
+        went_back = self._last_clock is not None and clock <= self._last_clock
+        self._last_clock = clock
+        if went_back:
+            log.warning("status_cache_went_back", clock=clock)
+        return went_back
+
+    def clear(self) -> int:
+        """Drop every cached status (reads fall through to the read model until the worker
+        writes them again); how many entries were dropped."""
+        dropped = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=f"{_PREFIX}*", count=1_000):
+            batch.append(key)
+            if len(batch) >= 1_000:
+                dropped += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            dropped += int(self.client.unlink(*batch))
+        return dropped
 
     def differences(self, conn: psycopg.Connection[Any], *, batch: int = 1_000,
                     max_rows: int = 50) -> list[tuple[str, str, dict[str, Any] | None]]:

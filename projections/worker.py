@@ -69,6 +69,7 @@ class ProjectionWorker:
         topic_prefix: str = DEFAULT_TOPIC_PREFIX,
     ) -> None:
         self.cache = StatusCache.from_url(redis_url) if redis_url else None
+        self._cache_suspect = True  # see _tend_cache
         # Aggregates whose cache write failed (Redis unreachable): retried with the next batch.
         self._stale_in_cache: set[UUID] = set()
         self._stale_lock = threading.Lock()
@@ -154,7 +155,27 @@ class ProjectionWorker:
                 if len(self._stale_in_cache) < MAX_STALE_IN_CACHE:
                     self._stale_in_cache.update(ids)
 
+    def _tend_cache(self) -> None:
+        """Drop the whole status cache when it may hold entries older than the read model: at
+        start (a worker that died may have held cache writes that had failed, to retry), and when
+        Redis went back in time (restarted from an older snapshot). Until Redis answers, tried
+        again at every catch-up."""
+        if self.cache is None:
+            return
+        try:
+            if self._cache_suspect:
+                dropped = self.cache.clear()
+                self.cache.check()  # the clock as it is now: later writes compare with it
+                self._cache_suspect = False
+                log.info("status_cache_cleared", dropped=dropped)
+            else:
+                self.cache.check()
+        except redis.RedisError as error:
+            self._cache_suspect = True
+            log.warning("status_cache_unavailable", error=str(error))
+
     def _catch_up(self) -> None:
+        self._tend_cache()
         try:
             applied = self.catch_up_store.catch_up(grace=self.catch_up_grace)
         except RETRYABLE as error:

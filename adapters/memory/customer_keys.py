@@ -4,14 +4,13 @@ adapters/postgres/customer_keys.py): the same cryptography, nothing kept past th
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID, uuid4
 
-from adapters.personal_data import KeyCipher, key_id_of
-from application.privacy import CustomerKey, CustomerKeys, Scrubbed
+from adapters.personal_data import KeyCipher, SealingCustomerKeys
+from application.privacy import CustomerKey, Scrubbed
 
 
 @dataclass
@@ -24,7 +23,7 @@ class _Row:
     sessions: set[UUID] = field(default_factory=set)
 
 
-class InMemoryCustomerKeys(CustomerKeys):
+class InMemoryCustomerKeys(SealingCustomerKeys):
     def __init__(self, hash_key: bytes) -> None:
         self._cipher = KeyCipher(hash_key)
         self._rows: dict[UUID, _Row] = {}
@@ -53,14 +52,6 @@ class InMemoryCustomerKeys(CustomerKeys):
 
     def key(self, key_id: UUID) -> CustomerKey | None:
         return self._key(self._rows.get(key_id))
-
-    def seal(self, key: CustomerKey, data: Mapping[str, Any]) -> dict[str, Any]:
-        return self._cipher.seal(key, data)
-
-    def open(self, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
-        key_id = key_id_of(sealed)
-        key = self.key(key_id) if key_id is not None else None
-        return None if key is None else self._cipher.open_with(key.material, sealed)
 
     def sessions_of(self, customer_id: UUID) -> list[UUID]:
         return sorted({s for r in self._rows.values() if r.customer_id == customer_id for s in r.sessions})

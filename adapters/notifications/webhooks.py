@@ -146,7 +146,9 @@ USER_AGENT = "EchoTransact-Webhooks/1"
 # Keyed hashes are masked to "***" by mask_event_data; a receiver has no use for even that.
 # Card tokens never reach a merchant: they are the platform's handle on the customer's card.
 # A created event's originator_topic is the event library's name for our class: nobody's business.
-_NEVER_SENT = SECRET_FIELDS | {"card_token", "originator_topic"}
+# ``personal``: data sealed under the customer's key, of no use to a receiver (who gets the
+# pseudonymous ``customer_id``), and never to be copied out of the event store.
+_NEVER_SENT = SECRET_FIELDS | {"card_token", "originator_topic", "personal"}
 
 
 class DeliveryKind:

@@ -19,8 +19,8 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from adapters.personal_data import KeyCipher, key_id_of
-from application.privacy import CustomerKey, CustomerKeys, Scrubbed
+from adapters.personal_data import KeyCipher, SealingCustomerKeys, key_id_of
+from application.privacy import CustomerKey, Scrubbed
 from domain.values import ERASED
 
 _KEY_FOR = """
@@ -38,7 +38,7 @@ SELECT key_id, customer_id, wrapped_key FROM made
 """
 
 
-class PostgresCustomerKeys(CustomerKeys):
+class PostgresCustomerKeys(SealingCustomerKeys):
     def __init__(self, pool: ConnectionPool[Any], hash_key: bytes) -> None:
         self._pool = pool
         self._cipher = KeyCipher(hash_key)
@@ -70,14 +70,6 @@ class PostgresCustomerKeys(CustomerKeys):
         with self._pool.connection() as conn:
             return self._unwrapped(conn.execute(
                 "SELECT key_id, customer_id, wrapped_key FROM customer_keys WHERE key_id = %s", (key_id,)).fetchone())
-
-    def seal(self, key: CustomerKey, data: Mapping[str, Any]) -> dict[str, Any]:
-        return self._cipher.seal(key, data)
-
-    def open(self, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
-        key_id = key_id_of(sealed)
-        key = self.key(key_id) if key_id is not None else None
-        return None if key is None else self._cipher.open_with(key.material, sealed)
 
     def sessions_of(self, customer_id: UUID) -> list[UUID]:
         with self._pool.connection() as conn:

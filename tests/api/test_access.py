@@ -189,6 +189,10 @@ ENDPOINTS = [
     Endpoint("updateMerchant", "PATCH", "/v1/merchants/{merchant}", ADMIN, body={"name": "Renamed"}),
     Endpoint("createMerchantKey", "POST", "/v1/merchants/{merchant}/keys", ADMIN, 201,
              body={"label": "till 2"}),
+    # A phone nobody used: the erasure records nothing, the export finds nothing.
+    Endpoint("eraseCustomer", "POST", "/v1/customers/erasures", ADMIN,
+             body={"customer_phone": "+14155550199", "reason": "asked by phone"}),
+    Endpoint("exportCustomer", "POST", "/v1/customers/exports", ADMIN, body={"customer_phone": "+14155550199"}),
 ]
 BY_ID = {e.operation_id: e for e in ENDPOINTS}
 # Processors sign their notifications instead of sending a key: no role reaches this one or is

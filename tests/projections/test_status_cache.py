@@ -138,3 +138,48 @@ def test_the_event_loop_read_answers_what_the_blocking_read_answers_and_defers_t
         # Redis unreachable: a miss, and the blocking read answers from PostgreSQL.
         gone = StatusQueries(views, loop_cache=AsyncStatusReader("redis://127.0.0.1:1", timeout_s=0.2))
         assert asyncio.run(gone.cached("session", session_id, scope=mine)) is None
+
+
+def test_a_redis_gone_back_in_time_loses_every_entry_not_just_the_stale_ones(
+    ledger: Ledger, cached_store: ProjectionStore, cache: StatusCache, database_url: str, settings: Settings
+) -> None:
+    """Redis restarted from an older snapshot brings back entries older than the read model, and
+    no later event may come to overwrite them: the next write (or an idle worker's check) sees
+    the write clock go back and drops the whole cache."""
+    merchant = new_merchant(ledger, "cache-back")
+    session_id = open_session(ledger, merchant, "cache-back-s")
+    cached_store.apply_batch(feed(database_url, settings))
+    old = session_row(database_url, session_id)
+    ledger.authorize_payment(pay(ledger, session_id, prefix="cache-back-"))
+    cached_store.apply_batch(feed(database_url, settings))
+    assert session_row(database_url, session_id)["version"] != old["version"]
+
+    # The snapshot: the clock as it was, the session as it was.
+    cache.client.set("echotransact:status-clock", 1)
+    cache.client.delete(_key("session", session_id))
+    cache.client.hset(_key("session", session_id), mapping={"version": str(old["version"]), "row": _row_json(old)})
+    with psycopg.connect(database_url) as conn:
+        assert cache.differences(conn) != []
+
+    assert cache.check() is True  # an idle worker's look
+    assert cache.get("session", session_id) is None  # a miss: the read model answers
+    with psycopg.connect(database_url) as conn:
+        assert cache.differences(conn) == []
+    assert cache.check() is False  # and only once
+
+
+def test_a_worker_starts_with_an_empty_cache(servers: ServerURLs, database_url: str, settings: Settings) -> None:
+    """A worker that died may have held cache writes that had failed (Redis was down), to retry:
+    its successor cannot know which, so it drops every entry before it applies anything."""
+    from projections.worker import ProjectionWorker
+
+    client = redis.Redis.from_url(servers.redis_url)
+    client.hset(_key("session", "00000000-0000-0000-0000-000000000001"), mapping={"version": "1", "row": "{}"})
+    worker = ProjectionWorker(database_url=database_url, kafka_bootstrap_servers=servers.kafka_bootstrap_servers,
+                              redis_url=servers.redis_url, projections=list(all_projections().values()),
+                              open_envelope=envelope_opener(settings), topic_prefix="cache-start")
+    try:
+        worker._catch_up()  # what run() does first
+    finally:
+        worker.close()
+    assert client.exists(_key("session", "00000000-0000-0000-0000-000000000001")) == 0

@@ -329,33 +329,13 @@ class ConsoleController(Controller):
 
     @get("/payouts")
     async def payouts(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/payouts")
-            if isinstance(visit, Response):
-                return visit
-            after = _uuid(_query(request, "after"))
-            try:
-                rows, more = services.views.payouts(visit.scope, limit=25, starting_after=after)
-            except ValueError:
-                rows, more = [], False
-            return html(visit.page, "payouts.html", rows=rows,
-                        next_url=f"/console/payouts?after={rows[-1]['payout_id']}" if more and rows else None)
-        return await _in_thread(run)
+        return await _in_thread(lambda: _paged_page(request, services, "payouts", "payout_id",
+                                                    services.views.payouts))
 
     @get("/disputes")
     async def disputes(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/disputes")
-            if isinstance(visit, Response):
-                return visit
-            after = _uuid(_query(request, "after"))
-            try:
-                rows, more = services.views.disputes(visit.scope, limit=25, starting_after=after)
-            except ValueError:
-                rows, more = [], False
-            return html(visit.page, "disputes.html", rows=rows,
-                        next_url=f"/console/disputes?after={rows[-1]['dispute_id']}" if more and rows else None)
-        return await _in_thread(run)
+        return await _in_thread(lambda: _paged_page(request, services, "disputes", "dispute_id",
+                                                    services.views.disputes))
 
     # -- merchants: webhooks ------------------------------------------------------------------------
 
@@ -881,3 +861,19 @@ def _keys_page(visit: Visit, status: int = 200, *, error: str | None = None, iss
     notices = {"revoked": "Key revoked; its console sessions ended.", "merchant": "Merchant registered."}
     return html(visit.page, "keys.html", status, merchants=merchants, keys=keys, roles=ROLES, error=error,
                 issued=issued, notice=notices.get(notice))
+
+
+def _paged_page(request: Request[Any, Any, Any], services: ApiServices, name: str, id_key: str,
+                fetch: Callable[..., tuple[list[dict[str, Any]], bool]]) -> Response[Any]:
+    """A list page of 25 rows, newest first, with a cursor to the next page (a cursor the scope
+    cannot see gives an empty page)."""
+    visit = _visit(request, services, f"/console/{name}")
+    if isinstance(visit, Response):
+        return visit
+    after = _uuid(_query(request, "after"))
+    try:
+        rows, more = fetch(visit.scope, limit=25, starting_after=after)
+    except ValueError:
+        rows, more = [], False
+    return html(visit.page, f"{name}.html", rows=rows,
+                next_url=f"/console/{name}?after={rows[-1][id_key]}" if more and rows else None)
