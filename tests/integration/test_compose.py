@@ -48,7 +48,18 @@ def test_the_database_url_points_at_the_compose_postgres() -> None:
         # Every service runs as the application's role, never as the image's superuser.
         url = SERVICES[name]["environment"]["DATABASE_URL"]
         assert re.fullmatch(rf"postgresql://echotransact_app:.+@postgres:5432/{db['POSTGRES_DB']}", url), name
-    assert SERVICES["api"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert SERVICES["api"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092,kafka-2:9092,kafka-3:9092"
+
+
+def test_kafka_is_three_brokers_replicating_the_event_topics_three_times() -> None:
+    nodes = [SERVICES[name]["environment"] for name in ("kafka", "kafka-2", "kafka-3")]
+    assert sorted(int(env["KAFKA_NODE_ID"]) for env in nodes) == [1, 2, 3]
+    assert len({env["CLUSTER_ID"] for env in nodes}) == 1
+    assert all(env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@kafka:9093,2@kafka-2:9093,3@kafka-3:9093" for env in nodes)
+    # The topics take the brokers' default (adapters/kafka/topics.py asks for replication factor -1).
+    assert all(int(env["KAFKA_DEFAULT_REPLICATION_FACTOR"]) == 3 and int(env["KAFKA_MIN_INSYNC_REPLICAS"]) == 2
+               for env in nodes)
+    assert {SERVICES["relay"]["deploy"]["replicas"], SERVICES["worker"]["deploy"]["replicas"]} == {2}
 
 
 def test_only_the_migrate_service_gets_the_owners_url() -> None:
