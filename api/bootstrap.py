@@ -291,13 +291,17 @@ def build_relay(settings: Settings, urls: ServerUrls) -> Loop:
 
 def build_worker(settings: Settings, urls: ServerUrls) -> Callable[[], None]:
     """``echotransact worker``: the Faust projection worker (it handles SIGTERM itself)."""
-    from adapters.kafka.topics import ensure_topics
+    from adapters.kafka.lag import ConsumerLag
+    from adapters.kafka.topics import DEFAULT_PARTITIONS, ensure_topics
+    from application.envelope import event_topics
     from projections.registry import all_projections
-    from projections.worker import run_worker
+    from projections.worker import consumer_group, run_worker
 
     def run() -> None:
         ensure_topics(urls.kafka_bootstrap_servers, settings.topic_prefix)
-        with observed(settings, "worker", urls.database_url, projections=list(all_projections())):
+        lag = ConsumerLag(urls.kafka_bootstrap_servers, consumer_group(settings.topic_prefix),
+                          event_topics(settings.topic_prefix), partitions=DEFAULT_PARTITIONS)
+        with observed(settings, "worker", urls.database_url, projections=list(all_projections()), collectors=[lag]):
             run_worker(
                 database_url=urls.database_url, kafka_bootstrap_servers=urls.kafka_bootstrap_servers,
                 redis_url=urls.redis_url, projections=list(all_projections(personal_data_reader(settings)).values()),

@@ -184,23 +184,25 @@ def metrics_port(settings: Settings, process: str) -> int:
 
 
 def serve_process_metrics(settings: Settings, process: str, database_url: str, *,
-                          projections: Iterable[str] = ()) -> Any:
+                          projections: Iterable[str] = (), collectors: Iterable[Collector] = ()) -> Any:
     """Serve this background process's ``/metrics`` on its port (ECHOTRANSACT_<PROCESS>_METRICS_PORT,
-    0: not at all); returns the server to ``shutdown()``, or None."""
+    0: not at all), with its own ``collectors`` too; returns the server to ``shutdown()``, or None."""
     port = metrics_port(settings, process)
     if not port:
         return None
     gauges = DatabaseGauges(connect_per_scrape(database_url), PROCESS_CHECKS[process], projections=list(projections))
-    server, _thread = start_http_server(port, addr=settings.metrics_host, registry=process_registry(gauges))
+    server, _thread = start_http_server(port, addr=settings.metrics_host,
+                                        registry=process_registry(gauges, *collectors))
     return server
 
 
 @contextmanager
-def observed(settings: Settings, process: str, database_url: str, *, projections: Iterable[str] = ()) -> Iterator[None]:
+def observed(settings: Settings, process: str, database_url: str, *, projections: Iterable[str] = (),
+             collectors: Iterable[Collector] = ()) -> Iterator[None]:
     """For as long as a background process runs: its traces (when OTEL_EXPORTER_OTLP_ENDPOINT is
     set, api/tracing.py) and its ``/metrics`` port (when set)."""
     tracing.configure_tracing(process, settings.otel_exporter_otlp_endpoint)
-    server = serve_process_metrics(settings, process, database_url, projections=projections)
+    server = serve_process_metrics(settings, process, database_url, projections=projections, collectors=collectors)
     try:
         yield
     finally:

@@ -52,6 +52,11 @@ RETRYABLE = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
 
 
+def consumer_group(topic_prefix: str) -> str:
+    """The Kafka consumer group (the Faust app's id) the projection workers share."""
+    return f"{topic_prefix}-projections"
+
+
 class ProjectionWorker:
     def __init__(
         self,
@@ -80,7 +85,7 @@ class ProjectionWorker:
         datadir = os.path.join(tempfile.gettempdir(), "echotransact-faust", topic_prefix)
         os.makedirs(datadir, exist_ok=True)
         self.app = faust.App(
-            f"{topic_prefix}-projections",
+            consumer_group(topic_prefix),
             broker=f"kafka://{kafka_bootstrap_servers}",
             value_serializer="raw",
             key_serializer="raw",

@@ -205,3 +205,33 @@ def test_a_background_process_serves_its_own_metrics_on_its_port(database_url: s
     assert ("echotransact_outbox_unpublished_rows", ()) in found
     assert ("echotransact_relay_published_messages_total", ()) in found, adapters.kafka.relay.PUBLISHED
     assert not [name for name, _ in found if name.startswith("echotransact_projection_lag")]
+
+
+def test_the_workers_consumer_lag_is_what_their_group_has_not_committed(servers: ServerURLs) -> None:
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from adapters.kafka.lag import NAME, ConsumerLag
+    from adapters.kafka.topics import ensure_topics
+    from application.envelope import event_topics
+    from projections.worker import consumer_group
+
+    prefix = f"lag-{uuid.uuid4().hex[:8]}"
+    topics = ensure_topics(servers.kafka_bootstrap_servers, prefix)
+    producer = Producer({"bootstrap.servers": servers.kafka_bootstrap_servers})
+    for i in range(5):  # one produce request each (Tansu numbers a batch's records as one offset)
+        producer.produce(topics[0], key=f"k{i}".encode(), value=b"v", partition=i % 2)
+        assert producer.flush(15) == 0
+    lag = ConsumerLag(servers.kafka_bootstrap_servers, consumer_group(prefix), event_topics(prefix), cache_s=0)
+    others = dict.fromkeys(event_topics(prefix)[1:], 0)
+    assert lag.lag() == {topics[0]: 5, **others}  # nothing committed yet
+
+    # The group commits what it applied of partition 0 (3 of its messages).
+    committer = Consumer({"bootstrap.servers": servers.kafka_bootstrap_servers, "group.id": consumer_group(prefix),
+                          "enable.auto.commit": False})
+    try:
+        committer.commit(offsets=[TopicPartition(topics[0], 0, 3)], asynchronous=False)
+    finally:
+        committer.close()
+    assert lag.lag()[topics[0]] == 2
+    scraped = {s.labels["topic"]: s.value for family in lag.collect() for s in family.samples if s.name == NAME}
+    assert scraped == {topics[0]: 2, **others}
