@@ -306,3 +306,28 @@ def test_a_pool_that_has_no_connection_to_lend_is_reported_after_one_wait_not_te
     finally:
         ledger.close()
         pool.close()
+
+
+def test_a_pool_grown_under_load_is_back_to_one_connection_after_one_idle_period(database_url: str) -> None:
+    """psycopg_pool alone closes one idle connection per max_idle period (a pool grown to 9
+    still held 4 after 10 s at rest); ours closes every connection that stayed unused through a
+    period. The periods are driven by hand here (max_idle is long enough never to fire)."""
+    import contextlib
+    import time
+
+    from adapters.postgres.connection import open_pool
+
+    pool = open_pool(database_url, max_size=6, max_idle_s=600, wait_s=5)
+    try:
+        with contextlib.ExitStack() as held:
+            for _ in range(6):
+                held.enter_context(pool.connection())
+        deadline = time.monotonic() + 10
+        while pool.get_stats()["pool_available"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the pool takes connections back in its own thread
+        assert pool.get_stats()["pool_available"] == 6
+        pool._shrink_pool()  # ends the period of the load (it may close one) and starts a quiet one
+        pool._shrink_pool()  # ends a period in which none was used
+        assert pool.get_stats()["pool_size"] == 1
+    finally:
+        pool.close()
