@@ -93,6 +93,19 @@ _FETCH_BATCH = """
     LIMIT %(limit)s
 """
 
+# A relay holding every lock partition (the usual single relay) reads the unpublished rows in
+# the partial index's order and stops at the batch's size. With the partitions' filter the
+# planner cannot tell how many rows pass it and reads and sorts every unpublished row instead:
+# 8 ms per batch of 500 with 5,000 rows waiting, growing with the backlog.
+_FETCH_BATCH_ALL_PARTITIONS = """
+    SELECT outbox_id, position, event_id, topic, message_key, envelope
+    FROM outbox
+    WHERE published_at IS NULL
+      AND NOT message_key = ANY(%(poisoned)s::text[])
+    ORDER BY outbox_id
+    LIMIT %(limit)s
+"""
+
 _MARK_PUBLISHED = """
     UPDATE outbox SET published_at = now()
     WHERE outbox_id = ANY(%s::bigint[]) AND published_at IS NULL
@@ -251,7 +264,7 @@ class OutboxRelay:
         rows = [
             _Row(r[0], r[1], r[2], r[3], r[4], bytes(r[5]))
             for r in conn.execute(
-                _FETCH_BATCH,
+                _FETCH_BATCH_ALL_PARTITIONS if len(self._held) == self.lock_partitions else _FETCH_BATCH,
                 {"lock_partitions": self.lock_partitions, "partitions": sorted(self._held),
                  "poisoned": sorted(self._poisoned), "limit": self.batch_size},
             )
