@@ -31,7 +31,8 @@ from application.ports import Clock, PaymentProcessor, ProcessorRouter
 
 if TYPE_CHECKING:
     from adapters.notifications.sms import MessageDispatcher
-    from adapters.postgres.customer_keys import PostgresPersonalDataReader
+    from adapters.personal_data import KeyCipher
+    from adapters.postgres.customer_keys import PostgresCustomerKeys, PostgresPersonalDataReader
     from api.http.services import ApiServices
 
 
@@ -142,9 +143,7 @@ def build_ledger(
     # Disputes: the payment behind a processor's capture reference.
     extra.setdefault("payment_references", PostgresPaymentReferences(pool))
     # Customers' data keys: personal data in events is sealed under them (application/privacy.py).
-    from adapters.postgres.customer_keys import PostgresCustomerKeys
-
-    extra.setdefault("customer_keys", PostgresCustomerKeys(pool, settings.hash_key))
+    extra.setdefault("customer_keys", build_customer_keys(settings, pool))
     if settings.processors:
         from adapters.processors.settlement import HttpSettlementReports
 
@@ -183,24 +182,39 @@ def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
             Environment("ENVELOPE", {"CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()})
         )
 
-    # What opens envelopes also opens the personal data they seal: projections built without a
-    # reader of their own (projections/status.py) use this process's.
-    from application.masking import set_personal_data_reader
-
-    set_personal_data_reader(personal_data_reader(settings))
-
     def open_envelope(payload: bytes) -> EventEnvelope:
         return decode(cipher.decrypt(bytes(payload)) if cipher else bytes(payload))
 
     return open_envelope
 
 
+def key_cipher(settings: Settings) -> KeyCipher:
+    """What wraps customers' data keys (under ECHOTRANSACT_MASTER_KEY) and unwraps them (under it,
+    a previous master key, or, for keys from before 0026, the key once derived from the hash key)."""
+    from adapters.personal_data import KeyCipher, MasterKeys
+
+    if settings.master_key is None:
+        raise ConfigurationError("ECHOTRANSACT_MASTER_KEY is required (base64, 32 bytes): it wraps customers'"
+                                 " data keys; `echotransact run` makes a development one under the data directory")
+    return KeyCipher(MasterKeys(settings.master_key, settings.previous_master_keys,
+                                legacy_hash_key=settings.hash_key))
+
+
+def build_customer_keys(settings: Settings, pool: ConnectionPool[Any]) -> PostgresCustomerKeys:
+    """Customers' data keys in PostgreSQL: personal data in events is sealed under them."""
+    from adapters.postgres.customer_keys import PostgresCustomerKeys
+
+    return PostgresCustomerKeys(pool, key_cipher(settings))
+
+
 def personal_data_reader(settings: Settings) -> PostgresPersonalDataReader:
     """What opens customers' sealed personal data on the read side (the status projection's masked
-    phone), with the keys as they are now: destroyed ones open to nothing."""
+    phone, the evidence pack's IP address and free text), with the keys as they are now: destroyed
+    ones open to nothing. Given to each projection and read view that needs it, never installed
+    process-wide: two ledgers in one process keep their keys apart."""
     from adapters.postgres.customer_keys import PostgresPersonalDataReader
 
-    return PostgresPersonalDataReader(settings.hash_key)
+    return PostgresPersonalDataReader(key_cipher(settings))
 
 
 def build_api_services(settings: Settings, database_url: str, redis_url: str, kafka_bootstrap_servers: str,
@@ -219,7 +233,8 @@ def build_api_services(settings: Settings, database_url: str, redis_url: str, ka
 
     client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     pool = open_database(database_url)
-    views = ReadViews(pool)
+    # The evidence pack opens the page's IP address and free text with this process's keys.
+    views = ReadViews(pool, personal=personal_data_reader(settings))
     return ApiServices(
         vault=CardVault(pool, settings.vault_key) if settings.vault_key else None,
         settings=settings,

@@ -441,7 +441,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     """Send webhooks and commerce orders (dispatch), or an operator's tools on them."""
-    from adapters.notifications.webhooks import WebhookAdmin, webhook_secret
+    from adapters.notifications.webhooks import WebhookAdmin
     from api.bootstrap import ServerUrls, build_webhooks
 
     data_dir = _data_dir()
@@ -462,7 +462,45 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             for row in admin.attempts(endpoint=args.endpoint, delivery_id=args.delivery, limit=args.limit):
                 print(json.dumps(row, default=str))
             return 0
-        print(webhook_secret(settings.hash_key, args.merchant))
+        return _webhook_secret(settings, urls[0], args)
+    return 0
+
+
+def _webhook_secret(settings: Settings, database_url: str, args: argparse.Namespace) -> int:
+    """Print a merchant's current webhook signing secret, or rotate it (--rotate) and print the new
+    one; the previous one keeps signing beside it for --overlap-hours. Secrets are derived from
+    the hash key and the merchant's secret version, never stored."""
+    import uuid
+    from datetime import timedelta
+
+    from adapters.notifications.webhooks import PLATFORM_ID, webhook_secret
+    from api.bootstrap import build_ledger
+    from application.errors import NotFound
+    from domain.errors import DomainError
+
+    merchant_id = uuid.UUID(args.merchant)
+    if merchant_id == PLATFORM_ID:  # the platform's own secret has no merchant, and one version
+        if args.rotate:
+            raise ConfigurationError("the platform's webhook secret has no rotation; rotate a merchant's")
+        print(webhook_secret(settings.hash_key, merchant_id))
+        return 0
+    ledger = build_ledger(settings, database_url)
+    try:
+        if args.rotate:
+            rotated = ledger.rotate_webhook_secret(args.idempotency_key or f"cli:{uuid.uuid4().hex}", merchant_id,
+                                                   overlap=timedelta(hours=args.overlap_hours)).result
+            version = int(rotated["secret_version"])
+            print(f"secret version {version}; the previous one also signs until "
+                  f"{rotated['previous_secret_valid_until']}", file=sys.stderr)
+        else:
+            version = ledger.get_merchant(merchant_id).webhook_secret_version
+    except NotFound as error:
+        raise ConfigurationError(error.message) from None
+    except DomainError as error:
+        raise ConfigurationError(f"{error.code}: {error.message}") from None
+    finally:
+        ledger.close()
+    print(webhook_secret(settings.hash_key, merchant_id, version))
     return 0
 
 
@@ -521,6 +559,8 @@ def cmd_customers(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir()
     settings = _settings(data_dir)
+    if args.customers_command == "rewrap":
+        return _rewrap_customer_keys(settings, data_dir, args.batch_size)
     with _servers(data_dir) as (database_url, redis_url, _kafka):
         ledger = build_ledger(settings, database_url)
         try:
@@ -550,6 +590,20 @@ def cmd_customers(args: argparse.Namespace) -> int:
                       "sessions": len(erasure.session_ids),
                       "rows_scrubbed": {t: sum(s.rows.get(t, 0) for s in erasure.scrubbed)
                                         for t in sorted({t for s in erasure.scrubbed for t in s.rows})}}, indent=2))
+    return 0
+
+
+def _rewrap_customer_keys(settings: Settings, data_dir: Path, batch_size: int) -> int:
+    """Every live data key wrapped under ECHOTRANSACT_MASTER_KEY: the step of a master key's
+    rotation after which the previous one (ECHOTRANSACT_PREVIOUS_MASTER_KEYS) can be dropped."""
+    from api.bootstrap import build_customer_keys, open_database
+
+    with _servers(data_dir) as (database_url, _redis, _kafka), open_database(database_url) as pool:
+        keys = build_customer_keys(settings, pool)
+        rewrapped = keys.rewrap(batch_size=batch_size)
+        by_master = keys.master_key_ids()
+    print(json.dumps({"rewrapped": rewrapped, "master_key_id": keys.master_key_id,
+                      "live_keys_by_master_key_id": by_master}, indent=2))
     return 0
 
 
@@ -844,8 +898,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     webhook_log.add_argument("--endpoint")
     webhook_log.add_argument("--delivery", type=int)
     webhook_log.add_argument("--limit", type=int, default=50)
-    secret = webhooks_sub.add_parser("secret", help="a merchant's webhook signing secret")
+    secret = webhooks_sub.add_parser("secret", help="a merchant's webhook signing secret (or --rotate it)")
     secret.add_argument("--merchant", required=True, type=_uuid_arg)
+    secret.add_argument("--rotate", action="store_true",
+                        help="a new secret, printed once; the previous one also signs during the overlap")
+    secret.add_argument("--overlap-hours", type=float, default=24.0,
+                        help="with --rotate: how long the previous secret keeps signing (default 24, at most 168)")
+    secret.add_argument("--idempotency-key", help="with --rotate: the command id, to retry a rotation safely")
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="issue a key and print it once")
@@ -879,6 +938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     customer_export = customers_sub.add_parser("export", help="everything held about the customer, as JSON")
     customer_export.add_argument("--phone", required=True, help="the customer's phone, E.164")
     customer_export.add_argument("--output", "-o", help="file to write, mode 600 (default: standard output)")
+    rewrap = customers_sub.add_parser(
+        "rewrap", help="wrap every live data key under ECHOTRANSACT_MASTER_KEY (rotation: the old master key in"
+                       " ECHOTRANSACT_PREVIOUS_MASTER_KEYS until this ran)")
+    rewrap.add_argument("--batch-size", type=int, default=500, help="keys per transaction (500)")
     args = parser.parse_args(argv)
     handlers = {
         "run": cmd_run, "serve": cmd_serve, "migrate": cmd_migrate, "relay": cmd_relay, "worker": cmd_worker,

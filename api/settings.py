@@ -54,6 +54,26 @@ def _base64_key(*sizes: int) -> Any:
     return BeforeValidator(check)
 
 
+def _base64_keys(value: Any) -> tuple[bytes, ...]:
+    """Comma-separated base64 32-byte keys (or already a sequence of keys)."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value or ())
+    keys = []
+    for part in parts:
+        if isinstance(part, bytes):
+            key = part
+        elif not part:
+            continue
+        else:
+            try:
+                key = base64.b64decode(part, validate=True)
+            except (ValueError, binascii.Error):
+                raise ValueError("must be comma-separated base64 keys") from None
+        if len(key) != 32:
+            raise ValueError("each key must decode to 32 bytes")
+        keys.append(key)
+    return tuple(keys)
+
+
 def parse_thresholds(text: Any) -> dict[str, int]:
     """``USD=10000,EUR=10000``: identity check thresholds in minor units, over the defaults."""
     if isinstance(text, Mapping):
@@ -182,6 +202,13 @@ class Settings(BaseModel):
         default=None)
     hash_key: Annotated[bytes, _base64_key(32)] = _env(
         "ECHOTRANSACT_HASH_KEY", "base64 key for keyed hashes of one-time codes, link tokens, API keys (required)")
+    # Its own key, never derived from another: a leaked or rotated hash key exposes no data key.
+    master_key: Annotated[bytes | None, _base64_key(32)] = _env(
+        "ECHOTRANSACT_MASTER_KEY", "base64 32-byte AES key wrapping customers' data keys (required to run a "
+        "ledger; `echotransact run` makes a development one)", default=None)
+    previous_master_keys: Annotated[tuple[bytes, ...], BeforeValidator(_base64_keys)] = _env(
+        "ECHOTRANSACT_PREVIOUS_MASTER_KEYS", "comma-separated base64 master keys that may still unwrap data keys, "
+        "until `echotransact customers rewrap` moved them all to ECHOTRANSACT_MASTER_KEY", default=())
     host: str = _env("ECHOTRANSACT_HOST", "address the API listens on (127.0.0.1)", default="127.0.0.1")
     port: int = _env("ECHOTRANSACT_PORT", "port the API listens on (8000; 0 picks a free one)", default=8000,
                      ge=0, le=65535)
@@ -296,6 +323,8 @@ class Settings(BaseModel):
     def _consistent(self) -> Settings:
         if self.vault_key is not None and self.vault_key == self.encryption_key:
             raise ValueError("ECHOTRANSACT_VAULT_KEY must differ from ECHOTRANSACT_ENCRYPTION_KEY")
+        if self.master_key is not None and self.master_key in (self.hash_key, self.encryption_key, self.vault_key):
+            raise ValueError("ECHOTRANSACT_MASTER_KEY must differ from the hash, encryption and vault keys")
         # Velocity rows are kept at least as long as the window they count in.
         window = timedelta(minutes=self.risk_policy.velocity_window_minutes)
         if self.retention_policy.velocity_window != window:
@@ -336,7 +365,7 @@ def _explain(error: ValidationError) -> str:
         where = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         # Never echo a key or token back into a log or terminal.
-        shown = where in ENV_VARS and not where.endswith(("_KEY", "_TOKEN", "_SECRETS"))
+        shown = where in ENV_VARS and not where.endswith(("_KEY", "_KEYS", "_TOKEN", "_SECRETS"))
         lines.append((f"{where}: " if where else "") + message + (f" (got {problem['input']!r})" if shown else ""))
     return "; ".join(lines)
 
@@ -349,7 +378,8 @@ ENV_VARS: Mapping[str, str] = {
 def development_keys(data_dir: Path) -> dict[str, str]:
     """Keys for a development machine, made once and kept (mode 600) under the data dir."""
     path = data_dir / "dev-keys.json"
-    names = ("ECHOTRANSACT_ENCRYPTION_KEY", "ECHOTRANSACT_HASH_KEY", "ECHOTRANSACT_VAULT_KEY")
+    names = ("ECHOTRANSACT_ENCRYPTION_KEY", "ECHOTRANSACT_HASH_KEY", "ECHOTRANSACT_VAULT_KEY",
+             "ECHOTRANSACT_MASTER_KEY")
     keys: dict[str, str] = dict(json.loads(path.read_text())) if path.exists() else {}
     if all(name in keys for name in names):
         return keys

@@ -61,9 +61,18 @@ class ApiKeyCommands(LedgerBase):
             return None
         try:
             key_id = UUID(hex=key_hex)
-            key = self._get(ApiKey, key_id)
-        except (ValueError, NotFound):
+        except ValueError:
             return None
-        if key.revoked or not hmac.compare_digest(key.key_hash, self.keyed_hash("api_key", key_id, secret)):
+        key = self.live_api_key(key_id)
+        if key is None or not hmac.compare_digest(key.key_hash, self.keyed_hash("api_key", key_id, secret)):
             return None
         return key
+
+    def live_api_key(self, key_id: UUID) -> ApiKey | None:
+        """The key if it exists and is not revoked: the check of every authentication, also
+        asked on each request of a console session made from the key (which holds no secret)."""
+        try:
+            key = self._get(ApiKey, key_id)
+        except NotFound:
+            return None
+        return None if key.revoked else key

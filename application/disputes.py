@@ -18,7 +18,8 @@ from eventsourcing.domain import Aggregate
 
 from application.errors import NotFound, ProcessorUnavailable
 from application.ports import PaymentReferences, ProcessorRouter
-from application.unit_of_work import CommandResult, LedgerBase
+from application.privacy import PrivacyCommands
+from application.unit_of_work import CommandResult
 from domain.dispute import Dispute, DisputeStatus, dispute_id
 from domain.errors import InvalidField
 from domain.payment import Payment
@@ -55,7 +56,7 @@ def dispute_result(dispute: Dispute) -> dict[str, Any]:
             "reason": dispute.reason, "amount_minor": dispute.amount_minor, "currency": dispute.currency}
 
 
-class DisputeCommands(LedgerBase):
+class DisputeCommands(PrivacyCommands):
     processors: ProcessorRouter  # the Ledger's (application/payments.py)
     payment_references: PaymentReferences | None = None
     # Whether a won dispute returns its fee to the merchant too (processors differ).
@@ -120,10 +121,14 @@ class DisputeCommands(LedgerBase):
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             dispute = self.get_dispute(the_dispute, merchant_id)
             now = self.clock.now()
+            # The evidence is about the customer: sealed under their key, as it is staged.
+            seal = self._seal_for_payment(self.get_payment(dispute.payment_id))
+            staged = self.open_personal(dispute.evidence_personal) or {}
+            staged_evidence = dict(staged.get("evidence") or {})
             if not submit:
-                dispute.stage_evidence(evidence, now)
+                dispute.stage_evidence(evidence, now, staged=staged_evidence, seal=seal)
                 return [dispute], dispute_result(dispute)
-            sent = dispute.submit_evidence(evidence, now)
+            sent = dispute.submit_evidence(evidence, now, staged=staged_evidence, seal=seal)
             responder = self.processors.named(dispute.processor)
             submit_evidence = getattr(responder, "submit_dispute_evidence", None)
             if submit_evidence is None:

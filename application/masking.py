@@ -1,5 +1,7 @@
 """What the read side may show of an event: personal data masked, secrets' hashes dropped; and
-the port through which a projection opens personal data sealed under a customer's key.
+the port through which a projection opens personal data sealed under a customer's key (given to
+each projection and read view by the composition root, api/bootstrap.py: never a process global,
+so two ledgers in one process never open each other's data).
 
 Events carry personal data sealed (``personal``: the key's id and ciphertext, application/
 privacy.py) beside the customer's pseudonymous ``customer_id``; both pass through as they are
@@ -40,16 +42,3 @@ class PersonalDataReader(Protocol):
 
     def open_many(self, cur: Any, sealed: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any] | None]: ...
 
-
-# The process's reader, for projections built without one (api/bootstrap.py installs it with the
-# envelope opener: whoever can open envelopes holds the keys to open what they seal).
-_default_reader: PersonalDataReader | None = None
-
-
-def set_personal_data_reader(reader: PersonalDataReader | None) -> None:
-    global _default_reader
-    _default_reader = reader
-
-
-def personal_data_reader() -> PersonalDataReader | None:
-    return _default_reader

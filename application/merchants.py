@@ -1,16 +1,18 @@
-"""Use cases of the merchant: register one, change its settings."""
+"""Use cases of the merchant: register one, change its settings, rotate its webhook signing secret."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from application.errors import NotFound
 from application.unit_of_work import CommandResult, LedgerBase
 from domain.ledger import FeeSchedule
-from domain.merchant import Merchant
+from domain.merchant import WEBHOOK_SECRET_OVERLAP, Merchant
 
 
 class MerchantCommands(LedgerBase):
@@ -72,6 +74,29 @@ class MerchantCommands(LedgerBase):
             command_id, "change_merchant_settings", {"merchant_id": str(merchant_id), **changes},
             merchant_id, decide,
         )
+
+    def rotate_webhook_secret(
+        self, command_id: str, merchant_id: UUID, *, overlap: timedelta = WEBHOOK_SECRET_OVERLAP,
+        acting_for: UUID | None = None,
+    ) -> CommandResult:
+        """A new webhook signing secret version; the previous one keeps signing for ``overlap``.
+        The result names the version, never the secret: the caller derives it to show it once
+        (adapters/notifications/webhooks.py ``webhook_secret``), so no record holds it.
+        ``acting_for``: the merchant a merchant's key acts for; another merchant is not found."""
+        if acting_for is not None and acting_for != merchant_id:
+            raise NotFound(f"no merchant {merchant_id}")
+
+        def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
+            merchant = self.get_merchant(merchant_id)
+            merchant.rotate_webhook_secret(self.clock.now(), overlap)
+            assert merchant.previous_webhook_secret_valid_until is not None
+            return [merchant], {
+                "merchant_id": str(merchant_id), "secret_version": merchant.webhook_secret_version,
+                "previous_secret_valid_until": merchant.previous_webhook_secret_valid_until.isoformat(),
+            }
+
+        request = {"merchant_id": str(merchant_id), "overlap_s": overlap.total_seconds()}
+        return self._execute(command_id, "rotate_webhook_secret", request, merchant_id, decide)
 
 
 def _reserve(merchant: Merchant, changes: Mapping[str, Any]) -> tuple[int, int] | None:

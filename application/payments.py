@@ -208,14 +208,15 @@ class PaymentCommands(PrivacyCommands):
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             payment = self.get_payment(payment_id, merchant_id)
             if payment.status != PaymentStatus.AUTHORIZED:
-                payment.void(reason)  # raises the named InvalidTransition
+                payment.void(reason, seal=_never_called)  # raises the named InvalidTransition
             assert payment.authorization_reference is not None
             outcome = self._processor_of(payment).void(
                 idempotency_key=f"void:{payment_id}",
                 authorization_reference=payment.authorization_reference,
             )
             _require_approved(outcome, "void")
-            payment.void(reason)
+            # The reason may name the customer: sealed under their key (application/privacy.py).
+            payment.void(reason, seal=self._seal_for_payment(payment))
             return [payment], _payment_result(payment)
 
         request = {"payment_id": str(payment_id), "reason": reason}
@@ -242,6 +243,7 @@ class PaymentCommands(PrivacyCommands):
             payment.refund(
                 refund_id=refund_id, amount_minor=amount_minor, reason=reason,
                 processor_reference=outcome.reference,
+                seal=self._seal_for_payment(payment),  # the reason may name the customer
             )
             return [payment], {**_payment_result(payment), "refund_id": refund_id}
 
@@ -330,3 +332,8 @@ def _require_approved(outcome: ProcessorOutcome, action: str) -> None:
 
 def _payment_result(payment: Payment) -> dict[str, Any]:
     return {"payment_id": str(payment.id), "status": payment.status, "version": payment.version}
+
+
+def _never_called(data: dict[str, Any]) -> dict[str, Any]:
+    """The seal of a void that can only be refused (the payment is not authorized)."""
+    raise AssertionError("a refused void seals nothing")

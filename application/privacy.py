@@ -8,11 +8,14 @@ key and its lookup hash are gone nothing links it back to a phone; a new session
 phone after an erasure gets a new key and a new pseudonym, and starts as a stranger.
 
 Events hold the phone, metadata, IP address and user agent only sealed under the key (see
-domain/payment_session.py ``personal``). Erasure records ``customer.erased`` and then destroys
-the key, deletes the lookup hash and scrubs the side tables that held the phone (queued SMS, the
-development mailbox, velocity rows, the status read model's last four); events, postings and the
-audit chain are untouched. Events written before sealing existed still hold the phone in plain
-text (they read as ``{"plain": {...}}``): the ledger cannot rewrite them.
+domain/payment_session.py ``personal``), and so the free text a person types that may name the
+customer: the reasons given for a cancellation, a void or a refund, and a dispute's evidence
+(sealed under the key of the payment's session's customer; ``_seal_for_session``). Erasure
+records ``customer.erased`` and then destroys the key, deletes the lookup hash and scrubs the
+side tables that held the phone (queued SMS, the development mailbox, velocity rows, the status
+read model's last four); events, postings and the audit chain are untouched. Events written
+before sealing existed still hold the phone in plain text (they read as ``{"plain": {...}}``):
+the ledger cannot rewrite them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from eventsourcing.domain import Aggregate
 from application.errors import NotFound
 from application.unit_of_work import CommandResult, LedgerBase
 from domain.customer import Customer
+from domain.dispute import Dispute
 from domain.payment import Payment
 from domain.payment_session import PaymentSession
 from domain.values import ERASED, Seal, check_phone, check_text, mask_phone
@@ -92,6 +96,15 @@ class CustomerKeys(ABC):
     def destroy(self, customer_id: UUID, *, phone: str, velocity_keys: Sequence[str]) -> Scrubbed:
         """Destroy the customer's keys and their lookup hash, and scrub what side tables hold of
         this phone. Idempotent: a second call destroys and scrubs nothing more."""
+
+
+# What a command seals where the customer's key is already destroyed: nothing of the text is
+# recorded (it opens, like anything sealed under a destroyed key, to nothing: ``erased``).
+NOT_SEALED_ERASED: Mapping[str, Any] = {"erased": True}
+
+
+def _seal_nothing(data: dict[str, Any]) -> dict[str, Any]:
+    return dict(NOT_SEALED_ERASED)
 
 
 def plain_of(sealed: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -170,6 +183,44 @@ class PrivacyCommands(LedgerBase):
             return self.customer_keys.key(UUID(str(sealed["key_id"])))
         phone = self.session_phone(session)
         return None if phone is None else self._customer_key(phone, session.id)
+
+    def _seal_for_session(self, session: PaymentSession) -> Seal:
+        """What seals a person's free text about this session's customer (a reason, evidence)
+        under their key; once the key is destroyed, the text is not recorded at all."""
+        key = self._session_key(session)
+        return _seal_nothing if key is None else self._sealer(key)
+
+    def _seal_for_payment(self, payment: Payment) -> Seal:
+        """As ``_seal_for_session``, for the customer of the payment's session."""
+        if payment.session_id is None:  # a payment always has its session; without one, no key to use
+            return _seal_nothing
+        try:
+            session: PaymentSession = self._get(PaymentSession, payment.session_id)
+        except NotFound:  # a payment always has its session; without one there is no key to use
+            return _seal_nothing
+        return self._seal_for_session(session)
+
+    def opened_text(self, sealed: Mapping[str, Any] | None, name: str) -> str | None:
+        """A sealed free-text field opened: None when nothing was given, ``erased`` once the
+        customer's key is destroyed."""
+        if sealed is None:
+            return None
+        opened = self.open_personal(sealed)
+        return ERASED if opened is None else opened.get(name)
+
+    def cancel_reason(self, session: PaymentSession) -> str | None:
+        """The reason a cancelled session was given (``erased`` once its customer was erased)."""
+        return self.opened_text(session.cancel_personal, "reason")
+
+    def dispute_evidence(self, dispute: Dispute) -> dict[str, str]:
+        """The dispute's staged (or submitted) evidence opened; each field ``erased`` once the
+        customer was erased."""
+        if dispute.evidence_personal is None:
+            return {}
+        opened = self.open_personal(dispute.evidence_personal)
+        if opened is None:
+            return dict.fromkeys(dispute.evidence_fields, ERASED)
+        return dict(opened.get("evidence") or {})
 
     def _session_customer_id(self, session: PaymentSession) -> UUID | None:
         if session.customer_id is not None:
@@ -267,16 +318,9 @@ class PrivacyCommands(LedgerBase):
                 payment_ids.append(e.payment_id)
         payments = []
         for payment_id in payment_ids:
-            try:
-                payment: Payment = self._get(Payment, payment_id)
-            except NotFound:  # a payment not saved with its session's attach: nothing held
-                continue
-            payments.append({
-                "payment_id": str(payment.id), "status": payment.status, "amount_minor": payment.amount_minor,
-                "currency": payment.currency, "card_brand": payment.card_brand, "card_last4": payment.card_last4,
-                "captured_minor": payment.captured_minor, "refunded_minor": payment.refunded_minor,
-                "created_at": payment.created_on.isoformat(),
-            })
+            exported = self._payment_export(payment_id)
+            if exported is not None:  # else a payment not saved with its session's attach: nothing held
+                payments.append(exported)
         return {
             "session_id": str(session.id), "merchant_id": str(session.merchant_id),
             "opened_at": session.created_on.isoformat(), "status": session.status,
@@ -284,7 +328,38 @@ class PrivacyCommands(LedgerBase):
             "phone": personal.get("phone"), "metadata": personal.get("metadata") or {},
             "order_reference": session.order_reference, "line_items": session.line_items,
             "voice_platform": session.voice_platform, "conversation_id": session.conversation_id,
+            "cancel_reason": self.cancel_reason(session),
             "link_opened": opened_from, "payments": payments,
+        }
+
+    def _payment_export(self, payment_id: UUID) -> dict[str, Any] | None:
+        """A payment of the customer's, with the words people gave about it opened: the void's
+        and each refund's reason, each dispute's evidence."""
+        events = list(self.repository.event_store.get(payment_id))
+        if not events:
+            return None
+        payment: Payment = self._fold(events)
+        voided_reason = None
+        refunds, disputes = [], []
+        for e in events:
+            if isinstance(e, Payment.Voided):
+                voided_reason = self.opened_text(e.personal, "reason")
+            elif isinstance(e, Payment.Refunded):
+                refunds.append({"refund_id": e.refund_id, "amount_minor": e.amount_minor,
+                                "at": e.timestamp.isoformat(), "reason": self.opened_text(e.personal, "reason")})
+            elif isinstance(e, Payment.DisputeOpened):
+                try:
+                    dispute: Dispute = self._get(Dispute, UUID(e.dispute_id))
+                except NotFound:
+                    continue
+                disputes.append({"dispute_id": str(dispute.id), "status": dispute.status, "reason": dispute.reason,
+                                 "evidence": self.dispute_evidence(dispute)})
+        return {
+            "payment_id": str(payment.id), "status": payment.status, "amount_minor": payment.amount_minor,
+            "currency": payment.currency, "card_brand": payment.card_brand, "card_last4": payment.card_last4,
+            "captured_minor": payment.captured_minor, "refunded_minor": payment.refunded_minor,
+            "created_at": payment.created_on.isoformat(), "void_reason": voided_reason, "refunds": refunds,
+            "disputes": disputes,
         }
 
 

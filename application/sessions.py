@@ -377,7 +377,7 @@ class SessionCommands(PrivacyCommands):
     ) -> CommandResult:
         return self._session_command(
             command_id, "cancel_session", session_id, {"reason": reason},
-            lambda s: s.cancel(reason), merchant_id,
+            lambda s: s.cancel(reason, seal=self._seal_for_session(s)), merchant_id,
         )
 
     def expire_session(self, session_id: UUID) -> CommandResult:

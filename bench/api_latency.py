@@ -25,7 +25,7 @@ import uvicorn
 from litestar import Litestar, get
 
 from adapters.dev.servers import free_port
-from api.bootstrap import build_api_services, envelope_opener
+from api.bootstrap import build_api_services, envelope_opener, personal_data_reader
 from api.http.app import asgi_app
 from api.http.services import ApiServices
 from bench.context import BenchContext
@@ -109,7 +109,8 @@ class ApiLatency(Benchmark):
         merchant_id = ctx.register_merchant(ledger, f"{tag}:merchant")
         _, key = ledger.issue_api_key(ctx.command_id(tag, "key"), role="merchant", merchant_id=merchant_id)
         session_ids = ctx.seed_sessions(tag, self.session_count, ledger=ledger, merchant_id=merchant_id)
-        store = ProjectionStore(ctx.database_url, list(all_projections().values()), envelope_opener(ctx.settings))
+        store = ProjectionStore(ctx.database_url, list(all_projections(personal_data_reader(ctx.settings)).values()),
+                                envelope_opener(ctx.settings))
         try:
             store.apply_batch(ctx.envelopes(session_ids))
             if self.cached:

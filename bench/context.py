@@ -63,6 +63,7 @@ def bench_settings(run_token: str) -> Settings:
         hash_key=secrets.token_bytes(32),
         encryption_key=secrets.token_bytes(32),
         vault_key=secrets.token_bytes(32),
+        master_key=secrets.token_bytes(32),
         topic_prefix=f"bench-{run_token}",
         rate_limit_per_minute=1_000_000_000,
     )

@@ -150,7 +150,7 @@ def _keys(ctx: BenchContext) -> dict[str, str]:
     import base64
 
     keys = {"ECHOTRANSACT_HASH_KEY": ctx.settings.hash_key, "ECHOTRANSACT_ENCRYPTION_KEY": ctx.settings.encryption_key,
-            "ECHOTRANSACT_VAULT_KEY": ctx.settings.vault_key}
+            "ECHOTRANSACT_VAULT_KEY": ctx.settings.vault_key, "ECHOTRANSACT_MASTER_KEY": ctx.settings.master_key}
     return {name: base64.b64encode(key).decode() for name, key in keys.items() if key}
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from application.envelope import EventEnvelope
 from bench.context import BenchContext
 from bench.harness import Benchmark, Metric, Sample
@@ -70,8 +70,8 @@ class ProjectionApply(Benchmark):
         self._envelopes = ctx.envelopes(session_ids)
         self._rows = [(e.position, e.event_id, e.aggregate_id, e.event_type, e.occurred_at, Jsonb(e.data))
                       for e in self._envelopes]
-        self._store = ProjectionStore(ctx.database_url, list(all_projections().values()),
-                                      envelope_opener(ctx.settings))
+        projections = list(all_projections(personal_data_reader(ctx.settings)).values())
+        self._store = ProjectionStore(ctx.database_url, projections, envelope_opener(ctx.settings))
         self._conn = psycopg.connect(ctx.database_url)
         with self._conn.transaction():
             self._conn.execute(_BASELINE_TABLE)

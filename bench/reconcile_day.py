@@ -31,7 +31,7 @@ import psycopg
 from adapters.dev.processor_server import SandboxProcessorServer
 from adapters.processors.client import HttpProcessor
 from adapters.processors.settlement import HttpSettlementReports
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from application.ledger import Ledger
 from bench.context import BenchContext
 from bench.harness import Benchmark, Metric, Sample
@@ -125,8 +125,8 @@ class ReconcileDay(Benchmark):
         self._ledger = build_ledger(ctx.settings.replace(processors={PROCESSOR: url}), ctx.database_url,
                                     processor=self._processor)
         self._merchant_id = ctx.register_merchant(self._ledger, "reconcile")
-        self._store = ProjectionStore(ctx.database_url, list(all_projections().values()),
-                                      envelope_opener(ctx.settings))
+        projections = list(all_projections(personal_data_reader(ctx.settings)).values())
+        self._store = ProjectionStore(ctx.database_url, projections, envelope_opener(ctx.settings))
         self._reports = HttpSettlementReports({PROCESSOR: url})
         self._conn = psycopg.connect(ctx.database_url, autocommit=True)
         self._conn.execute(_LINES_TABLE)

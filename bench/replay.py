@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from bench.context import BenchContext
 from bench.harness import Benchmark, Metric, Sample
 from projections.registry import all_projections
@@ -47,7 +47,7 @@ class Replay(Benchmark):
         self._count = int(row[0]) if row else 0
 
     def run_ours(self, round_no: int) -> Sample:
-        projections = list(all_projections().values())
+        projections = list(all_projections(personal_data_reader(self.ctx.settings)).values())
         started = time.perf_counter()
         if self.check:
             differences = verify(self.ctx.database_url, projections, envelope_opener(self.ctx.settings))

@@ -31,7 +31,7 @@ import psycopg
 from confluent_kafka import Producer
 
 from adapters.kafka.topics import ensure_topics
-from api.bootstrap import app_database_url, envelope_opener
+from api.bootstrap import app_database_url, envelope_opener, personal_data_reader
 from application.envelope import encode
 from bench.context import BenchContext
 from bench.e2e import REPO, _keys
@@ -194,7 +194,8 @@ class ScaleWorkers(Benchmark):
 
     def _round(self, count: int) -> Sample:
         ctx = self.ctx
-        store = ProjectionStore(ctx.database_url, list(all_projections().values()), envelope_opener(ctx.settings))
+        store = ProjectionStore(ctx.database_url, list(all_projections(personal_data_reader(ctx.settings)).values()),
+                                envelope_opener(ctx.settings))
         try:
             store.reset()
             with psycopg.connect(ctx.database_url, autocommit=True) as conn:

@@ -9,6 +9,11 @@ The money is the payment's (domain/payment.py ``open_dispute`` / ``close_dispute
 the disputed amount and the dispute fee are held from the merchant; won returns the amount (and
 the fee, by policy); lost, accepted and expired send them out. The id derives from the
 processor and its dispute id, so the processor's notices about one dispute find one aggregate.
+
+The merchant's evidence is free text about the customer (their messages, a delivery address in
+a tracking note): it is recorded only sealed under the customer's data key (``personal``, from
+the ``Seal`` the application gives), beside the names of the fields staged, so erasing the
+customer erases it. The aggregate holds it sealed: the application opens what is staged.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import DisputeClosed, InvalidField
 from domain.money import check_amount, check_currency
-from domain.values import check_text
+from domain.values import Seal, check_text
 
 REASONS = ("fraudulent", "product_not_received", "duplicate", "product_unacceptable", "subscription_canceled",
            "credit_not_processed", "unrecognized", "general")
@@ -79,11 +84,22 @@ class Dispute(Aggregate):
         due_by: datetime
 
     class Updated(Aggregate.Event):
-        """``change``: evidence_staged, evidence_submitted, due_soon (a reminder), fraud_warning."""
+        """``change``: evidence_staged, evidence_submitted, due_soon (a reminder), fraud_warning.
+        ``fields``: the names of the evidence fields staged so far, ``personal``: their text
+        sealed under the customer's key, ``{"evidence": {...}}``; both None when the evidence did
+        not change (v2; v1 carried ``evidence`` in plain text, read as ``{"plain": {...}}``)."""
 
         change: str
-        evidence: dict[str, str] | None
+        fields: list[str] | None
+        personal: dict[str, Any] | None
         at: datetime
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            evidence = state.pop("evidence")
+            state["fields"] = None if evidence is None else sorted(evidence)
+            state["personal"] = None if evidence is None else {"plain": {"evidence": evidence}}
 
     class Closed(Aggregate.Event):
         """``outcome``: won, lost, accepted, expired."""
@@ -117,7 +133,8 @@ class Dispute(Aggregate):
         self.fee_minor = fee_minor
         self.due_by = due_by
         self.status = D.NEEDS_RESPONSE
-        self.evidence: dict[str, str] = {}
+        self.evidence_fields: tuple[str, ...] = ()
+        self.evidence_personal: dict[str, Any] | None = None  # sealed; application/disputes.py opens it
         self.evidence_submitted_at: datetime | None = None
         self.reminded = False
 
@@ -129,29 +146,37 @@ class Dispute(Aggregate):
         if self.status not in (allowed or OPEN):
             raise DisputeClosed(f"cannot {command}: the dispute is {self.status}", status=self.status)
 
-    def stage_evidence(self, evidence: Mapping[str, Any], now: datetime) -> None:
+    def stage_evidence(self, evidence: Mapping[str, Any], now: datetime, *, staged: Mapping[str, str],
+                       seal: Seal) -> None:
+        """``staged``: the evidence staged so far, opened by the application (empty once the
+        customer is erased); ``seal``: seals the text under the customer's data key."""
         self._require_open("add evidence", D.NEEDS_RESPONSE)
-        self._updated(change="evidence_staged", evidence={**self.evidence, **check_evidence(evidence)}, at=now)
+        merged = {**staged, **check_evidence(evidence)}
+        self._updated(change="evidence_staged", fields=sorted(merged), personal=seal({"evidence": merged}), at=now)
 
-    def submit_evidence(self, evidence: Mapping[str, Any], now: datetime) -> dict[str, str]:
-        """Stage ``evidence`` and submit everything staged; returns what goes to the processor."""
+    def submit_evidence(self, evidence: Mapping[str, Any], now: datetime, *, staged: Mapping[str, str],
+                        seal: Seal) -> dict[str, str]:
+        """Stage ``evidence`` and submit everything staged (``staged``, as for ``stage_evidence``);
+        returns what goes to the processor."""
         self._require_open("submit evidence", D.NEEDS_RESPONSE)
         if now >= self.due_by:
             raise DisputeClosed(f"the evidence was due by {self.due_by.isoformat()}", status="expired")
-        merged = {**self.evidence, **check_evidence(evidence)}
+        merged = {**staged, **check_evidence(evidence)}
         if not merged:
             raise InvalidField("submit at least one evidence field", field="evidence")
-        self._updated(change="evidence_submitted", evidence=merged, at=now)
+        self._updated(change="evidence_submitted", fields=sorted(merged), personal=seal({"evidence": merged}), at=now)
         return merged
 
     def remind(self, now: datetime) -> None:
         if self.status == D.NEEDS_RESPONSE and not self.reminded:
-            self._updated(change="due_soon", evidence=None, at=now)
+            self._updated(change="due_soon", fields=None, personal=None, at=now)
 
     @event(Updated)
-    def _updated(self, change: str, evidence: dict[str, str] | None, at: datetime) -> None:
-        if evidence is not None:
-            self.evidence = dict(evidence)
+    def _updated(self, change: str, fields: list[str] | None, personal: dict[str, Any] | None,
+                 at: datetime) -> None:
+        if fields is not None:
+            self.evidence_fields = tuple(fields)
+            self.evidence_personal = personal
         if change == "evidence_submitted":
             self.status = D.UNDER_REVIEW
             self.evidence_submitted_at = at

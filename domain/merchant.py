@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -13,6 +14,12 @@ from domain.ledger import FeeSchedule
 from domain.money import check_amount, check_currency
 from domain.payout import DAILY, check_reserve, check_schedule
 from domain.values import check_text, check_url
+
+# How long the previous webhook signing secret keeps signing after a rotation, by default and at most:
+# a day lets a merchant deploy the new one without dropping a delivery; a week bounds the exposure
+# of a secret that was rotated because it leaked.
+WEBHOOK_SECRET_OVERLAP = timedelta(hours=24)
+MAX_WEBHOOK_SECRET_OVERLAP = timedelta(days=7)
 
 
 def check_limits(limits: Mapping[str, int]) -> dict[str, int]:
@@ -30,6 +37,12 @@ class Merchant(Aggregate):
     reserve_days = 0
     # The currency it is paid out in; None: each payment's own.
     settlement_currency = None
+    # The webhook signing secret's version (the secret itself is derived from it and never
+    # recorded: adapters/notifications/webhooks.py): merchants registered before rotation existed
+    # are at version 1, whose secret is the one they always had. After a rotation, the previous
+    # version still signs (beside the new one) until ``previous_webhook_secret_valid_until``.
+    webhook_secret_version = 1
+    previous_webhook_secret_valid_until: datetime | None = None
 
     class Registered(Aggregate.Created):
         name: str
@@ -44,6 +57,13 @@ class Merchant(Aggregate):
 
     class Deactivated(Aggregate.Event):
         reason: str
+
+    class WebhookSecretRotated(Aggregate.Event):
+        """The webhook signing secret moved to ``version``; the previous version's secret stays
+        valid (deliveries carry both signatures) until ``previous_valid_until``. Never the secret."""
+
+        version: int
+        previous_valid_until: datetime
 
     @classmethod
     def register(
@@ -153,3 +173,20 @@ class Merchant(Aggregate):
     @event(Deactivated)
     def _deactivated(self, reason: str) -> None:
         self.active = False
+
+    def rotate_webhook_secret(self, now: datetime, overlap: timedelta = WEBHOOK_SECRET_OVERLAP) -> None:
+        """A new signing secret. Receivers switch to it within ``overlap``, during which every
+        delivery is signed with both the new and the previous secret; a version older than the
+        previous one stops at once (two at most, as the signature header keeps it simple)."""
+        if not self.active:
+            raise MerchantInactive(f"merchant {self.id} is deactivated")
+        if not isinstance(overlap, timedelta) or not timedelta(0) <= overlap <= MAX_WEBHOOK_SECRET_OVERLAP:
+            raise InvalidField(
+                f"the overlap must be between 0 and {MAX_WEBHOOK_SECRET_OVERLAP.days} days", field="overlap_s"
+            )
+        self._webhook_secret_rotated(version=self.webhook_secret_version + 1, previous_valid_until=now + overlap)
+
+    @event(WebhookSecretRotated)
+    def _webhook_secret_rotated(self, version: int, previous_valid_until: datetime) -> None:
+        self.webhook_secret_version = version
+        self.previous_webhook_secret_valid_until = previous_valid_until

@@ -12,6 +12,10 @@ payment it has not paid yet (gross, our fee, refunds), so no payout pays a line 
 
 Invariants: captured <= authorized; refunded <= captured; every money movement event carries
 postings that balance per currency; settled at most once; paid out never more than due.
+
+The words a person gives for a void or a refund may name the customer: they are recorded only
+sealed under the customer's data key (``personal``, from the ``Seal`` the application gives),
+so erasing the customer erases them; the rest of the event stays readable.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from domain.ledger import (
 )
 from domain.money import check_amount, check_currency
 from domain.risk import RiskDecision
-from domain.values import check_text
+from domain.values import Seal, check_text
 
 
 class PaymentStatus:
@@ -72,6 +76,11 @@ class PaymentStatus:
 
 P = PaymentStatus
 REFUNDABLE = (P.CAPTURED, P.SETTLED)
+
+
+def _plain_text(reason: str) -> dict[str, Any] | None:
+    """A reason recorded in plain text before sealing existed, as ``personal`` reads it."""
+    return {"plain": {"reason": reason}} if reason else None
 
 
 def _postings(postings: tuple[Posting, ...]) -> list[dict[str, Any]]:
@@ -195,18 +204,34 @@ class Payment(Aggregate):
             state["shares"] = []
 
     class Voided(Aggregate.Event):
-        reason: str
+        """``personal``: the reason given, sealed under the customer's key (v2; v1 carried
+        ``reason`` in plain text, read as ``{"plain": {"reason": ...}}``)."""
+
+        personal: dict[str, Any] | None
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["personal"] = _plain_text(state.pop("reason", ""))
 
     class AuthorizationExpired(Aggregate.Event):
         pass
 
     class Refunded(Aggregate.Event):
+        """``personal``: the reason given, sealed under the customer's key; None when none was
+        given (v2; v1 carried ``reason`` in plain text, read as ``{"plain": {"reason": ...}}``)."""
+
         refund_id: str
         amount_minor: int
-        reason: str
+        personal: dict[str, Any] | None
         processor_reference: str
         refunded_total_minor: int
         postings: list[dict[str, Any]]
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["personal"] = _plain_text(state.pop("reason", ""))
 
     class Settled(Aggregate.Event):
         """The processor's report listed the capture: ``amount_minor`` is the gross it settled,
@@ -516,12 +541,13 @@ class Payment(Aggregate):
         self.capture_reference = processor_reference  # the processor's, as its settlement report lists it
         self.status = P.CAPTURED
 
-    def void(self, reason: str) -> None:
+    def void(self, reason: str, *, seal: Seal) -> None:
+        """``seal``: seals the reason under the customer's data key (it may name them)."""
         self._require("void", P.AUTHORIZED)
-        self._voided(reason=check_text("reason", reason, max_length=200))
+        self._voided(personal=seal({"reason": check_text("reason", reason, max_length=200)}))
 
     @event(Voided)
-    def _voided(self, reason: str) -> None:
+    def _voided(self, personal: dict[str, Any] | None) -> None:
         self.status = P.VOIDED
 
     def expire_authorization(self, now: datetime) -> None:
@@ -553,14 +579,17 @@ class Payment(Aggregate):
                 refundable=self.refundable_minor,
             )
 
-    def refund(self, *, refund_id: str, amount_minor: int, reason: str, processor_reference: str) -> None:
+    def refund(self, *, refund_id: str, amount_minor: int, reason: str, processor_reference: str,
+               seal: Seal) -> None:
+        """``seal``: seals the reason, if any, under the customer's data key (it may name them)."""
         if refund_id in self.refund_ids:
             raise InvalidField(f"refund {refund_id} was already recorded", field="refund_id")
         self.check_refund(amount_minor)
+        words = check_text("reason", reason, max_length=200, required=False)
         self._refunded(
             refund_id=check_text("refund_id", refund_id, max_length=64),
             amount_minor=amount_minor,
-            reason=check_text("reason", reason, max_length=200, required=False),
+            personal=seal({"reason": words}) if words else None,
             processor_reference=check_text("processor_reference", processor_reference, max_length=100),
             refunded_total_minor=self.refunded_minor + amount_minor,
             postings=_postings(self._refund_postings(amount_minor)),
@@ -571,7 +600,7 @@ class Payment(Aggregate):
         self,
         refund_id: str,
         amount_minor: int,
-        reason: str,
+        personal: dict[str, Any] | None,
         processor_reference: str,
         refunded_total_minor: int,
         postings: list[dict[str, Any]],

@@ -48,6 +48,8 @@ MAX_IDENTITY_ATTEMPTS = 3
 MAX_DECLINES = 3
 CARD_BRANDS = ("visa", "mastercard", "amex", "discover", "jcb", "diners", "unionpay", "unknown")
 MAX_METADATA_KEYS = 20
+# A cancelled session's ``end_reason`` on the aggregate: the reason given is sealed in the event.
+CANCELLED_REASON = "cancelled"
 
 # Above these amounts (major units) a customer must pass an identity check. USD 100.00 is the
 # product's rule; the others are set near that value and are configuration, not law. The one
@@ -135,6 +137,7 @@ class PaymentSession(Aggregate):
     # ``customer_phone`` and ``metadata`` as they were).
     customer_id: UUID | None = None
     personal: dict[str, Any] | None = None
+    cancel_personal: dict[str, Any] | None = None  # the cancellation's reason, sealed
     splits = []  # type: ignore[var-annotated]  # noqa: RUF012 - for sessions snapshotted before splits; never changed
 
     class Opened(Aggregate.Created):
@@ -253,7 +256,15 @@ class PaymentSession(Aggregate):
         pass
 
     class Cancelled(Aggregate.Event):
-        reason: str
+        """``personal``: the reason given (it may name the customer), sealed under the customer's
+        key (v2; v1 carried ``reason`` in plain text, read as ``{"plain": {"reason": ...}}``)."""
+
+        personal: dict[str, Any] | None
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["personal"] = {"plain": {"reason": state.pop("reason")}}
 
     class Failed(Aggregate.Event):
         reason: str
@@ -598,14 +609,18 @@ class PaymentSession(Aggregate):
         self.status = S.EXPIRED
         self.end_reason = "link_expired"
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, *, seal: Seal) -> None:
+        """``seal``: seals the reason under the customer's data key."""
         self._require("cancel", *(S.ALL - TERMINAL - IN_FLIGHT))
-        self._cancelled(reason=check_text("reason", reason, max_length=200))
+        self._cancelled(personal=seal({"reason": check_text("reason", reason, max_length=200)}))
 
     @event(Cancelled)
-    def _cancelled(self, reason: str) -> None:
+    def _cancelled(self, personal: dict[str, Any] | None) -> None:
         self.status = S.CANCELLED
-        self.end_reason = reason
+        # The words are sealed; the aggregate (rebuilt without keys) knows only that it was cancelled
+        # (the application opens them: application/privacy.py ``cancel_reason``).
+        self.end_reason = CANCELLED_REASON
+        self.cancel_personal = personal
 
     def fail(self, reason: str) -> None:
         # Not while a payment is in flight: only its outcome may end the session then, or an

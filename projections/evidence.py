@@ -19,7 +19,7 @@ from uuid import UUID
 
 import psycopg
 
-from application.masking import personal_data_reader
+from application.masking import PersonalDataReader
 from domain.money import Money
 from domain.values import ERASED
 
@@ -41,6 +41,16 @@ MATCHED_ON = (
 )
 # Event fields that are free text (anyone's words): scrubbed of phone and card numbers.
 FREE_TEXT = frozenset({"reason", "message"})
+# What each event seals under the customer's key (``personal``, application/privacy.py): opened
+# into the line's fields for the pack, ``erased`` once the key is destroyed, ``withheld`` where the
+# pack was built without the keys (no reader given).
+SEALED_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "payment_session.link_opened": ("ip", "user_agent"),
+    "payment_session.cancelled": ("reason",),
+    "payment.voided": ("reason",),
+    "payment.refunded": ("reason",),
+}
+WITHHELD = "withheld"
 
 # What the read side lacks for a complete pack, and where it would have to come from.
 MISSING = (
@@ -146,22 +156,28 @@ def _link_opened(d: Mapping[str, Any], j: _Journey) -> tuple[str, Details]:
                                    "user_agent": d.get("user_agent") or NOT_RECORDED}
 
 
-def _opened_personal(cur: psycopg.Cursor[Row], rows: list[Row]) -> list[Row]:
-    """Audit rows with the IP address and user agent a ``link_opened`` sealed under the customer's
-    key opened (``erased`` once the key is destroyed; events from before sealing carry them)."""
-    sealed = [r for r in rows if r["event_type"] == "payment_session.link_opened"
-              and isinstance(r["data"].get("personal"), Mapping)]
-    reader = personal_data_reader()
-    if not sealed or reader is None:
+def opened_personal(cur: psycopg.Cursor[Row], rows: list[Row], personal: PersonalDataReader | None) -> list[Row]:
+    """Audit rows with what their events sealed under the customer's key opened into their data
+    (``SEALED_FIELDS``: the page's IP address and user agent, the words of a cancellation, void or
+    refund); ``erased`` once the key is destroyed, ``withheld`` without a reader. Events from
+    before sealing carry the fields in plain text, or ``{"plain": {...}}``."""
+    sealed = [r for r in rows if r["event_type"] in SEALED_FIELDS and isinstance(r["data"].get("personal"), Mapping)]
+    if not sealed:
         return rows
-    opened = dict(zip((id(r) for r in sealed), reader.open_many(cur, [r["data"]["personal"] for r in sealed]),
-                      strict=True))
+    values: list[Mapping[str, Any] | None]
+    if personal is None:
+        values = [r["data"]["personal"].get("plain") for r in sealed]
+    else:
+        values = list(personal.open_many(cur, [r["data"]["personal"] for r in sealed]))
+    opened = dict(zip((id(r) for r in sealed), values, strict=True))
     out = []
     for r in rows:
         if id(r) in opened:
             seen = opened[id(r)]
-            values = seen if seen is not None else {"ip": ERASED, "user_agent": ERASED}
-            r = {**r, "data": {**r["data"], "ip": values.get("ip"), "user_agent": values.get("user_agent")}}
+            instead = ERASED if personal is not None else WITHHELD
+            fields = {f: (seen.get(f) if isinstance(seen, Mapping) else instead)
+                      for f in SEALED_FIELDS[r["event_type"]]}
+            r = {**r, "data": {**r["data"], **fields}}
         out.append(r)
     return out
 
@@ -284,14 +300,15 @@ def _line(row: Row, journey: _Journey) -> Row:
 
 def build_pack(
     cur: psycopg.Cursor[Row], payment_id: UUID, *, disputed: AbstractSet[UUID] = frozenset(), now: datetime,
-    merchant_id: UUID | None = None,
+    merchant_id: UUID | None = None, personal: PersonalDataReader | None = None,
 ) -> dict[str, Any] | None:
     """The evidence pack of ``payment_id``, or None when the cursor's scope does not see it.
 
     ``cur``: a cursor with dict rows in a transaction scoped by row-level security (a merchant's
     scope or admin's: compliance does not see payment_status). ``merchant_id``: the scope's
     merchant, to filter by in SQL as well. ``disputed``: payments with a dispute, never listed
-    as prior payments (nor is one whose audit trail records a dispute)."""
+    as prior payments (nor is one whose audit trail records a dispute). ``personal``: opens what
+    events sealed under the customers' keys (api/bootstrap.py gives the process's)."""
     cur.execute(
         "SELECT p.payment_id, p.merchant_id, p.session_id, p.status, p.amount_minor, p.currency, p.card_brand,"
         " p.card_last4, p.card_fingerprint_hash, p.processor, p.authorized_minor, p.captured_minor,"
@@ -312,7 +329,7 @@ def build_pack(
         (aggregates, merchant),
     )
     journey = _Journey(payment["currency"], payment["customer_phone_masked"])
-    timeline = [_line(row, journey) for row in _opened_personal(cur, cur.fetchall())]
+    timeline = [_line(row, journey) for row in opened_personal(cur, cur.fetchall(), personal)]
     return {
         "payment": {
             "payment_id": str(payment_id),
@@ -335,7 +352,7 @@ def build_pack(
         "merchant_id": str(merchant),
         "generated_at": _iso(now),
         "timeline": timeline,
-        "prior_payments": _prior_payments(cur, payment, disputed),
+        "prior_payments": _prior_payments(cur, payment, disputed, personal),
         "prior_payments_matched_on": MATCHED_ON,
         "not_recorded": [dict(m) for m in MISSING],
         "verify": VERIFY_COMMAND,
@@ -345,8 +362,9 @@ def build_pack(
 MAX_IP_CANDIDATES = 2_000
 
 
-def _opened_ips(cur: psycopg.Cursor[Row], merchant_id: UUID, *, session_id: UUID | None = None,
-                since: datetime | None = None, until: datetime | None = None) -> dict[UUID, str]:
+def _opened_ips(cur: psycopg.Cursor[Row], merchant_id: UUID, personal: PersonalDataReader | None, *,
+                session_id: UUID | None = None, since: datetime | None = None,
+                until: datetime | None = None) -> dict[UUID, str]:
     """Session -> the IP address its payment page was opened from (the last opening), for one
     session or for the merchant's openings in a window (the newest MAX_IP_CANDIDATES); sealed
     ones opened with the customers' keys, erased ones left out."""
@@ -360,8 +378,7 @@ def _opened_ips(cur: psycopg.Cursor[Row], merchant_id: UUID, *, session_id: UUID
         {"merchant": merchant_id, "session": session_id, "since": since, "until": until, "limit": MAX_IP_CANDIDATES})
     rows = cur.fetchall()
     sealed = [r for r in rows if isinstance(r["data"].get("personal"), Mapping)]
-    reader = personal_data_reader()
-    opened = reader.open_many(cur, [r["data"]["personal"] for r in sealed]) if sealed and reader else []
+    opened = personal.open_many(cur, [r["data"]["personal"] for r in sealed]) if sealed and personal else []
     ips: dict[UUID, str] = {}
     for row, values in [*zip(sealed, opened, strict=False),
                         *((r, r["data"]) for r in rows if not isinstance(r["data"].get("personal"), Mapping))]:
@@ -371,15 +388,16 @@ def _opened_ips(cur: psycopg.Cursor[Row], merchant_id: UUID, *, session_id: UUID
     return ips
 
 
-def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSet[UUID]) -> list[Row]:
+def _prior_payments(cur: psycopg.Cursor[Row], payment: Row, disputed: AbstractSet[UUID],
+                    personal: PersonalDataReader | None) -> list[Row]:
     """Captured payments of the same merchant in the year before this one, sharing the masked
     phone and the card's brand and last four, with no dispute (passed, or in the audit trail)."""
     created = payment["created_at"]
-    own_ips = set(_opened_ips(cur, payment["merchant_id"], session_id=payment["session_id"]).values())
+    own_ips = set(_opened_ips(cur, payment["merchant_id"], personal, session_id=payment["session_id"]).values())
     # The IP address is sealed under each customer's key: opened here, for the merchant's most
     # recent MAX_IP_CANDIDATES page openings of the window (erased customers' no longer open).
     ip_sessions = [] if not own_ips else [
-        session for session, ip in _opened_ips(cur, payment["merchant_id"], since=created - PRIOR_WINDOW,
+        session for session, ip in _opened_ips(cur, payment["merchant_id"], personal, since=created - PRIOR_WINDOW,
                                                until=created).items() if ip in own_ips]
     same_ip = "p.session_id = ANY(%(ip_sessions)s::uuid[])"
     cur.execute(

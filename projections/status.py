@@ -7,21 +7,23 @@ A session's row keeps its customer's pseudonym (``customer_id``) and the phone m
 digit and last four, opened at projection time from the sealed phone with the customer's key
 (``PersonalDataReader``); once the key is destroyed it reads ``erased``, live (``customer.erased``
 rewrites the customer's rows) and in a rebuild alike. Without a reader (a tool that was given no
-key) it reads ``withheld``.
+key) it reads ``withheld``. A cancelled session's ``end_reason`` is the reason given, sealed the
+same way and opened the same way (``erased``, ``withheld``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 import psycopg
 
 from application.envelope import EventEnvelope
-from application.masking import PersonalDataReader, personal_data_reader
+from application.masking import PersonalDataReader
 from domain.values import ERASED, mask_phone
 
 # The masked phone where the projection has no way to open sealed data (no reader given).
@@ -281,20 +283,41 @@ def phones_masked(cur: psycopg.Cursor[Any], opened: Sequence[EventEnvelope],
     return masked
 
 
+def reasons_opened(cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope],
+                   personal: PersonalDataReader | None) -> list[EventEnvelope]:
+    """The envelopes, each ``payment_session.cancelled`` with the reason it sealed under the
+    customer's key opened into ``reason`` (``erased`` once the key is destroyed, ``withheld``
+    without a reader); an event from before sealing carried ``reason`` itself."""
+    sealed = [e for e in envelopes
+              if e.event_type == "payment_session.cancelled" and isinstance(e.data.get("personal"), Mapping)]
+    if not sealed:
+        return list(envelopes)
+    reasons: list[str | None]
+    if personal is None:
+        reasons = [WITHHELD] * len(sealed)
+    else:
+        reasons = [ERASED if opened is None else opened.get("reason")
+                   for opened in personal.open_many(cur, [e.data["personal"] for e in sealed])]
+    replaced = {id(e): msgspec.structs.replace(e, data={**e.data, "reason": reason})
+                for e, reason in zip(sealed, reasons, strict=True)}
+    return [replaced.get(id(e), e) for e in envelopes]
+
+
 class StatusProjection:
     name = "status"
     tables: tuple[str, ...] = ("session_status", "payment_status")
 
     def __init__(self, personal: PersonalDataReader | None = None) -> None:
-        """``personal``: opens sealed phones; None: the process's (application/masking.py), if any."""
+        """``personal``: opens sealed phones (given by api/bootstrap.py); None: rows say ``withheld``."""
         self._personal = personal
 
     @property
     def personal(self) -> PersonalDataReader | None:
-        return self._personal or personal_data_reader()
+        return self._personal
 
     def apply_batch(self, cur: psycopg.Cursor[Any], envelopes: Sequence[EventEnvelope]) -> None:
-        sessions = [e for e in envelopes if e.aggregate_type == "payment_session"]
+        sessions = reasons_opened(cur, [e for e in envelopes if e.aggregate_type == "payment_session"],
+                                  self.personal)
         payments = [e for e in envelopes if e.aggregate_type == "payment"]
         masked = phones_masked(cur, [e for e in sessions if e.event_type == "payment_session.opened"], self.personal)
         _SESSIONS.write(cur, sessions, "payment_session.opened", lambda e: _opened(e, masked[e.event_id]),
@@ -306,3 +329,5 @@ class StatusProjection:
             # sealed under it shows what a rebuild shows.
             cur.execute("UPDATE session_status SET customer_phone_masked = %s"
                         " WHERE customer_id = ANY(%s) AND customer_phone_masked <> %s", (ERASED, erased, ERASED))
+            cur.execute("UPDATE session_status SET end_reason = %s WHERE customer_id = ANY(%s)"
+                        " AND status = 'cancelled' AND end_reason IS DISTINCT FROM %s", (ERASED, erased, ERASED))

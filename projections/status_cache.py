@@ -46,8 +46,16 @@ _PREFIX = "echotransact:status:"
 CLOCK_KEY = "echotransact:status-clock"
 
 
-def _key(kind: str, aggregate_id: UUID | str) -> str:
+def cache_key(kind: str, aggregate_id: UUID | str) -> str:
+    """The Redis key of one aggregate's cached row (``kind``: session or payment)."""
     return f"{_PREFIX}{kind}:{aggregate_id}"
+
+
+def forget(client: redis.Redis, kind: str, aggregate_ids: Iterable[UUID | str]) -> int:
+    """Drop these aggregates' cached rows (an erasure changed what they show); the next read
+    fills the cache from the read model. Raises redis.RedisError for the caller to judge."""
+    keys = [cache_key(kind, a) for a in aggregate_ids]
+    return int(client.delete(*keys)) if keys else 0
 
 
 def _row_json(row: dict[str, Any]) -> str:
@@ -87,7 +95,7 @@ class StatusCache:
         pipe.incr(CLOCK_KEY)
         for kind, row in _rows(conn, ids):
             id_column = TABLES[kind][1]
-            self._set_if_newer(keys=[_key(kind, row[id_column])], args=[row["version"], _row_json(row), TTL_S],
+            self._set_if_newer(keys=[cache_key(kind, row[id_column])], args=[row["version"], _row_json(row), TTL_S],
                                client=pipe)
         with self._clock_lock:  # the clock's reading and its comparison, one thread at a time
             clock, *changed = pipe.execute()
@@ -144,7 +152,7 @@ class StatusCache:
                     live = [dict(zip(names, values, strict=True)) for values in rows]
                     pipe = self.client.pipeline(transaction=False)
                     for row in live:
-                        pipe.hget(_key(kind, row[id_column]), "row")
+                        pipe.hget(cache_key(kind, row[id_column]), "row")
                     for row, cached in zip(live, pipe.execute(), strict=True):
                         if cached is not None and json.loads(cached) != json.loads(_row_json(row)):
                             found.append((kind, str(row[id_column]), json.loads(cached)))
@@ -157,7 +165,7 @@ class StatusCache:
         hint; the caller reads the read model in PostgreSQL instead). ``aget`` is the same on an
         event loop."""
         try:
-            raw = self.client.hget(_key(kind, aggregate_id), "row")
+            raw = self.client.hget(cache_key(kind, aggregate_id), "row")
         except redis.RedisError as error:
             log.warning("status_cache_unavailable", error=str(error))
             return None
@@ -185,7 +193,7 @@ class AsyncStatusReader:
 
     async def get(self, kind: str, aggregate_id: UUID | str) -> dict[str, Any] | None:
         try:
-            raw = await self._client().hget(_key(kind, aggregate_id), "row")  # type: ignore[misc]
+            raw = await self._client().hget(cache_key(kind, aggregate_id), "row")  # type: ignore[misc]
         except redis.RedisError as error:
             log.warning("status_cache_unavailable", error=str(error))
             return None

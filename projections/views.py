@@ -20,8 +20,10 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from application.masking import PersonalDataReader
 from projections.audit import COLUMNS as AUDIT_COLUMNS
 from projections.audit import ChainReport, verify_chain
+from projections.evidence import opened_personal
 from projections.reconciliations import OUTCOMES as RECONCILIATION_OUTCOMES
 
 READER_ROLE = "echotransact_reader"
@@ -112,8 +114,12 @@ class ReadViews:
     def __init__(
         self, database: str | ConnectionPool[Any], *, max_size: int = 8, statement_timeout_ms: int = 5_000,
         open_timeout_s: float = 10.0, report_statement_timeout_ms: int = 300_000, connection_wait_s: float = 30.0,
+        personal: PersonalDataReader | None = None,
     ) -> None:
-        """``database``: the process's pool (the API's), or a URL to open a pool of its own."""
+        """``database``: the process's pool (the API's), or a URL to open a pool of its own.
+        ``personal``: opens data sealed under customers' keys (the evidence pack); without it
+        the pack says ``withheld`` where that data would be."""
+        self._personal = personal
         self.statement_timeout_ms = statement_timeout_ms
         # A report's cursor fetches in batches; each fetch is one statement under this bound.
         self.report_statement_timeout_ms = report_statement_timeout_ms
@@ -236,7 +242,10 @@ class ReadViews:
                 + " ORDER BY version",
                 timeline_params,
             )
-            timeline = [_plain(r) for r in cur.fetchall()]
+            # The words of a void or refund, sealed under the customer's key, opened (``erased``
+            # once the key is gone); the sealed form itself is of no use to a reader.
+            timeline = [_plain({**r, "data": {k: v for k, v in (r["data"] or {}).items() if k != "personal"}})
+                        for r in opened_personal(cur, cur.fetchall(), self._personal)]
         return {**_plain(row), "timeline": timeline}
 
     def payments(
@@ -312,7 +321,7 @@ class ReadViews:
             cur.execute("SELECT DISTINCT payment_id FROM disputes WHERE merchant_id = %s", (found["merchant_id"],))
             disputed = {r["payment_id"] for r in cur.fetchall()}
             pack = build_pack(cur, found["payment_id"], disputed=disputed, now=datetime.now(UTC),
-                              merchant_id=scope.merchant_id)
+                              merchant_id=scope.merchant_id, personal=self._personal)
         return None if pack is None else {"dispute_id": str(dispute_id), **pack}
 
     def dispute_rates(self, scope: Scope, *, date_from: date, date_to: date,
@@ -497,13 +506,39 @@ class ReadViews:
             "SELECT day, voice_platform,"
             " sum(opened)::bigint AS opened, sum(link_sent)::bigint AS link_sent,"
             " sum(link_opened)::bigint AS link_opened, sum(code_verified)::bigint AS code_verified,"
-            " sum(identity_verified)::bigint AS identity_verified, sum(paid)::bigint AS paid,"
+            " sum(identity_verified)::bigint AS identity_verified, sum(card_attached)::bigint AS card_attached,"
+            " sum(paid)::bigint AS paid,"
             " sum(failed)::bigint AS failed, sum(expired)::bigint AS expired,"
             " sum(cancelled)::bigint AS cancelled, sum(locked)::bigint AS locked"
             " FROM funnel_daily" + where + " GROUP BY day, voice_platform ORDER BY day, voice_platform",
             params,
         )
         return [{**r, "conversion_rate": _ratio(r["paid"], r["opened"])} for r in rows]
+
+    def decline_reasons(
+        self, scope: Scope, *, date_from: date, date_to: date, merchant_id: UUID | None = None,
+        voice_platform: str | None = None, currency: str | None = None,
+    ) -> list[Row]:
+        """Why payments did not go through, per day (UTC, the day of the event; ``date_to``
+        inclusive), voice platform, currency, kind (``decline``: the payment's failure code;
+        ``risk``: a reason the risk rules declined it for) and reason, summed over the merchants
+        in view; most frequent first within a day."""
+        _check_dates(date_from, date_to)
+        where, params = self._where(scope, [
+            ("day >= %s", date_from),
+            ("day <= %s", date_to),
+            ("merchant_id = %s", merchant_id),
+            ("voice_platform = %s", voice_platform),
+            ("currency = %s", currency),
+        ])
+        return self._all(
+            scope,
+            "SELECT day, voice_platform, currency, kind, reason, sum(payments)::bigint AS payments"
+            " FROM decline_reasons_daily" + where
+            + " GROUP BY day, voice_platform, currency, kind, reason"
+            " ORDER BY day, kind, payments DESC, reason, voice_platform, currency",
+            params,
+        )
 
     def volume(
         self, scope: Scope, *, date_from: date, date_to: date, granularity: Granularity = "day",

@@ -98,7 +98,8 @@ NO_VELOCITY = replace(DEFAULT_RISK_POLICY, max_attempts_per_phone=10**6, max_att
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, vault_key=b"v" * 32, risk_policy=NO_VELOCITY)
+    return Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, vault_key=b"v" * 32, master_key=b"m" * 32,
+                    risk_policy=NO_VELOCITY)
 
 
 @pytest.fixture

@@ -19,20 +19,22 @@ class _Row:
     customer_id: UUID
     lookup_hash: str | None
     wrapped: bytes | None
+    master_key_id: str | None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     sessions: set[UUID] = field(default_factory=set)
 
 
 class InMemoryCustomerKeys(SealingCustomerKeys):
-    def __init__(self, hash_key: bytes) -> None:
-        self._cipher = KeyCipher(hash_key)
+    def __init__(self, cipher: KeyCipher) -> None:
+        self._cipher = cipher
         self._rows: dict[UUID, _Row] = {}
         self._lock = threading.Lock()
 
     def _key(self, row: _Row | None) -> CustomerKey | None:
         if row is None or row.wrapped is None:
             return None
-        return CustomerKey(row.key_id, row.customer_id, self._cipher.unwrap(row.key_id, row.wrapped))
+        assert row.master_key_id is not None, "a live key names its master key"
+        return CustomerKey(row.key_id, row.customer_id, self._cipher.unwrap(row.master_key_id, row.key_id, row.wrapped))
 
     def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
         with self._lock:
@@ -40,7 +42,8 @@ class InMemoryCustomerKeys(SealingCustomerKeys):
             if row is None:
                 key_id = uuid4()
                 row = self._rows[key_id] = _Row(key_id, uuid4(), lookup_hash,
-                                                self._cipher.wrap(key_id, KeyCipher.new_key_material()))
+                                                self._cipher.wrap(key_id, KeyCipher.new_key_material()),
+                                                self._cipher.master_key_id)
             if session_id is not None:
                 row.sessions.add(session_id)
         key = self._key(row)

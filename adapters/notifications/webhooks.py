@@ -27,8 +27,12 @@ Two steps, each crash-safe:
   guaranteed order.
 
 Every request is signed: ``EchoTransact-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
-"<t>.<body>")>`` with the merchant's secret ``webhook_secret(hash_key, merchant_id)`` (the
-platform's: ``platform_webhook_secret(hash_key)``).
+"<t>.<body>")>`` with the merchant's secret ``webhook_secret(hash_key, merchant_id, version)`` (the
+platform's: ``platform_webhook_secret(hash_key)``). Secrets are derived, never stored, per version
+of the merchant's secret (``Merchant.rotate_webhook_secret``; version 1 is the secret merchants had
+before rotation existed). After a rotation, until the previous version's overlap ends, a request
+carries two ``v1=`` signatures, the new secret's first, so a receiver verifies with either; the
+dispatcher reads the version at each attempt from what the planner remembers of the merchant.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import hmac
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,7 +80,7 @@ __all__ = [
     "EVENT_ID_HEADER", "PLATFORM_ID", "SIGNATURE_HEADER", "WEBHOOK_EVENT_TYPES", "WEBHOOK_RULES", "AttemptResult",
     "Delivery", "DeliveryKind", "DeliveryStatus", "DispatchOutcome", "PlanResult", "WebhookAdmin",
     "WebhookDispatcher", "WebhookPlanner", "WebhookRule", "event_body", "platform_webhook_secret", "run_webhooks",
-    "sign", "verify_signature", "webhook_secret",
+    "sign", "signing_secrets", "verify_signature", "webhook_secret",
 ]
 
 log = structlog.get_logger(__name__)
@@ -173,10 +177,27 @@ class DeliveryStatus:
 PLATFORM_ID = UUID(int=0)
 
 
-def webhook_secret(hash_key: bytes, merchant_id: UUID | str) -> str:
-    """The merchant's signing secret, derived (never stored): the admin API can show it, and
-    every dispatcher computes the same one from the hash key."""
-    return keyed_hash(hash_key, "webhook-secret", merchant_id)
+def webhook_secret(hash_key: bytes, merchant_id: UUID | str, version: int = 1) -> str:
+    """The merchant's signing secret of this version, derived (never stored): the rotation's
+    answer shows it once, and every dispatcher computes the same one from the hash key. Version
+    1 is the secret of before rotation existed (its message has no version), so receivers that
+    have it keep verifying; later versions add the version to the message."""
+    if version < 1:
+        raise ValueError(f"webhook secret versions start at 1, not {version}")
+    if version == 1:
+        return keyed_hash(hash_key, "webhook-secret", merchant_id)
+    return keyed_hash(hash_key, "webhook-secret", merchant_id, version)
+
+
+def signing_secrets(
+    hash_key: bytes, merchant_id: UUID | str, version: int, previous_valid_until: datetime | None, now: datetime,
+) -> list[str]:
+    """The secrets a delivery is signed with now: the current version's, and the previous
+    version's while its overlap lasts (``previous_valid_until`` is in the future)."""
+    secrets = [webhook_secret(hash_key, merchant_id, version)]
+    if version > 1 and previous_valid_until is not None and now < previous_valid_until:
+        secrets.append(webhook_secret(hash_key, merchant_id, version - 1))
+    return secrets
 
 
 def platform_webhook_secret(hash_key: bytes) -> str:
@@ -188,17 +209,20 @@ def _mac(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """The ``EchoTransact-Signature`` header value for this body at this unix time."""
-    return f"t={timestamp},v1={_mac(secret, timestamp, body)}"
+def sign(secret: str | Sequence[str], body: bytes, timestamp: int) -> str:
+    """The ``EchoTransact-Signature`` header value for this body at this unix time: one ``v1``
+    per secret given, in that order (during a rotation's overlap, the new one's first)."""
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    assert secrets, "a signature needs a secret"
+    return f"t={timestamp}," + ",".join(f"v1={_mac(s, timestamp, body)}" for s in secrets)
 
 
 def verify_signature(
     secret: str, header: str | None, body: bytes, *, tolerance_s: int = 300, now: float | None = None
 ) -> bool:
     """What a receiver does: the header names a time within ``tolerance_s`` of now (replays of
-    an old request fail) and one ``v1`` equal to our MAC of "<t>.<body>" (any of several, so a
-    future secret rotation can send two)."""
+    an old request fail) and one ``v1`` equal to our MAC of "<t>.<body>" (any of several: during
+    a rotation's overlap the dispatcher sends the new and the previous secret's)."""
     if not header:
         return False
     timestamp: int | None = None
@@ -346,6 +370,14 @@ class WebhookPlanner:
                         f"UPDATE webhook_merchants SET {column} = %s WHERE merchant_id = %s",
                         (changes[column], e.aggregate_id),
                     )
+        elif e.event_type == "merchant.webhook_secret_rotated":
+            # The version, and until when the previous one still signs: what the dispatcher needs
+            # to derive the secrets (never the secret itself, which no row holds).
+            cur.execute(
+                "UPDATE webhook_merchants SET secret_version = %s, previous_secret_valid_until = %s::timestamptz"
+                " WHERE merchant_id = %s",
+                (int(data["version"]), data["previous_valid_until"], e.aggregate_id),
+            )
         elif e.event_type == "payment_session.opened":
             cur.execute(
                 "INSERT INTO webhook_sessions (session_id, merchant_id, callback_url, order_reference,"
@@ -452,6 +484,10 @@ class Delivery:
     idempotency_key: str | None
     attempts: int
     first_attempt_at: datetime | None
+    # The signer's secret version when the delivery was claimed, and the end of the previous
+    # version's overlap (the platform, and merchants never rotated: 1 and None).
+    secret_version: int = 1
+    previous_secret_valid_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -483,10 +519,15 @@ _DELIVERY_COLUMNS = (
     " attempts, first_attempt_at"
 )
 
+# The signer's secret version is read at each attempt, so a retry after a rotation carries the
+# new secret's signature. Only the delivery's row is locked (OF d), never the merchant's.
 _CLAIM = (
-    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
+    f"SELECT {_DELIVERY_COLUMNS},"
+    " COALESCE((SELECT m.secret_version FROM webhook_merchants m WHERE m.merchant_id = d.merchant_id), 1),"
+    " (SELECT m.previous_secret_valid_until FROM webhook_merchants m WHERE m.merchant_id = d.merchant_id)"
+    " FROM webhook_deliveries d"
     " WHERE status = 'pending' AND next_attempt_at <= %s"
-    " ORDER BY next_attempt_at, delivery_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    " ORDER BY next_attempt_at, delivery_id LIMIT 1 FOR UPDATE OF d SKIP LOCKED"
 )
 
 
@@ -548,13 +589,19 @@ class WebhookDispatcher:
                                            cap_s=self.backoff_cap.total_seconds(), jitter=(1 - self.jitter, 1.0),
                                            rng=self.rng))
 
+    def secrets_for(self, delivery: Delivery) -> list[str]:
+        """The secrets this delivery is signed with now: whether the previous version's overlap
+        is over is the business clock's to say (self.clock), like every deadline here."""
+        return signing_secrets(self.hash_key, delivery.merchant_id, delivery.secret_version,
+                               delivery.previous_secret_valid_until, self.clock.now())
+
     def headers_for(self, delivery: Delivery, *, timestamp: int | None = None) -> dict[str, str]:
         # Wall-clock time, not self.clock: the receiver checks it against its own clock.
         t = int(time.time()) if timestamp is None else timestamp
         return {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            SIGNATURE_HEADER: sign(webhook_secret(self.hash_key, delivery.merchant_id), delivery.body, t),
+            SIGNATURE_HEADER: sign(self.secrets_for(delivery), delivery.body, t),
             EVENT_ID_HEADER: str(delivery.event_id),
             EVENT_TYPE_HEADER: delivery.event_type,
         }
@@ -592,9 +639,10 @@ class WebhookDispatcher:
             row = cur.execute(_CLAIM, (self.clock.now(),)).fetchone()
             if row is None:
                 return None, None, None
-            delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body, key, attempts, first = row
+            (delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, body, key, attempts, first,
+             secret_version, previous_valid_until) = row
             delivery = Delivery(delivery_id, event_id, event_type, merchant_id, kind, endpoint_url, bytes(body),
-                                key, attempts, first)
+                                key, attempts, first, int(secret_version), previous_valid_until)
             attempted_at = self.clock.now()
             permanent = False
             try:

@@ -3,7 +3,8 @@ migration 0024), behind application/privacy.py's ``CustomerKeys`` port, and what
 scrubs from the side tables; also the read side's ``PersonalDataReader`` (application/masking.py),
 which opens sealed data inside a projection's own transaction.
 
-A key row holds the key wrapped under the master key (adapters/personal_data.py) and the keyed
+A key row holds the key wrapped under the master key (adapters/personal_data.py), the id of that
+master key (migration 0026; ``rewrap`` moves every live key to the current one) and the keyed
 hash of the phone that finds it. Erasure sets both to NULL (the row stays, with ``erased_at``,
 as the record that a key existed and was destroyed), so nothing can open what the key sealed
 and nothing links the pseudonym to a phone any more.
@@ -20,33 +21,41 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from adapters.personal_data import KeyCipher, SealingCustomerKeys, key_id_of
-from application.privacy import CustomerKey, Scrubbed
+from application.privacy import CustomerKey, Scrubbed, plain_of
 from domain.values import ERASED
 
 _KEY_FOR = """
 WITH made AS (
-    INSERT INTO customer_keys (key_id, customer_id, lookup_hash, wrapped_key)
-    VALUES (%(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s)
+    INSERT INTO customer_keys (key_id, customer_id, lookup_hash, wrapped_key, master_key_id)
+    VALUES (%(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s, %(master)s)
     ON CONFLICT (lookup_hash) DO UPDATE SET lookup_hash = EXCLUDED.lookup_hash
-    RETURNING key_id, customer_id, wrapped_key
+    RETURNING key_id, customer_id, wrapped_key, master_key_id
 ), linked AS (
     INSERT INTO customer_sessions (customer_id, session_id, key_id)
     SELECT customer_id, %(session_id)s, key_id FROM made WHERE %(session_id)s::uuid IS NOT NULL
     ON CONFLICT DO NOTHING
 )
-SELECT key_id, customer_id, wrapped_key FROM made
+SELECT key_id, customer_id, wrapped_key, master_key_id FROM made
+"""
+_KEY_COLUMNS = "key_id, customer_id, wrapped_key, master_key_id"
+# Live keys not wrapped under the current master key, a batch at a time; SKIP LOCKED lets two
+# re-wraps (or a re-wrap and an erasure, which locks the row it destroys) run side by side.
+_TO_REWRAP = f"""
+SELECT {_KEY_COLUMNS} FROM customer_keys
+WHERE wrapped_key IS NOT NULL AND master_key_id IS DISTINCT FROM %s
+ORDER BY key_id LIMIT %s FOR UPDATE SKIP LOCKED
 """
 
 
 class PostgresCustomerKeys(SealingCustomerKeys):
-    def __init__(self, pool: ConnectionPool[Any], hash_key: bytes) -> None:
+    def __init__(self, pool: ConnectionPool[Any], cipher: KeyCipher) -> None:
         self._pool = pool
-        self._cipher = KeyCipher(hash_key)
+        self._cipher = cipher
 
     def _unwrapped(self, row: Sequence[Any] | None) -> CustomerKey | None:
         if row is None or row[2] is None:
             return None
-        return CustomerKey(row[0], row[1], self._cipher.unwrap(row[0], row[2]))
+        return CustomerKey(row[0], row[1], self._cipher.unwrap(row[3], row[0], row[2]))
 
     def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
         key_id = uuid4()
@@ -54,7 +63,8 @@ class PostgresCustomerKeys(SealingCustomerKeys):
         with self._pool.connection() as conn:
             row = conn.execute(_KEY_FOR, {
                 "key_id": key_id, "customer_id": uuid4(), "lookup": lookup_hash,
-                "wrapped": self._cipher.wrap(key_id, material), "session_id": session_id,
+                "wrapped": self._cipher.wrap(key_id, material), "master": self._cipher.master_key_id,
+                "session_id": session_id,
             }).fetchone()
         key = self._unwrapped(row)
         assert key is not None, "a key found by its lookup hash is live"
@@ -63,13 +73,13 @@ class PostgresCustomerKeys(SealingCustomerKeys):
     def find(self, lookup_hash: str) -> CustomerKey | None:
         with self._pool.connection() as conn:
             return self._unwrapped(conn.execute(
-                "SELECT key_id, customer_id, wrapped_key FROM customer_keys WHERE lookup_hash = %s",
+                f"SELECT {_KEY_COLUMNS} FROM customer_keys WHERE lookup_hash = %s",
                 (lookup_hash,)).fetchone())
 
     def key(self, key_id: UUID) -> CustomerKey | None:
         with self._pool.connection() as conn:
             return self._unwrapped(conn.execute(
-                "SELECT key_id, customer_id, wrapped_key FROM customer_keys WHERE key_id = %s", (key_id,)).fetchone())
+                f"SELECT {_KEY_COLUMNS} FROM customer_keys WHERE key_id = %s", (key_id,)).fetchone())
 
     def sessions_of(self, customer_id: UUID) -> list[UUID]:
         with self._pool.connection() as conn:
@@ -87,6 +97,36 @@ class PostgresCustomerKeys(SealingCustomerKeys):
         with self._pool.connection() as conn, conn.transaction():
             return scrub_customer(conn, customer_id, phone=phone, velocity_keys=velocity_keys)
 
+    def rewrap(self, *, batch_size: int = 500) -> int:
+        """Wrap every live data key under the current master key (after a new one was set, with
+        the old one in ECHOTRANSACT_PREVIOUS_MASTER_KEYS); returns how many were re-wrapped. The
+        data keys themselves do not change, so nothing they sealed needs touching. Each batch is
+        its own transaction: stopped half way, a second run does the rest."""
+        done = 0
+        current = self._cipher.master_key_id
+        while True:
+            with self._pool.connection() as conn, conn.transaction():
+                rows = conn.execute(_TO_REWRAP, (current, batch_size)).fetchall()
+                for key_id, _customer, wrapped, master in rows:
+                    material = self._cipher.unwrap(master, key_id, wrapped)
+                    conn.execute("UPDATE customer_keys SET wrapped_key = %s, master_key_id = %s WHERE key_id = %s",
+                                 (self._cipher.wrap(key_id, material), current, key_id))
+            done += len(rows)
+            if len(rows) < batch_size:
+                return done
+
+    @property
+    def master_key_id(self) -> str:
+        """The current master key's id: what every key is wrapped under after ``rewrap``."""
+        return self._cipher.master_key_id
+
+    def master_key_ids(self) -> dict[str, int]:
+        """Live data keys by the id of the master key that wraps them (what a rotation waits on)."""
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT master_key_id, count(*) FROM customer_keys WHERE wrapped_key IS NOT NULL"
+                                " GROUP BY master_key_id ORDER BY master_key_id").fetchall()
+        return {r[0]: r[1] for r in rows}
+
 
 def scrub_customer(conn: psycopg.Connection[Any], customer_id: UUID, *, phone: str,
                    velocity_keys: Sequence[str]) -> Scrubbed:
@@ -94,7 +134,8 @@ def scrub_customer(conn: psycopg.Connection[Any], customer_id: UUID, *, phone: s
     queued SMS of the customer's sessions are deleted (their payload names the phone; the
     dispatcher has nothing to send to an erased customer), the development mailbox's messages to
     the phone too, the velocity rows counted for it, and the status read model shows ``erased``
-    where it showed the phone's last four (a rebuild shows the same: the key is gone)."""
+    where it showed the phone's last four and a cancellation's reason (a rebuild shows the same:
+    the key is gone)."""
     destroyed = conn.execute(
         "UPDATE customer_keys SET wrapped_key = NULL, lookup_hash = NULL, erased_at = now()"
         " WHERE customer_id = %s AND erased_at IS NULL", (customer_id,)).rowcount
@@ -107,8 +148,11 @@ def scrub_customer(conn: psycopg.Connection[Any], customer_id: UUID, *, phone: s
         "risk_attempts": conn.execute(
             "DELETE FROM risk_attempts WHERE kind = 'phone' AND key = ANY(%s)", (list(velocity_keys),)).rowcount,
         "session_status": conn.execute(
-            "UPDATE session_status SET customer_phone_masked = %s WHERE customer_id = %s"
-            " AND customer_phone_masked IS DISTINCT FROM %s", (ERASED, customer_id, ERASED)).rowcount,
+            "UPDATE session_status SET customer_phone_masked = %s,"
+            " end_reason = CASE WHEN status = 'cancelled' THEN %s ELSE end_reason END WHERE customer_id = %s"
+            " AND (customer_phone_masked IS DISTINCT FROM %s"
+            "      OR (status = 'cancelled' AND end_reason IS DISTINCT FROM %s))",
+            (ERASED, ERASED, customer_id, ERASED, ERASED)).rowcount,
     }
     return Scrubbed(destroyed, tuple(sessions), rows)
 
@@ -117,21 +161,26 @@ class PostgresPersonalDataReader:
     """Opens sealed personal data for a projection, reading the keys with the projection's own
     cursor (so a rebuild sees the keys as they are: destroyed ones open to nothing)."""
 
-    def __init__(self, hash_key: bytes) -> None:
-        self._cipher = KeyCipher(hash_key)
+    def __init__(self, cipher: KeyCipher) -> None:
+        self._cipher = cipher
 
     def open_many(self, cur: psycopg.Cursor[Any], sealed: Sequence[Mapping[str, Any] | None]
                   ) -> list[dict[str, Any] | None]:
         ids = {k for k in (key_id_of(s) for s in sealed) if k is not None}
         materials: dict[UUID, bytes] = {}
         if ids:
-            cur.execute("SELECT key_id, wrapped_key FROM public.customer_keys"
+            cur.execute("SELECT key_id, wrapped_key, master_key_id FROM public.customer_keys"
                         " WHERE key_id = ANY(%s) AND wrapped_key IS NOT NULL", (list(ids),))
             for row in cur.fetchall():
-                key_id, wrapped = (row["key_id"], row["wrapped_key"]) if isinstance(row, dict) else row
-                materials[key_id] = self._cipher.unwrap(key_id, wrapped)
+                key_id, wrapped, master = ((row["key_id"], row["wrapped_key"], row["master_key_id"])
+                                           if isinstance(row, dict) else row)
+                materials[key_id] = self._cipher.unwrap(master, key_id, wrapped)
         opened: list[dict[str, Any] | None] = []
         for s in sealed:
+            plain = plain_of(s)  # recorded before sealing existed (an upcast event)
+            if plain is not None:
+                opened.append(plain)
+                continue
             key_id = key_id_of(s)
             material = materials.get(key_id) if key_id is not None else None
             opened.append(None if s is None or material is None else self._cipher.open_with(material, s))

@@ -17,7 +17,7 @@ import uvicorn
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs, free_port
-from api.bootstrap import build_api_services, envelope_opener
+from api.bootstrap import build_api_services, envelope_opener, personal_data_reader
 from api.http.app import asgi_app
 from api.http.services import ApiServices
 from api.settings import Settings
@@ -70,7 +70,8 @@ def make_api(settings: Settings, database_url: str, servers: ServerURLs, clock: 
         **{role: ledger.issue_api_key(f"setup-key-{role}", role=role)[1]
            for role in ("analyst", "compliance", "admin")},
     }
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
 
     def project() -> int:
         return store.catch_up(grace=timedelta(0))

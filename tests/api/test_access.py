@@ -37,7 +37,7 @@ ROLES = ("a", "analyst", "compliance", "admin")  # "a" is merchant A's key
 def api(module_database: str, servers: ServerURLs) -> Iterator[Api]:
     # No rate limit: its counters live in the run's one Redis under key ids that are the same in
     # every test database, and this module alone sends a few hundred requests.
-    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0)
+    settings = Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0)
     yield from make_api(settings, module_database, servers, ManualClock(), SandboxProcessor())
 
 
@@ -189,6 +189,9 @@ ENDPOINTS = [
     Endpoint("updateMerchant", "PATCH", "/v1/merchants/{merchant}", ADMIN, body={"name": "Renamed"}),
     Endpoint("createMerchantKey", "POST", "/v1/merchants/{merchant}/keys", ADMIN, 201,
              body={"label": "till 2"}),
+    # Merchant A rotates its own secret; an admin any merchant's (the world's is A).
+    Endpoint("rotateWebhookSecret", "POST", "/v1/merchants/{merchant}/webhook-secret/rotate", MERCHANT_READS, 201,
+             body={}),
     # A phone nobody used: the erasure records nothing, the export finds nothing.
     Endpoint("eraseCustomer", "POST", "/v1/customers/erasures", ADMIN,
              body={"customer_phone": "+14155550199", "reason": "asked by phone"}),

@@ -42,7 +42,7 @@ PROCESSOR_SECRET = "whsec_contract"  # what the sandbox processor (the in-proces
 @pytest.fixture(scope="module")
 def served(module_database: str, servers: ServerURLs) -> Iterator[Api]:
     """One API for the module, without a rate limit: the fuzzer sends a few thousand requests."""
-    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0,
+    settings = Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0,
                         processor_webhook_secrets={"sandbox": (PROCESSOR_SECRET,)})
     running = make_api(settings, module_database, servers, ManualClock(), SandboxProcessor())
     served = next(running)
@@ -411,6 +411,8 @@ VALID_CALLS: dict[str, ValidCall] = {
                                                       {"webhook_url": "https://b.example/hooks"}, {})),
     "createMerchantKey": ValidCall("admin", lambda api: ({"merchant_id": str(api.merchants["b"])},
                                                          {"label": "till 2"}, {})),
+    "rotateWebhookSecret": ValidCall("a", lambda api: ({"merchant_id": str(api.merchants["a"])},
+                                                       {"overlap_s": 3600}, {})),
     "receiveProcessorEvent": ValidCall(None, _processor_event, signed=True),
 }
 

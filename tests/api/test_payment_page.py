@@ -30,7 +30,7 @@ from adapters.dev.servers import ServerURLs
 from adapters.kafka.relay import OutboxRelay
 from adapters.notifications.sms import dev_inbox
 from adapters.postgres.vault import CardVault, card_brand, check_expiry, luhn_valid, normalize_number
-from api.bootstrap import build_api_services, build_message_dispatcher, envelope_opener
+from api.bootstrap import build_api_services, build_message_dispatcher, envelope_opener, personal_data_reader
 from api.http.app import asgi_app
 from api.http.pages import CONTENT_SECURITY_POLICY
 from api.http.redaction import redact_path
@@ -112,7 +112,7 @@ def make_page_system(settings: Settings, database_url: str, servers: ServerURLs,
 
 def page_settings() -> Settings:
     """No event encryption (see the module docstring); Kafka topics of this test's own."""
-    return Settings(hash_key=b"h" * 32, encryption_key=None, vault_key=VAULT_KEY,
+    return Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=None, vault_key=VAULT_KEY,
                     topic_prefix=f"pay{uuid.uuid4().hex[:10]}")
 
 
@@ -842,7 +842,7 @@ def test_no_card_number_anywhere_after_a_full_run(
         client.post(f"/pay/{token}/card", data={**form_of(first), **card()})
         client.post(f"/pay/{token}/card", data={"csrf": "x", "form_id": "y" * 20, **card(MASTERCARD)})
     # Read models, their Redis cache and Kafka get everything the run produced.
-    store = ProjectionStore(system.database_url, list(all_projections().values()),
+    store = ProjectionStore(system.database_url, list(all_projections(personal_data_reader(system.settings)).values()),
                             envelope_opener(system.settings))
     try:
         assert store.catch_up(grace=timedelta(0)) > 0

@@ -26,7 +26,7 @@ D1, D2, D3 = DAY - timedelta(days=2), DAY - timedelta(days=1), DAY
 
 @pytest.fixture(scope="module")
 def api(module_database: str, servers: ServerURLs) -> Iterator[Api]:
-    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0)
+    settings = Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0)
     yield from make_api(settings, module_database, servers, ManualClock(), SandboxProcessor())
 
 

@@ -21,6 +21,7 @@ from adapters.memory.customer_keys import InMemoryCustomerKeys
 from adapters.memory.event_store import InMemoryOutboxRecorder
 from adapters.memory.velocity import InMemoryVelocityCounter
 from adapters.notifications.wording import SmsWording
+from api.bootstrap import key_cipher
 from api.settings import Settings
 from application.envelope import EventEnvelope, decode
 from application.ledger import Ledger, LedgerPolicy
@@ -41,7 +42,7 @@ def memory_ledger(settings: Settings, clock: ManualClock, processor: SandboxProc
         wording=SmsWording(),
         identity_verifier=DevIdentityVerifier(),
         velocity=InMemoryVelocityCounter(),
-        customer_keys=InMemoryCustomerKeys(settings.hash_key),
+        customer_keys=InMemoryCustomerKeys(key_cipher(settings)),
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from api.settings import ConfigurationError, Settings, parse_risk_rules
 from application.ledger import Ledger
 from application.ports import IdentityClaim
@@ -101,7 +101,8 @@ def test_the_fourth_attempt_with_one_card_in_ten_minutes_is_declined_without_ask
     assert ledger.get_payment(attempt(ledger, merchant_id, 4, phone="+14155550105")).status == "authorized"
 
     # The verdicts show in analytics and on the payment's read model.
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     try:
         store.catch_up(grace=timedelta(0))
     finally:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.cli import main
 from api.settings import Settings
 from application.ledger import Ledger
@@ -28,6 +28,7 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, servers: ServerURLs, database_url: 
     monkeypatch.setenv("REDIS_URL", servers.redis_url)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers.kafka_bootstrap_servers)
     monkeypatch.setenv("ECHOTRANSACT_HASH_KEY", base64.b64encode(settings.hash_key).decode())
+    monkeypatch.setenv("ECHOTRANSACT_MASTER_KEY", base64.b64encode(settings.master_key or b"").decode())
     monkeypatch.setenv("ECHOTRANSACT_ENCRYPTION_KEY", base64.b64encode(settings.encryption_key or b"").decode())
     monkeypatch.setenv("ECHOTRANSACT_DATA_DIR", str(tmp_path / "data"))
 
@@ -40,7 +41,8 @@ def projected(ledger: Ledger, database_url: str, settings: Settings) -> dict[str
     ledger.authorize_payment(payment)
     ledger.capture_payment("cap", payment)
     open_session(ledger, other, "s2")
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     store.catch_up(grace=timedelta(0))
     store.close()
     return {"merchant": merchant, "other": other, "payment": payment}
@@ -140,7 +142,8 @@ def test_reconcile_reports_the_day_settles_its_captures_and_says_so_when_run_aga
                 ledger.capture_payment(f"cli-rec-cap-{n}", payment)
         finally:
             ledger.close()
-        store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+        store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                                envelope_opener(settings))
         store.catch_up(grace=timedelta(0))
         store.close()
         day = datetime.now(UTC).date().isoformat()

@@ -52,7 +52,7 @@ SCREENSHOT_DIR_ENV = "ECHOTRANSACT_SCREENSHOT_DIR"
 
 @pytest.fixture(scope="module")
 def api(module_database: str, servers: ServerURLs) -> Iterator[Api]:
-    settings = Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0,
+    settings = Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=b"e" * 32, rate_limit_per_minute=0,
                         topic_prefix=f"console{uuid.uuid4().hex[:10]}")
     yield from make_api(settings, module_database, servers, ManualClock(), SandboxProcessor())
 
@@ -445,10 +445,10 @@ def test_an_operator_sees_health_and_issues_and_revokes_keys(api: Api, world: Wo
 PAGES = {
     "a": ["/console/payments", "/console/payments/{captured}", "/console/payments/{captured}/refund",
           "/console/balances", "/console/payouts", "/console/disputes", "/console/webhooks",
-          "/console/payments?card=12"],
+          "/console/webhooks/rotate", "/console/payments?card=12"],
     "analyst": ["/console/analytics"],
     "compliance": ["/console/audit", "/console/audit/verify"],
-    "admin": ["/console/health", "/console/keys"],
+    "admin": ["/console/health", "/console/keys", "/console/webhooks/rotate"],
 }
 
 
@@ -474,3 +474,129 @@ def test_every_page_passes_axe_and_fits_a_phone(api: Api, world: World, open_bro
             if viewport == PHONE:
                 screenshot(b.page, shots, "phone-" + re.sub(r"[^a-z]+", "-", path.split("?")[0].lower()).strip("-"))
     assert found == {}, found
+
+
+# -- issue 13's last three: the signing secret's rotation, reasons and the card step, revoked keys ----------
+
+
+def test_a_merchant_rotates_the_webhook_signing_secret_and_sees_it_once(api: Api, world: World,
+                                                                         open_browser: Any, shots: Path) -> None:
+    from adapters.notifications.webhooks import webhook_secret
+
+    a, ledger, hash_key = api.merchants["a"], api.services.ledger, api.services.settings.hash_key
+    before = ledger.get_merchant(a).webhook_secret_version
+    b = open_browser()
+    b.login(api.keys["a"])
+    page = b.page
+    page.goto("/console/webhooks")
+    expect(page.get_by_role("region", name="Signing secret")).to_contain_text(f"secret version {before}")
+    page.get_by_role("link", name="Rotate signing secret").click()
+    # The confirmation step: nothing has changed yet.
+    expect(page.get_by_role("heading", name="Rotate signing secret")).to_be_visible()
+    assert ledger.get_merchant(a).webhook_secret_version == before
+    page.get_by_label("The current secret keeps signing for").select_option("1")
+    form_id, csrf = hidden(page, "form_id"), hidden(page, "csrf")
+    page.get_by_role("button", name="Confirm: rotate signing secret").click()
+    secret = page.get_by_label("New signing secret").input_value()
+    after = ledger.get_merchant(a).webhook_secret_version
+    assert after == before + 1 and secret == webhook_secret(hash_key, a, after)
+    expect(page.get_by_role("status")).to_contain_text(f"Secret version {after} now signs every delivery")
+    screenshot(page, shots, "rotated")
+    # Shown once: the webhooks page tells of both versions, never the secret.
+    page.goto("/console/webhooks")
+    expect(page.get_by_role("region", name="Signing secret")).to_contain_text(f"also with version {before}")
+    assert secret not in page.content()
+    # The same form again (a double click) rotates nothing and shows no secret; without the session's
+    # token, or from another site, it is refused.
+    again = page.request.post("/console/webhooks/rotate", form={"csrf": csrf, "form_id": form_id,
+                                                                "overlap_hours": "1"})
+    assert again.status == 200 and "already sent" in again.text() and secret not in again.text()
+    forged = page.request.post("/console/webhooks/rotate", form={"csrf": "forged", "form_id": uuid.uuid4().hex,
+                                                                 "overlap_hours": "24"})
+    assert forged.status == 403
+    assert ledger.get_merchant(a).webhook_secret_version == after
+
+
+def test_an_operator_rotates_a_chosen_merchants_secret(api: Api, world: World, open_browser: Any) -> None:
+    from adapters.notifications.webhooks import webhook_secret
+
+    merchant_b, ledger = api.merchants["b"], api.services.ledger
+    before = ledger.get_merchant(merchant_b).webhook_secret_version
+    b = open_browser()
+    b.login(api.keys["admin"])
+    page = b.page
+    page.goto("/console/webhooks/rotate")
+    page.get_by_label("Merchant").select_option(str(merchant_b))
+    page.get_by_role("button", name="Confirm: rotate signing secret").click()
+    secret = page.get_by_label("New signing secret").input_value()
+    assert secret == webhook_secret(api.services.settings.hash_key, merchant_b, before + 1)
+    assert ledger.get_merchant(merchant_b).webhook_secret_version == before + 1
+
+
+def test_a_key_revoked_outside_the_console_ends_its_session_at_once(api: Api, world: World,
+                                                                    open_browser: Any) -> None:
+    ledger = api.services.ledger
+    issued, token = ledger.issue_api_key(f"console-revoke-{uuid.uuid4().hex}", role="merchant",
+                                         merchant_id=api.merchants["a"], label="revoked elsewhere")
+    b = open_browser()
+    b.login(token)
+    page = b.page
+    expect(page.get_by_role("region", name="Payments table")).to_be_visible()
+    cookie = next(c["value"] for c in b.context.cookies() if c["name"] == "et_console")
+    # Revoked as the API's admin or the command line would: no console involved.
+    ledger.revoke_api_key(f"revoke-{uuid.uuid4().hex}", uuid.UUID(issued.result["key_id"]), reason="left the company")
+    page.goto("/console/payments")
+    expect(page).to_have_url(re.compile(r"/console/login\?ended=1$"))
+    expect(page.get_by_role("status")).to_contain_text("the API key it was made with was revoked")
+    assert "et_console" not in {c["name"] for c in b.context.cookies()}
+    # The cookie itself is dead too (the session is gone from the server), for every page.
+    with httpx.Client(base_url=api.url, cookies={"et_console": cookie}) as client:
+        for path in ("/console/payments", "/console/webhooks", "/console/analytics.csv"):
+            response = client.get(path)
+            assert response.status_code == 303 and response.headers["location"] == "/console/login", path
+
+
+def test_an_analyst_sees_the_card_step_and_the_decline_reasons(api: Api, world: World, open_browser: Any,
+                                                              shots: Path) -> None:
+    from tests.api.conftest import customer_link
+
+    # One more session of merchant A whose card the processor declines.
+    with api.client("a") as client:
+        created = client.post("/v1/payment-sessions", json=session_body(1_300, customer_phone="+14155553333"),
+                              headers={"Idempotency-Key": "console-declined-open"})
+        assert created.status_code == 201, created.text
+    session_id = uuid.UUID(created.json()["id"])
+    token, code = customer_link(api, session_id)
+    ledger = api.services.ledger
+    ledger.open_link("console-declined-link", session_id, token)
+    ledger.verify_code("console-declined-code", session_id, code)
+    declined = uuid.UUID(ledger.attach_payment_method("console-declined-attach", session_id, card_token="tok_d",
+                                                      card_brand="visa", card_last4="0002").result["payment_id"])
+    ledger.authorize_payment(declined)
+    reason = ledger.get_payment(declined).failure_code
+    assert reason  # the sandbox's decline code for the 0002 card
+    api.project()
+
+    b = open_browser()
+    b.login(api.keys["analyst"])
+    page = b.page
+    expect(page.locator("#funnel-total-d")).to_contain_text("Card: ")
+    expect(page.get_by_role("region", name="Conversion between steps")).to_contain_text("Code verified → Card")
+    expect(page.get_by_role("region", name="Conversion between steps")).to_contain_text("Card → Authorized")
+    reasons = page.get_by_role("region", name="Reasons by kind")
+    expect(reasons).to_contain_text("Declined")
+    expect(reasons).to_contain_text(reason)
+    screenshot(page, shots, "funnel-reasons")
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download CSV").click()
+    lines = Path(download_info.value.path()).read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[-6:] == ["card_attached", "voice_platform", "currency", "reason_kind", "reason", "payments"]
+    funnel_rows = [dict(zip(header, line.split(","), strict=True)) for line in lines if line.startswith("funnel,")]
+    # Every alexa session of the world attached a card (four paid, this one declined): five.
+    assert sum(int(r["card_attached"]) for r in funnel_rows if r["voice_platform_or_currency"] == "alexa") == 5
+    reason_rows = [dict(zip(header, line.split(","), strict=True)) for line in lines if line.startswith("reason,")]
+    assert [(r["voice_platform"], r["currency"], r["reason_kind"], r["payments"]) for r in reason_rows] == [
+        ("alexa", "USD", "decline", "1")]
+    assert reason_rows[0]["reason"] == reason
+

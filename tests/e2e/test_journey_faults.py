@@ -129,6 +129,7 @@ def system(servers: ServerURLs, module_database: str, module_owner_database: str
         "REDIS_URL": servers.redis_url,
         "KAFKA_BOOTSTRAP_SERVERS": servers.kafka_bootstrap_servers,
         "ECHOTRANSACT_HASH_KEY": base64.b64encode(HASH_KEY).decode(),
+        "ECHOTRANSACT_MASTER_KEY": base64.b64encode(b"m" * 32).decode(),
         "ECHOTRANSACT_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
         "ECHOTRANSACT_VAULT_KEY": base64.b64encode(b"w" * 32).decode(),
         "ECHOTRANSACT_TOPIC_PREFIX": f"j{uuid.uuid4().hex[:10]}",

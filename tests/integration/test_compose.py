@@ -34,7 +34,7 @@ def test_every_command_a_service_runs_exists(capsys) -> None:  # type: ignore[no
 
 def test_the_application_services_get_the_servers_and_keys_the_code_reads() -> None:
     required = {"DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "ECHOTRANSACT_ENCRYPTION_KEY",
-                "ECHOTRANSACT_HASH_KEY"}
+                "ECHOTRANSACT_HASH_KEY", "ECHOTRANSACT_MASTER_KEY"}
     for name in ("migrate", "api", "relay", "worker"):
         env = SERVICES[name]["environment"]
         assert required <= set(env), name

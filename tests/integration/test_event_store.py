@@ -137,7 +137,8 @@ def test_a_process_killed_mid_transaction_leaves_neither(
         from api.settings import Settings
         from tests.application.flows import open_session
         from uuid import UUID
-        ledger = build_ledger(Settings(hash_key=b"h" * 32, encryption_key=b"e" * 32), {database_url!r})
+        ledger = build_ledger(Settings(hash_key=b"h" * 32, master_key=b"m" * 32, encryption_key=b"e" * 32),
+                              {database_url!r})
         open_session(ledger, UUID({str(merchant_id)!r}), command_id="sigkilled")
         """
     )
@@ -196,12 +197,12 @@ def test_racing_commands_on_one_aggregate_exactly_one_wins(ledger: Ledger, datab
 def test_two_saves_of_the_same_version_one_wins_at_the_store(ledger: Ledger) -> None:
     session_id = open_session(ledger, new_merchant(ledger))
     first, second = ledger.get_session(session_id), ledger.get_session(session_id)
-    first.cancel("one")
-    second.cancel("two")
+    first.cancel("one", seal=ledger._seal_for_session(first))
+    second.cancel("two", seal=ledger._seal_for_session(second))
     ledger.save(first)
     with pytest.raises(IntegrityError):
         ledger.save(second)
-    assert ledger.get_session(session_id).end_reason == "one"
+    assert ledger.cancel_reason(ledger.get_session(session_id)) == "one"
 
 
 def test_identical_commands_in_parallel_run_once(ledger: Ledger, database_url: str) -> None:
@@ -244,7 +245,7 @@ def test_unencrypted_configuration_would_show_the_order_but_not_the_phone(databa
     from api.bootstrap import build_ledger
     from api.settings import Settings
 
-    plain = build_ledger(Settings(hash_key=b"h" * 32), database_url)
+    plain = build_ledger(Settings(hash_key=b"h" * 32, master_key=b"m" * 32), database_url)
     open_session(plain, new_merchant(plain))
     with psycopg.connect(database_url) as conn:
         blobs = [bytes(b) for (b,) in conn.execute("SELECT state FROM ledger_events")]
@@ -296,7 +297,7 @@ def test_a_pool_that_has_no_connection_to_lend_is_reported_after_one_wait_not_te
     from api.settings import Settings
 
     pool = open_pool(database_url, max_size=1, max_idle_s=2.0, wait_s=0.3)
-    ledger = build_ledger(Settings(hash_key=b"h" * 32), pool)
+    ledger = build_ledger(Settings(hash_key=b"h" * 32, master_key=b"m" * 32), pool)
     try:
         with pool.connection():  # the only connection, taken
             started = time.monotonic()

@@ -20,7 +20,7 @@ from adapters.dev.servers import ServerURLs, free_port
 from adapters.postgres.metrics import DatabaseGauges, connect_per_scrape
 from adapters.processors.circuit_breaker import CircuitBreaker
 from adapters.processors.client import HttpProcessor
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.metrics import process_registry, serve_process_metrics
 from api.settings import Settings
 from application.errors import IdempotencyKeyReused
@@ -143,7 +143,8 @@ def test_database_gauges_read_the_backlog_queues_and_lags_and_are_cached(
     assert connect.calls == 1
 
     # Within the cache's time, a scrape reads the last result: no query.
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     try:
         store.catch_up(grace=timedelta(0))
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.processors.resolver import resolve_stuck
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.errors import ProcessorUnavailable
 from application.ledger import Ledger
@@ -24,7 +24,7 @@ def test_a_stuck_authorization_is_resolved_by_asking_the_processor(
     payment_id = pay(ledger, open_session(ledger, new_merchant(ledger)), last4="0119")
     with pytest.raises(ProcessorUnavailable):
         ledger.authorize_payment(payment_id)
-    store = ProjectionStore(database_url, select("status"), envelope_opener(settings))
+    store = ProjectionStore(database_url, select("status", personal_data_reader(settings)), envelope_opener(settings))
     store.catch_up(grace=timedelta(0))
     assert resolve_stuck(ledger, database_url, older_than=timedelta(hours=1)) == 0  # not old enough yet
     assert resolve_stuck(ledger, database_url, older_than=timedelta(0)) == 1
@@ -43,7 +43,7 @@ def test_a_payment_left_initiated_by_a_dead_request_is_failed_and_the_customer_m
 ) -> None:
     session_id = open_session(ledger, new_merchant(ledger))
     payment_id = pay(ledger, session_id)  # card attached; the request died before authorizing
-    store = ProjectionStore(database_url, select("status"), envelope_opener(settings))
+    store = ProjectionStore(database_url, select("status", personal_data_reader(settings)), envelope_opener(settings))
     try:
         store.catch_up(grace=timedelta(0))
         assert resolve_stuck(ledger, database_url, older_than=timedelta(hours=1)) == 0  # not old enough

@@ -20,7 +20,7 @@ from adapters.notifications.webhooks import WebhookPlanner
 from adapters.postgres import retention
 from adapters.postgres.retention import TABLES, RetentionPolicy, parse_policy, purge, run_retention
 from adapters.postgres.vault import CardVault
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
 from domain.errors import InvalidPaymentMethod
@@ -283,7 +283,7 @@ def test_the_outbox_is_never_purged_and_a_rebuild_still_matches(
     merchant = new_merchant(ledger, webhook_url="https://merchant.example/hooks")
     pay(ledger, open_session(ledger, merchant))
     opener = envelope_opener(settings)
-    store = ProjectionStore(database_url, list(all_projections().values()), opener)
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()), opener)
     store.catch_up(grace=timedelta(0))
     store.close()
     planner = WebhookPlanner(database_url, opener)
@@ -298,7 +298,7 @@ def test_the_outbox_is_never_purged_and_a_rebuild_still_matches(
 
     assert "outbox" not in purge(database_url)
     assert column(conn, "SELECT count(*) FROM outbox") == [total]
-    projections = list(all_projections().values())
+    projections = list(all_projections(personal_data_reader(settings)).values())
     assert verify(owner_database_url, projections, opener) == []  # replay: an owner's tool
 
     # Why: deleting just the oldest such row (published, applied by every projection, planned,

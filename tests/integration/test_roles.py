@@ -16,7 +16,7 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
 from api import cli
-from api.bootstrap import APP_ROLE, app_database_url, envelope_opener
+from api.bootstrap import APP_ROLE, app_database_url, envelope_opener, personal_data_reader
 from api.cli import main
 from api.settings import Settings
 from application.ledger import Ledger
@@ -56,6 +56,9 @@ PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "funnel_daily": (READ_WRITE, frozenset()),
     "volume_daily": (READ_WRITE, frozenset()),
     "analytics_payments": (READ_WRITE, frozenset()),
+    # Decline and risk reasons, and each reason waiting for its session (migrations/0025_funnel_card_and_reasons.sql).
+    "decline_reasons_daily": (READ_WRITE, frozenset()),
+    "analytics_payment_reasons": (READ_WRITE, frozenset()),
     "ledger_balances": (READ_WRITE, frozenset()),
     # Inserted only: a posting never changes (migrations/0022_postings.sql).
     "ledger_postings": (frozenset({"SELECT", "INSERT"}), frozenset()),
@@ -93,7 +96,8 @@ def history(ledger: Ledger, database_url: str, settings: Settings) -> dict[str, 
     payment = pay(ledger, open_session(ledger, merchant))
     ledger.authorize_payment(payment)
     ledger.capture_payment("capture", payment)
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     try:
         assert store.catch_up(grace=timedelta(0)) > 0
     finally:

@@ -23,7 +23,7 @@ from adapters.dev.servers import ServerURLs
 from adapters.kafka.relay import OutboxRelay
 from adapters.notifications.webhooks import WebhookDispatcher, WebhookPlanner
 from api import tracing
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.envelope import decode, encode
 from projections.engine import ProjectionStore
@@ -85,7 +85,7 @@ def test_one_session_is_one_connected_trace_across_the_outbox_and_kafka(
     session_id = created.json()["id"]
 
     # The outbox: each event's envelope keeps the command's context.
-    store = ProjectionStore(database_url, list(all_projections().values()), opener)
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()), opener)
     with store.connection().cursor() as cur:
         envelopes = [opener(bytes(row[0])) for row in cur.execute(
             "SELECT envelope FROM outbox WHERE message_key = %s ORDER BY position", (session_id,))]

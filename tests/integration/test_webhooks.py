@@ -770,3 +770,99 @@ def test_the_platform_url_is_a_setting_wired_into_the_webhooks_process(
         loop.join(10)
     assert not loop.is_alive()
     assert [r.json["data"]["aggregate_id"] for r in platform.requests] == [str(reconciliation)]
+
+
+# -- signing secret rotation (issue 13) ------------------------------------------------------------
+
+
+def _signatures(header: str) -> list[str]:
+    return [part.split("=", 1)[1] for part in header.split(",") if part.startswith("v1=")]
+
+
+def test_version_1_of_a_secret_is_the_secret_merchants_had_before_rotation() -> None:
+    from application.hashing import keyed_hash
+
+    key, merchant = b"k" * 32, "7b1f2a0e-0000-4000-8000-000000000001"
+    # The derivation of before rotation existed, written out: receivers configured with it keep verifying.
+    assert webhook_secret(key, merchant) == webhook_secret(key, merchant, 1) == keyed_hash(key, "webhook-secret",
+                                                                                             merchant)
+    versions = {webhook_secret(key, merchant, v) for v in (1, 2, 3)}
+    assert len(versions) == 3  # each version its own secret
+    assert webhook_secret(key, merchant, 2) != webhook_secret(key, "7b1f2a0e-0000-4000-8000-000000000002", 2)
+    with pytest.raises(ValueError):
+        webhook_secret(key, merchant, 0)
+    body, now = b'{"id": "x"}', int(time.time())
+    both = sign([webhook_secret(key, merchant, 2), webhook_secret(key, merchant, 1)], body, now)
+    assert len(_signatures(both)) == 2
+    assert all(verify_signature(webhook_secret(key, merchant, v), both, body) for v in (1, 2))
+    assert not verify_signature(webhook_secret(key, merchant, 3), both, body)
+
+
+def test_a_rotation_signs_with_both_secrets_during_the_overlap_and_only_the_new_one_after(
+    ledger: Ledger, settings: Settings, database_url: str, planner: WebhookPlanner, clock: ManualClock,
+    dispatchers: Callable[..., WebhookDispatcher], receivers: Callable[..., Any],
+) -> None:
+    failing: set[str] = set()  # sessions whose deliveries the receiver refuses for now
+    receiver = receivers(respond=lambda n, r: 500 if r.json["data"]["aggregate_id"] in failing else 200)
+    m = new_merchant(ledger, "m-rotate", webhook_url=receiver.url("/hooks"))
+    dispatcher = dispatchers()
+    old, new = webhook_secret(settings.hash_key, m, 1), webhook_secret(settings.hash_key, m, 2)
+
+    def sent(session: UUID) -> list[Received]:
+        return [r for r in receiver.requests if r.json["data"]["aggregate_id"] == str(session)]
+
+    def cancel_one(name: str) -> Received:
+        """One more delivery (a cancelled session), planned and sent: its request."""
+        session = open_session(ledger, m, name, None)
+        ledger.cancel_session(f"c-{name}", session)
+        planner.plan()
+        dispatcher.dispatch_due()
+        [request] = sent(session)
+        return request
+
+    def verifies(secret: str, request: Received) -> bool:
+        return verify_signature(secret, request.headers["echotransact-signature"], request.body)
+
+    stuck = open_session(ledger, m, "stuck", None)  # planned before the rotation, sent after it
+    failing.add(str(stuck))
+    ledger.cancel_session("c-stuck", stuck)
+    before = cancel_one("before")
+    assert len(_signatures(before.headers["echotransact-signature"])) == 1
+    assert verifies(old, before) and not verifies(new, before)
+    [refused] = sent(stuck)
+    assert verifies(old, refused) and not verifies(new, refused)
+
+    rotated = ledger.rotate_webhook_secret("rotate-1", m).result
+    assert rotated["secret_version"] == 2
+    assert datetime.fromisoformat(rotated["previous_secret_valid_until"]) == clock.now() + timedelta(hours=24)
+    # The same command again is the same rotation (idempotent by command id), not a third version.
+    assert ledger.rotate_webhook_secret("rotate-1", m).result == rotated
+    assert ledger.get_merchant(m).webhook_secret_version == 2
+
+    failing.clear()
+    clock.advance(timedelta(minutes=1))  # the stuck delivery's retry is due
+    during = cancel_one("during")
+    header = during.headers["echotransact-signature"]
+    assert verifies(new, during) and verifies(old, during)
+    t = int(header.split(",")[0].removeprefix("t="))
+    assert header == sign([new, old], during.body, t)  # two v1, the new secret's first
+    retried = sent(stuck)[-1]  # signed at its attempt with what signs now, not when it was planned
+    assert len(sent(stuck)) == 2 and verifies(new, retried) and verifies(old, retried)
+
+    clock.advance(timedelta(hours=23, minutes=58))
+    late = cancel_one("late")  # a minute before the overlap ends: still both
+    assert len(_signatures(late.headers["echotransact-signature"])) == 2
+
+    clock.advance(timedelta(minutes=2))  # the overlap is over
+    after = cancel_one("after")
+    assert len(_signatures(after.headers["echotransact-signature"])) == 1
+    assert verifies(new, after) and not verifies(old, after)
+
+    # The event says which version and until when; no secret reaches the outbox or the planner's memory.
+    opened = envelope_opener(settings)
+    [envelope] = [e for e in (opened(bytes(p)) for (p,) in rows(database_url, "SELECT envelope FROM outbox"))
+                  if e.event_type == "merchant.webhook_secret_rotated"]
+    assert set(envelope.data) == {"version", "previous_valid_until"} and envelope.data["version"] == 2
+    [(version, until)] = rows(database_url, "SELECT secret_version, previous_secret_valid_until"
+                                            " FROM webhook_merchants WHERE merchant_id = %s", m)
+    assert (version, until) == (2, datetime.fromisoformat(rotated["previous_secret_valid_until"]))

@@ -14,8 +14,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from application.envelope import EventEnvelope
-from application.masking import personal_data_reader
-from projections.status import phones_masked
+from application.masking import PersonalDataReader
+from projections.status import phones_masked, reasons_opened
 from projections.audit import COLUMNS, GENESIS_HASH, _CHAIN_LOCK_ID, row_hash
 from projections.balances import merchant_of
 from application.masking import mask_event_data
@@ -42,8 +42,10 @@ PAYMENT_STATUS_AFTER = {
 class Status:
     name = "status"
     tables = ("session_status", "payment_status")
+    personal: PersonalDataReader | None = None  # set per batch by apply_batch
 
     def apply(self, cur: psycopg.Cursor[Any], e: EventEnvelope) -> None:
+        e = reasons_opened(cur, [e], self.personal)[0]  # a cancellation's sealed reason, opened as the projection does
         d = e.data
         stamp = {"id": e.aggregate_id, "at": e.occurred_at, "version": e.version, "position": e.position}
         if e.event_type == "payment_session.opened":
@@ -57,7 +59,7 @@ class Status:
                 {**stamp, "merchant_id": d["merchant_id"], "amount": d["amount_minor"],
                  "currency": d["currency"], "customer_id": d.get("customer_id"),
                  # The sealed phone opened with the customer's key, as the set-based projection does.
-                 "phone": phones_masked(cur, [e], personal_data_reader())[e.event_id],
+                 "phone": phones_masked(cur, [e], self.personal)[e.event_id],
                  "reference": d["order_reference"], "platform": d["voice_platform"],
                  "conversation": d["conversation_id"], "identity": d["identity_required"],
                  "expires_at": d["expires_at"]},
@@ -167,7 +169,8 @@ RISK_COUNT = {"approve": "risk_approved_count", "review": "risk_review_count", "
 
 class Analytics:
     name = "analytics"
-    tables = ("analytics_session_cohorts", "analytics_payments", "funnel_daily", "volume_daily")
+    tables = ("analytics_session_cohorts", "analytics_payments", "funnel_daily", "volume_daily",
+              "analytics_payment_reasons", "decline_reasons_daily")
 
     def apply(self, cur: psycopg.Cursor[Any], e: EventEnvelope) -> None:
         d = e.data
@@ -193,10 +196,24 @@ class Analytics:
                 ).format(col=column),
                 (e.aggregate_id,),
             )
+        elif e.event_type == "payment_session.payment_method_attached":
+            # Issue 13's card step, one event at a time: a session's first card only.
+            cur.execute(
+                "UPDATE analytics_session_cohorts SET card_attached = true WHERE session_id = %s"
+                " AND NOT card_attached RETURNING merchant_id, day, voice_platform",
+                (e.aggregate_id,),
+            )
+            first = cur.fetchone()
+            if first is not None:
+                cur.execute(
+                    "UPDATE funnel_daily SET card_attached = card_attached + 1"
+                    " WHERE merchant_id = %s AND day = %s AND voice_platform = %s", first,
+                )
         elif e.event_type == "payment.initiated":
             cur.execute(
-                "INSERT INTO analytics_payments (payment_id, merchant_id, currency) VALUES (%s, %s, %s)",
-                (e.aggregate_id, d["merchant_id"], d["currency"]),
+                "INSERT INTO analytics_payments (payment_id, merchant_id, currency, session_id)"
+                " VALUES (%s, %s, %s, %s)",
+                (e.aggregate_id, d["merchant_id"], d["currency"], d.get("session_id")),
             )
         elif e.event_type in ("payment.authorized", "payment.failed", "payment.captured", "payment.refunded",
                               "payment.risk_assessed"):
@@ -230,6 +247,34 @@ class Analytics:
                 ),
                 (e.occurred_at.date(), e.aggregate_id),
             )
+            reasons: list[tuple[str, str]] = []
+            if e.event_type == "payment.failed":
+                reasons = [("decline", str(d.get("reason_code") or "unknown"))]
+            elif e.event_type == "payment.risk_assessed" and d.get("decision") == "decline":
+                reasons = [("risk", str(r)) for r in dict.fromkeys(d.get("reasons") or ["unknown"])]
+            for kind, reason in reasons:
+                cur.execute(
+                    "INSERT INTO analytics_payment_reasons (payment_id, version, kind, reason, day)"
+                    " VALUES (%s, %s, %s, %s, %s)", (e.aggregate_id, e.version, kind, reason, e.occurred_at.date()),
+                )
+        if e.event_type in ("payment_session.opened", "payment.initiated", "payment.failed",
+                            "payment.risk_assessed"):
+            # One reason at a time: counted once its payment and its session's cohort are both here.
+            cur.execute(
+                "SELECT r.payment_id, r.version, r.kind, r.reason, r.day, p.merchant_id, c.voice_platform, p.currency"
+                " FROM analytics_payment_reasons r JOIN analytics_payments p ON p.payment_id = r.payment_id"
+                " JOIN analytics_session_cohorts c ON c.session_id = p.session_id WHERE NOT r.counted"
+            )
+            for payment_id, version, kind, reason, day, merchant_id, platform, currency in cur.fetchall():
+                cur.execute("UPDATE analytics_payment_reasons SET counted = true WHERE payment_id = %s"
+                            " AND version = %s AND kind = %s AND reason = %s", (payment_id, version, kind, reason))
+                cur.execute(
+                    "INSERT INTO decline_reasons_daily (merchant_id, day, voice_platform, currency, kind, reason,"
+                    " payments) VALUES (%s, %s, %s, %s, %s, %s, 1)"
+                    " ON CONFLICT (merchant_id, day, voice_platform, currency, kind, reason)"
+                    " DO UPDATE SET payments = decline_reasons_daily.payments + 1",
+                    (merchant_id, day, platform, currency, kind, reason),
+                )
 
     def after_batch(self, cur: psycopg.Cursor[Any]) -> None:
         pass
@@ -334,8 +379,13 @@ def _missing_versions(cur: psycopg.Cursor[Any], open_envelope: Any, aggregate_id
             for position, payload in cur.fetchall()]
 
 
-def apply_batch(conn: psycopg.Connection[Any], open_envelope: Any, envelopes: list[EventEnvelope]) -> None:
-    """The engine's apply_batch as it was (without the pipeline, which changed no result)."""
+def apply_batch(conn: psycopg.Connection[Any], open_envelope: Any, envelopes: list[EventEnvelope],
+                personal: PersonalDataReader | None = None) -> None:
+    """The engine's apply_batch as it was (without the pipeline, which changed no result);
+    ``personal`` opens sealed personal data, as the status projection's reader does."""
+    status = PROJECTIONS["status"]
+    assert isinstance(status, Status)
+    status.personal = personal
     batch = sorted(envelopes, key=lambda e: (e.position or 0, e.version))
     if not batch:
         return

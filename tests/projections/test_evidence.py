@@ -22,8 +22,10 @@ from pypdf import PdfReader
 
 from adapters.clock import ManualClock
 from adapters.postgres.vault import CardVault, VaultedCard
+from api.bootstrap import personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
+from application.masking import PersonalDataReader
 from application.ports import IdentityClaim
 from projections.evidence import NOT_RECORDED, build_pack, scrub
 from projections.evidence_pdf import latin1, render_pdf
@@ -96,6 +98,7 @@ class World:
     disputed: UUID  # the same phone and card, within the year, with a dispute
     left_out: dict[str, UUID]  # the rest, each for its reason
     card: VaultedCard  # the payment's card, through the vault as the payment page puts it there
+    personal: PersonalDataReader  # opens what the customers' keys sealed, as the API's read views do
 
 
 @pytest.fixture
@@ -149,14 +152,15 @@ def world(ledger: Ledger, clock: ManualClock, database_url: str, settings: Setti
     clock.advance(timedelta(days=1))
     left_out["later"] = paid(ledger, m, "later")
     catch_up(database_url, settings)
-    return World(m, m2, payment, session, [prior_ip, prior_card, prior_2, prior_1], disputed, left_out, card)
+    return World(m, m2, payment, session, [prior_ip, prior_card, prior_2, prior_1], disputed, left_out, card,
+                 personal_data_reader(settings))
 
 
 def pack_of(database_url: str, world: World, scope: Scope, *, now: datetime,
             disputed: set[UUID] | None = None) -> dict[str, Any] | None:
     with reading_as(database_url, scope) as cur:
         return build_pack(cur, world.payment, disputed={world.disputed} if disputed is None else disputed,
-                          now=now, merchant_id=scope.merchant_id)
+                          now=now, merchant_id=scope.merchant_id, personal=world.personal)
 
 
 def audit_rows(database_url: str, *aggregate_ids: UUID) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import pytest
 from adapters.clock import ManualClock
 from adapters.dev.processor_server import SandboxProcessorServer
 from adapters.processors.client import HttpProcessor
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
 from domain import reconciliation as domain
@@ -77,7 +77,8 @@ def reconcile_day(
 
 
 def catch_up(database_url: str, settings: Settings) -> int:
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     try:
         return store.catch_up(grace=timedelta(0))
     finally:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.envelope import EventEnvelope
 from application.ledger import Ledger
@@ -36,8 +36,8 @@ TABLES = tuple(t for name in FROZEN for t in all_projections()[name].tables)
 LATER_COLUMNS = {"payment_status": ("settled_at", "payout_due_minor", "payout_currency", "card_fingerprint_hash")}
 
 
-def frozen_projections() -> list[Any]:
-    return [all_projections()[name] for name in FROZEN]
+def frozen_projections(settings: Settings) -> list[Any]:
+    return [all_projections(personal_data_reader(settings))[name] for name in FROZEN]
 
 
 def more_events(ledger: Ledger) -> None:
@@ -120,8 +120,8 @@ def apply_both(
     with old.connect() as conn:
         conn.autocommit = False
         for batch in batches:
-            row_at_a_time.apply_batch(conn, open_envelope, batch)
-    store = ProjectionStore(old.database_url, frozen_projections(), open_envelope, schema=new.schema)
+            row_at_a_time.apply_batch(conn, open_envelope, batch, personal_data_reader(settings))
+    store = ProjectionStore(old.database_url, frozen_projections(settings), open_envelope, schema=new.schema)
     try:
         for batch in batches:
             store.apply_batch(batch)
@@ -189,8 +189,8 @@ def test_catch_up_and_rebuild_equal_a_row_at_a_time_build(
     old, new = pair
     with old.connect() as conn:
         conn.autocommit = False
-        row_at_a_time.apply_batch(conn, envelope_opener(settings), events)
-    store = ProjectionStore(owner_database_url, frozen_projections(), envelope_opener(settings),
+        row_at_a_time.apply_batch(conn, envelope_opener(settings), events, personal_data_reader(settings))
+    store = ProjectionStore(owner_database_url, frozen_projections(settings), envelope_opener(settings),
                             schema=new.schema)
     try:
         half = len(events) // 2

@@ -10,12 +10,12 @@ import pytest
 import redis
 
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import envelope_opener
+from api.bootstrap import envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
-from projections.status_cache import StatusCache, _key, _row_json
+from projections.status_cache import StatusCache, _row_json, cache_key
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_engine import feed
 
@@ -27,7 +27,8 @@ def cache(servers: ServerURLs) -> StatusCache:
 
 @pytest.fixture
 def cached_store(database_url: str, settings: Settings, cache: StatusCache) -> Iterator[ProjectionStore]:
-    s = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings),
+    s = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                        envelope_opener(settings),
                         on_batch=cache.refresh)
     yield s
     s.close()
@@ -59,8 +60,9 @@ def test_a_batch_writes_the_cache_in_its_transaction_and_a_redelivery_repairs_a_
     cached_store.apply_batch(everything)
     newer = session_row(database_url, session_id)
     assert newer["version"] != live["version"]
-    cache.client.delete(_key("session", session_id))
-    cache.client.hset(_key("session", session_id), mapping={"version": str(live["version"]), "row": _row_json(live)})
+    cache.client.delete(cache_key("session", session_id))
+    cache.client.hset(cache_key("session", session_id),
+                      mapping={"version": str(live["version"]), "row": _row_json(live)})
     with psycopg.connect(database_url) as conn:
         assert [(kind, str(i)) for kind, i, _ in cache.differences(conn)] == [("session", str(session_id))]
 
@@ -85,7 +87,8 @@ def test_a_cache_write_made_before_a_failed_commit_is_made_true_by_the_retry(
         if len(calls) == 1:
             raise ConnectionError("the worker died before its commit")
 
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings),
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings),
                             on_batch=write_then_fail)
     try:
         with pytest.raises(ConnectionError):
@@ -156,8 +159,8 @@ def test_a_redis_gone_back_in_time_loses_every_entry_not_just_the_stale_ones(
 
     # The snapshot: the clock as it was, the session as it was.
     cache.client.set("echotransact:status-clock", 1)
-    cache.client.delete(_key("session", session_id))
-    cache.client.hset(_key("session", session_id), mapping={"version": str(old["version"]), "row": _row_json(old)})
+    cache.client.delete(cache_key("session", session_id))
+    cache.client.hset(cache_key("session", session_id), mapping={"version": str(old["version"]), "row": _row_json(old)})
     with psycopg.connect(database_url) as conn:
         assert cache.differences(conn) != []
 
@@ -174,12 +177,13 @@ def test_a_worker_starts_with_an_empty_cache(servers: ServerURLs, database_url: 
     from projections.worker import ProjectionWorker
 
     client = redis.Redis.from_url(servers.redis_url)
-    client.hset(_key("session", "00000000-0000-0000-0000-000000000001"), mapping={"version": "1", "row": "{}"})
+    client.hset(cache_key("session", "00000000-0000-0000-0000-000000000001"), mapping={"version": "1", "row": "{}"})
     worker = ProjectionWorker(database_url=database_url, kafka_bootstrap_servers=servers.kafka_bootstrap_servers,
-                              redis_url=servers.redis_url, projections=list(all_projections().values()),
+                              redis_url=servers.redis_url,
+                              projections=list(all_projections(personal_data_reader(settings)).values()),
                               open_envelope=envelope_opener(settings), topic_prefix="cache-start")
     try:
         worker._catch_up()  # what run() does first
     finally:
         worker.close()
-    assert client.exists(_key("session", "00000000-0000-0000-0000-000000000001")) == 0
+    assert client.exists(cache_key("session", "00000000-0000-0000-0000-000000000001")) == 0

@@ -22,7 +22,7 @@ from psycopg.conninfo import make_conninfo
 from adapters.clock import ManualClock
 from adapters.dev.sandbox_processor import SandboxProcessor
 from adapters.dev.servers import ServerURLs
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.ledger import Ledger
 from migrations import migrate
@@ -41,6 +41,7 @@ POLICY: dict[str, dict[str, str]] = {
     "payment_status":            {"merchant": "own", "analyst": "none", "compliance": "none", "admin": "all"},
     "funnel_daily":              {"merchant": "own", "analyst": "all", "compliance": "all", "admin": "all"},
     "volume_daily":              {"merchant": "own", "analyst": "all", "compliance": "all", "admin": "all"},
+    "decline_reasons_daily":     {"merchant": "own", "analyst": "all", "compliance": "all", "admin": "all"},
     "analytics_session_cohorts": {"merchant": "own", "analyst": "none", "compliance": "all", "admin": "all"},
     "analytics_payments":        {"merchant": "own", "analyst": "none", "compliance": "all", "admin": "all"},
     "audit_log":                 {"merchant": "own", "analyst": "none", "compliance": "all", "admin": "all"},
@@ -61,7 +62,8 @@ VOLUME_COLUMNS = ("authorized_count", "declined_count", "captured_count", "gross
 
 
 def catch_up(database_url: str, settings: Settings) -> None:
-    store = ProjectionStore(database_url, list(all_projections().values()), envelope_opener(settings))
+    store = ProjectionStore(database_url, list(all_projections(personal_data_reader(settings)).values()),
+                            envelope_opener(settings))
     try:
         store.catch_up(grace=timedelta(0))
     finally:
@@ -71,7 +73,7 @@ def catch_up(database_url: str, settings: Settings) -> None:
 @dataclass(frozen=True)
 class Data:
     a: UUID  # merchant A: two sessions, a captured-and-refunded payment, a declined one, a captured one
-    b: UUID  # merchant B: cancelled, locked, expired and one captured payment
+    b: UUID  # merchant B: cancelled, locked, expired, one captured payment and one declined
     ids: dict[str, UUID]
 
     def other(self, merchant: UUID) -> UUID:
@@ -86,8 +88,12 @@ def data(ledger: Ledger, database_url: str, settings: Settings) -> Data:
     p3 = pay(ledger, s6, prefix="s6-")
     ledger.authorize_payment(p3)
     ledger.capture_payment("cap3", p3)
+    # And a declined card, so that B has decline reasons too.
+    s7 = open_session(ledger, ids["m2"], "s7", amount_minor=1_100)
+    declined_b = pay(ledger, s7, last4="0002", prefix="s7-")
+    ledger.authorize_payment(declined_b)
     catch_up(database_url, settings)
-    return Data(a=ids["m1"], b=ids["m2"], ids={**ids, "s6": s6, "p3": p3})
+    return Data(a=ids["m1"], b=ids["m2"], ids={**ids, "s6": s6, "p3": p3, "s7": s7, "declined_b": declined_b})
 
 
 @pytest.fixture
@@ -141,7 +147,7 @@ def test_a_merchant_sees_only_its_own_rows_through_every_method(
 ) -> None:
     ids = data.ids
     own = {data.a: {"sessions": ["s1", "s2"], "payments": ["p1", "p2", "declined"]},
-           data.b: {"sessions": ["s3", "s4", "s5", "s6"], "payments": ["p3"]}}
+           data.b: {"sessions": ["s3", "s4", "s5", "s6", "s7"], "payments": ["p3", "declined_b"]}}
     window = funnel_days(database_url)
     for m, mine in own.items():
         scope, theirs = merchant(m), own[data.other(m)]

@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 
 from adapters.dev.servers import ServerURLs
 from adapters.kafka.topics import ensure_topics
-from api.bootstrap import build_ledger, envelope_opener
+from api.bootstrap import build_ledger, envelope_opener, personal_data_reader
 from api.settings import Settings
 from application.envelope import encode
 from application.ledger import Ledger
@@ -67,6 +67,7 @@ class Workers:
             "REDIS_URL": servers.redis_url,
             "KAFKA_BOOTSTRAP_SERVERS": servers.kafka_bootstrap_servers,
             "ECHOTRANSACT_HASH_KEY": base64.b64encode(settings.hash_key).decode(),
+            "ECHOTRANSACT_MASTER_KEY": base64.b64encode(settings.master_key or b"").decode(),
             "ECHOTRANSACT_ENCRYPTION_KEY": base64.b64encode(settings.encryption_key or b"").decode(),
             "ECHOTRANSACT_TOPIC_PREFIX": prefix,
             "ECHOTRANSACT_CATCH_UP_EVERY_S": "1",
@@ -131,7 +132,8 @@ def make_payments(ledger: Ledger, count: int, tag: str) -> None:
 
 def assert_read_side_equals_replay(owner_database_url: str, settings: Settings) -> None:
     """``replay --verify``, an owner's tool (a scratch schema), against what the workers built."""
-    assert verify(owner_database_url, list(all_projections().values()), envelope_opener(settings)) == []
+    projections = list(all_projections(personal_data_reader(settings)).values())
+    assert verify(owner_database_url, projections, envelope_opener(settings)) == []
     with psycopg.connect(owner_database_url) as conn:
         assert verify_chain(conn).ok
         assert conn.execute("SELECT count(*) FROM audit_log WHERE hash IS NULL").fetchone() == (0,)

@@ -79,7 +79,7 @@ def session_in(status: str, *, identity_required: bool = False) -> PaymentSessio
         session.expire(AFTER_EXPIRY)
         return session
     if status == "cancelled":
-        session.cancel("customer hung up")
+        session.cancel("customer hung up", seal=fake_seal)
         return session
     if status == "failed":
         session.fail("processor_unavailable")
@@ -159,7 +159,7 @@ def payment_in(status: str) -> Payment:
     if status == "authorized":
         return payment
     if status == "voided":
-        payment.void("customer cancelled")
+        payment.void("customer cancelled", seal=fake_seal)
         return payment
     if status == "authorization_expired":
         payment.expire_authorization(AFTER_EXPIRY)
@@ -172,7 +172,8 @@ def payment_in(status: str) -> Payment:
         return payment
     if status == "refunded":
         payment.refund(
-            refund_id="rf_1", amount_minor=payment.captured_minor, reason="", processor_reference="re_1"
+            refund_id="rf_1", amount_minor=payment.captured_minor, reason="", processor_reference="re_1",
+            seal=fake_seal,
         )
         return payment
     raise ValueError(f"no recipe for a payment in {status!r}")

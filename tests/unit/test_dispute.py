@@ -16,6 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from domain.dispute import CLOSED, Dispute, DisputeStatus
 from domain.errors import DomainError
 
+from .builders import fake_seal
+
 OPENED_AT = datetime(2026, 12, 1, tzinfo=UTC)
 DUE_BY = OPENED_AT + timedelta(days=7)
 ALLOWED = {
@@ -45,14 +47,21 @@ class DisputeMachine(RuleBasedStateMachine):
             assert self.dispute.__dict__ == before, "a refused command changed the dispute"
         self.history.append(self.dispute.status)
 
+    def staged(self) -> dict[str, str]:
+        """The evidence staged so far, opened as the application opens it (fake_seal keeps it)."""
+        sealed = self.dispute.evidence_personal
+        return {} if sealed is None else dict(sealed["sealed"]["evidence"])
+
     @rule(evidence=EVIDENCE, days=st.integers(0, 9))
     def stage(self, evidence: dict[str, str], days: int) -> None:
-        self.run(lambda: self.dispute.stage_evidence(evidence, OPENED_AT + timedelta(days=days)))
+        self.run(lambda: self.dispute.stage_evidence(evidence, OPENED_AT + timedelta(days=days),
+                                                     staged=self.staged(), seal=fake_seal))
 
     @rule(evidence=EVIDENCE, days=st.integers(0, 9))
     def submit(self, evidence: dict[str, str], days: int) -> None:
         def command() -> None:
-            self.submitted = self.dispute.submit_evidence(evidence, OPENED_AT + timedelta(days=days))
+            self.submitted = self.dispute.submit_evidence(evidence, OPENED_AT + timedelta(days=days),
+                                                          staged=self.staged(), seal=fake_seal)
 
         self.run(command)
 
@@ -87,10 +96,11 @@ class DisputeMachine(RuleBasedStateMachine):
     @invariant()
     def submitted_evidence_is_what_it_holds_and_never_changes_after(self) -> None:
         if self.submitted is not None:
-            assert self.dispute.evidence == self.submitted
+            assert self.staged() == self.submitted
+            assert set(self.dispute.evidence_fields) == set(self.submitted)
             assert self.dispute.evidence_submitted_at is not None
         if self.dispute.status == DisputeStatus.UNDER_REVIEW:
-            assert self.dispute.evidence and set(self.dispute.evidence) <= {
+            assert self.staged() and set(self.dispute.evidence_fields) <= {
                 "product_description", "customer_communication", "refund_policy"}
 
 

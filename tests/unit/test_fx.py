@@ -15,7 +15,7 @@ from domain.fx import FX_ACCOUNT, FxRate
 from domain.ledger import Posting, imbalance
 from domain.payment import Payment
 
-from .builders import payment_in
+from .builders import fake_seal, payment_in
 
 EUR_PER_USD = FxRate("USD", "EUR", "0.92", "test", "2026-12-04T00:00:00+00:00")
 
@@ -54,7 +54,8 @@ def test_a_converted_settlement_balances_each_currency_and_payouts_take_exactly_
     def refund(amount: int) -> None:
         if amount <= payment.refundable_minor:
             n = next(refunds)
-            payment.refund(refund_id=f"rf_{n}", amount_minor=amount, reason="", processor_reference=f"re_{n}")
+            payment.refund(refund_id=f"rf_{n}", amount_minor=amount, reason="", processor_reference=f"re_{n}",
+                           seal=fake_seal)
 
     for amount in before:
         refund(amount)

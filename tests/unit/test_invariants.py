@@ -186,7 +186,7 @@ class PaymentMachine(EventSourcedMachine):
     @rule(really=st.sampled_from([True, False, False]))
     def void(self, really: bool) -> None:
         if really:
-            self.run(lambda: self.live.void("changed mind"))
+            self.run(lambda: self.live.void("changed mind", seal=fake_seal))
 
     @rule(minutes=st.integers(-30, 5))  # mostly too early, so most authorizations live on
     def expire_authorization(self, minutes: int) -> None:
@@ -200,7 +200,7 @@ class PaymentMachine(EventSourcedMachine):
         refund_id = f"rf_{self.refund_counter}"
         self.run(
             lambda: self.live.refund(
-                refund_id=refund_id, amount_minor=amount, reason="", processor_reference="re"
+                refund_id=refund_id, amount_minor=amount, reason="", processor_reference="re", seal=fake_seal,
             )
         )
 
@@ -436,7 +436,7 @@ class SessionMachine(EventSourcedMachine):
     @rule(really=st.sampled_from([True] + [False] * 5))  # rarer, so journeys get deep
     def cancel(self, really: bool) -> None:
         if really:
-            self.run(lambda: self.live.cancel("hung up"))
+            self.run(lambda: self.live.cancel("hung up", seal=fake_seal))
 
     @rule(really=st.sampled_from([True] + [False] * 5))  # rarer, so journeys get deep
     def fail(self, really: bool) -> None:

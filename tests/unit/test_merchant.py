@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
@@ -122,3 +123,58 @@ def test_api_key_rejections(role: str, merchant: bool) -> None:
 
     with pytest.raises(InvalidField):
         ApiKey.issue(uuid4(), role=role, merchant_id=uuid4() if merchant else None, key_hash="h")
+
+
+# -- webhook signing secret rotation ---------------------------------------------------------------
+
+
+def test_a_new_merchant_signs_with_version_1_and_no_previous_secret() -> None:
+    merchant = register()
+    assert (merchant.webhook_secret_version, merchant.previous_webhook_secret_valid_until) == (1, None)
+
+
+def test_rotation_moves_to_the_next_version_and_keeps_the_previous_for_the_overlap() -> None:
+    now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    merchant = register()
+    merchant.rotate_webhook_secret(now)
+    assert merchant.webhook_secret_version == 2
+    assert merchant.previous_webhook_secret_valid_until == now + timedelta(hours=24)
+    merchant.rotate_webhook_secret(now + timedelta(hours=1), timedelta(minutes=5))
+    assert merchant.webhook_secret_version == 3
+    assert merchant.previous_webhook_secret_valid_until == now + timedelta(hours=1, minutes=5)
+    [first, second] = [e for e in merchant.collect_events() if isinstance(e, Merchant.WebhookSecretRotated)]
+    assert (first.version, second.version) == (2, 3)
+    # The event says which version and until when, never the secret (nor anything like one).
+    assert set(vars(second)) - {"originator_id", "originator_version", "timestamp"} == {
+        "version", "previous_valid_until"}
+
+
+def test_replaying_the_rotations_gives_the_same_merchant() -> None:
+    now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    merchant = register()
+    merchant.rotate_webhook_secret(now)
+    events = merchant.collect_events()
+    copy: Any = None
+    for event in events:
+        copy = event.mutate(copy)
+    assert (copy.webhook_secret_version, copy.previous_webhook_secret_valid_until) == (
+        2, merchant.previous_webhook_secret_valid_until)
+
+
+@pytest.mark.parametrize("overlap_s", [-1, 7 * 86400 + 1])
+def test_an_overlap_outside_0_to_7_days_is_refused_and_records_nothing(overlap_s: int) -> None:
+    merchant = register()
+    merchant.collect_events()
+    with pytest.raises(InvalidField) as refused:
+        merchant.rotate_webhook_secret(datetime.now(UTC), timedelta(seconds=overlap_s))
+    assert refused.value.code == "invalid_field"
+    assert merchant.webhook_secret_version == 1 and merchant.collect_events() == []
+
+
+def test_a_deactivated_merchant_cannot_rotate() -> None:
+    merchant = register()
+    merchant.deactivate("closed")
+    merchant.collect_events()
+    with pytest.raises(MerchantInactive):
+        merchant.rotate_webhook_secret(datetime.now(UTC))
+    assert merchant.webhook_secret_version == 1 and merchant.collect_events() == []

@@ -26,7 +26,7 @@ from domain.payment import Payment
 from domain.payout import Payout, PayoutAccount, PayoutLine, PayoutStatus, payout_id
 from domain.reconciliation import LATE, MATCHED, Deposit, Expected, ReportLine, SettlementReport, match
 
-from .builders import EXPIRES_AT, NOW, clear_risk
+from .builders import EXPIRES_AT, NOW, clear_risk, fake_seal
 
 START = date(2026, 11, 2)
 PROCESSOR_FEE_BPS = 190
@@ -83,7 +83,8 @@ class MoneyOut(RuleBasedStateMachine):
             return
         amount = data.draw(st.integers(1, payment.refundable_minor))
         reference = f"re_{payment.id.hex[:8]}_{len(payment.refund_ids)}"
-        payment.refund(refund_id=reference, amount_minor=amount, reason="", processor_reference=reference)
+        payment.refund(refund_id=reference, amount_minor=amount, reason="", processor_reference=reference,
+                       seal=fake_seal)
         self.refund_days[reference] = self.day
         self.collect(payment)
 

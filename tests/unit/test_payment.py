@@ -33,6 +33,7 @@ from .builders import (
     PAYMENT_AMOUNT_MINOR,
     authorize,
     clear_risk,
+    fake_seal,
     initiate_payment,
     payment_in,
 )
@@ -79,9 +80,10 @@ COMMANDS: dict[str, Callable[[Payment], Any]] = {
     "assess_risk": clear_risk,
     "fail": lambda p: p.fail("card_declined", "insufficient funds"),
     "capture": lambda p: p.capture(amount_minor=1, processor_reference="cap_9", now=NOW),
-    "void": lambda p: p.void("customer cancelled"),
+    "void": lambda p: p.void("customer cancelled", seal=fake_seal),
     "expire_authorization": lambda p: p.expire_authorization(AFTER_EXPIRY),
-    "refund": lambda p: p.refund(refund_id="rf_new", amount_minor=1, reason="", processor_reference="re_9"),
+    "refund": lambda p: p.refund(refund_id="rf_new", amount_minor=1, reason="", processor_reference="re_9",
+                                 seal=fake_seal),
     "check_refund": lambda p: p.check_refund(1),
     "settle": lambda p: p.settle("st_9"),
 }
@@ -214,10 +216,10 @@ def test_refunds_beyond_the_captured_amount_are_refused() -> None:
     payment = payment_in("processing")
     authorize(payment)
     payment.capture(amount_minor=6_000, processor_reference="cap_1", now=NOW)
-    payment.refund(refund_id="rf_1", amount_minor=4_000, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=4_000, reason="", processor_reference="re_1", seal=fake_seal)
     payment.collect_events()
     with pytest.raises(RefundExceedsCaptured) as caught:
-        payment.refund(refund_id="rf_2", amount_minor=2_001, reason="", processor_reference="re_2")
+        payment.refund(refund_id="rf_2", amount_minor=2_001, reason="", processor_reference="re_2", seal=fake_seal)
     assert caught.value.details == {"refundable": 2_000}
     with pytest.raises(RefundExceedsCaptured):
         payment.check_refund(2_001)
@@ -229,23 +231,23 @@ def test_refunds_beyond_the_captured_amount_are_refused() -> None:
 def test_refund_of_a_non_positive_amount_is_refused() -> None:
     payment = payment_in("captured")
     with pytest.raises(InvalidAmount):
-        payment.refund(refund_id="rf_1", amount_minor=0, reason="", processor_reference="re_1")
+        payment.refund(refund_id="rf_1", amount_minor=0, reason="", processor_reference="re_1", seal=fake_seal)
 
 
 def test_a_refund_id_is_recorded_once() -> None:
     payment = payment_in("captured")
-    payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1", seal=fake_seal)
     with pytest.raises(InvalidField):
-        payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1")
+        payment.refund(refund_id="rf_1", amount_minor=100, reason="", processor_reference="re_1", seal=fake_seal)
     assert payment.refunded_minor == 100
     assert payment.refund_ids == ["rf_1"]
 
 
 def test_partial_refunds_then_the_rest_make_the_payment_refunded() -> None:
     payment = payment_in("captured")
-    payment.refund(refund_id="rf_1", amount_minor=3_000, reason="damaged", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=3_000, reason="damaged", processor_reference="re_1", seal=fake_seal)
     assert (payment.status, payment.refunded_minor, payment.refundable_minor) == ("captured", 3_000, 7_000)
-    payment.refund(refund_id="rf_2", amount_minor=7_000, reason="", processor_reference="re_2")
+    payment.refund(refund_id="rf_2", amount_minor=7_000, reason="", processor_reference="re_2", seal=fake_seal)
     assert (payment.status, payment.refunded_minor, payment.refundable_minor) == ("refunded", 10_000, 0)
     refunds = [e for e in payment.collect_events() if isinstance(e, Payment.Refunded)]
     assert [e.refunded_total_minor for e in refunds] == [3_000, 10_000]
@@ -255,7 +257,7 @@ def test_partial_refunds_then_the_rest_make_the_payment_refunded() -> None:
 
 def test_full_refund_in_one_go_makes_the_payment_refunded() -> None:
     payment = payment_in("captured")
-    payment.refund(refund_id="rf_1", amount_minor=10_000, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=10_000, reason="", processor_reference="re_1", seal=fake_seal)
     assert payment.status == "refunded"
 
 
@@ -263,7 +265,7 @@ def test_full_refund_in_one_go_makes_the_payment_refunded() -> None:
 def test_settlement_settles_the_gross_and_makes_the_merchants_share_available(refunded: int) -> None:
     payment = payment_in("captured")
     if refunded:
-        payment.refund(refund_id="rf_1", amount_minor=refunded, reason="", processor_reference="re_1")
+        payment.refund(refund_id="rf_1", amount_minor=refunded, reason="", processor_reference="re_1", seal=fake_seal)
     payment.collect_events()
     payment.settle("st_1", processor_fee_minor=210)
     (settled,) = payment.collect_events()
@@ -287,7 +289,7 @@ def test_settlement_settles_the_gross_and_makes_the_merchants_share_available(re
 
 def test_a_refund_after_settlement_comes_out_of_available_and_settles_once() -> None:
     payment = payment_in("settled")
-    payment.refund(refund_id="rf_1", amount_minor=1_000, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=1_000, reason="", processor_reference="re_1", seal=fake_seal)
     (refunded,) = [e for e in payment.collect_events() if isinstance(e, Payment.Refunded)]
     accounts = {d["account"] for d in refunded.postings}
     assert f"merchant:{payment.merchant_id}:available" in accounts
@@ -309,21 +311,21 @@ def test_payouts_pay_each_part_of_a_payment_once() -> None:
     payment.settle("st_1")
     assert payment.include_in_payout("po_1") == (10_000, payment.fee_minor, 0, 0, 0)
     assert payment.include_in_payout("po_2") == (0, 0, 0, 0, 0)
-    payment.refund(refund_id="rf_1", amount_minor=400, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=400, reason="", processor_reference="re_1", seal=fake_seal)
     assert payment.include_in_payout("po_3") == (0, 0, 0, 400, 0)
     assert payment.payout_ids == ("po_1", "po_3")
     with pytest.raises(InvalidTransition):
-        payment.refund(refund_id="rf_2", amount_minor=1, reason="", processor_reference="re_2")
+        payment.refund(refund_id="rf_2", amount_minor=1, reason="", processor_reference="re_2", seal=fake_seal)
         payment.include_in_payout("po_3")
 
 
 def test_refunding_the_rest_after_settlement_makes_the_payment_refunded() -> None:
     payment = payment_in("captured")
-    payment.refund(refund_id="rf_1", amount_minor=2_500, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=2_500, reason="", processor_reference="re_1", seal=fake_seal)
     payment.settle("st_1")
     with pytest.raises(RefundExceedsCaptured):
-        payment.refund(refund_id="rf_2", amount_minor=7_501, reason="", processor_reference="re_2")
-    payment.refund(refund_id="rf_2", amount_minor=7_500, reason="", processor_reference="re_2")
+        payment.refund(refund_id="rf_2", amount_minor=7_501, reason="", processor_reference="re_2", seal=fake_seal)
+    payment.refund(refund_id="rf_2", amount_minor=7_500, reason="", processor_reference="re_2", seal=fake_seal)
     assert (payment.status, payment.refunded_minor) == ("refunded", 10_000)
 
 
@@ -412,7 +414,7 @@ def test_a_split_payment_gives_each_party_its_share_at_capture_and_settlement() 
         payment.check_capture(1_100, NOW)
     payment.capture(amount_minor=None, processor_reference="cap_1", now=NOW)
     assert payment.shares == [{"party": partner, "amount_minor": 1_000}, {"party": "platform", "amount_minor": 500}]
-    payment.refund(refund_id="rf_1", amount_minor=2_000, reason="", processor_reference="re_1")
+    payment.refund(refund_id="rf_1", amount_minor=2_000, reason="", processor_reference="re_1", seal=fake_seal)
     payment.collect_events()
     payment.settle("st_1")
     (settled,) = payment.collect_events()

@@ -90,7 +90,7 @@ COMMANDS: dict[str, Command] = {
     "complete": lambda s: s.complete(s.payment_id or uuid4()),
     "record_decline": lambda s: s.record_decline(s.payment_id or uuid4(), "do_not_honor"),
     "expire": lambda s: s.expire(AFTER_EXPIRY),
-    "cancel": lambda s: s.cancel("customer hung up"),
+    "cancel": lambda s: s.cancel("customer hung up", seal=fake_seal),
     "fail": lambda s: s.fail("processor_unavailable"),
 }
 
@@ -294,7 +294,7 @@ def test_five_wrong_codes_lock_the_session() -> None:
         lambda s: s.verify_code(WRONG_CODE_HASH, NOW),
         lambda s: s.resend_code("hash-of-new-code", NOW),
         lambda s: s.open_link(NOW),
-        lambda s: s.cancel("customer hung up"),
+        lambda s: s.cancel("customer hung up", seal=fake_seal),
     ],
     ids=["right-code", "wrong-code", "resend", "open", "cancel"],
 )
@@ -537,14 +537,16 @@ def test_complete_ends_the_session() -> None:
 @pytest.mark.parametrize("state", sorted(ABANDONABLE))
 def test_cancel_records_the_reason(state: str) -> None:
     session = session_in(state)
-    session.cancel("customer hung up")
-    assert (session.status, session.end_reason) == ("cancelled", "customer hung up")
+    session.cancel("customer hung up", seal=fake_seal)
+    # The words may name the customer: only sealed; the aggregate knows it was cancelled.
+    assert (session.status, session.end_reason) == ("cancelled", "cancelled")
+    assert session.cancel_personal == fake_seal({"reason": "customer hung up"})
 
 
 def test_cancel_needs_a_reason() -> None:
     session = session_in("link_sent")
     with pytest.raises(InvalidField):
-        session.cancel("  ")
+        session.cancel("  ", seal=fake_seal)
     assert session.status == "link_sent"
 
 

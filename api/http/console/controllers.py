@@ -33,7 +33,7 @@ from litestar.datastructures import Cookie, FormMultiDict
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect, Stream
 
-from adapters.notifications.webhooks import WebhookAdmin
+from adapters.notifications.webhooks import WebhookAdmin, webhook_secret
 from api.http.auth import Principal
 from api.http.console.charts import as_int, columns_by_day, funnel_bars
 from api.http.console.queries import ConsoleQueries
@@ -55,6 +55,7 @@ from api.http.problems import answer_for
 from api.http.services import ApiServices
 from application.errors import IdempotencyKeyReused, NotFound
 from domain.errors import DomainError
+from domain.merchant import Merchant
 from domain.money import parse_major
 from projections.views import Scope
 
@@ -116,11 +117,21 @@ def _to_login() -> Response[Any]:
 
 
 def _visit(request: Request[Any, Any, Any], services: ApiServices, href: str | None) -> Visit | Response[Any]:
-    """The logged-in visit, or the answer instead: to the login page without a session, a 403
-    page for a page the role may not open."""
-    session = _store(services).get(request.cookies.get(COOKIE_NAME))
+    """The logged-in visit, or the answer instead: to the login page without a session or when
+    the session's key is no longer live, a 403 page for a page the role may not open."""
+    store = _store(services)
+    session = store.get(request.cookies.get(COOKIE_NAME))
     if session is None:
         return _to_login()
+    # The key is asked on every request, as the API asks it (Ledger.live_api_key, behind
+    # Ledger.authenticate): a key revoked by any means (the API, the CLI, another process's
+    # console) ends its sessions at once, not when the cookie expires.
+    if services.ledger.live_api_key(session.key_id) is None:
+        store.delete(session)
+        log.info("console_session_ended", key_id=str(session.key_id), reason="key_revoked")
+        ended: Response[Any] = Redirect(f"{CONSOLE_PREFIX}/login?ended=1", status_code=303, headers=SECURITY_HEADERS)
+        ended.delete_cookie(COOKIE_NAME, path=CONSOLE_PREFIX)
+        return ended
     request.state.principal = Principal(session.key_id, session.role, session.merchant_id)  # for the log line
     page = Page(session.role, session.label, str(session.merchant_id) if session.merchant_id else None,
                 session.csrf, href or "")
@@ -223,8 +234,10 @@ class ConsoleController(Controller):
         def run() -> Response[Any]:
             if _store(services).get(request.cookies.get(COOKIE_NAME)) is not None:
                 return Redirect(CONSOLE_PREFIX, status_code=303, headers=SECURITY_HEADERS)
-            return _login_page(request, 200, notice="You are logged out." if request.query_params.get("out")
-                               else None)
+            notice = ("You are logged out." if request.query_params.get("out")
+                      else "Your session ended: the API key it was made with was revoked."
+                      if request.query_params.get("ended") else None)
+            return _login_page(request, 200, notice=notice)
         return await _in_thread(run)
 
     @post("/login")
@@ -346,6 +359,28 @@ class ConsoleController(Controller):
             if isinstance(visit, Response):
                 return visit
             return _webhooks_page(visit, _query(request, "status", 20), notice=_query(request, "done", 20))
+        return await _in_thread(run)
+
+    @get("/webhooks/rotate")
+    async def confirm_rotation(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
+        def run() -> Response[Any]:
+            visit = _visit(request, services, "/console/webhooks")
+            if isinstance(visit, Response):
+                return visit
+            return _rotate_page(visit)
+        return await _in_thread(run)
+
+    @post("/webhooks/rotate")
+    async def rotate(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
+        form = await request.form()
+
+        def run() -> Response[Any]:
+            visit = _visit(request, services, "/console/webhooks")
+            if isinstance(visit, Response):
+                return visit
+            if not _checked_form(request, visit, form):
+                return _refused(visit)
+            return _rotate(visit, form)
         return await _in_thread(run)
 
     @post("/webhooks/{delivery_id:int}/redeliver")
@@ -709,10 +744,63 @@ def _webhooks_page(visit: Visit, status: str, *, notice: str = "") -> Response[s
     status = status if status in ("pending", "delivered", "dead") else ""
     merchant_id = visit.session.merchant_id
     rows = visit.queries.webhook_deliveries(merchant_id, status=status or None, limit=50)
-    endpoint = visit.services.ledger.get_merchant(merchant_id).webhook_url if merchant_id else None
-    return html(visit.page, "webhooks.html", rows=rows, shown=status, endpoint=endpoint,
+    merchant = visit.services.ledger.get_merchant(merchant_id) if merchant_id else None
+    return html(visit.page, "webhooks.html", rows=rows, shown=status,
+                endpoint=merchant.webhook_url if merchant else None, signing=_signing(merchant),
                 notice="Redelivery queued: the dispatcher sends it again with the same event id."
                 if notice == "redelivered" else None)
+
+
+# The overlaps offered when rotating, in hours: how long the previous secret keeps signing.
+ROTATION_OVERLAPS_H = (1, 24, 72, 168)
+
+
+def _signing(merchant: Merchant | None) -> dict[str, Any] | None:
+    """The merchant's signing secret's version, and the previous one's end while it still signs."""
+    if merchant is None:
+        return None
+    until = merchant.previous_webhook_secret_valid_until
+    return {"version": merchant.webhook_secret_version,
+            "previous_until": until if until is not None and until > datetime.now(UTC) else None}
+
+
+def _rotate_page(visit: Visit, status: int = 200, *, error: str | None = None,
+                 rotated: dict[str, Any] | None = None) -> Response[str]:
+    """The confirmation step (or, after it, the new secret shown once). A merchant rotates its own
+    secret; an operator chooses the merchant."""
+    merchant_id = visit.session.merchant_id
+    merchants = [m for m in visit.queries.merchants(visit.scope) if not m["deactivated"]] if merchant_id is None else []
+    merchant = visit.services.ledger.get_merchant(merchant_id) if merchant_id else None
+    return html(visit.page, "rotate.html", status, error=error, rotated=rotated, merchants=merchants,
+                signing=_signing(merchant), overlaps=ROTATION_OVERLAPS_H, form_id=secrets.token_urlsafe(18))
+
+
+def _rotate(visit: Visit, form: FormMultiDict) -> Response[str]:
+    form_id = _field(form, "form_id", 64)
+    if not _FORM_ID.fullmatch(form_id):
+        return _refused(visit)
+    merchant_id = visit.session.merchant_id or _uuid(_field(form, "merchant_id", 40))
+    overlap_text = _field(form, "overlap_hours", 5)
+    if merchant_id is None:
+        return _rotate_page(visit, 422, error="Choose the merchant whose secret to rotate.")
+    if not overlap_text.isdigit() or int(overlap_text) not in ROTATION_OVERLAPS_H:
+        return _rotate_page(visit, 422, error="Choose how long the previous secret keeps signing.")
+    try:
+        result = visit.services.ledger.rotate_webhook_secret(
+            visit.command_id("rotate_webhook_secret", form_id), merchant_id,
+            overlap=timedelta(hours=int(overlap_text)), acting_for=visit.session.merchant_id)
+    except DomainError as error:  # not found (another merchant's too), deactivated, a reused form
+        return _rotate_page(visit, answer_for(error).status, error=_words(error))
+    version = int(result.result["secret_version"])
+    log.info("console_webhook_secret_rotated", merchant_id=str(merchant_id), version=version,
+             key_id=str(visit.session.key_id), replayed=result.replayed)
+    # The secret is derived for this page and shown once: a form sent again (a double click)
+    # rotates nothing more and shows no secret.
+    rotated = {"merchant_id": str(merchant_id), "version": version,
+               "previous_until": result.result["previous_secret_valid_until"],
+               "secret": None if result.replayed else webhook_secret(visit.services.settings.hash_key, merchant_id,
+                                                                     version)}
+    return _rotate_page(visit, 200 if result.replayed else 201, rotated=rotated)
 
 
 def _analytics(request: Request[Any, Any, Any], visit: Visit) -> dict[str, Any]:
@@ -736,7 +824,7 @@ def _analytics(request: Request[Any, Any, Any], visit: Visit) -> dict[str, Any]:
     base: dict[str, Any] = {
         "date_from": date_from.isoformat(), "date_to": date_to.isoformat(), "filters": text, "error": error,
         "funnel": [], "volume": [], "steps": [], "chart": None, "by_day": None, "platforms": [], "conversions": [],
-        "names": [], "query": urlencode({k: v for k, v in text.items() if v})}
+        "names": [], "reasons": [], "reason_totals": [], "query": urlencode({k: v for k, v in text.items() if v})}
     if error:
         return base
     scope = visit.scope
@@ -744,12 +832,21 @@ def _analytics(request: Request[Any, Any, Any], visit: Visit) -> dict[str, Any]:
                                          voice_platform=text["platform"] or None)
     volume = visit.services.views.volume(scope, date_from=date_from, date_to=date_to, currency=currency,
                                          merchant_id=merchant_id)
+    reasons = visit.services.views.decline_reasons(scope, date_from=date_from, date_to=date_to,
+                                                   merchant_id=merchant_id, voice_platform=text["platform"] or None,
+                                                   currency=currency)
+    # The period's reasons, most frequent first within each kind (processor declines, then risk).
+    by_reason: dict[tuple[str, str], int] = {}
+    for r in reasons:
+        by_reason[(r["kind"], r["reason"])] = by_reason.get((r["kind"], r["reason"]), 0) + as_int(r["payments"])
+    reason_totals = sorted(((kind, reason, n) for (kind, reason), n in by_reason.items()),
+                           key=lambda t: (t[0] != "decline", -t[2], t[1]))
     captured_by_day: dict[str, int] = {}
     for v in volume:
         key = str(v["period_start"])
         captured_by_day[key] = captured_by_day.get(key, 0) + as_int(v["captured_count"])
     names = [("link_sent", "Link sent"), ("link_opened", "Opened"), ("code_verified", "Code verified"),
-             ("identity_verified", "Identity verified"), ("paid", "Authorized")]
+             ("identity_verified", "Identity verified"), ("card_attached", "Card"), ("paid", "Authorized")]
     totals = [(label, sum(as_int(r[key]) for r in funnel)) for key, label in names]
     captured_total = sum(captured_by_day.values()) if not text["platform"] else None
     steps = [*totals, *([("Captured", captured_total)] if captured_total is not None else [])]
@@ -765,7 +862,7 @@ def _analytics(request: Request[Any, Any, Any], visit: Visit) -> dict[str, Any]:
         series.append(("Captured", [captured_by_day.get(d, 0) for d in day_keys]))
     by_label = dict(steps)
     # Identity is asked only above the currency's threshold, so it is no step every session takes.
-    pairs = [("Link sent", "Opened"), ("Opened", "Code verified"), ("Code verified", "Authorized"),
+    pairs = [("Link sent", "Opened"), ("Opened", "Code verified"), ("Code verified", "Card"), ("Card", "Authorized"),
              ("Authorized", "Captured")]
     conversions = [(f"{a} → {b}", by_label[b], by_label[a]) for a, b in pairs if a in by_label and b in by_label]
     return {**base, "funnel": funnel, "volume": volume, "steps": steps, "conversions": conversions,
@@ -773,23 +870,40 @@ def _analytics(request: Request[Any, Any, Any], visit: Visit) -> dict[str, Any]:
             if any(n for _, n in steps) else None,
             "by_day": columns_by_day(day_keys, series, chart_id="funnel-days", title="Funnel steps by day")
             if day_keys else None,
-            "platforms": sorted(platforms.items()), "names": names}
+            "platforms": sorted(platforms.items()), "names": names, "reasons": reasons,
+            "reason_totals": reason_totals}
 
 
 def _analytics_csv(report: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["section", "day", "voice_platform_or_currency", "link_sent", "link_opened", "code_verified",
-                     "identity_verified", "authorized", "authorized_count", "declined_count", "captured_count",
-                     "gross_captured_minor", "refunded_minor", "fees_minor", "approval_rate", "risk_declined_count"])
+    # One header for three sections; a row fills the columns of its section. Columns only ever
+    # get added at the end, so a spreadsheet built on an earlier download keeps its columns.
+    header = ["section", "day", "voice_platform_or_currency", "link_sent", "link_opened", "code_verified",
+              "identity_verified", "authorized", "authorized_count", "declined_count", "captured_count",
+              "gross_captured_minor", "refunded_minor", "fees_minor", "approval_rate", "risk_declined_count",
+              "card_attached", "voice_platform", "currency", "reason_kind", "reason", "payments"]
+    writer.writerow(header)
+
+    def row(section: str, **values: Any) -> list[Any]:
+        return [section, *(values.get(column, "") for column in header[1:])]
+
     for r in report["funnel"]:
-        writer.writerow(["funnel", r["day"], r["voice_platform"], r["link_sent"], r["link_opened"],
-                         r["code_verified"], r["identity_verified"], r["paid"], "", "", "", "", "", "", "", ""])
+        writer.writerow(row("funnel", day=r["day"], voice_platform_or_currency=r["voice_platform"],
+                            link_sent=r["link_sent"], link_opened=r["link_opened"], code_verified=r["code_verified"],
+                            identity_verified=r["identity_verified"], authorized=r["paid"],
+                            card_attached=r["card_attached"]))
     for v in report["volume"]:
         rate = v.get("approval_rate")
-        writer.writerow(["volume", v["period_start"], v["currency"], "", "", "", "", "", v["authorized_count"],
-                         v["declined_count"], v["captured_count"], v["gross_captured_minor"], v["refunded_minor"],
-                         v["fees_minor"], "" if rate is None else f"{rate:.4f}", v.get("risk_declined_count", "")])
+        writer.writerow(row("volume", day=v["period_start"], voice_platform_or_currency=v["currency"],
+                            authorized_count=v["authorized_count"], declined_count=v["declined_count"],
+                            captured_count=v["captured_count"], gross_captured_minor=v["gross_captured_minor"],
+                            refunded_minor=v["refunded_minor"], fees_minor=v["fees_minor"],
+                            approval_rate="" if rate is None else f"{rate:.4f}",
+                            risk_declined_count=v.get("risk_declined_count", "")))
+    for r in report["reasons"]:
+        writer.writerow(row("reason", day=r["day"], voice_platform=r["voice_platform"], currency=r["currency"],
+                            reason_kind=r["kind"], reason=r["reason"], payments=r["payments"]))
     return out.getvalue()
 
 

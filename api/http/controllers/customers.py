@@ -20,18 +20,17 @@ from api.http.commands import run_command
 from api.http.openapi import command, problems
 from api.http.services import ApiServices
 from application.privacy import Erasure
-from projections.status_cache import _key as status_cache_key
+from projections.status_cache import forget
 
 log = structlog.get_logger(__name__)
 
 
 def forget_sessions(client: Any, session_ids: Sequence[UUID]) -> None:
-    """Drop the status cache's copies of these sessions (they showed the phone's last four); the
-    next read fills it from the read model, which shows ``erased``. (A helper for this belongs in
-    projections/status_cache.py, which is not this change's to edit.)"""
+    """Drop the status cache's copies of these sessions (they showed the phone's last four and the
+    cancellation's words); the next read fills it from the read model, which shows ``erased``."""
     if session_ids:
         try:
-            client.delete(*(status_cache_key("session", s) for s in session_ids))
+            forget(client, "session", session_ids)
         except redis.RedisError:  # the cache expires within the hour anyway (TTL_S)
             log.warning("status_cache_forget_failed", sessions=len(session_ids))
 

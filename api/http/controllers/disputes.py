@@ -34,7 +34,14 @@ def dispute_from_row(row: dict[str, Any]) -> schemas.Dispute:
     )
 
 
-def dispute_from_aggregate(dispute: Dispute) -> schemas.Dispute:
+# What a command's answer shows of each evidence field: the answer is kept with its idempotency key
+# for a day (api/http/commands.py), where erasing the customer could not reach the text.
+EVIDENCE_IN_ANSWERS = "withheld"
+
+
+def dispute_from_aggregate(dispute: Dispute, evidence: dict[str, str] | None = None) -> schemas.Dispute:
+    """``evidence``: opened (ledger.dispute_evidence) for a read; None in a command's answer,
+    which names the fields only (``EVIDENCE_IN_ANSWERS``)."""
     return schemas.Dispute(
         id=str(dispute.id), merchant_id=str(dispute.merchant_id), payment_id=str(dispute.payment_id),
         processor=dispute.processor, status=dispute.status, reason=dispute.reason, amount=dispute.amount_minor,
@@ -42,7 +49,8 @@ def dispute_from_aggregate(dispute: Dispute) -> schemas.Dispute:
         evidence_submitted_at=dispute.evidence_submitted_at, opened_at=dispute.created_on,
         closed_at=dispute.modified_on if dispute.status not in (DisputeStatus.NEEDS_RESPONSE,
                                                                 DisputeStatus.UNDER_REVIEW) else None,
-        updated_at=dispute.modified_on, evidence=dict(dispute.evidence),
+        updated_at=dispute.modified_on,
+        evidence=evidence if evidence is not None else dict.fromkeys(dispute.evidence_fields, EVIDENCE_IN_ANSWERS),
     )
 
 
@@ -88,7 +96,9 @@ class DisputeController(Controller):
         if row is None:
             raise ApiProblem(404, "not_found", f"no dispute {dispute_id}")
         dispute = await anyio.to_thread.run_sync(services.ledger.get_dispute, dispute_id)
-        return dispute_from_aggregate(dispute)
+        # The evidence is sealed under the customer's key: opened for the reader ("erased" after).
+        evidence = await anyio.to_thread.run_sync(services.ledger.dispute_evidence, dispute)
+        return dispute_from_aggregate(dispute, evidence)
 
     @get("/{dispute_id:uuid}/evidence-pack", operation_id="getDisputeEvidencePack",
          summary="The payment's timeline from the audit stream, with prior undisputed payments: JSON, or"

@@ -1,13 +1,18 @@
-"""Admins: merchants and their API keys."""
+"""Admins: merchants and their API keys; admins and the merchant itself: rotating its webhook
+signing secret."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import timedelta
+from typing import Annotated, Any
 from uuid import UUID
 
 import anyio
+import msgspec
 from litestar import Controller, Request, Response, get, patch, post
+from msgspec import Meta, Struct
 
+from adapters.notifications.webhooks import webhook_secret
 from api.http import schemas
 from api.http.auth import Principal, require
 from api.http.commands import run_command
@@ -15,7 +20,22 @@ from api.http.openapi import command, problems
 from api.http.problems import ApiProblem
 from api.http.services import ApiServices
 from application.errors import NotFound
-from domain.merchant import Merchant
+from domain.merchant import MAX_WEBHOOK_SECRET_OVERLAP, WEBHOOK_SECRET_OVERLAP, Merchant
+
+
+class WebhookSecretRotate(schemas.Strict):
+    overlap_s: Annotated[int, Meta(ge=0, le=int(MAX_WEBHOOK_SECRET_OVERLAP.total_seconds()), description=(
+        "how long the previous secret keeps signing beside the new one (seconds)"))] = int(
+        WEBHOOK_SECRET_OVERLAP.total_seconds())
+
+
+class WebhookSecretRotated(Struct):
+    merchant_id: str
+    secret_version: int
+    previous_secret_valid_until: str
+    # Shown in this response only (and in its replay under the same Idempotency-Key): derived from
+    # the version, never stored, not even in the idempotency record.
+    secret: str
 
 
 def merchant_out(merchant: Merchant) -> schemas.Merchant:
@@ -105,3 +125,30 @@ class MerchantController(Controller):
                                           merchant_id=str(merchant_id), api_key=token)
 
         return await run_command(request, services, principal, data, run)
+
+    @post("/{merchant_id:uuid}/webhook-secret/rotate", operation_id="rotateWebhookSecret", status_code=201,
+          summary="Rotate the webhook signing secret (the new one shown once; the previous one signs too until"
+                  " its overlap ends)",
+          responses=command(201, WebhookSecretRotated, "the new secret, shown only in this response"))
+    async def rotate_webhook_secret(self, request: Request[Any, Any, Any], merchant_id: UUID,
+                                    data: WebhookSecretRotate, services: ApiServices,
+                                    principal: Principal) -> Response[bytes]:
+        require(principal, "admin", "merchant")
+
+        def run(command_id: str) -> tuple[int, Any]:
+            # A merchant's key rotates only its own secret: another merchant is "not found".
+            result = services.ledger.rotate_webhook_secret(
+                command_id, merchant_id, overlap=timedelta(seconds=data.overlap_s), acting_for=principal.merchant_id)
+            return 201, result.result
+
+        response = await run_command(request, services, principal, data, run)
+        if response.status_code != 201:
+            return response
+        # The recorded body names the version only; the secret is derived for the answer.
+        body = msgspec.json.decode(response.content)
+        rotated = WebhookSecretRotated(
+            merchant_id=body["merchant_id"], secret_version=body["secret_version"],
+            previous_secret_valid_until=body["previous_secret_valid_until"],
+            secret=webhook_secret(services.settings.hash_key, merchant_id, body["secret_version"]))
+        return Response(msgspec.json.encode(rotated), status_code=201, media_type="application/json",
+                        headers=dict(response.headers))
