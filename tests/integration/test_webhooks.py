@@ -375,6 +375,57 @@ def test_planning_again_creates_no_duplicate_deliveries(
     assert rows(database_url, "SELECT count(*) FROM webhook_deliveries")[0][0] == count
 
 
+def test_a_batch_plans_what_event_by_event_planning_plans(
+    ledger: Ledger, database_url: str, owner_database_url: str, settings: Settings, clock: ManualClock,
+    receivers: Callable[..., Any],
+) -> None:
+    """The planner keeps what a batch's events need in memory and writes it after the batch; a
+    merchant's new webhook URL, a session opened and paid and a payment refunded within one
+    batch must come out as they do planned one event at a time."""
+    hooks, moved, commerce = receivers(), receivers(), receivers(CommerceServer)
+    m = new_merchant(ledger, "m1", webhook_url=hooks.url(), commerce_backend_uri=commerce.url("/orders"))
+    s1 = open_session(ledger, m, "s1", hooks.url("/cb"))
+    p1 = pay(ledger, s1, prefix="s1-")
+    ledger.authorize_payment(p1)
+    ledger.change_merchant_settings("move", m, webhook_url=moved.url("/new"))
+    ledger.rotate_webhook_secret("rotate", m)
+    ledger.capture_payment("cap1", p1)
+    ledger.refund_payment("ref1", p1, amount_minor=300)
+    s2 = open_session(ledger, m, "s2", None)
+    ledger.authorize_payment(pay(ledger, s2, prefix="s2-", last4="1111"))
+    ledger.cancel_session("c3", open_session(ledger, new_merchant(ledger, "m2"), "s3", moved.url("/cb3")))
+
+    def planned_with(batch_size: int) -> tuple[list[Any], ...]:
+        with psycopg.connect(owner_database_url, autocommit=True) as conn:
+            for table in ("webhook_deliveries", "webhook_sessions", "webhook_payments", "webhook_merchants"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("UPDATE webhook_checkpoint SET position = 0, deliver_after = 0")
+        planner = WebhookPlanner(database_url, envelope_opener(settings), clock=clock, batch_size=batch_size)
+        try:
+            planner.plan()
+        finally:
+            planner.close()
+        return (
+            rows(database_url, "SELECT event_id, event_type, position, merchant_id, kind, endpoint_url, body,"
+                               " idempotency_key FROM webhook_deliveries ORDER BY position, kind, endpoint_url"),
+            rows(database_url, "SELECT * FROM webhook_merchants ORDER BY merchant_id"),
+            rows(database_url, "SELECT * FROM webhook_sessions ORDER BY session_id"),
+            rows(database_url, "SELECT * FROM webhook_payments ORDER BY payment_id"),
+        )
+
+    one_by_one, batched = planned_with(1), planned_with(500)
+    assert batched == one_by_one
+    # A batch that ends with s2 opened: its payment starts and is authorized in the next one.
+    s2_opened = rows(database_url, "SELECT position FROM outbox WHERE message_key = %s ORDER BY position",
+                     str(s2))[0][0]
+    assert planned_with(s2_opened) == one_by_one
+    deliveries = batched[0]
+    assert {d[5] for d in deliveries if d[1] == "payment.captured"} == {moved.url("/new"), hooks.url("/cb")}
+    assert {d[5] for d in deliveries if d[1] == "payment.authorized" and d[0] != deliveries[0][0]} >= {
+        hooks.url()}
+    assert [d[4] for d in deliveries].count("commerce_order") == 2
+
+
 def test_history_before_webhooks_existed_is_remembered_but_not_sent(
     ledger: Ledger, database_url: str, planner: WebhookPlanner, receivers: Callable[..., Any],
 ) -> None:
