@@ -145,6 +145,10 @@ def scrub_customer(conn: psycopg.Connection[Any], customer_id: UUID, *, phone: s
         "outbox_messages": conn.execute(
             "DELETE FROM outbox_messages WHERE aggregate_id = ANY(%s)", (sessions,)).rowcount,
         "dev_sms_inbox": conn.execute("DELETE FROM dev_sms_inbox WHERE to_phone = %s", (phone,)).rowcount,
+        # Recorded HTTP responses about the sessions (their masked phone), kept for the
+        # Idempotency-Key's 24 hours.
+        "idempotency_records": conn.execute(
+            "DELETE FROM idempotency_records WHERE subject_id = ANY(%s)", (sessions,)).rowcount,
         "risk_attempts": conn.execute(
             "DELETE FROM risk_attempts WHERE kind = 'phone' AND key = ANY(%s)", (list(velocity_keys),)).rowcount,
         "session_status": conn.execute(

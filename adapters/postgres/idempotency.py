@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -80,12 +81,16 @@ class IdempotencyStore:
                 return Begin("replay", status, body)
             return Begin("in_progress")
 
-    def complete(self, scope: str, key: str, request_hash: str, status: int, body: str) -> None:
+    def complete(self, scope: str, key: str, request_hash: str, status: int, body: str,
+                 subject_id: UUID | None = None) -> None:
+        """``subject_id``: the aggregate the response is about, so that erasing its customer can
+        delete a response that names them (migrations/0027_idempotency_subject.sql)."""
         with self.pool.connection() as conn:
             conn.execute(
                 "UPDATE idempotency_records SET state = 'completed', response_status = %s,"
-                " response_body = %s WHERE scope = %s AND idempotency_key = %s AND request_hash = %s",
-                (status, body, scope, key, request_hash),
+                " response_body = %s, subject_id = %s"
+                " WHERE scope = %s AND idempotency_key = %s AND request_hash = %s",
+                (status, body, subject_id, scope, key, request_hash),
             )
 
     def release(self, scope: str, key: str, request_hash: str) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import anyio
 import msgspec
@@ -77,9 +78,11 @@ def _claim_run_record(
         raise ApiProblem(409, "request_in_progress",
                          "a request with this Idempotency-Key is still running; retry in a moment",
                          headers={"Retry-After": "1"})
+    subject: UUID | None = None
     try:
         status, body = run(command_id)
         encoded = _encoder.encode(body)
+        subject = _subject_of(body)
     except DomainError as error:
         status = status_for(error)
         if status >= 500:
@@ -92,5 +95,17 @@ def _claim_run_record(
         # Our failure, not the request's: forget the claim so that a retry runs.
         store.release(scope, key, request_hash)
         raise
-    store.complete(scope, key, request_hash, status, encoded.decode())
+    store.complete(scope, key, request_hash, status, encoded.decode(), subject_id=subject)
     return status, encoded, False
+
+
+def _subject_of(body: Any) -> UUID | None:
+    """The id of the resource a successful response describes (every resource body has ``id``):
+    recorded with the response, so a customer's erasure finds the responses about their sessions."""
+    subject = body.get("id") if isinstance(body, dict) else getattr(body, "id", None)
+    if isinstance(subject, UUID):
+        return subject
+    try:
+        return UUID(str(subject)) if subject is not None else None
+    except ValueError:
+        return None

@@ -267,3 +267,33 @@ def test_the_api_process_borrows_every_connection_from_one_pool(api: Api) -> Non
     before = pool.get_stats()["requests_num"]
     paid_payment(api)
     assert pool.get_stats()["requests_num"] > before
+
+
+def test_an_erasure_deletes_the_recorded_responses_about_the_customers_sessions(api: Api, database_url: str) -> None:
+    """A session's recorded response (kept 24 h for its Idempotency-Key) shows the masked phone;
+    erasing the customer deletes it, and a retry of the key is answered again by the command log."""
+    phone = "+14155550177"
+
+    def recorded(key: str) -> list[tuple[object, ...]]:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT subject_id, response_body FROM idempotency_records"
+                                " WHERE idempotency_key = %s", (key,)).fetchall()
+
+    with api.client("a") as client:
+        created = client.post("/v1/payment-sessions", json=session_body(customer_phone=phone),
+                              headers={"Idempotency-Key": "erase-me"})
+        assert created.status_code == 201, created.text
+        other = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "keep-me"})
+        assert other.status_code == 201, other.text
+    [(subject, body)] = recorded("erase-me")
+    assert subject == UUID(created.json()["id"]) and "0177" in str(body)
+    with api.client("admin") as admin:
+        erased = admin.post("/v1/customers/erasures", json={"customer_phone": phone, "reason": "asked"},
+                            headers={"Idempotency-Key": "erasure-1"})
+        assert erased.status_code == 200, erased.text
+    assert recorded("erase-me") == []
+    assert len(recorded("keep-me")) == 1  # another customer's
+    with api.client("a") as client:
+        again = client.post("/v1/payment-sessions", json=session_body(customer_phone=phone),
+                            headers={"Idempotency-Key": "erase-me"})
+    assert again.status_code == 201 and again.json()["id"] == created.json()["id"]
