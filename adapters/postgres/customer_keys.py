@@ -24,18 +24,26 @@ from adapters.personal_data import KeyCipher, SealingCustomerKeys, key_id_of
 from application.privacy import CustomerKey, Scrubbed, plain_of
 from domain.values import ERASED
 
+# A known customer's key is read, never written: every session of a phone once updated its key's
+# row (to have it returned), and concurrent sessions of one phone queued on that row's lock until
+# each commit. A new customer's key is inserted; a concurrent first session of the same phone
+# inserts nothing (ON CONFLICT DO NOTHING) and reads the other's key on its next try.
 _KEY_FOR = """
-WITH made AS (
+WITH found AS (
+    SELECT key_id, customer_id, wrapped_key, master_key_id FROM customer_keys WHERE lookup_hash = %(lookup)s
+), made AS (
     INSERT INTO customer_keys (key_id, customer_id, lookup_hash, wrapped_key, master_key_id)
-    VALUES (%(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s, %(master)s)
-    ON CONFLICT (lookup_hash) DO UPDATE SET lookup_hash = EXCLUDED.lookup_hash
+    SELECT %(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s, %(master)s WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (lookup_hash) DO NOTHING
     RETURNING key_id, customer_id, wrapped_key, master_key_id
+), chosen AS (
+    SELECT * FROM found UNION ALL SELECT * FROM made
 ), linked AS (
     INSERT INTO customer_sessions (customer_id, session_id, key_id)
-    SELECT customer_id, %(session_id)s, key_id FROM made WHERE %(session_id)s::uuid IS NOT NULL
+    SELECT customer_id, %(session_id)s, key_id FROM chosen WHERE %(session_id)s::uuid IS NOT NULL
     ON CONFLICT DO NOTHING
 )
-SELECT key_id, customer_id, wrapped_key, master_key_id FROM made
+SELECT key_id, customer_id, wrapped_key, master_key_id FROM chosen
 """
 _KEY_COLUMNS = "key_id, customer_id, wrapped_key, master_key_id"
 # Live keys not wrapped under the current master key, a batch at a time; SKIP LOCKED lets two
@@ -60,12 +68,16 @@ class PostgresCustomerKeys(SealingCustomerKeys):
     def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
         key_id = uuid4()
         material = KeyCipher.new_key_material()
+        params = {
+            "key_id": key_id, "customer_id": uuid4(), "lookup": lookup_hash,
+            "wrapped": self._cipher.wrap(key_id, material), "master": self._cipher.master_key_id,
+            "session_id": session_id,
+        }
         with self._pool.connection() as conn:
-            row = conn.execute(_KEY_FOR, {
-                "key_id": key_id, "customer_id": uuid4(), "lookup": lookup_hash,
-                "wrapped": self._cipher.wrap(key_id, material), "master": self._cipher.master_key_id,
-                "session_id": session_id,
-            }).fetchone()
+            for _ in range(3):
+                row = conn.execute(_KEY_FOR, params).fetchone()
+                if row is not None:  # None: another session made this customer's key meanwhile
+                    break
         key = self._unwrapped(row)
         assert key is not None, "a key found by its lookup hash is live"
         return key

@@ -506,3 +506,43 @@ def test_projections_open_personal_data_only_with_the_reader_they_are_given(
     sealed = ledger.get_session(session_id).personal
     with psycopg.connect(owner_database_url) as conn, conn.cursor() as cur, pytest.raises(UnknownMasterKey):
         other_reader.open_many(cur, [sealed])
+
+
+def test_concurrent_first_sessions_of_a_phone_share_one_key_and_later_ones_only_read_it(
+    database_url: str, settings: Settings,
+) -> None:
+    """Many sessions of a new phone at once make one key; a known phone's key is read, its row
+    never written (every session once rewrote it, and sessions of one phone queued on its lock)."""
+    import threading
+
+    from adapters.postgres.connection import open_pool
+
+    pool = open_pool(database_url, max_size=8, max_idle_s=2.0, wait_s=10)
+    keys = build_customer_keys(settings, pool)
+    try:
+        lookup = f"lookup-{uuid4()}"
+        sessions = [uuid4() for _ in range(8)]
+        found: list[Any] = []
+        barrier = threading.Barrier(len(sessions))
+
+        def first(session_id: UUID) -> None:
+            barrier.wait()
+            found.append(keys.key_for(lookup, session_id=session_id))
+
+        threads = [threading.Thread(target=first, args=(s,)) for s in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(found) == len(sessions) and len({(k.key_id, k.customer_id, k.material) for k in found}) == 1
+        with psycopg.connect(database_url) as conn:
+            row_version = conn.execute("SELECT xmin::text FROM customer_keys WHERE lookup_hash = %s",
+                                       (lookup,)).fetchone()
+            keys.key_for(lookup, session_id=uuid4())
+            assert conn.execute("SELECT xmin::text FROM customer_keys WHERE lookup_hash = %s",
+                                (lookup,)).fetchone() == row_version
+            linked = conn.execute("SELECT count(*) FROM customer_sessions WHERE key_id = %s",
+                                  (found[0].key_id,)).fetchone()
+        assert linked == (len(sessions) + 1,)
+    finally:
+        pool.close()
