@@ -188,6 +188,30 @@ async def _in_thread(call: Callable[[], Response[Any]]) -> Response[Any]:
     return await anyio.to_thread.run_sync(call)
 
 
+async def _page(request: Request[Any, Any, Any], services: ApiServices, href: str | None,
+                render: Callable[[Visit], Response[Any]]) -> Response[Any]:
+    """A page of the logged-in visit (``_visit`` answers instead without one), in a worker thread."""
+    def run() -> Response[Any]:
+        visit = _visit(request, services, href)
+        return visit if isinstance(visit, Response) else render(visit)
+    return await _in_thread(run)
+
+
+async def _posted(request: Request[Any, Any, Any], services: ApiServices, href: str | None,
+                  act: Callable[[Visit, FormMultiDict], Response[Any]]) -> Response[Any]:
+    """A form of the logged-in visit, acted on only with this session's CSRF token from our origin."""
+    form = await request.form()
+
+    def run() -> Response[Any]:
+        visit = _visit(request, services, href)
+        if isinstance(visit, Response):
+            return visit
+        if not _checked_form(request, visit, form):
+            return _refused(visit)
+        return act(visit, form)
+    return await _in_thread(run)
+
+
 def _console_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     """Errors as pages for people: never JSON, never a stack trace."""
     page = Page()
@@ -220,12 +244,9 @@ class ConsoleController(Controller):
 
     @get("/")
     async def home(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, None)
-            if isinstance(visit, Response):
-                return visit
-            return Redirect(home_for(visit.session.role), status_code=303, headers=SECURITY_HEADERS)
-        return await _in_thread(run)
+        return await _page(request, services, None,
+                           lambda visit: Redirect(home_for(visit.session.role), status_code=303,
+                                                  headers=SECURITY_HEADERS))
 
     # -- login and logout -------------------------------------------------------------------------
 
@@ -269,76 +290,45 @@ class ConsoleController(Controller):
 
     @post("/logout")
     async def logout(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, None)
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
+        def act(visit: Visit, form: FormMultiDict) -> Response[Any]:
             _store(services).delete(visit.session)
             log.info("console_logout", key_id=str(visit.session.key_id))
             response: Response[Any] = Redirect(f"{CONSOLE_PREFIX}/login?out=1", status_code=303,
                                                headers=SECURITY_HEADERS)
             response.delete_cookie(COOKIE_NAME, path=CONSOLE_PREFIX)
             return response
-        return await _in_thread(run)
+        return await _posted(request, services, None, act)
 
     # -- merchants: payments ------------------------------------------------------------------------
 
     @get("/payments")
     async def payments(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/payments")
-            if isinstance(visit, Response):
-                return visit
-            return _payments_page(request, visit)
-        return await _in_thread(run)
+        return await _page(request, services, "/console/payments", lambda visit: _payments_page(request, visit))
 
     @get("/payments/{payment_id:uuid}")
     async def payment(self, request: Request[Any, Any, Any], payment_id: UUID,
                       services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/payments")
-            if isinstance(visit, Response):
-                return visit
-            return _payment_page(visit, payment_id, done=_query(request, "done", 20))
-        return await _in_thread(run)
+        return await _page(request, services, "/console/payments",
+                           lambda visit: _payment_page(visit, payment_id, done=_query(request, "done", 20)))
 
     @get("/payments/{payment_id:uuid}/{action:str}")
     async def confirm(self, request: Request[Any, Any, Any], payment_id: UUID, action: str,
                       services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/payments")
-            if isinstance(visit, Response):
-                return visit
-            return _confirm_page(visit, payment_id, action)
-        return await _in_thread(run)
+        return await _page(request, services, "/console/payments",
+                           lambda visit: _confirm_page(visit, payment_id, action))
 
     @post("/payments/{payment_id:uuid}/{action:str}")
     async def act(self, request: Request[Any, Any, Any], payment_id: UUID, action: str,
                   services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/payments")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
-            return _payment_command(visit, payment_id, action, form)
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/payments",
+                             lambda visit, form: _payment_command(visit, payment_id, action, form))
 
     @get("/balances")
     async def balances(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/balances")
-            if isinstance(visit, Response):
-                return visit
+        def render(visit: Visit) -> Response[Any]:
             rows = services.views.balances(visit.scope)
             return html(visit.page, "balances.html", rows=rows, split=balance_split(rows))
-        return await _in_thread(run)
+        return await _page(request, services, "/console/balances", render)
 
     @get("/payouts")
     async def payouts(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
@@ -354,46 +344,22 @@ class ConsoleController(Controller):
 
     @get("/webhooks")
     async def webhooks(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/webhooks")
-            if isinstance(visit, Response):
-                return visit
-            return _webhooks_page(visit, _query(request, "status", 20), notice=_query(request, "done", 20))
-        return await _in_thread(run)
+        return await _page(request, services, "/console/webhooks",
+                           lambda visit: _webhooks_page(visit, _query(request, "status", 20),
+                                                        notice=_query(request, "done", 20)))
 
     @get("/webhooks/rotate")
     async def confirm_rotation(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/webhooks")
-            if isinstance(visit, Response):
-                return visit
-            return _rotate_page(visit)
-        return await _in_thread(run)
+        return await _page(request, services, "/console/webhooks", lambda visit: _rotate_page(visit))
 
     @post("/webhooks/rotate")
     async def rotate(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/webhooks")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
-            return _rotate(visit, form)
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/webhooks", lambda visit, form: _rotate(visit, form))
 
     @post("/webhooks/{delivery_id:int}/redeliver")
     async def redeliver(self, request: Request[Any, Any, Any], delivery_id: int,
                         services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/webhooks")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
+        def act(visit: Visit, form: FormMultiDict) -> Response[Any]:
             owner = visit.queries.delivery_owner(delivery_id)
             if owner is None or (visit.session.merchant_id is not None and owner != visit.session.merchant_id):
                 return message(visit.page, 404, "No such delivery", f"There is no delivery {delivery_id}.",
@@ -405,27 +371,21 @@ class ConsoleController(Controller):
                 WebhookAdmin(services.health.database_url).redeliver([delivery_id])
                 log.info("console_redeliver", delivery_id=delivery_id, key_id=str(visit.session.key_id))
             return Redirect("/console/webhooks?done=redelivered", status_code=303, headers=SECURITY_HEADERS)
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/webhooks", act)
 
     # -- analysts -------------------------------------------------------------------------------------
 
     @get("/analytics")
     async def analytics(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/analytics")
-            if isinstance(visit, Response):
-                return visit
+        def render(visit: Visit) -> Response[Any]:
             report = _analytics(request, visit)
             status = 400 if report["error"] else 200
             return html(visit.page, "analytics.html", status, **report)
-        return await _in_thread(run)
+        return await _page(request, services, "/console/analytics", render)
 
     @get("/analytics.csv")
     async def analytics_csv(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/analytics")
-            if isinstance(visit, Response):
-                return visit
+        def render(visit: Visit) -> Response[Any]:
             report = _analytics(request, visit)
             if report["error"]:
                 return html(visit.page, "analytics.html", 400, **report)
@@ -433,30 +393,22 @@ class ConsoleController(Controller):
                 **SECURITY_HEADERS,
                 "Content-Disposition": f'attachment; filename="echotransact-{report["date_from"]}'
                                        f'-{report["date_to"]}.csv"'})
-        return await _in_thread(run)
+        return await _page(request, services, "/console/analytics", render)
 
     # -- compliance -----------------------------------------------------------------------------------
 
     @get("/audit")
     async def audit(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/audit")
-            if isinstance(visit, Response):
-                return visit
-            return _audit_page(request, visit)
-        return await _in_thread(run)
+        return await _page(request, services, "/console/audit", lambda visit: _audit_page(request, visit))
 
     @get("/audit/verify")
     async def verify(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/audit")
-            if isinstance(visit, Response):
-                return visit
+        def render(visit: Visit) -> Response[Any]:
             started = time.perf_counter()
             report = services.views.verify_audit_chain(visit.scope)
             return html(visit.page, "verify.html", report=report,
                         duration_ms=round((time.perf_counter() - started) * 1000))
-        return await _in_thread(run)
+        return await _page(request, services, "/console/audit", render)
 
     @get("/audit/export")
     async def export(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
@@ -514,23 +466,12 @@ class ConsoleController(Controller):
 
     @get("/keys")
     async def keys(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/keys")
-            if isinstance(visit, Response):
-                return visit
-            return _keys_page(visit, notice=_query(request, "done", 20))
-        return await _in_thread(run)
+        return await _page(request, services, "/console/keys",
+                           lambda visit: _keys_page(visit, notice=_query(request, "done", 20)))
 
     @post("/keys")
     async def create_key(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/keys")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
+        def act(visit: Visit, form: FormMultiDict) -> Response[Any]:
             form_id = _field(form, "form_id", 64)
             role = _field(form, "role", 20)
             merchant_id = _uuid(_field(form, "merchant_id", 40))
@@ -548,19 +489,12 @@ class ConsoleController(Controller):
             log.info("console_key_issued", key_id=result.result["key_id"], role=role)
             return _keys_page(visit, 201, issued={"key_id": result.result["key_id"], "role": role, "token": token,
                                                   "merchant_id": str(merchant_id) if merchant_id else None})
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/keys", act)
 
     @post("/keys/{key_id:uuid}/revoke")
     async def revoke_key(self, request: Request[Any, Any, Any], key_id: UUID,
                          services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/keys")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
+        def act(visit: Visit, form: FormMultiDict) -> Response[Any]:
             form_id = _field(form, "form_id", 64)
             if not _FORM_ID.fullmatch(form_id):
                 return _refused(visit)
@@ -572,18 +506,11 @@ class ConsoleController(Controller):
             ended = _store(services).end_sessions_of_key(key_id)
             log.info("console_key_revoked", key_id=str(key_id), sessions_ended=ended)
             return Redirect("/console/keys?done=revoked", status_code=303, headers=SECURITY_HEADERS)
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/keys", act)
 
     @post("/merchants")
     async def create_merchant(self, request: Request[Any, Any, Any], services: ApiServices) -> Response[Any]:
-        form = await request.form()
-
-        def run() -> Response[Any]:
-            visit = _visit(request, services, "/console/keys")
-            if isinstance(visit, Response):
-                return visit
-            if not _checked_form(request, visit, form):
-                return _refused(visit)
+        def act(visit: Visit, form: FormMultiDict) -> Response[Any]:
             form_id, name = _field(form, "form_id", 64), _field(form, "name", 200)
             if not _FORM_ID.fullmatch(form_id) or not name:
                 return _keys_page(visit, 422, error="Enter the merchant's name.")
@@ -592,7 +519,7 @@ class ConsoleController(Controller):
             except (DomainError, IdempotencyKeyReused) as error:
                 return _keys_page(visit, 422, error=_words(error))
             return Redirect("/console/keys?done=merchant", status_code=303, headers=SECURITY_HEADERS)
-        return await _in_thread(run)
+        return await _posted(request, services, "/console/keys", act)
 
 
 async def _bounded(awaitable: Any) -> None:
