@@ -56,6 +56,23 @@ def _settings(data_dir: Path) -> Settings:
 
 
 @contextlib.contextmanager
+def _ledger_refusals_readable(ledger: Any) -> Iterator[Any]:
+    """The ledger for as long as the block runs, then closed; a business rejection in the block
+    becomes a readable error (``code: message``, or the message of a missing thing)."""
+    from application.errors import NotFound
+    from domain.errors import DomainError
+
+    try:
+        yield ledger
+    except NotFound as error:
+        raise ConfigurationError(error.message) from None
+    except DomainError as error:
+        raise ConfigurationError(f"{error.code}: {error.message}") from None
+    finally:
+        ledger.close()
+
+
+@contextlib.contextmanager
 def _server_urls(data_dir: Path, *, own: bool = False) -> Iterator[tuple[str, str, str, str]]:
     """(owner's database, application's database, redis, kafka) URLs for as long as the block runs.
 
@@ -475,8 +492,6 @@ def _webhook_secret(settings: Settings, database_url: str, args: argparse.Namesp
 
     from adapters.notifications.webhooks import PLATFORM_ID, webhook_secret
     from api.bootstrap import build_ledger
-    from application.errors import NotFound
-    from domain.errors import DomainError
 
     merchant_id = uuid.UUID(args.merchant)
     if merchant_id == PLATFORM_ID:  # the platform's own secret has no merchant, and one version
@@ -484,8 +499,7 @@ def _webhook_secret(settings: Settings, database_url: str, args: argparse.Namesp
             raise ConfigurationError("the platform's webhook secret has no rotation; rotate a merchant's")
         print(webhook_secret(settings.hash_key, merchant_id))
         return 0
-    ledger = build_ledger(settings, database_url)
-    try:
+    with _ledger_refusals_readable(build_ledger(settings, database_url)) as ledger:
         if args.rotate:
             rotated = ledger.rotate_webhook_secret(args.idempotency_key or f"cli:{uuid.uuid4().hex}", merchant_id,
                                                    overlap=timedelta(hours=args.overlap_hours)).result
@@ -494,12 +508,6 @@ def _webhook_secret(settings: Settings, database_url: str, args: argparse.Namesp
                   f"{rotated['previous_secret_valid_until']}", file=sys.stderr)
         else:
             version = ledger.get_merchant(merchant_id).webhook_secret_version
-    except NotFound as error:
-        raise ConfigurationError(error.message) from None
-    except DomainError as error:
-        raise ConfigurationError(f"{error.code}: {error.message}") from None
-    finally:
-        ledger.close()
     print(webhook_secret(settings.hash_key, merchant_id, version))
     return 0
 
@@ -821,25 +829,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import uuid
 
     from api.bootstrap import build_ledger
-    from application.errors import NotFound
-    from domain.errors import DomainError
 
     if (args.role == "merchant") != (args.merchant is not None):
         raise ConfigurationError("--merchant ID is required for the merchant role, and only for it")
     data_dir = _data_dir()
     settings = _settings(data_dir)
     with _servers(data_dir) as (database_url, _redis, _kafka):
-        ledger = build_ledger(settings, database_url)
-        try:
+        with _ledger_refusals_readable(build_ledger(settings, database_url)) as ledger:
             result, token = ledger.issue_api_key(
                 f"cli:{uuid.uuid4().hex}", role=args.role,
                 merchant_id=uuid.UUID(args.merchant) if args.merchant else None, label=args.label)
-        except NotFound as error:
-            raise ConfigurationError(error.message) from None
-        except DomainError as error:
-            raise ConfigurationError(f"{error.code}: {error.message}") from None
-        finally:
-            ledger.close()
     print(f"key id {result.result['key_id']} ({args.role})", file=sys.stderr)
     print(token)
     return 0
