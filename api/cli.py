@@ -142,6 +142,11 @@ def _child(label: str, urls: tuple[str, str, str], settings: Settings) -> subpro
         env["ECHOTRANSACT_ENCRYPTION_KEY"] = base64.b64encode(settings.encryption_key).decode()
     if settings.vault_key:
         env["ECHOTRANSACT_VAULT_KEY"] = base64.b64encode(settings.vault_key).decode()
+    if settings.master_key:
+        env["ECHOTRANSACT_MASTER_KEY"] = base64.b64encode(settings.master_key).decode()
+    if settings.previous_master_keys:
+        env["ECHOTRANSACT_PREVIOUS_MASTER_KEYS"] = ",".join(
+            base64.b64encode(key).decode() for key in settings.previous_master_keys)
     if settings.processors:
         env["ECHOTRANSACT_PROCESSORS"] = ",".join(f"{k}={v}" for k, v in settings.processors.items())
     if settings.processor_webhook_secrets:
