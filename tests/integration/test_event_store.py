@@ -314,7 +314,6 @@ def test_a_pool_grown_under_load_is_back_to_one_connection_after_one_idle_period
     still held 4 after 10 s at rest); ours closes every connection that stayed unused through a
     period. The periods are driven by hand here (max_idle is long enough never to fire)."""
     import contextlib
-    import time
 
     from adapters.postgres.connection import open_pool
 
@@ -323,12 +322,46 @@ def test_a_pool_grown_under_load_is_back_to_one_connection_after_one_idle_period
         with contextlib.ExitStack() as held:
             for _ in range(6):
                 held.enter_context(pool.connection())
-        deadline = time.monotonic() + 10
-        while pool.get_stats()["pool_available"] < 6 and time.monotonic() < deadline:
-            time.sleep(0.02)  # the pool takes connections back in its own thread
-        assert pool.get_stats()["pool_available"] == 6
+        assert pool.get_stats()["pool_available"] == 6  # each is back as its ``with`` ends
         pool._shrink_pool()  # ends the period of the load (it may close one) and starts a quiet one
         pool._shrink_pool()  # ends a period in which none was used
         assert pool.get_stats()["pool_size"] == 1
+    finally:
+        pool.close()
+
+
+def test_a_returned_connection_is_back_in_the_pool_at_once_reset_and_out_of_any_transaction(database_url: str) -> None:
+    """The returning thread puts a connection back itself (no hand-off to the pool's worker
+    threads): it is available the moment its ``with`` ends, with tuple rows and the read-write,
+    default-isolation session a borrower may have changed, and one left inside a transaction is
+    rolled back, not lent on with it."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from adapters.postgres.connection import open_pool
+
+    pool = open_pool(database_url, max_size=1, max_idle_s=600, wait_s=5)  # one: the same one each time
+    try:
+        with pool.connection() as conn:
+            conn.row_factory = dict_row  # type: ignore[assignment]
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            lent = conn
+        assert pool.get_stats()["pool_available"] == 1  # no waiting for a worker thread
+        with pool.connection() as conn:
+            assert conn is lent
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # tuple rows again
+            assert conn.execute("SHOW transaction_read_only").fetchone() == ("off",)
+            assert conn.read_only is None and conn.isolation_level is None
+        conn = pool.getconn()  # given back by hand: the ``with`` above commits what is open
+        conn.autocommit = False
+        conn.execute("CREATE TEMP TABLE left_open (n int)")  # a transaction left open
+        pool.putconn(conn)
+        assert pool.get_stats()["pool_available"] == 1
+        with pool.connection() as conn:
+            assert conn is lent and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert conn.autocommit
+            # rolled back: the table created in the open transaction does not exist
+            assert conn.execute("SELECT to_regclass('pg_temp.left_open')").fetchone() == (None,)
     finally:
         pool.close()
