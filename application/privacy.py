@@ -31,7 +31,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate
 
 from application.errors import NotFound
-from application.unit_of_work import CommandResult, LedgerBase
+from application.unit_of_work import CommandResult, LedgerBase, project
 from domain.customer import Customer
 from domain.dispute import Dispute
 from domain.payment import Payment
@@ -146,7 +146,7 @@ class PrivacyCommands(LedgerBase):
 
     def _find_customer_by_id(self, customer_id: UUID) -> Customer | None:
         try:
-            customer: Any = self.repository.get(customer_id)
+            customer: Any = self.repository.get(customer_id, projector_func=project)
         except AggregateNotFoundError:
             return None
         return customer if isinstance(customer, Customer) else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -94,6 +94,16 @@ class LinkIssued:
 
 
 Decide = Callable[[], tuple[Sequence[Aggregate], dict[str, Any]]]
+
+
+def project(aggregate: Any, events: Iterable[Any]) -> Any:
+    """Each event applied in turn: the library's ``project_aggregate`` without its check of
+    every event against a runtime-checkable Protocol (``assert isinstance``: about 12 us an event
+    on Python 3.11, the bulk of folding a payment session). Our events are the aggregates' own
+    nested classes, all of which mutate."""
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
 
 
 class LedgerBase(Application):
@@ -225,7 +235,7 @@ class LedgerBase(Application):
         """Load an aggregate; another merchant's aggregate is as missing as a missing one."""
         aggregate: Any
         try:
-            aggregate = self.repository.get(aggregate_id)
+            aggregate = self.repository.get(aggregate_id, projector_func=project)
         except AggregateNotFoundError:
             aggregate = None
         if (
@@ -275,10 +285,7 @@ class LedgerBase(Application):
 
     @staticmethod
     def _fold(events: Sequence[Any]) -> Any:
-        aggregate: Any = None
-        for event in events:
-            aggregate = event.mutate(aggregate)
-        return aggregate
+        return project(None, events)
 
     def get_merchant(self, merchant_id: UUID) -> Merchant:
         return self._get(Merchant, merchant_id)
