@@ -508,27 +508,29 @@ _TLS = ssl.create_default_context()
 POLL_S = 0.02
 
 
-def _journey(url: str, key: str, database_url: str, phone: str) -> None:
+def _journey(api: httpx.Client, inbox: psycopg.Connection[Any], url: str, phone: str) -> None:
     """One voice journey with no think time: open, the SMS, the page, the code, the card (which
-    authorizes), the session read until it names its payment, the capture."""
+    authorizes), the session read until it names its payment, the capture. ``api`` is the voice
+    platform's keep-alive client and ``inbox`` a connection to the development SMS mailbox, both
+    kept by the harness's thread from one journey to the next (a voice platform keeps its
+    connections; a PostgreSQL connection per journey cost the database a backend's start each
+    time); the customer's page is a new client (another phone) every journey."""
     from api.demo import _hidden_fields, fresh_test_card
 
     reference = uuid.uuid4().hex
     body = {**_session_body(reference), "customer_phone": phone}
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60, verify=_TLS) as api, \
-            httpx.Client(base_url=url, timeout=60, follow_redirects=True, verify=_TLS) as page:
+    with httpx.Client(base_url=url, timeout=60, follow_redirects=True, verify=_TLS) as page:
         created = api.post("/v1/payment-sessions", headers={"Idempotency-Key": reference}, json=body)
         created.raise_for_status()
         session_id = created.json()["id"]
         deadline = time.monotonic() + 60
-        # The customer's phone: one connection to the mailbox, asked every POLL_S (a connection
-        # per look, every 5 ms, once cost the system more CPU than the journeys themselves).
-        with psycopg.connect(database_url, autocommit=True) as inbox:
-            while not (row := inbox.execute("SELECT body FROM dev_sms_inbox WHERE to_phone = %s",
-                                            (phone,)).fetchone()):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("no SMS within 60 s")
-                time.sleep(POLL_S)
+        # The customer's phone: the mailbox asked every POLL_S (a connection per look, every
+        # 5 ms, once cost the system more CPU than the journeys themselves).
+        while not (row := inbox.execute("SELECT body FROM dev_sms_inbox WHERE to_phone = %s",
+                                        (phone,)).fetchone()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no SMS within 60 s")
+            time.sleep(POLL_S)
         link, code = row[0].split("/pay/")[1].split(" - your code is ")
         link, code = "/pay/" + link, code[:6]
         summary = page.get(link)
@@ -586,12 +588,14 @@ class E2eJourney(Benchmark):
         errors: list[BaseException] = []
 
         def work(client: int, share: int) -> None:
-            for index in range(share):
-                try:
-                    _journey(system.url, system.merchant_key, self.ctx.database_url,
-                             phones[client + index * JOURNEYS])
-                except BaseException as error:
-                    errors.append(error)
+            with httpx.Client(base_url=system.url, headers={"Authorization": f"Bearer {system.merchant_key}"},
+                              timeout=60, verify=_TLS) as api, \
+                    psycopg.connect(self.ctx.database_url, autocommit=True) as inbox:
+                for index in range(share):
+                    try:
+                        _journey(api, inbox, system.url, phones[client + index * JOURNEYS])
+                    except BaseException as error:
+                        errors.append(error)
 
         elapsed = _threads(JOURNEYS, self.journeys, work)
         if errors:
