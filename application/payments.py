@@ -68,7 +68,8 @@ class PaymentCommands(PrivacyCommands):
                 payment_id, lambda: self._start_processing(payment_id),
             )
             started_here = not started.replayed
-            payment = self.get_payment(payment_id)
+            # As the command saved it (a replay saved nothing: load it).
+            payment = started.saved_one(Payment, payment_id) or self.get_payment(payment_id)
         if payment.status != PaymentStatus.PROCESSING:
             return CommandResult(_payment_result(payment), None, replayed=True)
         outcome = _send_authorization(self._processor_of(payment), payment, cvv)
@@ -134,7 +135,7 @@ class PaymentCommands(PrivacyCommands):
         )
         recent_by_phone, recent_by_card = counts.get("phone", 1), counts["card"]
         prior_declines = session.declines if session is not None else 0
-        merchant = self._merchant_to_read(payment.merchant_id)
+        merchant = self.merchant_to_read(payment.merchant_id)
         verdict = assess_risk(
             payment.amount_minor, payment.currency, merchant.max_amount_minor.get(payment.currency),
             recent_by_phone, recent_by_card, prior_declines=prior_declines,

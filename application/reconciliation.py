@@ -33,7 +33,7 @@ class ReconciliationCommands(LedgerBase):
         """The rate a payment's merchant settles at, one per merchant and reconciliation (the
         rate is recorded in each settlement, so replaying the events never asks again)."""
         if payment.merchant_id not in rates:
-            target = self._merchant_to_read(payment.merchant_id).settlement_currency
+            target = self.merchant_to_read(payment.merchant_id).settlement_currency
             if target is None or target == payment.currency:
                 rates[payment.merchant_id] = None
             else:

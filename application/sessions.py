@@ -79,7 +79,7 @@ class SessionCommands(PrivacyCommands):
         key: list[CustomerKey] = []
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
-            merchant = self._merchant_to_read(merchant_id)
+            merchant = self.merchant_to_read(merchant_id)
             check_currency(currency)
             if not key:  # the customer's data key (made on their first session), once per command
                 key.append(self._customer_key(check_phone(customer_phone), session_id))
@@ -129,7 +129,7 @@ class SessionCommands(PrivacyCommands):
             if split.party == PLATFORM_PARTY:
                 continue
             try:
-                partner = self._merchant_to_read(UUID(split.party))
+                partner = self.merchant_to_read(UUID(split.party))
             except (ValueError, NotFound):
                 raise InvalidSplit(f"split party {split.party!r} is neither 'platform' nor a merchant of ours") \
                     from None
@@ -194,7 +194,7 @@ class SessionCommands(PrivacyCommands):
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             session = self.get_session(session_id)
             issued["token"], issued["code"] = self._issue_link(session)
-            text = self._link_text(session, self._merchant_to_read(session.merchant_id),
+            text = self._link_text(session, self.merchant_to_read(session.merchant_id),
                                    issued["token"], issued["code"])
             sms[:] = [self._sms(command_id, session, text)]
             return [session], _session_result(session)
@@ -243,7 +243,7 @@ class SessionCommands(PrivacyCommands):
 
         def sms() -> list[OutboxSms]:
             session = loaded["session"]
-            merchant = self._merchant_to_read(session.merchant_id)
+            merchant = self.merchant_to_read(session.merchant_id)
             return [self._sms(command_id, session, self.wording.new_code(merchant_name=merchant.name, code=code))]
 
         result = self._execute(command_id, "resend_code", {"session_id": str(session_id)}, session_id,
@@ -345,7 +345,7 @@ class SessionCommands(PrivacyCommands):
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
             session = self.get_session(session_id)
-            merchant = self._merchant_to_read(session.merchant_id)
+            merchant = self.merchant_to_read(session.merchant_id)
             session.attach_payment_method(
                 payment_id=payment_id, card_token=card_token, card_brand=card_brand,
                 card_last4=card_last4, now=self.clock.now(),

@@ -298,13 +298,13 @@ class LedgerBase(Application):
     def get_merchant(self, merchant_id: UUID) -> Merchant:
         return self._get(Merchant, merchant_id)
 
-    def _merchant_to_read(self, merchant_id: UUID) -> Merchant:
-        """The merchant as it is now, for reading only: a command that changes a merchant loads
-        it with ``get_merchant``. Kept in memory: used as it is for MERCHANT_FRESH_S after it was
-        last checked, then checked with one query for newer events; a newer merchant replaces
-        the kept one, which is never changed, so threads share it. A change saved by this
-        process drops the kept one at once (``_record``); one saved by another process is seen
-        within MERCHANT_FRESH_S."""
+    def merchant_to_read(self, merchant_id: UUID) -> Merchant:
+        """The merchant as it is now, for reading only (a command's checks, the name on a payment
+        page): a command that changes a merchant loads it with ``get_merchant``. Kept in memory:
+        used as it is for MERCHANT_FRESH_S after it was last checked, then checked with one query
+        for newer events; a newer merchant replaces the kept one, which is never changed, so
+        threads share it. A change saved by this process drops the kept one at once
+        (``_record``); one saved by another process is seen within MERCHANT_FRESH_S."""
         now = time.monotonic()
         saved_before = self._merchants_saved
         kept = self._merchants_read.get(merchant_id)

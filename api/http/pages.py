@@ -37,7 +37,7 @@ from api.http.redaction import redact_path
 from api.http.services import ApiServices
 from application.checkout import CardEntry, FormSentWithAnotherCard
 from application.errors import IdempotencyKeyReused
-from application.ledger import Ledger
+from application.ledger import CommandResult, Ledger
 from application.ports import IdentityClaim
 from domain.errors import (
     DomainError,
@@ -145,12 +145,16 @@ class _Page:
         self.checkout = services.checkout
         self.token = token
         self.session = session
-        self.merchant_name = self.ledger.get_merchant(session.merchant_id).name
+        # The kept merchant (a rename shows within MERCHANT_FRESH_S): every page of a journey
+        # loaded it from the event store before, five times a payment.
+        self.merchant_name = self.ledger.merchant_to_read(session.merchant_id).name
         self.base_url = f"/pay/{token}"
         self._phone: str | None = None
 
-    def reload(self) -> None:
-        self.session = self.ledger.get_session(self.session.id)
+    def reload(self, after: CommandResult | None = None) -> None:
+        """The session as it is now: as ``after`` (a command on it) saved it, else loaded again."""
+        saved = after.saved_one(PaymentSession, self.session.id) if after is not None else None
+        self.session = saved if saved is not None else self.ledger.get_session(self.session.id)
 
     @property
     def expired(self) -> bool:
@@ -333,10 +337,10 @@ class PaymentPageController(Controller):
         def run() -> Response[str]:
             page = _Page(services, token, services.ledger.session_for_link(token))
             if page.session.status == S.LINK_SENT and not page.expired:
-                page.ledger.open_link(f"page:open:{page.session.id}", page.session.id, token,
-                                      ip=request.client.host if request.client else None,
-                                      user_agent=request.headers.get("user-agent"))
-                page.reload()
+                opened = page.ledger.open_link(f"page:open:{page.session.id}", page.session.id, token,
+                                               ip=request.client.host if request.client else None,
+                                               user_agent=request.headers.get("user-agent"))
+                page.reload(opened)
             return page.outcome(resent=resent)
 
         return await anyio.to_thread.run_sync(run)

@@ -220,6 +220,32 @@ def test_summary_shows_the_order_with_strict_headers_and_no_scripts(system: Page
     assert system.status(session_id) == "link_opened"
 
 
+def test_a_page_names_the_kept_merchant_and_answers_from_what_its_command_saved(
+        system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each page names the merchant from the ledger's kept copy (not a load from the event store
+    per request, five a payment), and a rename saved by this process shows at once; the first
+    view answers from the session its open_link command saved instead of loading it again."""
+    ledger = system.services.ledger
+    _, token, _ = system.link()
+    loads: list[str] = []
+    load = ledger._get
+
+    def counted(cls: type[Any], aggregate_id: UUID, merchant_id: UUID | None = None) -> Any:
+        loads.append(cls.__name__)
+        return load(cls, aggregate_id, merchant_id)
+
+    monkeypatch.setattr(ledger, "_get", counted)
+    with system.client() as client:
+        first = client.get(f"/pay/{token}")
+        assert (first.status_code, loads.count("PaymentSession"), loads.count("Merchant")) == (200, 2, 0)
+        assert "Luigi&#39;s Pizza" in first.text
+        ledger.change_merchant_settings("rename-pizza", system.merchant_id, name="Mario's Pizza")
+        loads.clear()
+        again = client.get(f"/pay/{token}")
+    assert again.status_code == 200 and "Mario&#39;s Pizza" in again.text
+    assert loads.count("PaymentSession") == 1
+
+
 def test_happy_path_pays_once_and_shows_the_result(system: PageSystem) -> None:
     session_id, token, code = system.link()
     with system.client() as client:

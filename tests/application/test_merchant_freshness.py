@@ -1,5 +1,5 @@
 """A merchant read by commands is kept in memory (application/unit_of_work.py
-``_merchant_to_read``): a change saved by the same ledger applies to its very next command; one
+``merchant_to_read``): a change saved by the same ledger applies to its very next command; one
 saved by another process (another Ledger on the same event store) within MERCHANT_FRESH_S."""
 
 from __future__ import annotations
