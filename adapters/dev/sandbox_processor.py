@@ -26,6 +26,11 @@ class SandboxProcessor:
         self.calls: list[tuple[str, str]] = []  # (operation, idempotency key), for tests
         self.evidence: dict[str, dict[str, str]] = {}  # dispute id -> the evidence sent
 
+    def references(self) -> list[str]:
+        """Every processor reference this sandbox has answered with, for tests that scan storage."""
+        with self._lock:
+            return [outcome.reference for outcome in self._answers.values() if outcome.reference]
+
     def _once(self, operation: str, key: str, outcome: ProcessorOutcome) -> ProcessorOutcome:
         with self._lock:
             self.calls.append((operation, key))

@@ -731,9 +731,18 @@ def card_numbers_in(text: str) -> list[str]:
     return found
 
 
+class RawBytes(str):
+    """Binary data that is not UTF-8 text (ciphertext, a hash), read as latin-1: scanned for digit
+    runs, but not for field names, since random bytes spell "cvv" between two non-word bytes now
+    and then. Bytes that are text (a JSON event state) stay plain text and are scanned for both."""
+
+
 def as_text(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("latin-1")
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return RawBytes(bytes(value).decode("latin-1"))
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)
@@ -907,13 +916,25 @@ def test_no_card_number_anywhere_after_a_full_run(
         **{f"topic {name}": topics[name] for name in mine},
         "redis": cache, "logs": logs,
     }
+    # The processor's references (`sandbox_<16 hex>`) are random and about once in three hundred
+    # runs one holds a Luhn-valid run of 13 or more digits: the sandbox's own answers are taken
+    # out before the scan, exactly, rather than skipping every 16-hex word.
+    references = system.processor.references()
+    assert references, "the run made no processor call"
+
+    def without_references(text: str) -> str:
+        for reference in references:
+            text = text.replace(reference, " ")
+        return text
+
     leaks = {where: found for where, values in everything.items()
-             if (found := [n for text in values for n in card_numbers_in(text)])}
+             if (found := [n for text in values for n in card_numbers_in(without_references(text))])}
     assert leaks == {}
     # A field named cvv (a form field, a JSON key, an HTML input): the word on its own, not three
     # letters inside a random link token or ciphertext, where "cVv" turns up about once in 130 runs.
     assert not [where for where, values in everything.items()
-                if any(CVV_FIELD.search(text) for text in values)], "a CVV field reached storage or logs"
+                if any(CVV_FIELD.search(text) for text in values if not isinstance(text, RawBytes))], \
+        "a CVV field reached storage or logs"
     for number in typed:
         assert not any(number in text for values in everything.values() for text in values)
     assert "/pay/{token}" in "".join(logs) or "/pay/" in "".join(logs), "the request logs were not captured"

@@ -36,7 +36,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.e2e.test_journey_faults import EXPIRY, form_fields, new_phone, new_visa
+from tests.e2e.test_journey_faults import EXPIRY, form_fields, link_sms, new_phone, new_visa
 
 REPO = Path(__file__).resolve().parents[2]
 CHAOS_S = 36.0  # how long processes are killed; the workload runs through it
@@ -238,24 +238,23 @@ def open_session(client: Client, phone: str) -> str | None:
     return session_id
 
 
-def read_sms(system: System, phone: str, deadline: float) -> tuple[str, str] | None:
+def read_sms(system: System, phone: str, session_id: str, deadline: float) -> tuple[str, str] | None:
     while time.monotonic() < deadline:
         try:
             with psycopg.connect(system.owner_url, connect_timeout=3) as conn:
-                row = conn.execute("SELECT body FROM dev_sms_inbox WHERE to_phone = %s", (phone,)).fetchone()
+                found = link_sms(conn, phone, session_id)
         except psycopg.Error:  # PostgreSQL is being started again
-            row = None
-        found = re.search(r"(/pay/\S+) - your code is (\d{6})", row[0]) if row else None
+            found = None
         if found:
-            return found.group(1), found.group(2)
+            return found
         time.sleep(0.3)
     return None
 
 
-def customer_pays(system: System, record: Record, phone: str, deadline: float) -> bool:
+def customer_pays(system: System, record: Record, phone: str, session_id: str, deadline: float) -> bool:
     """The customer's side as a state machine over the page: whatever step the page shows (a
     retried step may already have been done), do it, until the page says the card went in."""
-    sms = read_sms(system, phone, deadline)
+    sms = read_sms(system, phone, session_id, deadline)
     if sms is None:
         record.problem(f"no SMS reached {phone}")
         return False
@@ -302,7 +301,7 @@ def journey(system: System, record: Record, deadline: float) -> None:
     try:
         phone = new_phone()
         session_id = open_session(merchant, phone)
-        if session_id is None or not customer_pays(system, record, phone, deadline):
+        if session_id is None or not customer_pays(system, record, phone, session_id, deadline):
             return
         session = wait_read(merchant, f"/v1/payment-sessions/{session_id}", lambda s: bool(s.get("payment_id")))
         if session is None:

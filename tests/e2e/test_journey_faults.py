@@ -25,8 +25,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -181,8 +183,22 @@ def wait_for(what: str, probe: Callable[[], T | None], system: RunningSystem, ti
         time.sleep(0.3)
 
 
+# Phones are handed out in sequence from a random start, so no two journeys of a test run share
+# one (a shared phone would meet the velocity rules, and its mailbox would hold two links).
+_PHONE_NUMBERS = itertools.count(random.randrange(2_000_000, 9_000_000))
+
+
 def new_phone() -> str:
-    return f"+1415555{uuid.uuid4().int % 10_000:04d}"
+    return f"+1415{next(_PHONE_NUMBERS):07d}"
+
+
+def link_sms(conn: psycopg.Connection[Any], phone: str, session_id: str) -> tuple[str, str] | None:
+    """(link path, code) of the SMS that carries this session's link (its token starts with the
+    session's id), from the development mailbox; None while it has not been sent."""
+    row = conn.execute("SELECT body FROM dev_sms_inbox WHERE to_phone = %s AND body LIKE %s",
+                       (phone, f"%/pay/{uuid.UUID(session_id).hex}%")).fetchone()
+    found = re.search(r"(/pay/\S+) - your code is (\d{6})", row[0]) if row else None
+    return (found.group(1), found.group(2)) if found else None
 
 
 def new_visa() -> str:
@@ -210,13 +226,11 @@ def open_session(api: httpx.Client, phone: str, amount: int = 2_500) -> dict[str
     return created.json()
 
 
-def read_sms(system: RunningSystem, phone: str) -> tuple[str, str]:
+def read_sms(system: RunningSystem, phone: str, session_id: str) -> tuple[str, str]:
     """(link path, code) from the development SMS mailbox, once the dispatcher has sent it."""
     def probe() -> tuple[str, str] | None:
         with psycopg.connect(system.database_url) as conn:
-            row = conn.execute("SELECT body FROM dev_sms_inbox WHERE to_phone = %s", (phone,)).fetchone()
-        found = re.search(r"(/pay/\S+) - your code is (\d{6})", row[0]) if row else None
-        return (found.group(1), found.group(2)) if found else None
+            return link_sms(conn, phone, session_id)
 
     return wait_for(f"the SMS to {phone}", probe, system)
 
@@ -227,9 +241,9 @@ def form_fields(html: str) -> dict[str, str]:
     return fields
 
 
-def customer_pays(system: RunningSystem, phone: str, card_number: str) -> httpx.Response:
+def customer_pays(system: RunningSystem, phone: str, session_id: str, card_number: str) -> httpx.Response:
     """Read the SMS, open the link, enter the code, then the card; the card post's response."""
-    link, code = read_sms(system, phone)
+    link, code = read_sms(system, phone, session_id)
     with httpx.Client(base_url=system.url, timeout=30, follow_redirects=False) as page:
         summary = page.get(link)
         assert summary.status_code == 200, summary.text
@@ -281,7 +295,7 @@ def test_a_processor_timeout_is_settled_in_the_background_with_one_authorization
 ) -> None:
     api, phone = system.api(system.keys["merchant"]), new_phone()
     session = open_session(api, phone)
-    paid = customer_pays(system, phone, TIMEOUT_CARD)
+    paid = customer_pays(system, phone, session["id"], TIMEOUT_CARD)
     # The processor's answer never came in time: the customer is told to wait, not to pay again.
     assert paid.status_code == 202 and "Please do not pay again" in paid.text
     payment_id = payment_of(system, api, session["id"])
@@ -322,7 +336,7 @@ def test_the_first_payment_with_the_primary_down_is_approved_by_the_secondary(
     session = open_session(api, phone)
     primary.stop()  # connection refused from now on
     try:
-        paid = customer_pays(system, phone, new_visa())
+        paid = customer_pays(system, phone, session["id"], new_visa())
     finally:
         primary.start()  # same port, same records
     if paid.status_code != 303:
@@ -348,7 +362,7 @@ def test_with_the_primary_down_payments_fail_over_to_the_secondary_and_none_is_c
         for _ in range(4):
             phone = new_phone()
             session = open_session(api, phone)
-            paid = customer_pays(system, phone, new_visa())
+            paid = customer_pays(system, phone, session["id"], new_visa())
             assert paid.status_code == 303, f"the customer was not shown the result: {paid.status_code}"
             final = read_until(system, api, f"/v1/payment-sessions/{session['id']}", "completed")
             payments.append(read_until(system, api, f"/v1/payments/{final['payment_id']}", "authorized"))
@@ -482,7 +496,7 @@ def test_webhooks_and_one_order_arrive_after_the_receivers_come_back(system: Run
         assert issued.status_code == 201, issued.text
         api, phone = system.api(issued.json()["api_key"]), new_phone()
         session = open_session(api, phone)
-        assert customer_pays(system, phone, new_visa()).status_code == 303
+        assert customer_pays(system, phone, session["id"], new_visa()).status_code == 303
         completed = read_until(system, api, f"/v1/payment-sessions/{session['id']}", "completed")
 
         # Both receivers were really tried while down, and refused (503, connection refused).

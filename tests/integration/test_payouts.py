@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -29,13 +29,18 @@ from domain.payout import payout_id
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_views import catch_up
 
-TODAY = datetime.now(UTC).date()
+
+@pytest.fixture
+def today() -> date:
+    """The day a test pays out, taken once when it starts (not at import: a run that crosses UTC
+    midnight before this module would otherwise reconcile a day the sandbox never closed)."""
+    return datetime.now(UTC).date()
 
 
 @pytest.fixture
-def sandbox() -> Iterator[SandboxProcessorServer]:
+def sandbox(today: date) -> Iterator[SandboxProcessorServer]:
     with SandboxProcessorServer("primary") as server:
-        server.close_day(TODAY)  # so that today's report is final, as tomorrow's reconciler would see it
+        server.close_day(today)  # so that today's report is final, as tomorrow's reconciler would see it
         yield server
 
 
@@ -62,9 +67,9 @@ def captured(ledger: Ledger, merchant_id: UUID, name: str, amount: int = 10_000)
     return payment_id
 
 
-def reconciled(ledger: Ledger, database_url: str, settings: Settings) -> None:
+def reconciled(ledger: Ledger, database_url: str, settings: Settings, today: date) -> None:
     catch_up(database_url, settings)
-    ledger.reconcile("primary", TODAY, "USD")
+    ledger.reconcile("primary", today, "USD")
     catch_up(database_url, settings)
 
 
@@ -90,20 +95,20 @@ def payout_row(database_url: str, the_payout: UUID) -> dict[str, Any]:
 
 
 def test_a_reconciled_day_is_paid_out_once(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-once")
     first, second = captured(ledger, merchant, "once-1"), captured(ledger, merchant, "once-2", amount=5_000)
     ledger.refund_payment("po-once-refund", second, amount_minor=1_000)
     catch_up(database_url, settings)
-    assert ledger.run_payouts(TODAY).created == []  # nothing settled yet: nothing to pay out
-    reconciled(ledger, database_url, settings)
+    assert ledger.run_payouts(today).created == []  # nothing settled yet: nothing to pay out
+    reconciled(ledger, database_url, settings, today)
     expected = share(ledger, first, second)
     assert owed(database_url, merchant)["available"] == expected
     assert owed(database_url, merchant)["payable"] == 0
 
-    run = ledger.run_payouts(TODAY)
-    the_payout = payout_id(merchant, "USD", TODAY)
+    run = ledger.run_payouts(today)
+    the_payout = payout_id(merchant, "USD", today)
     assert [c["payout_id"] for c in run.created] == [str(the_payout)]
     assert [(s["status"], s["amount_minor"]) for s in run.sent] == [("paid", expected)]
     assert bank.paid_total(str(merchant), "USD") == expected
@@ -114,40 +119,40 @@ def test_a_reconciled_day_is_paid_out_once(
     assert {line["payment_id"]: line["refunds_minor"] for line in row["lines"]}[second] == 1_000
     assert owed(database_url, merchant) == {"payable": 0, "available": 0, "in_transit": 0}
 
-    again = ledger.run_payouts(TODAY)
+    again = ledger.run_payouts(today)
     assert again.sent == [] and again.created == []  # nothing is owed any more: nothing to do
     assert bank.money_movements(f"payout:{the_payout}") == 1
     with pytest.raises(NothingToPayOut):
-        ledger.create_payout(merchant, "USD", TODAY + timedelta(days=1))
+        ledger.create_payout(merchant, "USD", today + timedelta(days=1))
 
 
 def test_a_bank_timeout_is_sent_again_with_the_same_key_and_pays_once(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-timeout")
     payment = captured(ledger, merchant, "timeout-1")
-    reconciled(ledger, database_url, settings)
+    reconciled(ledger, database_url, settings, today)
     bank.time_out_next(1)
-    run = ledger.run_payouts(TODAY)
-    the_payout = str(payout_id(merchant, "USD", TODAY))
+    run = ledger.run_payouts(today)
+    the_payout = str(payout_id(merchant, "USD", today))
     assert list(run.unsent) == [the_payout] and run.sent == []
     catch_up(database_url, settings)
     assert payout_row(database_url, UUID(the_payout))["status"] == "created"
     assert owed(database_url, merchant)["in_transit"] == share(ledger, payment)
-    run = ledger.run_payouts(TODAY)  # the loop's next round: the unsent payout, the same key
+    run = ledger.run_payouts(today)  # the loop's next round: the unsent payout, the same key
     assert [s["status"] for s in run.sent] == ["paid"]
     assert bank.money_movements(f"payout:{the_payout}") == 1
     assert bank.paid_total(str(merchant), "USD") == share(ledger, payment)
 
 
 def test_a_refused_payout_fails_and_its_amount_goes_in_the_next_one(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-refused")
     payment = captured(ledger, merchant, "refused-1")
-    reconciled(ledger, database_url, settings)
+    reconciled(ledger, database_url, settings, today)
     bank.reject_account(str(merchant))
-    run = ledger.run_payouts(TODAY)
+    run = ledger.run_payouts(today)
     assert [(s["status"], s["failure_reason"] is not None) for s in run.sent] == [("failed", True)]
     catch_up(database_url, settings)
     assert owed(database_url, merchant)["available"] == share(ledger, payment)
@@ -155,7 +160,7 @@ def test_a_refused_payout_fails_and_its_amount_goes_in_the_next_one(
 
     with SandboxBankServer() as other_bank:  # the merchant fixed its account: a bank that pays it
         ledger.bank = HttpBank(other_bank.url)
-        tomorrow = ledger.create_payout(merchant, "USD", TODAY + timedelta(days=1))
+        tomorrow = ledger.create_payout(merchant, "USD", today + timedelta(days=1))
         assert tomorrow.result["amount_minor"] == share(ledger, payment)
         assert tomorrow.result["lines"] == 0  # the payment was in the failed payout; its money is carried
         assert ledger.send_payout(UUID(tomorrow.result["payout_id"])).result["status"] == "paid"
@@ -165,16 +170,16 @@ def test_a_refused_payout_fails_and_its_amount_goes_in_the_next_one(
 
 
 def test_a_refund_after_the_payout_carries_a_negative_balance_forward(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-negative")
     payment = captured(ledger, merchant, "negative-1")
-    reconciled(ledger, database_url, settings)
-    ledger.run_payouts(TODAY)
+    reconciled(ledger, database_url, settings, today)
+    ledger.run_payouts(today)
     ledger.refund_payment("po-negative-refund", payment, amount_minor=3_000)
     catch_up(database_url, settings)
     assert owed(database_url, merchant)["available"] == -3_000
-    day2 = TODAY + timedelta(days=1)
+    day2 = today + timedelta(days=1)
     carried = ledger.create_payout(merchant, "USD", day2).result
     assert (carried["status"], carried["amount_minor"]) == ("carried_forward", -3_000)
     assert ledger.run_payouts(day2).sent == []  # nothing goes to the bank
@@ -193,43 +198,43 @@ def test_a_refund_after_the_payout_carries_a_negative_balance_forward(
 
 
 def test_a_rolling_reserve_holds_part_of_a_payout_and_releases_it_after_its_days(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-reserve")
     ledger.change_merchant_settings("po-reserve-settings", merchant, reserve_percent_bps=1_000, reserve_days=2,
                                     payout_schedule="manual")
     payment = captured(ledger, merchant, "reserve-1")
-    reconciled(ledger, database_url, settings)
-    assert ledger.run_payouts(TODAY).created == []  # manual: the loop makes no payout
+    reconciled(ledger, database_url, settings, today)
+    assert ledger.run_payouts(today).created == []  # manual: the loop makes no payout
     net = share(ledger, payment)
-    first = ledger.create_payout(merchant, "USD", TODAY).result
+    first = ledger.create_payout(merchant, "USD", today).result
     held = net // 10
     assert first["amount_minor"] == net - held
     catch_up(database_url, settings)
     assert owed(database_url, merchant)["reserved"] == held
     with pytest.raises(NothingToPayOut):  # the hold is not due yet
-        ledger.create_payout(merchant, "USD", TODAY + timedelta(days=1))
-    released = ledger.create_payout(merchant, "USD", TODAY + timedelta(days=2)).result
+        ledger.create_payout(merchant, "USD", today + timedelta(days=1))
+    released = ledger.create_payout(merchant, "USD", today + timedelta(days=2)).result
     assert released["amount_minor"] == held
     catch_up(database_url, settings)
-    assert len(ledger.run_payouts(TODAY + timedelta(days=2)).sent) == 2  # a manual payout goes with the loop
+    assert len(ledger.run_payouts(today + timedelta(days=2)).sent) == 2  # a manual payout goes with the loop
     assert bank.paid_total(str(merchant), "USD") == net
     catch_up(database_url, settings)
     assert owed(database_url, merchant)["reserved"] == 0
 
 
 def test_two_runs_at_once_make_one_payout_that_pays_each_payment_once(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-race")
     payments = [captured(ledger, merchant, f"race-{n}", amount=2_000 + n) for n in range(4)]
-    reconciled(ledger, database_url, settings)
+    reconciled(ledger, database_url, settings, today)
     results: list[Any] = []
     barrier = threading.Barrier(3)
 
     def run() -> None:
         barrier.wait()
-        results.append(ledger.run_payouts(TODAY))
+        results.append(ledger.run_payouts(today))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:
@@ -237,13 +242,13 @@ def test_two_runs_at_once_make_one_payout_that_pays_each_payment_once(
     for thread in threads:
         thread.join(30)
     assert len(results) == 3
-    assert {c["payout_id"] for r in results for c in r.created} == {str(payout_id(merchant, "USD", TODAY))}
+    assert {c["payout_id"] for r in results for c in r.created} == {str(payout_id(merchant, "USD", today))}
     assert bank.paid_total(str(merchant), "USD") == share(ledger, *payments)
     assert all(len(ledger.get_payment(p).payout_ids) == 1 for p in payments)
 
 
 def test_a_split_payment_pays_the_partner_its_share_and_the_merchant_the_rest(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant, partner = new_merchant(ledger, "po-split-m"), new_merchant(ledger, "po-split-p")
     with pytest.raises(InvalidSplit, match="neither 'platform' nor a merchant"):
@@ -254,24 +259,24 @@ def test_a_split_payment_pays_the_partner_its_share_and_the_merchant_the_rest(
     ledger.authorize_payment(payment_id)
     ledger.capture_payment("po-split-capture", payment_id)
     ledger.refund_payment("po-split-refund", payment_id, amount_minor=1_000)
-    reconciled(ledger, database_url, settings)
+    reconciled(ledger, database_url, settings, today)
     payment = ledger.get_payment(payment_id)
     merchant_net = 10_000 - payment.fee_minor - 2_000 - 250 - 1_000
     assert owed(database_url, partner) == {"payable": 0, "available": 2_000}
     assert owed(database_url, merchant)["available"] == merchant_net
 
-    run = ledger.run_payouts(TODAY)
+    run = ledger.run_payouts(today)
     assert sorted((s["merchant_id"], s["amount_minor"], s["status"]) for s in run.sent) == sorted([
         (str(merchant), merchant_net, "paid"), (str(partner), 2_000, "paid")])
     assert bank.paid_total(str(partner), "USD") == 2_000
     assert bank.paid_total(str(merchant), "USD") == merchant_net
     catch_up(database_url, settings)
-    partner_line = payout_row(database_url, payout_id(partner, "USD", TODAY))["lines"]
+    partner_line = payout_row(database_url, payout_id(partner, "USD", today))["lines"]
     assert [(line["payment_id"], line["gross_minor"], line["net_minor"]) for line in partner_line] == \
         [(payment_id, 2_000, 2_000)]
-    (merchant_line,) = payout_row(database_url, payout_id(merchant, "USD", TODAY))["lines"]
+    (merchant_line,) = payout_row(database_url, payout_id(merchant, "USD", today))["lines"]
     assert (merchant_line["shares_minor"], merchant_line["refunds_minor"]) == (2_250, 1_000)
-    assert ledger.run_payouts(TODAY).sent == []  # both paid: nothing is due to either
+    assert ledger.run_payouts(today).sent == []  # both paid: nothing is due to either
     assert owed(database_url, partner) == {"payable": 0, "available": 0, "in_transit": 0}
     assert owed(database_url, merchant) == {"payable": 0, "available": 0, "in_transit": 0}
     with psycopg.connect(database_url) as conn:
@@ -282,13 +287,13 @@ def test_a_split_payment_pays_the_partner_its_share_and_the_merchant_the_rest(
 
 
 def test_a_merchant_that_settles_in_euros_is_paid_out_in_euros(
-    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer,
+    ledger: Ledger, database_url: str, settings: Settings, bank: SandboxBankServer, today: date,
 ) -> None:
     merchant = new_merchant(ledger, "po-fx")
     ledger.change_merchant_settings("po-fx-settings", merchant, settlement_currency="EUR")
     payment_id = captured(ledger, merchant, "fx-1")
     ledger.refund_payment("po-fx-refund-1", payment_id, amount_minor=1_000)
-    reconciled(ledger, database_url, settings)
+    reconciled(ledger, database_url, settings, today)
     payment = ledger.get_payment(payment_id)
     assert payment.fx is not None and payment.payout_currency == "EUR"
     rate = FxRate.from_dict(payment.fx)
@@ -303,7 +308,7 @@ def test_a_merchant_that_settles_in_euros_is_paid_out_in_euros(
                             " HAVING sum(balance_minor) <> 0").fetchall() == []
     ledger.refund_payment("po-fx-refund-2", payment_id, amount_minor=500)  # after settlement: out of euros
     catch_up(database_url, settings)
-    run = ledger.run_payouts(TODAY)
+    run = ledger.run_payouts(today)
     assert [(s["currency"], s["amount_minor"]) for s in run.sent] == [("EUR", in_euros - rate.convert(500))]
     assert bank.paid_total(str(merchant), "EUR") == in_euros - rate.convert(500)
     assert bank.paid_total(str(merchant), "USD") == 0

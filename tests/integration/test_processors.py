@@ -283,7 +283,7 @@ def test_latency_is_adjustable_and_a_slow_processor_times_out(
 
     started = time.monotonic()
     authorize(patient, "k-fast")
-    assert time.monotonic() - started < 0.2  # the latency is gone
+    assert time.monotonic() - started < CLIENT_TIMEOUT_S + 0.15  # the last latency set is gone
     assert primary_server.money_movements("k-too-slow") == 1
 
 
@@ -534,13 +534,20 @@ def test_a_payment_sent_to_a_primary_that_refuses_connections_is_rerouted_at_onc
 
 
 def test_two_callers_authorizing_one_payment_at_once_ask_the_processor_once(
-    http_ledger: Ledger, primary_server: SandboxProcessorServer, secondary_server: SandboxProcessorServer,
+    settings: Settings, database_url: str, clock: ManualClock, connect: Callable[..., HttpProcessor],
+    primary_server: SandboxProcessorServer, secondary_server: SandboxProcessorServer,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A double submit, a page reload or the resolver may authorize the same payment while a
     call is with the processor: the per-payment lock makes them wait and read its answer."""
+    # A patient client: the processor's answer takes 0.3 s, long after the second caller has
+    # come, and still well inside the client's timeout on a loaded machine.
+    router = FailoverRouter(connect(primary_server, timeout_s=5.0), connect(secondary_server, timeout_s=5.0))
+    http_ledger = build_ledger(settings, database_url, clock=clock, processor=router)  # type: ignore[arg-type]
+    request.addfinalizer(http_ledger.close)
     payment_id = new_payment(http_ledger, new_merchant(http_ledger), 1)
     http_ledger.authorize_payment(new_payment(http_ledger, new_merchant(http_ledger, "m2"), 2))  # warm up
-    primary_server.set_latency(150)  # under the client's 0.25 s timeout
+    primary_server.set_latency(300)
     results: list[str] = []
 
     def authorize() -> None:
