@@ -273,11 +273,13 @@ class OutboxRelay:
             return 0
         outcomes = self._send(rows)
         published, failed = self._settle(rows, outcomes)
-        with conn.transaction():
-            if published:
-                conn.execute(_MARK_PUBLISHED, (published,))
-            if failed:
+        if failed:
+            with conn.transaction():
+                if published:
+                    conn.execute(_MARK_PUBLISHED, (published,))
                 conn.execute(_MARK_FAILED, ([i for i, _ in failed], [e for _, e in failed]))
+        elif published:
+            conn.execute(_MARK_PUBLISHED, (published,))  # a statement of its own: one round trip
         self.stats.batches += 1
         self.stats.published += len(published)
         self.stats.failed += len(failed)
@@ -368,6 +370,10 @@ class OutboxRelay:
                 # A dead peer must end the session (and free its locks) in seconds, not hours.
                 keepalives=1, keepalives_idle=15, keepalives_interval=5, keepalives_count=3,
             )
+            # A mark is not waited on to reach the disk: a crash of PostgreSQL may forget the last
+            # few hundred milliseconds of marks, and those rows are simply published again (at
+            # least once, as after a relay crash; consumers drop the copies by event id).
+            conn.execute("SET synchronous_commit = off")
             # Never contended: backend pids are unique among live sessions.
             conn.execute("SELECT pg_try_advisory_lock(%s, pg_backend_pid())", (_MEMBER_LOCK_NAMESPACE,))
             listen_for_commits(conn)  # woken by every save
