@@ -122,7 +122,8 @@ class Checkout:
                 # for that answer instead of asking the processor a second time.
                 status = self._await_outcome(payment_id)
             else:
-                status = ledger.authorize_payment(payment_id, cvv=card.cvv).result["status"]
+                # From the payment and session as attach saved them: not loaded again.
+                status = ledger.authorize_payment(payment_id, cvv=card.cvv, known=attached.saved).result["status"]
         except ProcessorUnavailable:
             status = PaymentStatus.PROCESSING
         return self._outcome(payment_id, status)

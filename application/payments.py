@@ -22,7 +22,7 @@ from application.ports import (
     VelocityCounter,
 )
 from application.privacy import PrivacyCommands
-from application.unit_of_work import CommandResult
+from application.unit_of_work import CommandResult, Known
 from domain.payment import Payment, PaymentStatus
 from domain.payment_session import PaymentSession
 from domain.risk import assess as assess_risk
@@ -40,16 +40,19 @@ class PaymentCommands(PrivacyCommands):
         assert payment.processor is not None, "only a payment sent for authorization has a processor"
         return self.processors.named(payment.processor)
 
-    def authorize_payment(self, payment_id: UUID, *, cvv: str | None = None) -> CommandResult:
+    def authorize_payment(self, payment_id: UUID, *, cvv: str | None = None,
+                          known: Sequence[Aggregate] = ()) -> CommandResult:
         """Send the payment for authorization and record the processor's answer.
 
         Three steps, so a crash anywhere is safe: (1) record ProcessingStarted; (2) ask the
         processor with an idempotency key derived from the payment, so asking again never
         charges twice; (3) record the outcome on the payment and its session together. An
         unknown outcome (timeout) records nothing and is settled by ``resolve_authorization``.
+        ``known``: the payment and session as the command before saved them (``CommandResult.saved``),
+        so the steps start from them instead of loading each again.
         """
         with self._payment_lock(payment_id):
-            return self._authorize(payment_id, cvv)
+            return self._authorize(payment_id, cvv, Known(known))
 
     def _payment_lock(self, payment_id: UUID) -> AbstractContextManager[None]:
         """One request at a time moves a payment's money (authorize, capture, void, refund), across
@@ -59,17 +62,24 @@ class PaymentCommands(PrivacyCommands):
         each other during a deploy.)"""
         return self.locks.hold(f"authorize:{payment_id}") if self.locks is not None else nullcontext()
 
-    def _authorize(self, payment_id: UUID, cvv: str | None) -> CommandResult:
-        payment = self.get_payment(payment_id)
+    def _authorize(self, payment_id: UUID, cvv: str | None, given: Known | None = None) -> CommandResult:
+        known = given if given is not None else Known()
+        # A known copy may be older than the payment (another request got the lock first). It is
+        # trusted only to go on to the start, where the command log replays a start already made
+        # and a save on an old version loses and loads again; any other answer is the payment's now.
+        payment = known.peek(Payment, payment_id)
+        if payment is None or payment.status != PaymentStatus.INITIATED:
+            payment = self.get_payment(payment_id)
         started_here = False
         if payment.status == PaymentStatus.INITIATED:
             started = self._execute(
                 f"authorize:{payment_id}:start", "start_processing", {"payment_id": str(payment_id)},
-                payment_id, lambda: self._start_processing(payment_id),
+                payment_id, lambda: self._start_processing(payment_id, known),
             )
             started_here = not started.replayed
             # As the command saved it (a replay saved nothing: load it).
             payment = started.saved_one(Payment, payment_id) or self.get_payment(payment_id)
+            known = Known(started.saved)
         if payment.status != PaymentStatus.PROCESSING:
             return CommandResult(_payment_result(payment), None, replayed=True)
         outcome = _send_authorization(self._processor_of(payment), payment, cvv)
@@ -86,7 +96,8 @@ class PaymentCommands(PrivacyCommands):
                     lambda: self._reroute(payment_id, other.name),
                 )
                 outcome = _send_authorization(other, payment, cvv)
-        return self._record_authorization(payment_id, outcome)
+                known = Known()
+        return self._record_authorization(payment_id, outcome, known)
 
     def _reroute(self, payment_id: UUID, processor: str) -> tuple[Sequence[Aggregate], dict[str, Any]]:
         payment = self.get_payment(payment_id)
@@ -105,10 +116,12 @@ class PaymentCommands(PrivacyCommands):
                 return self._authorize(payment_id, None)
             return self._record_authorization(payment_id, outcome)
 
-    def _start_processing(self, payment_id: UUID) -> tuple[Sequence[Aggregate], dict[str, Any]]:
+    def _start_processing(self, payment_id: UUID, known: Known) -> tuple[Sequence[Aggregate], dict[str, Any]]:
         """The risk rules, then (unless they decline) the processor is chosen and recorded."""
-        payment = self.get_payment(payment_id)
-        session = self.get_session(payment.session_id) if payment.session_id else None
+        payment = known.take(Payment, payment_id) or self.get_payment(payment_id)
+        session = None
+        if payment.session_id:
+            session = known.take(PaymentSession, payment.session_id) or self.get_session(payment.session_id)
         changed: list[Aggregate] = [payment]
         if payment.risk_decision is None:
             self._assess_risk(payment, session)
@@ -145,16 +158,20 @@ class PaymentCommands(PrivacyCommands):
         payment.assess_risk(verdict, recent_by_phone=recent_by_phone, recent_by_card=recent_by_card,
                             prior_declines=prior_declines)
 
-    def _record_authorization(self, payment_id: UUID, outcome: ProcessorOutcome) -> CommandResult:
+    def _record_authorization(self, payment_id: UUID, outcome: ProcessorOutcome,
+                              given: Known | None = None) -> CommandResult:
         if outcome.decision == Decision.UNKNOWN:
             raise ProcessorUnavailable(
                 "the processor did not answer; the authorization will be resolved by asking it"
             )
+        known = given if given is not None else Known()
 
         def decide() -> tuple[Sequence[Aggregate], dict[str, Any]]:
-            payment = self.get_payment(payment_id)
+            payment = known.take(Payment, payment_id) or self.get_payment(payment_id)
             changed: list[Aggregate] = [payment]
-            session = self.get_session(payment.session_id) if payment.session_id else None
+            session = None
+            if payment.session_id:
+                session = known.take(PaymentSession, payment.session_id) or self.get_session(payment.session_id)
             if outcome.decision == Decision.APPROVED:
                 payment.authorize(
                     processor=outcome.processor,

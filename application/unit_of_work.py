@@ -87,6 +87,25 @@ class CommandResult:
         return next((a for a in self.saved if isinstance(a, cls) and a.id == aggregate_id), None)
 
 
+class Known:
+    """Aggregates a caller already holds as a command saved them (``CommandResult.saved``), handed
+    to the next command so its decision starts from them instead of loading them again. Each is
+    taken once: a decision that runs again after a lost race (the save's version check) loads
+    afresh, so a stale or half-changed copy is never saved."""
+
+    def __init__(self, aggregates: Iterable[Aggregate] = ()) -> None:
+        self._by_id: dict[UUID, Aggregate] = {a.id: a for a in aggregates}
+
+    def peek(self, cls: type[Any], aggregate_id: UUID) -> Any | None:
+        found = self._by_id.get(aggregate_id)
+        return found if isinstance(found, cls) else None
+
+    def take(self, cls: type[Any], aggregate_id: UUID) -> Any | None:
+        found = self.peek(cls, aggregate_id)
+        self._by_id.pop(aggregate_id, None)
+        return found
+
+
 @dataclass(frozen=True)
 class LinkIssued:
     """Returned only in memory to the caller that delivers the SMS; never stored in plain text."""

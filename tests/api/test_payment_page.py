@@ -246,6 +246,31 @@ def test_a_page_names_the_kept_merchant_and_answers_from_what_its_command_saved(
     assert loads.count("PaymentSession") == 1
 
 
+def test_a_card_payment_goes_on_from_the_aggregates_each_step_saved(
+        system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Posting the card attaches it, starts processing and records the answer: each step starts
+    from the payment and session the step before saved, instead of loading them again (three
+    payment loads and a session load a payment before). A copy that lost a race is not reused."""
+    ledger = system.services.ledger
+    _, token, code = system.link()
+    loads: list[str] = []
+    load = ledger._get
+
+    def counted(cls: type[Any], aggregate_id: UUID, merchant_id: UUID | None = None) -> Any:
+        loads.append(cls.__name__)
+        return load(cls, aggregate_id, merchant_id)
+
+    with system.client() as client:
+        card_page = pay_to_card_step(client, token, code)
+        monkeypatch.setattr(ledger, "_get", counted)
+        paid = submit(client, token, "card", card_page, **card())
+        monkeypatch.undo()
+        assert paid.status_code == 303 and "Payment complete" in words(follow(client, paid).text)
+    # The page's own look-up of its session, attach's decision, and the outcome's decision (the
+    # session is not among what start_processing saved).
+    assert (loads.count("Payment"), loads.count("PaymentSession")) == (0, 3), loads
+
+
 def test_happy_path_pays_once_and_shows_the_result(system: PageSystem) -> None:
     session_id, token, code = system.link()
     with system.client() as client:

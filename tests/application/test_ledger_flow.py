@@ -66,6 +66,26 @@ class LedgerNarrative:
         assert balances[("platform:fees", "USD")] == -103
         assert balances[("processor_clearing", "USD")] == 0
 
+    def test_authorization_goes_on_from_the_copies_it_is_given_and_never_saves_a_stale_one(
+        self, ledger: Ledger, store: Store
+    ) -> None:
+        session_id = open_session(ledger, new_merchant(ledger))
+        payment_id = pay(ledger, session_id)
+        before = [ledger.get_payment(payment_id), ledger.get_session(session_id)]
+        first = ledger.authorize_payment(payment_id, known=[ledger.get_payment(payment_id)])
+        assert first.result["status"] == "authorized" and not first.replayed
+        authorized = [ledger.get_payment(payment_id), ledger.get_session(session_id)]
+        ledger.capture_payment("capture-after", payment_id)
+        # Copies from before the authorization (its start is replayed from the command log) or
+        # from after it: the answer is the payment as it is now, and nothing is saved on top of
+        # an old version.
+        for stale in (before, authorized):
+            again = ledger.authorize_payment(payment_id, known=stale)
+            assert again.replayed and again.result["status"] == "captured"
+        types = [e.event_type for e in store.envelopes() if e.aggregate_id == payment_id]
+        assert types == ["payment.initiated", "payment.risk_assessed", "payment.processing_started",
+                         "payment.authorized", "payment.captured"]
+
     def test_the_link_and_code_are_texted_in_the_opening_save_and_only_once(
         self, ledger: Ledger, store: Store
     ) -> None:
