@@ -370,13 +370,19 @@ def test_two_relays_share_the_partitions_and_keep_each_aggregate_in_order(
         threads[0].start()
         journeys(ledger, merchant_id, 10, "pair-a-")
         threads[1].start()  # joins while the first relay holds every partition
-        for i in range(25):
+        # Writing goes on until both relays have held partitions at once (the hand-over happens
+        # under load), and for 25 rounds at least: on a quiet machine 25 rounds can be over
+        # before the first relay's next rebalance gives any partition up.
+        i, deadline = 0, time.monotonic() + 30
+        while i < 25 or not held_by_both:
+            assert time.monotonic() < deadline, "the second relay never got a share of the partitions"
             journeys(ledger, merchant_id, 2, f"pair-b-{i}-")
             ledger.change_merchant_settings(f"pair-settings-{i}", merchant_id, name=f"L{i}")
             held = [r.held_partitions for r in relays]
             if all(held):
                 held_by_both = True
                 assert not held[0] & held[1], "a partition is held by both relays"
+            i += 1
         wait_drained(database_url, timeout_s=30)
         held = [r.held_partitions for r in relays]
     finally:
