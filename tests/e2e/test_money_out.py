@@ -54,7 +54,14 @@ def test_a_days_payments_are_reconciled_and_paid_out_by_the_loops_alone(system: 
                             timeout=30)
     compliance = httpx.Client(base_url=system.url, headers={"Authorization": f"Bearer {keys(system)['compliance']}"},
                               timeout=30)
-    payments = [merchant.get(f"/v1/payments/{p}").json() for p in sorted(record.refunded)]
+
+    def refunds_shown() -> list[dict[str, Any]] | None:
+        """The payments once the read model shows their refunds: a refund is acknowledged before
+        the read side applies it, and what is owed counts it."""
+        found = [merchant.get(f"/v1/payments/{p}").json() for p in sorted(record.refunded)]
+        return found if all(p["refunded_amount"] > 0 for p in found) else None
+
+    payments = until("the refunds in the read model", system, refunds_shown)
     owed = sum(p["captured_amount"] - p["fee"] - p["refunded_amount"] for p in payments)
     state = json.loads((system.data_dir / "running.json").read_text())
     today = datetime.now(UTC).date()
