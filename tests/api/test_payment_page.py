@@ -220,13 +220,9 @@ def test_summary_shows_the_order_with_strict_headers_and_no_scripts(system: Page
     assert system.status(session_id) == "link_opened"
 
 
-def test_a_page_names_the_kept_merchant_and_answers_from_what_its_command_saved(
-        system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each page names the merchant from the ledger's kept copy (not a load from the event store
-    per request, five a payment), and a rename saved by this process shows at once; the first
-    view answers from the session its open_link command saved instead of loading it again."""
+def count_loads(system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the class name of every aggregate the ledger loads from the event store."""
     ledger = system.services.ledger
-    _, token, _ = system.link()
     loads: list[str] = []
     load = ledger._get
 
@@ -235,6 +231,17 @@ def test_a_page_names_the_kept_merchant_and_answers_from_what_its_command_saved(
         return load(cls, aggregate_id, merchant_id)
 
     monkeypatch.setattr(ledger, "_get", counted)
+    return loads
+
+
+def test_a_page_names_the_kept_merchant_and_answers_from_what_its_command_saved(
+        system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each page names the merchant from the ledger's kept copy (not a load from the event store
+    per request, five a payment), and a rename saved by this process shows at once; the first
+    view answers from the session its open_link command saved instead of loading it again."""
+    ledger = system.services.ledger
+    _, token, _ = system.link()
+    loads = count_loads(system, monkeypatch)
     with system.client() as client:
         first = client.get(f"/pay/{token}")
         assert (first.status_code, loads.count("PaymentSession"), loads.count("Merchant")) == (200, 2, 0)
@@ -250,19 +257,11 @@ def test_a_card_payment_goes_on_from_the_aggregates_each_step_saved(
         system: PageSystem, monkeypatch: pytest.MonkeyPatch) -> None:
     """Posting the card attaches it, starts processing and records the answer: each step starts
     from the payment and session the step before saved, instead of loading them again (three
-    payment loads and a session load a payment before). A copy that lost a race is not reused."""
-    ledger = system.services.ledger
+    payment loads and a session load a payment before)."""
     _, token, code = system.link()
-    loads: list[str] = []
-    load = ledger._get
-
-    def counted(cls: type[Any], aggregate_id: UUID, merchant_id: UUID | None = None) -> Any:
-        loads.append(cls.__name__)
-        return load(cls, aggregate_id, merchant_id)
-
     with system.client() as client:
         card_page = pay_to_card_step(client, token, code)
-        monkeypatch.setattr(ledger, "_get", counted)
+        loads = count_loads(system, monkeypatch)
         paid = submit(client, token, "card", card_page, **card())
         monkeypatch.undo()
         assert paid.status_code == 303 and "Payment complete" in words(follow(client, paid).text)
