@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -21,6 +24,25 @@ from api.settings import Settings
 from application.ledger import Ledger
 from domain.risk import DEFAULT_POLICY as DEFAULT_RISK_POLICY
 from migrations import migrate
+
+# A shared, noisy machine stalls a process for a few hundred milliseconds now and then; the
+# default deadline of 200 ms an example would report such a stall as a (flaky) failure.
+hypothesis_settings.register_profile("echotransact", deadline=None)
+hypothesis_settings.load_profile("echotransact")
+
+MIDNIGHT_MARGIN_S = 180
+
+
+@pytest.fixture
+def away_from_midnight() -> None:
+    """For tests that take today's date from the clock and need it to stay today while they run
+    (a processor's day closed, then reconciled and paid out): when fewer than three minutes are
+    left before UTC midnight, wait until it has passed. At most one test of a run waits."""
+    now = datetime.now(UTC)
+    left = (datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC) - now).total_seconds()
+    if left < MIDNIGHT_MARGIN_S:
+        time.sleep(left + 1)
+
 
 TEMPLATE_DB = "echotransact_test_template"
 

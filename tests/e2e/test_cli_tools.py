@@ -119,6 +119,7 @@ def test_keys_create_prints_a_working_key_once(
     assert "no merchant" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("away_from_midnight")
 def test_reconcile_reports_the_day_settles_its_captures_and_says_so_when_run_again(
     cli_env: None, monkeypatch: pytest.MonkeyPatch, settings: Settings, database_url: str,
     capsys: pytest.CaptureFixture[str],

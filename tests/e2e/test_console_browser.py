@@ -36,6 +36,8 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="browser tests need the playwright package: pip install playwright"
 )
 expect = sync_api.expect
+# The pages' own timeout (15 s, set per page) does not reach expect(), which keeps 5 s by default.
+expect.set_options(timeout=15_000)
 
 AXE = Path(__file__).parent.parent / "assets" / "console" / "axe.min.js"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",

@@ -140,8 +140,10 @@ def system(servers: ServerURLs, module_database: str, module_owner_database: str
         "ECHOTRANSACT_WEBHOOK_BACKOFF_CAP_S": "1",
         "ECHOTRANSACT_CATCH_UP_EVERY_S": "1",
         "ECHOTRANSACT_CATCH_UP_GRACE_S": "2",
-        # The resolver asks about an unknown authorization after 3 s instead of 30.
-        "ECHOTRANSACT_RESOLVE_AFTER_S": "3",
+        # The resolver asks about an unknown authorization after 10 s instead of 30: long after
+        # the first read of a payment whose card POST timed out, so that read sees "processing"
+        # even on a loaded machine (at 3 s it once had under 2 s of margin).
+        "ECHOTRANSACT_RESOLVE_AFTER_S": "10",
         "ECHOTRANSACT_RESOLVE_EVERY_S": "1",
         "ECHOTRANSACT_DATA_DIR": str(tmp / "data"),
         "ECHOTRANSACT_PORT": "0",
@@ -381,8 +383,9 @@ def test_with_the_primary_down_payments_fail_over_to_the_secondary_and_none_is_c
         key = f"authorize:{payment['id']}"
         assert (secondary.requests(key), secondary.money_movements(key)) == (1, 1)
         assert (primary.requests(key), primary.money_movements(key)) == (0, 0)
-    # The primary's circuit opens after a few refused connections: later payments skip it.
-    assert chosen[-1] == "secondary", chosen
+    # The primary's circuit opens after a few refused connections: later payments skip it (one
+    # at least: the circuit half-opens again after 30 s, which a slow machine may reach).
+    assert "secondary" in chosen[1:], chosen
 
 
 # -- 3. the merchant's receivers are down ------------------------------------------------------------

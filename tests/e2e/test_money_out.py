@@ -18,6 +18,9 @@ import pytest
 
 from tests.e2e.test_chaos import Record, System, journey, run_system
 
+# These tests take today's date from the clock and need it to stay today (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("away_from_midnight")
+
 WAIT_S = 90.0
 
 
@@ -84,7 +87,8 @@ def test_a_days_payments_are_reconciled_and_paid_out_by_the_loops_alone(system: 
         m for m in merchant.get("/v1/balances").json()["merchants"] if m["currency"] == "USD"
         and m["in_transit"] == 0 and m["available"] == 0])
     assert split[0]["pending"] == 0 and split[0]["reserved"] == 0
-    days = compliance.get("/v1/reconciliations", params={"date_from": today.isoformat()}).json()["data"]
+    days = until("the reconciliations in the read model", system, lambda: compliance.get(
+        "/v1/reconciliations", params={"date_from": today.isoformat()}).json()["data"])
     assert sum(d["counts"]["matched"] for d in days) == 2 * len(payments)  # each capture and its refund
     assert all(d["discrepancies"] == 0 for d in days)
     time.sleep(4)  # more rounds of both loops change nothing

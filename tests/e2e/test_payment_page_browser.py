@@ -37,6 +37,8 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="browser tests need the playwright package: pip install playwright"
 )
+# The page's own timeout (15 s, set per page) does not reach expect(), which keeps 5 s by default.
+sync_api.expect.set_options(timeout=15_000)
 
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                "--disable-component-update", "--disable-sync"]
@@ -218,7 +220,7 @@ def test_double_submit_of_the_card_form_charges_once(
     authorize = system.processor.authorize
 
     def slow_authorize(**kwargs: Any) -> Any:
-        time.sleep(0.8)
+        time.sleep(2.5)  # the second click must come while the first POST waits
         return authorize(**kwargs)
 
     monkeypatch.setattr(system.processor, "authorize", slow_authorize)

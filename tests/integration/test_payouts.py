@@ -31,7 +31,7 @@ from tests.projections.test_views import catch_up
 
 
 @pytest.fixture
-def today() -> date:
+def today(away_from_midnight: None) -> date:
     """The day a test pays out, taken once when it starts (not at import: a run that crosses UTC
     midnight before this module would otherwise reconcile a day the sandbox never closed)."""
     return datetime.now(UTC).date()
@@ -46,7 +46,9 @@ def sandbox(today: date) -> Iterator[SandboxProcessorServer]:
 
 @pytest.fixture
 def bank() -> Iterator[SandboxBankServer]:
-    with SandboxBankServer(timeout_delay_s=1.0) as server:
+    # A timed-out transfer answers after 3 s; the client gives up at 1.5 s, long enough that a
+    # stall of this loaded machine (the bank runs in this process) never times out a normal one.
+    with SandboxBankServer(timeout_delay_s=3.0) as server:
         yield server
 
 
@@ -54,7 +56,7 @@ def bank() -> Iterator[SandboxBankServer]:
 def ledger(settings: Settings, database_url: str, clock: ManualClock, sandbox: SandboxProcessorServer,
            bank: SandboxBankServer) -> Iterator[Ledger]:
     built = build_ledger(settings.replace(processors={"primary": sandbox.url}), database_url, clock=clock,
-                         processor=HttpProcessor("primary", sandbox.url), bank=HttpBank(bank.url, timeout_s=0.3))
+                         processor=HttpProcessor("primary", sandbox.url), bank=HttpBank(bank.url, timeout_s=1.5))
     yield built
     built.close()
 

@@ -23,6 +23,9 @@ from domain.reconciliation import MalformedReport, ReportNotFinal, reconciliatio
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_views import catch_up
 
+# These tests take today's date from the clock and need it to stay today (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("away_from_midnight")
+
 
 @pytest.fixture
 def sandbox() -> Iterator[SandboxProcessorServer]:

@@ -24,6 +24,9 @@ from domain.reconciliation import (
     match,
 )
 
+# These tests take today's date from the clock and need it to stay today (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("away_from_midnight")
+
 
 @pytest.fixture
 def sandbox() -> Iterator[SandboxProcessorServer]:

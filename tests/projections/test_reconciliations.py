@@ -30,6 +30,9 @@ from projections.views import ReadViews, Scope
 from tests.application.flows import new_merchant, open_session, pay
 from tests.projections.test_engine import feed
 
+# These tests take today's date from the clock and need it to stay today (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("away_from_midnight")
+
 READER = "echotransact_reader"
 TABLES = ("reconciliations", "reconciliation_findings")
 DAY = date(2025, 3, 3)
