@@ -577,3 +577,44 @@ def test_a_commit_wakes_the_relay_long_before_its_fallback_poll(
         thread.join(10)
         relay.close()
     assert not thread.is_alive()
+
+
+def test_under_load_a_batch_gathers_the_commits_of_its_wait_and_after_a_rest_the_first_goes_at_once(
+    ledger: Ledger, database_url: str, bootstrap: str, settings: Settings, topics: None
+) -> None:
+    """A commit right after a batch that published something waits ``gather_s`` for company (one
+    produce request for many rows); a commit after a rest is read at once."""
+    merchant_id = new_merchant(ledger, command_id="gather-merchant")
+    gather_s = 1.5
+    relay = OutboxRelay(database_url, bootstrap, open_envelope=envelope_opener(settings), poll_interval_s=60,
+                        gather_s=gather_s)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), name="relay")
+    thread.start()
+    try:
+        wait_drained(database_url, timeout_s=15)
+        time.sleep(gather_s + 0.5)  # at rest: the last batch found nothing
+        began = time.monotonic()
+        ledger.change_merchant_settings("gather-first", merchant_id, name="L0")
+        wait_drained(database_url, timeout_s=15)
+        first_took = time.monotonic() - began
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT max(outbox_id) FROM outbox").fetchone()
+        assert row is not None
+        # Under load: five commits 50 ms apart, the first of them right after a batch.
+        for i in range(1, 6):
+            ledger.change_merchant_settings(f"gather-{i}", merchant_id, name=f"L{i}")
+            time.sleep(0.05)
+        wait_drained(database_url, timeout_s=15)
+        with psycopg.connect(database_url) as conn:
+            batches = [n for (n,) in conn.execute(
+                "SELECT count(*) FROM outbox WHERE outbox_id > %s GROUP BY published_at", (row[0],))]
+    finally:
+        stop.set()
+        thread.join(10)
+        relay.close()
+    assert not thread.is_alive()
+    assert first_took < gather_s, f"the first commit after a rest waited {first_took:.2f} s"
+    # Every commit but the one that woke the relay waited in one batch (without the gathering,
+    # each would be a batch of its own).
+    assert max(batches) >= 4, batches
