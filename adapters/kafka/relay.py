@@ -192,6 +192,8 @@ class OutboxRelay:
     ) -> None:
         if batch_size < 1 or lock_partitions < 1 or partitions_per_topic < 1:
             raise ValueError("batch_size, lock_partitions and partitions_per_topic must be positive")
+        if gather_s < 0:
+            raise ValueError(f"gather_s must be 0 or more, not {gather_s}")
         self.database_url = database_url
         self.open_envelope = open_envelope
         self.batch_size = batch_size

@@ -618,3 +618,11 @@ def test_under_load_a_batch_gathers_the_commits_of_its_wait_and_after_a_rest_the
     # Every commit but the one that woke the relay waited in one batch (without the gathering,
     # each would be a batch of its own).
     assert max(batches) >= 4, batches
+
+
+def test_a_relay_refuses_settings_that_cannot_work(settings: Settings) -> None:
+    opener = envelope_opener(settings)
+    with pytest.raises(ValueError, match="gather_s must be 0 or more"):
+        OutboxRelay("postgresql://nowhere/db", "nowhere:9092", open_envelope=opener, gather_s=-0.01)
+    with pytest.raises(ValueError, match="must be positive"):
+        OutboxRelay("postgresql://nowhere/db", "nowhere:9092", open_envelope=opener, batch_size=0)
