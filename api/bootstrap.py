@@ -25,7 +25,7 @@ from adapters.postgres.locks import PostgresAdvisoryLocks
 from adapters.postgres.velocity import PostgresVelocityCounter
 from api.metrics import observed
 from api.settings import ConfigurationError, Settings
-from application.envelope import EventEnvelope, decode
+from application.envelope import EnvelopeOpener
 from application.ledger import Ledger, LedgerPolicy
 from application.ports import Clock, PaymentProcessor, ProcessorRouter
 
@@ -154,7 +154,7 @@ def build_ledger(
         extra.setdefault("bank", HttpBank(settings.bank_url))
     cipher = {}
     if settings.encryption_key:
-        cipher = {"CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
+        cipher = {"CIPHER_TOPIC": "adapters.cipher:KeptKeyAESCipher",
                   "CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()}
     from api.metrics import InstrumentedLedger  # Ledger, with its commands counted (and traced)
 
@@ -170,22 +170,14 @@ def build_ledger(
     )
 
 
-def envelope_opener(settings: Settings) -> Callable[[bytes], EventEnvelope]:
+def envelope_opener(settings: Settings) -> EnvelopeOpener:
     """Turn an outbox row's ``envelope`` bytes back into an EventEnvelope (decrypting with the
     same key the ledger encrypted with)."""
-    cipher = None
-    if settings.encryption_key:
-        from eventsourcing.cryptography import AESCipher
-        from eventsourcing.utils import Environment
+    if not settings.encryption_key:
+        return EnvelopeOpener()
+    from adapters.cipher import KeptKeyAESCipher
 
-        cipher = AESCipher(
-            Environment("ENVELOPE", {"CIPHER_KEY": base64.b64encode(settings.encryption_key).decode()})
-        )
-
-    def open_envelope(payload: bytes) -> EventEnvelope:
-        return decode(cipher.decrypt(bytes(payload)) if cipher else bytes(payload))
-
-    return open_envelope
+    return EnvelopeOpener(KeptKeyAESCipher.from_key(settings.encryption_key).decrypt)
 
 
 def key_cipher(settings: Settings) -> KeyCipher:

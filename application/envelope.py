@@ -53,16 +53,52 @@ def set_trace_context_source(source: Callable[[], str | None] | None) -> None:
     _trace_context_source = source
 
 
+class PassingEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An envelope as the outbox relay passes it on: EventEnvelope's fields, in its order, so that it
+    encodes to the same JSON; ``data`` is left unparsed, and ids and times stay as their JSON text.
+    Opening each envelope fully and encoding it again was a fifth of the relay's time a message."""
+
+    event_id: str
+    aggregate_id: str
+    aggregate_type: str
+    version: int
+    position: int | None
+    event_type: str
+    occurred_at: str
+    merchant_id: str | None
+    data: msgspec.Raw
+    trace_context: str | None = None
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(EventEnvelope)
+_passing_decoder = msgspec.json.Decoder(PassingEnvelope)
 
 
-def encode(envelope: EventEnvelope) -> bytes:
+def encode(envelope: EventEnvelope | PassingEnvelope) -> bytes:
     return _encoder.encode(envelope)
 
 
 def decode(payload: bytes) -> EventEnvelope:
     return _decoder.decode(payload)
+
+
+class EnvelopeOpener:
+    """Turns an outbox row's ``envelope`` bytes back into an envelope: deciphered with the cipher
+    the ledger enciphered it with (``decrypt``; None when encryption at rest is off), then decoded.
+    Called, it gives the EventEnvelope; ``passing`` gives the relay's PassingEnvelope."""
+
+    def __init__(self, decrypt: Callable[[bytes], bytes] | None = None) -> None:
+        self._decrypt = decrypt
+
+    def plaintext(self, payload: bytes) -> bytes:
+        return self._decrypt(bytes(payload)) if self._decrypt is not None else bytes(payload)
+
+    def __call__(self, payload: bytes) -> EventEnvelope:
+        return _decoder.decode(self.plaintext(payload))
+
+    def passing(self, payload: bytes) -> PassingEnvelope:
+        return _passing_decoder.decode(self.plaintext(payload))
 
 
 def snake(name: str) -> str:

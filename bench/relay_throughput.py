@@ -71,9 +71,8 @@ class RelayThroughput(Benchmark):
     def _unpublish(self) -> None:
         """Only our rows are waiting, and all of them (rows of other benchmarks count as sent)."""
         with psycopg.connect(self.ctx.database_url, autocommit=True) as conn, conn.transaction():
-            conn.execute("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
-            conn.execute("UPDATE outbox SET published_at = NULL, publish_attempts = 0, last_error = NULL"
-                         " WHERE outbox_id = ANY(%s)", (self._outbox_ids,))
+            conn.execute("DELETE FROM outbox_pending")
+            conn.execute("INSERT INTO outbox_pending (outbox_id) SELECT unnest(%s::bigint[])", (self._outbox_ids,))
 
     def run_ours(self, round_no: int) -> Sample:
         assert self._relay is not None

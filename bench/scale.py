@@ -63,7 +63,7 @@ class ScaleRelays(Benchmark):
         self._ids = [r[0] for r in ctx.outbox_rows(sessions)]
         with psycopg.connect(ctx.database_url, autocommit=True) as conn:
             # Nothing waits while relays start: only the timed rounds make a backlog.
-            conn.execute("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
+            conn.execute("DELETE FROM outbox_pending")
 
     def _start(self) -> None:
         env = {**os.environ, "DATABASE_URL": app_database_url(self.ctx.database_url),
@@ -114,11 +114,11 @@ class ScaleRelays(Benchmark):
         with psycopg.connect(self.ctx.database_url, autocommit=True) as conn:
             started = time.perf_counter()
             with conn.transaction():
-                conn.execute("UPDATE outbox SET published_at = NULL, publish_attempts = 0, last_error = NULL"
-                             " WHERE outbox_id = ANY(%s)", (self._ids,))
+                conn.execute("INSERT INTO outbox_pending (outbox_id) SELECT unnest(%s::bigint[])"
+                             " ON CONFLICT (outbox_id) DO NOTHING", (self._ids,))
                 conn.execute("NOTIFY ledger_events")
             while True:
-                row = conn.execute("SELECT count(*) FROM outbox WHERE outbox_id = ANY(%s) AND published_at IS NULL",
+                row = conn.execute("SELECT count(*) FROM outbox_pending WHERE outbox_id = ANY(%s)",
                                    (self._ids,)).fetchone()
                 if row == (0,):
                     break

@@ -59,7 +59,8 @@ async def read_side_state(deps: Dependencies) -> dict[str, object]:
     API serves commands whatever they are)."""
     async with await psycopg.AsyncConnection.connect(deps.database_url, connect_timeout=2) as conn:
         cur = await conn.execute(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at)) FROM outbox WHERE published_at IS NULL"
+            "SELECT count(*), extract(epoch FROM now() - min(o.created_at))"
+            " FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id"
         )
         unpublished, oldest_s = await cur.fetchone() or (0, None)
         cur = await conn.execute(

@@ -851,7 +851,7 @@ def publish_outbox(system: PageSystem, bootstrap: str) -> None:
         while True:
             relay.run_once()
             with psycopg.connect(system.database_url) as conn:
-                left = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+                left = conn.execute("SELECT count(*) FROM outbox_pending").fetchone()
             if left == (0,):
                 return
             assert time.monotonic() < deadline, f"{left} outbox rows unpublished"

@@ -404,7 +404,7 @@ def test_sigkills_of_every_process_and_server_lose_nothing_strand_nothing_and_an
     # too reach Kafka, within the settle time.
     while True:
         with psycopg.connect(system.owner_url, autocommit=True) as conn:
-            pending = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+            pending = conn.execute("SELECT count(*) FROM outbox_pending").fetchone()
         if pending == (0,) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -420,7 +420,7 @@ def test_sigkills_of_every_process_and_server_lose_nothing_strand_nothing_and_an
             (list(record.sessions),))}
         stranded = conn.execute("SELECT payment_id, status FROM payment_status"
                                 " WHERE status IN ('initiated', 'processing')").fetchall()
-        unpublished = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+        unpublished = conn.execute("SELECT count(*) FROM outbox_pending").fetchone()
         texted = conn.execute("SELECT count(DISTINCT aggregate_id) FROM outbox_messages WHERE state = 'sent'"
                               " AND aggregate_id = ANY(%s::uuid[])", (list(record.sessions),)).fetchone()
     assert in_ledger == record.sessions, "an acknowledged session is not in the ledger"

@@ -153,7 +153,7 @@ def system(servers: ServerURLs, database_url: str, owner_database_url: str, brok
 def wait_until_published(database_url: str, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(database_url, autocommit=True) as conn:
-        while conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]:
+        while conn.execute("SELECT count(*) FROM outbox_pending").fetchone()[0]:
             assert time.monotonic() < deadline, "the outbox was never drained"
             time.sleep(0.3)
 

@@ -130,7 +130,7 @@ def test_database_gauges_read_the_backlog_queues_and_lags_and_are_cached(
                                cache_s=5, clock=lambda: clock[0])
     found = gauges_of(collector)
     with psycopg.connect(database_url) as conn:
-        unpublished = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+        unpublished = conn.execute("SELECT count(*) FROM outbox_pending").fetchone()[0]
         pending_sms = conn.execute("SELECT count(*) FROM outbox_messages WHERE state = 'pending'").fetchone()[0]
         last = conn.execute("SELECT max(position) FROM outbox").fetchone()[0]
     assert unpublished > 0 and pending_sms == 3

@@ -289,8 +289,8 @@ def test_the_outbox_is_never_purged_and_a_rebuild_still_matches(
     planner = WebhookPlanner(database_url, opener)
     planner.plan()
     planner.close()
-    conn.execute("UPDATE outbox SET published_at = now() - %(age)s, created_at = now() - %(age)s",
-                  {"age": 90 * DAY})
+    conn.execute("DELETE FROM outbox_pending")  # every row published
+    conn.execute("UPDATE outbox SET created_at = now() - %(age)s", {"age": 90 * DAY})
     total, newest = conn.execute("SELECT count(*), max(position) FROM outbox").fetchone()  # type: ignore[misc]
     assert total > 5
     assert column(conn, "SELECT min(position) FROM projection_checkpoints") == [newest]

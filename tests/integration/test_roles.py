@@ -4,6 +4,7 @@ an audit row, and every table's privileges were decided (README, "PostgreSQL rol
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,15 +13,15 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from api import cli
 from api.bootstrap import APP_ROLE, app_database_url, envelope_opener, personal_data_reader
 from api.cli import main
 from api.settings import Settings
 from application.ledger import Ledger
-from migrations import MigrationError, migrate
+from migrations import MigrationError, available, migrate
 from projections.engine import ProjectionStore
 from projections.registry import all_projections
 from tests.application.flows import new_merchant, open_session, pay
@@ -34,7 +35,8 @@ READ_WRITE = frozenset({"SELECT", "INSERT", "UPDATE"})
 PRIVILEGES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "ledger_events": (frozenset({"SELECT"}), frozenset()),
     "ledger_snapshots": (frozenset({"SELECT", "INSERT"}), frozenset()),
-    "outbox": (frozenset({"SELECT"}), frozenset({"published_at", "publish_attempts", "last_error"})),
+    "outbox": (frozenset({"SELECT"}), frozenset()),
+    "outbox_pending": (frozenset({"SELECT", "DELETE"}), frozenset({"publish_attempts", "last_error"})),
     "command_log": (frozenset({"SELECT"}), frozenset()),
     "schema_migrations": (frozenset(), frozenset()),
     "idempotency_records": (READ_WRITE | {"DELETE"}, frozenset()),
@@ -260,15 +262,23 @@ def test_every_table_has_decided_privileges(owner: psycopg.Connection[Any]) -> N
             assert columns == update_columns, table
 
 
-def test_the_migration_can_run_again_on_another_database_of_the_cluster(owner: psycopg.Connection[Any]) -> None:
-    # The roles are the cluster's: a second database (a test template's copy here, a staging one
-    # elsewhere) finds them and only grants.
-    from importlib import resources
-
-    sql = (resources.files("migrations") / "0015_roles.sql").read_text()
-    with owner.transaction():
-        owner.execute(sql)  # type: ignore[arg-type]  # the trusted migration file
-    assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone() == (1,)
+def test_the_migration_can_run_again_on_another_database_of_the_cluster(owner_database_url: str) -> None:
+    # The roles are the cluster's: a second database (a staging one, say) finds them and only
+    # grants. Every migration runs there in order, as on any new database (0015 alone cannot run
+    # again on a migrated one: a later migration dropped columns it grants on).
+    dbname = f"roles_again_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(owner_database_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    url = make_conninfo(owner_database_url, dbname=dbname)
+    try:
+        assert [m.version for m in migrate(url)] == [m.version for m in available()]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone() == (1,)
+            assert conn.execute("SELECT has_table_privilege(%s, 'outbox_pending', 'DELETE')",
+                                (APP_ROLE,)).fetchone() == (True,)
+    finally:
+        with psycopg.connect(owner_database_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
 def test_only_the_owner_migrates(database_url: str, owner_database_url: str) -> None:

@@ -99,7 +99,7 @@ def test_one_session_is_one_connected_trace_across_the_outbox_and_kafka(
         deadline = time.monotonic() + 30
         while relay.run_once() or time.monotonic() < deadline:
             with store.connection().cursor() as cur:
-                if not cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]:
+                if not cur.execute("SELECT count(*) FROM outbox_pending").fetchone()[0]:
                     break
     finally:
         relay.close()

@@ -152,10 +152,10 @@ class ConsoleQueries:
             conn.read_only = True
             cur.execute("SET LOCAL statement_timeout = 5000")
             cur.execute(
-                "SELECT count(*) AS unpublished, extract(epoch FROM now() - min(created_at))::float AS oldest_s,"
-                " (SELECT coalesce(max(position), 0) FROM outbox) AS head,"
-                " (SELECT max(published_at) FROM outbox) AS last_published_at"
-                " FROM outbox WHERE published_at IS NULL")
+                "SELECT count(*) AS unpublished, extract(epoch FROM now() - min(o.created_at))::float AS oldest_s,"
+                " count(*) FILTER (WHERE p.publish_attempts > 0) AS failing,"
+                " (SELECT coalesce(max(position), 0) FROM outbox) AS head"
+                " FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id")
             outbox = dict(cur.fetchone() or {})
             cur.execute(
                 "SELECT p.name, coalesce(c.position, 0) AS checkpoint,"
