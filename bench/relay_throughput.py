@@ -28,7 +28,7 @@ _DEADLINE_S = 120.0
 
 class RelayThroughput(Benchmark):
     name = "relay.publish"
-    ours = "OutboxRelay.run_once until the rows are published and marked (batches of 500)"
+    ours = "OutboxRelay.run_once until the rows are published and off the work list, outbox_pending (batches of 500)"
     baseline = "confluent-kafka Producer: produce the same messages, one flush"
     metrics = (
         # The relay must stay far ahead of the write path (hundreds of commands/s); a raw

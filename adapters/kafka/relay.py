@@ -88,9 +88,14 @@ _LOCKS_IN_NAMESPACE = """
       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
+# The pending ids in order, each outbox row found by its key: the subquery (OFFSET 0 keeps the
+# planner from flattening it) stops the planner from merging the work list with the whole outbox,
+# which read every outbox row from the first one on at each batch (3-7 ms with 10,000 rows, and
+# growing with the outbox forever) instead of a probe per pending row (under 1 ms for 500).
 _FETCH_BATCH = """
     SELECT o.outbox_id, o.position, o.event_id::text, o.topic, o.message_key, o.envelope
-    FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id
+    FROM outbox_pending p
+    CROSS JOIN LATERAL (SELECT * FROM outbox WHERE outbox.outbox_id = p.outbox_id OFFSET 0) o
     WHERE (hashtext(o.message_key) %% %(lock_partitions)s + %(lock_partitions)s) %% %(lock_partitions)s
           = ANY(%(partitions)s::int[])
       AND NOT o.message_key = ANY(%(poisoned)s::text[])
@@ -98,13 +103,12 @@ _FETCH_BATCH = """
     LIMIT %(limit)s
 """
 
-# A relay holding every lock partition (the usual single relay) reads the pending rows in the
-# work list's key order and stops at the batch's size. With the partitions' filter the
-# planner cannot tell how many rows pass it and reads and sorts every unpublished row instead:
-# 8 ms per batch of 500 with 5,000 rows waiting, growing with the backlog.
+# A relay holding every lock partition (the usual single relay) needs no filter of partitions: it
+# does not hash every pending row's key.
 _FETCH_BATCH_ALL_PARTITIONS = """
     SELECT o.outbox_id, o.position, o.event_id::text, o.topic, o.message_key, o.envelope
-    FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id
+    FROM outbox_pending p
+    CROSS JOIN LATERAL (SELECT * FROM outbox WHERE outbox.outbox_id = p.outbox_id OFFSET 0) o
     WHERE NOT o.message_key = ANY(%(poisoned)s::text[])
     ORDER BY p.outbox_id
     LIMIT %(limit)s

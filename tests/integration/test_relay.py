@@ -29,6 +29,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from adapters.dev.servers import ServerURLs, free_port, wait_for_port
+from adapters.kafka import relay as relay_module
 from adapters.kafka.relay import EVENT_TOPICS, OutboxRelay
 from api.bootstrap import envelope_opener
 from api.settings import Settings
@@ -624,3 +625,33 @@ def test_a_relay_refuses_settings_that_cannot_work(settings: Settings) -> None:
         OutboxRelay("postgresql://nowhere/db", "nowhere:9092", open_envelope=opener, gather_s=-0.01)
     with pytest.raises(ValueError, match="must be positive"):
         OutboxRelay("postgresql://nowhere/db", "nowhere:9092", open_envelope=opener, batch_size=0)
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows the plan's nodes read from ``relation`` (EXPLAIN ANALYZE, JSON), over all loops."""
+    own = int(plan["Actual Rows"] * plan["Actual Loops"]) if plan.get("Relation Name") == relation else 0
+    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", ()))
+
+
+@pytest.mark.parametrize("query", [relay_module._FETCH_BATCH_ALL_PARTITIONS, relay_module._FETCH_BATCH])
+def test_a_batch_reads_the_pending_rows_and_not_the_published_outbox(owner_database_url: str, query: str) -> None:
+    """The outbox keeps every row forever; the relay's read must cost a probe per pending row,
+    whatever the outbox's size. Merging the work list with the outbox read it from its first row."""
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO ledger_events (originator_id, originator_version, topic, state)"
+                     " SELECT gen_random_uuid(), 1, 'synthetic', '\\x00' FROM generate_series(1, 20000)")
+        conn.execute("INSERT INTO outbox (position, event_id, topic, message_key, envelope)"
+                     " SELECT notification_id, gen_random_uuid(), 'synthetic', originator_id::text, '\\x00'"
+                     " FROM ledger_events ORDER BY notification_id")
+        conn.execute("DELETE FROM outbox_pending")
+        conn.execute("INSERT INTO outbox_pending (outbox_id)"
+                     " SELECT outbox_id FROM outbox ORDER BY outbox_id DESC LIMIT 5000")  # the newest quarter
+        conn.execute("ANALYZE outbox")
+        conn.execute("ANALYZE outbox_pending")
+        [(explained,)] = conn.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + query,
+            {"lock_partitions": 16, "partitions": list(range(16)), "poisoned": [], "limit": 500},
+        ).fetchall()
+    plan = explained[0]["Plan"]
+    assert plan["Actual Rows"] == 500
+    assert _rows_read(plan, "outbox") <= 500, _rows_read(plan, "outbox")
