@@ -48,8 +48,8 @@ def connect_per_scrape(database_url: str) -> Connect:
 def _outbox(conn: psycopg.Connection[Any], _names: Sequence[str]) -> Iterator[Metric]:
     rows = conn.execute(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox_pending LIMIT %s) c),"
-        " (SELECT EXTRACT(EPOCH FROM now() - o.created_at)::float8 FROM outbox_pending p"
-        "  JOIN outbox o ON o.outbox_id = p.outbox_id ORDER BY p.outbox_id LIMIT 1)", (COUNT_CAP,),
+        " (SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM outbox"
+        "  WHERE outbox_id = (SELECT min(outbox_id) FROM outbox_pending))", (COUNT_CAP,),
     ).fetchone()
     assert rows is not None
     yield GaugeMetricFamily("echotransact_outbox_unpublished_rows",

@@ -59,8 +59,9 @@ async def read_side_state(deps: Dependencies) -> dict[str, object]:
     API serves commands whatever they are)."""
     async with await psycopg.AsyncConnection.connect(deps.database_url, connect_timeout=2) as conn:
         cur = await conn.execute(
-            "SELECT count(*), extract(epoch FROM now() - min(o.created_at))"
-            " FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id"
+            # The oldest waiting row is the first queued: one probe of the outbox, whatever its size.
+            "SELECT count(*), extract(epoch FROM now() - (SELECT created_at FROM outbox"
+            " WHERE outbox_id = (SELECT min(outbox_id) FROM outbox_pending))) FROM outbox_pending"
         )
         unpublished, oldest_s = await cur.fetchone() or (0, None)
         cur = await conn.execute(

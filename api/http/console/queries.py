@@ -152,10 +152,11 @@ class ConsoleQueries:
             conn.read_only = True
             cur.execute("SET LOCAL statement_timeout = 5000")
             cur.execute(
-                "SELECT count(*) AS unpublished, extract(epoch FROM now() - min(o.created_at))::float AS oldest_s,"
-                " count(*) FILTER (WHERE p.publish_attempts > 0) AS failing,"
+                "SELECT count(*) AS unpublished, count(*) FILTER (WHERE publish_attempts > 0) AS failing,"
+                " extract(epoch FROM now() - (SELECT created_at FROM outbox"
+                "  WHERE outbox_id = (SELECT min(outbox_id) FROM outbox_pending)))::float AS oldest_s,"
                 " (SELECT coalesce(max(position), 0) FROM outbox) AS head"
-                " FROM outbox_pending p JOIN outbox o ON o.outbox_id = p.outbox_id")
+                " FROM outbox_pending")
             outbox = dict(cur.fetchone() or {})
             cur.execute(
                 "SELECT p.name, coalesce(c.position, 0) AS checkpoint,"
