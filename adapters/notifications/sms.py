@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -135,7 +136,10 @@ class MessageDispatcher:
         backoff_base: timedelta = timedelta(seconds=2),
         backoff_cap: timedelta = timedelta(minutes=5),
         batch_size: int = 50,
+        gather_s: float = 0.02,
     ) -> None:
+        if gather_s < 0:
+            raise ValueError(f"gather_s must be 0 or more, not {gather_s}")
         self.database_url = database_url
         self.sender = sender
         self.open_payload = open_payload
@@ -145,6 +149,7 @@ class MessageDispatcher:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.batch_size = batch_size
+        self.gather_s = gather_s
         self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
 
     def _backoff(self, attempts: int) -> timedelta:
@@ -262,8 +267,16 @@ class MessageDispatcher:
             while not stop.is_set():
                 try:
                     report = self.run_once()
-                    if report == DispatchReport():
-                        wait_for_commit(self._conn.get(), stop, idle_s)
+                    if report.sent + report.retried + report.failed >= self.batch_size:
+                        continue  # a full pass: more may be due at once
+                    waiting_since = time.monotonic()
+                    woken = wait_for_commit(self._conn.get(), stop, idle_s)
+                    if report != DispatchReport() and woken and time.monotonic() - waiting_since < self.gather_s:
+                        # Under load every commit (this dispatcher's own record of its sends
+                        # included) woke it for a pass of one or two messages, a transaction
+                        # each. Let the next pass gather what commits meanwhile; a commit
+                        # after a rest is sent at once.
+                        stop.wait(self.gather_s)
                 except psycopg.Error as error:
                     log.warning("sms_dispatch_database_error", error=str(error))
                     self._conn.close()
