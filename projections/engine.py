@@ -173,6 +173,11 @@ class ProjectionStore:
         """The store's one autocommit connection, opened again if it was lost."""
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.database_url, autocommit=True)
+            # Read models are derived: a commit here is not waited on to reach the disk. A crash
+            # of PostgreSQL may forget the last fraction of a second of batches, rows and
+            # versions together (one transaction), and the catch-up applies those events again
+            # from the outbox, which every save flushes.
+            self._conn.execute("SET synchronous_commit TO off")
             if self.schema:
                 self._use_schema(self._conn)
         return self._conn

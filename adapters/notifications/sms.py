@@ -116,6 +116,15 @@ class HttpSmsSender:
         return SmsResult(False, retryable=retryable, error=f"HTTP {response.status_code}: {response.text[:200]}")
 
 
+def _listen_without_flushing(conn: psycopg.Connection[Any]) -> None:
+    """The dispatcher's connection: woken by saves, and its marks not waited on to reach the disk.
+    A mark that a crash of PostgreSQL forgets sends its message again, with the same id, as a
+    crash between sending and marking does (the provider drops the copy; the session's record of
+    the send is a save of its own, flushed, made once per message id)."""
+    conn.execute("SET synchronous_commit TO off")
+    listen_for_commits(conn)
+
+
 @dataclass(frozen=True)
 class DispatchReport:
     sent: int = 0
@@ -150,7 +159,7 @@ class MessageDispatcher:
         self.backoff_cap = backoff_cap
         self.batch_size = batch_size
         self.gather_s = gather_s
-        self._conn = ReconnectingConnection(database_url, on_connect=listen_for_commits)
+        self._conn = ReconnectingConnection(database_url, on_connect=_listen_without_flushing)
 
     def _backoff(self, attempts: int) -> timedelta:
         """The pause after the ``attempts``-th failed send (1-based): base, doubling up to the

@@ -5,6 +5,14 @@ response; ``release`` forgets a claim whose request failed on our side, so a ret
 new key, the usual case, costs one INSERT; a key seen before is decided in a transaction that
 locks its row. (A copy in Redis once answered replays; it cost two Redis round trips on every
 new key to save a few statements on the rare replay, and was dropped.)
+
+The claim and the response are committed without waiting for the disk (``NO_FLUSH``). They are
+a cache of the ledger's answer, not the record of it: the command id the ledger gets is derived
+from the key, and the ledger's command record is saved, and flushed, with the command's events.
+The save's flush also carries the claim written before it to the disk. So a crash of PostgreSQL
+can lose at most the responses recorded in the last fraction of a second; a retry then finds its
+claim, waits out ``CLAIM_TIMEOUT`` (409 ``request_in_progress``) and runs the command id again,
+which the ledger answers with the result it recorded: the same response, no second payment.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 KEY_LIFETIME = timedelta(hours=24)
+# In a statement's condition: its transaction commits without waiting for the WAL to reach the
+# disk (``set_config(..., true)`` lasts to the end of the statement's own transaction; the
+# session's setting is untouched).
+NO_FLUSH = "set_config('synchronous_commit', 'off', true) = 'off'"
 # A request still "in progress" after this long is taken to have died with its process.
 CLAIM_TIMEOUT = timedelta(seconds=60)
 
@@ -44,8 +56,8 @@ class IdempotencyStore:
                 # decided in a transaction that locks its row.
                 inserted = conn.execute(
                     "INSERT INTO idempotency_records (scope, idempotency_key, request_hash, state,"
-                    " locked_until, expires_at) VALUES (%s, %s, %s, 'in_progress', now() + %s, now() + %s)"
-                    " ON CONFLICT DO NOTHING RETURNING 1",
+                    " locked_until, expires_at) SELECT %s, %s, %s, 'in_progress', now() + %s, now() + %s"
+                    f" WHERE {NO_FLUSH} ON CONFLICT DO NOTHING RETURNING 1",
                     (scope, key, request_hash, CLAIM_TIMEOUT, KEY_LIFETIME), prepare=True,
                 ).fetchone()
                 if inserted:
@@ -89,7 +101,7 @@ class IdempotencyStore:
             conn.execute(
                 "UPDATE idempotency_records SET state = 'completed', response_status = %s,"
                 " response_body = %s, subject_id = %s"
-                " WHERE scope = %s AND idempotency_key = %s AND request_hash = %s",
+                f" WHERE scope = %s AND idempotency_key = %s AND request_hash = %s AND {NO_FLUSH}",
                 (status, body, subject_id, scope, key, request_hash),
             )
 

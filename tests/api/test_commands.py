@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from uuid import UUID
@@ -297,3 +298,54 @@ def test_an_erasure_deletes_the_recorded_responses_about_the_customers_sessions(
         again = client.post("/v1/payment-sessions", json=session_body(customer_phone=phone),
                             headers={"Idempotency-Key": "erase-me"})
     assert again.status_code == 201 and again.json()["id"] == created.json()["id"]
+
+
+def test_a_response_lost_in_a_database_crash_is_answered_again_from_the_command_log(
+    api: Api, database_url: str
+) -> None:
+    """The claim and the recorded response commit without waiting for the disk
+    (adapters/postgres/idempotency.py): a crash of PostgreSQL can forget the response (the claim
+    itself reaches the disk with the save's flush). What the retry meets then: its claim, held
+    for a while (409, retry later), and once it is stale the command runs again under the same
+    command id, which the ledger answers with what it recorded: the same session, one command."""
+    with api.client("a") as client:
+        first = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "crash"})
+        assert first.status_code == 201, first.text
+
+        def forget_response(held_for: str) -> None:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE idempotency_records SET state = 'in_progress', response_status = NULL,"
+                    " response_body = NULL, locked_until = now() + %s::interval WHERE idempotency_key = 'crash'",
+                    (held_for,))
+
+        forget_response("1 minute")
+        held = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "crash"})
+        assert held.status_code == 409 and held.json()["code"] == "request_in_progress"
+        forget_response("-1 second")
+        retried = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": "crash"})
+        assert retried.status_code == 201, retried.text
+        assert retried.json()["id"] == first.json()["id"]
+        assert retried.json()["position"] == first.json()["position"]
+    with psycopg.connect(database_url) as conn:
+        opened = conn.execute("SELECT count(*) FROM command_log WHERE command_name = 'open_session'").fetchone()
+    assert opened == (1,)
+
+
+def test_only_the_idempotency_statements_skip_the_flush_not_the_connection(api: Api) -> None:
+    """The idempotency records' no-flush commit lasts only for their own statement's transaction:
+    a save on the same pooled connection next still waits for the disk."""
+    pool = api.services.pool
+    assert pool is not None
+    with api.client("a") as client:
+        for n in range(3):
+            created = client.post("/v1/payment-sessions", json=session_body(), headers={"Idempotency-Key": f"f{n}"})
+            assert created.status_code == 201, created.text
+    store = api.services.idempotency
+    assert store.begin("test-scope", "flush-check", "h").outcome == "proceed"
+    store.complete("test-scope", "flush-check", "h", 200, "{}")
+    with contextlib.ExitStack() as held:  # every connection of the pool at once
+        connections = [held.enter_context(pool.connection()) for _ in range(pool.get_stats()["pool_size"])]
+        settings = {conn.execute("SHOW synchronous_commit").fetchone() for conn in connections}
+    assert settings == {("on",)}
+    assert store.begin("test-scope", "flush-check", "h").outcome == "replay"

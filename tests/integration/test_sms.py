@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -177,3 +178,46 @@ def test_a_batch_is_recorded_once_even_when_the_dispatcher_dies_before_marking_i
     for session_id in sessions:
         session = ledger.get_session(session_id)
         assert session.sms_sent == (messages[session_id],)
+
+
+def test_under_load_a_pass_gathers_the_commits_of_gather_s_and_a_send_after_a_rest_goes_at_once(
+    ledger: Ledger, database_url: str, settings: Settings
+) -> None:
+    """Under steady load every commit woke the dispatcher for a pass (a transaction) of one
+    message. With ``gather_s`` the pass after a busy one waits that long, so quick sends share
+    a pass; the first send after a rest goes at once. (With ``gather_s`` 0 this run makes a pass
+    per send.)"""
+    merchant = new_merchant(ledger)
+    sessions = [open_session(ledger, merchant, f"open-{i}") for i in range(6)]
+    dispatcher = build_message_dispatcher(settings, database_url, ledger)
+    dispatcher.gather_s = 0.5
+    passes: list[int] = []
+    record = dispatcher.on_sent
+    assert record is not None
+
+    def counting(sent: list[tuple[Any, Any, str]]) -> None:
+        passes.append(len(sent))
+        record(sent)
+
+    dispatcher.on_sent = counting
+    stop = threading.Event()
+    runner = threading.Thread(target=dispatcher.run, args=(stop, 5.0))
+    runner.start()
+    try:
+        ledger.send_link("send-0", sessions[0])
+        _wait_until(lambda: passes == [1])  # after a rest: at once, alone
+        for i, session_id in enumerate(sessions[1:], start=1):
+            ledger.send_link(f"send-{i}", session_id)  # a commit each, 20 ms apart
+            time.sleep(0.02)
+        _wait_until(lambda: sum(passes) == 6)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert passes[0] == 1 and len(passes) <= 3, passes  # the five quick sends in one or two passes
+
+
+def _wait_until(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
