@@ -1,7 +1,8 @@
 """The projection engine: applies envelopes to read models in PostgreSQL, exactly once each.
 
 For every projection and aggregate it keeps the version applied (``projection_versions``) in
-the same transaction as the rows. So an event is applied only if it is the next version of its
+the same transaction as the rows, and for every projection the newest position it applied
+(``projection_checkpoints.applied_position``: how far behind the feed it is). So an event is applied only if it is the next version of its
 aggregate: a redelivered one is skipped, and one that arrives after a gap (a lost or reordered
 message) first pulls the missing versions from the outbox, which the ledger writes in the same
 transaction as its events and so is as complete as the event store.
@@ -256,11 +257,25 @@ class ProjectionStore:
             result.touched.setdefault(projection.name, set()).update(todo.touched)
             if todo.apply:
                 projection.apply_batch(cur, todo.apply)
+        heads: dict[str, int] = {}
         for versions, todo, group_names in groups:
             if todo.apply:
                 self._store_versions(cur, group_names, todo.last, versions)
+                heads.update(dict.fromkeys(group_names, max(p for _, p in todo.last.values())))
         if self.on_batch is not None:
             self.on_batch(cur.connection, aggregate_ids)
+        if heads:
+            # Each projection's newest applied position (readiness, metrics and the console read
+            # it), last in the transaction: two workers' batches wait on these rows only for
+            # each other's commit. Names in a fixed order, so that waiting never deadlocks.
+            moved = sorted(heads)
+            cur.execute(
+                "INSERT INTO projection_checkpoints (projection, position, applied_position)"
+                " SELECT n, 0, p FROM unnest(%b::text[], %b::bigint[]) AS t(n, p) ON CONFLICT (projection)"
+                " DO UPDATE SET applied_position"
+                " = GREATEST(projection_checkpoints.applied_position, excluded.applied_position)",
+                (moved, [heads[n] for n in moved]), binary=True,
+            )
 
     def _plan(
         self, cur: psycopg.Cursor[Any], batch: list[EventEnvelope], versions: dict[UUID, int],
@@ -377,12 +392,13 @@ class ProjectionStore:
             with conn.transaction(), conn.cursor() as cur:
                 if envelopes:
                     self._apply(cur, envelopes, result)
-                # The checkpoint moves in the same transaction as the rows it vouches for.
+                # The checkpoint moves in the same transaction as the rows it vouches for. Its
+                # rows are locked in name order, as the newest applied positions are.
                 cur.execute(
                     "INSERT INTO projection_checkpoints (projection, position)"
                     " SELECT n, %s FROM unnest(%b::text[]) AS n ON CONFLICT (projection) DO UPDATE"
                     " SET position = GREATEST(projection_checkpoints.position, excluded.position)",
-                    (last, names),
+                    (last, sorted(names)),
                 )
             applied += result.applied
             position = last

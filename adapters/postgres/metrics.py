@@ -92,12 +92,12 @@ def _webhooks(conn: psycopg.Connection[Any], _names: Sequence[str]) -> Iterator[
 
 
 def _projections(conn: psycopg.Connection[Any], names: Sequence[str]) -> Iterator[Metric]:
-    # The highest position each projection applied (an index scan backwards on (projection,
-    # position)), and how long the first outbox event after it has waited.
+    # The highest position each projection applied (kept on its checkpoint row), and how long
+    # the first outbox event after it has waited.
     rows = conn.execute(
         "SELECT p.name, v.position, COALESCE(EXTRACT(EPOCH FROM now() - o.created_at)::float8, 0)"
         " FROM unnest(%s::text[]) AS p(name)"
-        " CROSS JOIN LATERAL (SELECT COALESCE(max(position), 0) AS position FROM projection_versions"
+        " CROSS JOIN LATERAL (SELECT COALESCE(max(applied_position), 0) AS position FROM projection_checkpoints"
         "  WHERE projection = p.name) v"
         " LEFT JOIN LATERAL (SELECT created_at FROM outbox WHERE position > v.position ORDER BY position LIMIT 1) o"
         "  ON TRUE", (list(names),),

@@ -66,7 +66,7 @@ async def read_side_state(deps: Dependencies) -> dict[str, object]:
         unpublished, oldest_s = await cur.fetchone() or (0, None)
         cur = await conn.execute(
             "SELECT p.name, (SELECT coalesce(max(position), 0) FROM outbox)"
-            " - coalesce((SELECT max(position) FROM projection_versions v WHERE v.projection = p.name), 0)"
+            " - coalesce((SELECT applied_position FROM projection_checkpoints c WHERE c.projection = p.name), 0)"
             " FROM (VALUES ('status'), ('analytics'), ('audit'), ('balances')) AS p(name)"
         )
         lag = {name: int(behind) for name, behind in await cur.fetchall()}

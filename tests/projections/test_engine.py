@@ -163,6 +163,36 @@ def test_duplicates_reordering_and_gaps_are_applied_exactly_once(
     assert verify_chain(psycopg.connect(database_url)).ok
 
 
+def test_each_projection_keeps_the_newest_position_it_applied_which_never_goes_back(
+    ledger: Ledger, store: ProjectionStore, database_url: str, settings: Settings
+) -> None:
+    """Readiness, metrics and the console read how far each projection is from its checkpoint
+    row: every batch moves it to the newest position applied, a batch of older events (or of
+    duplicates) leaves it, and a projection that applied nothing has none."""
+    ids = scenario(ledger)
+    envelopes = feed(database_url, settings)
+
+    def applied() -> dict[str, int]:
+        return dict(rows(database_url, "SELECT projection, applied_position FROM projection_checkpoints"))
+
+    s3 = [e for e in envelopes if e.aggregate_id == ids["s3"]]
+    lagging = store.projections[0]
+    others = ProjectionStore(database_url, [p for p in store.projections if p is not lagging], store.open_envelope)
+    try:
+        others.apply_batch(s3)
+    finally:
+        others.close()
+    newest_of_s3 = max(map(outbox_position, s3))
+    assert applied() == {p.name: newest_of_s3 for p in store.projections if p is not lagging}
+
+    store.apply_batch(envelopes[-3:])  # later versions pull in their aggregates' earlier ones
+    newest = outbox_position(envelopes[-1])
+    assert applied() == {p.name: newest for p in store.projections}
+    store.apply_batch(envelopes[:5])  # older aggregates, all applied for the first time
+    store.apply_batch(s3)  # duplicates for every projection but the lagging one, which applies them
+    assert applied() == {p.name: newest for p in store.projections}
+
+
 def test_a_catch_up_opens_only_the_rows_some_projection_has_not_applied(
     ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
 ) -> None:

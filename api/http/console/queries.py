@@ -159,8 +159,7 @@ class ConsoleQueries:
                 " FROM outbox_pending")
             outbox = dict(cur.fetchone() or {})
             cur.execute(
-                "SELECT p.name, coalesce(c.position, 0) AS checkpoint,"
-                " (SELECT max(v.position) FROM projection_versions v WHERE v.projection = p.name) AS applied"
+                "SELECT p.name, coalesce(c.position, 0) AS checkpoint, c.applied_position AS applied"
                 " FROM (SELECT unnest(%s::text[]) AS name UNION SELECT projection FROM projection_checkpoints) p"
                 " LEFT JOIN projection_checkpoints c ON c.projection = p.name ORDER BY p.name",
                 (list(all_projections()),))
