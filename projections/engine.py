@@ -2,10 +2,11 @@
 
 For every projection and aggregate it keeps the version applied (``projection_versions``) in
 the same transaction as the rows, and for every projection the newest position it applied
-(``projection_checkpoints.applied_position``: how far behind the feed it is). So an event is applied only if it is the next version of its
-aggregate: a redelivered one is skipped, and one that arrives after a gap (a lost or reordered
-message) first pulls the missing versions from the outbox, which the ledger writes in the same
-transaction as its events and so is as complete as the event store.
+(``projection_checkpoints.applied_position``: how far behind the feed it is). So an event is
+applied only if it is the next version of its aggregate: a redelivered one is skipped, and one
+that arrives after a gap (a lost or reordered message) first pulls the missing versions from
+the outbox, which the ledger writes in the same transaction as its events and so is as
+complete as the event store.
 
 A batch is applied set-based: the engine decides in Python which events each projection
 applies (and fetches every gap with one query), and each projection folds those events per
