@@ -88,6 +88,16 @@ def _order(envelope: EventEnvelope) -> tuple[int, int]:
     return (envelope.position or 0, envelope.version)
 
 
+# projection_versions.applied: {projection: [version, position]} for one aggregate.
+_encode_applied = msgspec.json.Encoder().encode
+_applied_decoder = msgspec.json.Decoder(dict[str, list[int]])
+
+
+def _decode_applied(raw: Any) -> dict[str, list[int]]:
+    """A jsonb value as psycopg gives it: parsed already, or its text."""
+    return raw if isinstance(raw, dict) else _applied_decoder.decode(raw)
+
+
 def fresh_versions(
     batch: Sequence[EventEnvelope], versions: dict[UUID, int]
 ) -> tuple[dict[UUID, dict[int, EventEnvelope]], int]:
@@ -230,19 +240,21 @@ class ProjectionStore:
         fetched: dict[tuple[UUID, int], EventEnvelope] = {}  # gap fillers, shared by the projections
         aggregate_ids = sorted({e.aggregate_id for e in batch})
         names = [p.name for p in self.projections]
-        # Every projection's versions in one query, its rows locked in a fixed order: two workers
-        # touching the same aggregates wait, not deadlock.
+        # What every projection applied of these aggregates, one row an aggregate, the rows
+        # locked in a fixed order: two workers touching the same aggregates wait, not deadlock.
         cur.execute(
-            "SELECT projection, aggregate_id, version FROM projection_versions"
-            " WHERE projection = ANY(%b::text[]) AND aggregate_id = ANY(%b::uuid[])"
-            " ORDER BY projection, aggregate_id FOR UPDATE",
-            (names, aggregate_ids), binary=True,
+            "SELECT aggregate_id, applied FROM projection_versions WHERE aggregate_id = ANY(%b::uuid[])"
+            " ORDER BY aggregate_id FOR UPDATE",
+            (aggregate_ids,), binary=True,
         )
+        rows: dict[UUID, dict[str, list[int]]] = {a: _decode_applied(raw) for a, raw in cur.fetchall()}
         applied: dict[str, dict[UUID, int]] = {name: {} for name in names}
-        for name, aggregate_id, version in cur.fetchall():
-            applied[name][aggregate_id] = version
-        # The projections have nearly always applied the same versions: one plan (and one
-        # write of the versions) per distinct set of them, nearly always one for all.
+        for aggregate_id, by_projection in rows.items():
+            for name, (version, _position) in by_projection.items():
+                if name in applied:
+                    applied[name][aggregate_id] = version
+        # The projections have nearly always applied the same versions: one plan per distinct set
+        # of them, nearly always one for all.
         groups: list[tuple[dict[UUID, int], Plan, list[str]]] = []
         for projection in self.projections:
             versions = applied[projection.name]
@@ -259,10 +271,16 @@ class ProjectionStore:
             if todo.apply:
                 projection.apply_batch(cur, todo.apply)
         heads: dict[str, int] = {}
-        for versions, todo, group_names in groups:
+        changed: dict[UUID, dict[str, list[int]]] = {}
+        for _versions, todo, group_names in groups:
             if todo.apply:
-                self._store_versions(cur, group_names, todo.last, versions)
                 heads.update(dict.fromkeys(group_names, max(p for _, p in todo.last.values())))
+                for aggregate_id, (version, position) in todo.last.items():
+                    mine = changed.get(aggregate_id)
+                    if mine is None:
+                        mine = changed[aggregate_id] = dict(rows.get(aggregate_id, {}))
+                    mine.update({name: [version, position] for name in group_names})
+        self._store_applied(cur, changed, rows)
         if self.on_batch is not None:
             self.on_batch(cur.connection, aggregate_ids)
         if heads:
@@ -292,29 +310,27 @@ class ProjectionStore:
         return plan(batch, versions, fetched, (fresh, duplicates))
 
     @staticmethod
-    def _store_versions(
-        cur: psycopg.Cursor[Any], names: list[str], last: dict[UUID, tuple[int, int]], before: dict[UUID, int]
+    def _store_applied(
+        cur: psycopg.Cursor[Any], changed: dict[UUID, dict[str, list[int]]], rows: dict[UUID, Any]
     ) -> None:
-        """The versions now applied by these projections (which had applied ``before``), with
-        one statement for the aggregates new to them and one for the others."""
-        new = [a for a in last if a not in before]
-        seen = [a for a in last if a in before]
+        """The aggregates' rows of what each projection applied, with one statement for the
+        aggregates new to every projection and one for the others (locked by the read before)."""
+        new = {str(a): applied for a, applied in changed.items() if a not in rows}
+        seen = {str(a): applied for a, applied in changed.items() if a in rows}
         if new:
             # A plain INSERT: if another worker applied the same new aggregate concurrently (there
-            # was no row to lock), this fails and the retry finds its version instead of
+            # was no row to lock), this fails and the retry finds its versions instead of
             # applying the events a second time.
             cur.execute(
-                "INSERT INTO projection_versions (projection, aggregate_id, version, position)"
-                " SELECT n, t.a, t.v, t.p FROM unnest(%b::text[]) AS n"
-                " CROSS JOIN unnest(%b::uuid[], %b::bigint[], %b::bigint[]) AS t(a, v, p)",
-                (names, new, [last[a][0] for a in new], [last[a][1] for a in new]), binary=True,
+                "INSERT INTO projection_versions (aggregate_id, applied)"
+                " SELECT key::uuid, value FROM jsonb_each(%s::jsonb)",
+                (_encode_applied(new).decode(),),
             )
         if seen:
             cur.execute(
-                "UPDATE projection_versions pv SET version = t.v, position = t.p"
-                " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[]) AS t(a, v, p)"
-                " WHERE pv.projection = ANY(%b::text[]) AND pv.aggregate_id = t.a",
-                (seen, [last[a][0] for a in seen], [last[a][1] for a in seen], names), binary=True,
+                "UPDATE projection_versions pv SET applied = j.value FROM jsonb_each(%s::jsonb) AS j"
+                " WHERE pv.aggregate_id = j.key::uuid",
+                (_encode_applied(seen).decode(),),
             )
 
     # -- catching up from the outbox ---------------------------------------------------------------
@@ -348,8 +364,9 @@ class ProjectionStore:
             if skip_applied:
                 cur.execute(
                     "SELECT o.position, CASE WHEN (SELECT count(*) FROM projection_versions v"
-                    "   WHERE v.projection = ANY(%s::text[]) AND v.aggregate_id = e.originator_id"
-                    "   AND v.position >= o.position) >= %s THEN NULL ELSE o.envelope END,"
+                    "   CROSS JOIN jsonb_each(v.applied) AS a WHERE v.aggregate_id = e.originator_id"
+                    "   AND a.key = ANY(%s::text[]) AND (a.value->>1)::bigint >= o.position) >= %s"
+                    "   THEN NULL ELSE o.envelope END,"
                     " o.created_at <= now() - %s"
                     " FROM public.outbox o JOIN public.ledger_events e ON e.notification_id = o.position"
                     " WHERE o.position > %s ORDER BY o.position LIMIT %s",
@@ -418,7 +435,10 @@ class ProjectionStore:
             for projection in self.projections:
                 for table in projection.tables:
                     conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
-            conn.execute("DELETE FROM projection_versions WHERE projection = ANY(%s)", (names,))
+            # Rows of no other projection go; the others lose these projections' entries.
+            conn.execute("DELETE FROM projection_versions WHERE applied - %s::text[] = '{}'::jsonb", (names,))
+            conn.execute("UPDATE projection_versions SET applied = applied - %s::text[]"
+                         " WHERE applied ?| %s::text[]", (names, names))
             conn.execute("DELETE FROM projection_checkpoints WHERE projection = ANY(%s)", (names,))
 
     def last_position(self) -> int:

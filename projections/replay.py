@@ -15,6 +15,18 @@ from projections.engine import OpenEnvelope, Progress, Projection, ProjectionSto
 BOOKKEEPING = ("projection_versions", "projection_checkpoints")
 
 
+def _rows_of(table: str, side: sql.Identifier) -> sql.Composable:
+    """A side's rows of a table to compare; the versions one row per projection and aggregate,
+    as a difference reads best, of the projections given as the parameter."""
+    if table == "projection_versions":
+        return sql.SQL(
+            "SELECT v.aggregate_id, a.key AS projection, (a.value->>0)::bigint AS version,"
+            " (a.value->>1)::bigint AS position FROM {}.projection_versions v"
+            " CROSS JOIN jsonb_each(v.applied) AS a WHERE a.key = ANY(%s)"
+        ).format(side)
+    return sql.SQL("SELECT * FROM {}.{}").format(side, sql.Identifier(table))
+
+
 @dataclass(frozen=True)
 class Difference:
     table: str
@@ -64,17 +76,15 @@ def verify(
                 store.rebuild(progress)
             finally:
                 store.close()
-            comparisons: list[tuple[str, sql.Composable, list[Any]]] = [
-                (t, sql.SQL("TRUE"), []) for t in tables
-            ] + [("projection_versions", sql.SQL("projection = ANY(%s)"), [names])]
-            for table, where, params in comparisons:
+            public, scratch = sql.Identifier("public"), sql.Identifier(schema)
+            for table in (*tables, "projection_versions"):
+                live, rebuilt = _rows_of(table, public), _rows_of(table, scratch)
+                params = [names] if table == "projection_versions" else []
                 # Both sides in one query: rows only live, then rows only rebuilt, each capped.
                 query = sql.SQL(
-                    "(SELECT 'live only' AS _side, d.* FROM"
-                    " (SELECT * FROM public.{t} WHERE {w} EXCEPT SELECT * FROM {s}.{t} WHERE {w}) d LIMIT %s)"
-                    " UNION ALL (SELECT 'rebuild only', d.* FROM"
-                    " (SELECT * FROM {s}.{t} WHERE {w} EXCEPT SELECT * FROM public.{t} WHERE {w}) d LIMIT %s)"
-                ).format(s=sql.Identifier(schema), t=sql.Identifier(table), w=where)
+                    "(SELECT 'live only' AS _side, d.* FROM ({l} EXCEPT {r}) d LIMIT %s)"
+                    " UNION ALL (SELECT 'rebuild only', d.* FROM ({r} EXCEPT {l}) d LIMIT %s)"
+                ).format(l=live, r=rebuilt)
                 with conn.cursor() as cur:
                     cur.execute(query, [*params, *params, max_rows, *params, *params, max_rows])
                     columns = [c.name for c in cur.description or ()][1:]

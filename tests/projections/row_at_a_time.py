@@ -393,9 +393,9 @@ def apply_batch(conn: psycopg.Connection[Any], open_envelope: Any, envelopes: li
         for name, projection in PROJECTIONS.items():
             aggregate_ids = sorted({e.aggregate_id for e in batch})
             cur.execute(
-                "SELECT aggregate_id, version FROM projection_versions"
-                " WHERE projection = %s AND aggregate_id = ANY(%s) ORDER BY aggregate_id FOR UPDATE",
-                (name, aggregate_ids),
+                "SELECT aggregate_id, (applied->%s->>0)::bigint FROM projection_versions"
+                " WHERE aggregate_id = ANY(%s) AND applied ? %s ORDER BY aggregate_id FOR UPDATE",
+                (name, aggregate_ids, name),
             )
             versions: dict[UUID, int] = {row[0]: row[1] for row in cur.fetchall()}
             last_position: dict[UUID, int | None] = {}
@@ -414,10 +414,10 @@ def apply_batch(conn: psycopg.Connection[Any], open_envelope: Any, envelopes: li
             if last_position:
                 ids = list(last_position)
                 cur.execute(
-                    "INSERT INTO projection_versions (projection, aggregate_id, version, position)"
-                    " SELECT %s, a, v, p FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS t(a, v, p)"
-                    " ON CONFLICT (projection, aggregate_id)"
-                    " DO UPDATE SET version = excluded.version, position = excluded.position",
+                    "INSERT INTO projection_versions (aggregate_id, applied)"
+                    " SELECT a, jsonb_build_object(%s::text, jsonb_build_array(v, p))"
+                    " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS t(a, v, p)"
+                    " ON CONFLICT (aggregate_id) DO UPDATE SET applied = projection_versions.applied || excluded.applied",
                     (name, ids, [versions[i] for i in ids], [last_position[i] for i in ids]),
                 )
             projection.after_batch(cur)

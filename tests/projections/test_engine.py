@@ -307,3 +307,29 @@ def test_with_redis_unreachable_a_status_read_comes_from_the_read_model(
         row, reached = StatusQueries(views, cache=StatusCache(gone)).get(
             "session", session_id, scope=Scope("merchant", merchant_id))
     assert reached and row is not None and row["status"] == "awaiting_customer"
+
+
+def test_the_migration_to_a_row_per_aggregate_keeps_every_projection_s_version(
+    owner_database_url: str, database_url: str
+) -> None:
+    """migrations/0030: rows of the earlier shape (one per projection and aggregate) become one
+    row per aggregate holding each projection's version and position, still the application's
+    to read and write."""
+    from migrations import migrate
+
+    a, b = UUID(int=1), UUID(int=2)
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE projection_versions")
+        conn.execute("CREATE TABLE projection_versions (projection text NOT NULL, aggregate_id uuid NOT NULL,"
+                     " version bigint NOT NULL, position bigint NOT NULL, PRIMARY KEY (projection, aggregate_id))")
+        conn.execute("INSERT INTO projection_versions VALUES ('status', %s, 3, 30), ('audit', %s, 2, 20),"
+                     " ('status', %s, 1, 5)", (a, a, b))
+        conn.execute("DELETE FROM schema_migrations WHERE version = 30")
+        assert [m.version for m in migrate(owner_database_url)] == [30]
+    assert rows(database_url, "SELECT aggregate_id, applied FROM projection_versions ORDER BY aggregate_id") == [
+        (a, {"status": [3, 30], "audit": [2, 20]}), (b, {"status": [1, 5]}),
+    ]
+    with psycopg.connect(database_url) as conn:  # the application's role
+        conn.execute("UPDATE projection_versions SET applied = applied || '{\"audit\": [1, 5]}'"
+                     " WHERE aggregate_id = %s", (b,))
+        conn.execute("INSERT INTO projection_versions VALUES (%s, '{}')", (UUID(int=3),))

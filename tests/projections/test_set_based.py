@@ -91,16 +91,19 @@ def differences(database_url: str, left: str, right: str) -> dict[str, list[tupl
     out = {}
     with psycopg.connect(database_url) as conn:
         for table in (*TABLES, "projection_versions"):
-            names = [n for (n,) in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'"
-                " AND table_name = %s ORDER BY ordinal_position", (table,))
-                if n not in LATER_COLUMNS.get(table, ())]
-            columns = sql.SQL(", ").join(map(sql.Identifier, names))
-            where = sql.SQL(" WHERE projection = ANY({})").format(sql.Literal(list(FROZEN))) \
-                if table == "projection_versions" else sql.SQL("")
-            query = sql.SQL("(SELECT {c} FROM {l}.{t}{w} EXCEPT ALL SELECT {c} FROM {r}.{t}{w})"
-                            " UNION ALL (SELECT {c} FROM {r}.{t}{w} EXCEPT ALL SELECT {c} FROM {l}.{t}{w})").format(
-                c=columns, w=where, l=sql.Identifier(left), r=sql.Identifier(right), t=sql.Identifier(table))
+            def rows_of(schema: str, table: str = table) -> sql.Composable:
+                if table == "projection_versions":  # one row per projection and aggregate
+                    return sql.SQL("SELECT v.aggregate_id, a.key, a.value FROM {}.projection_versions v"
+                                   " CROSS JOIN jsonb_each(v.applied) AS a WHERE a.key = ANY({})").format(
+                        sql.Identifier(schema), sql.Literal(list(FROZEN)))
+                names = [n for (n,) in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'"
+                    " AND table_name = %s ORDER BY ordinal_position", (table,))
+                    if n not in LATER_COLUMNS.get(table, ())]
+                return sql.SQL("SELECT {} FROM {}.{}").format(
+                    sql.SQL(", ").join(map(sql.Identifier, names)), sql.Identifier(schema), sql.Identifier(table))
+            query = sql.SQL("({l} EXCEPT ALL {r}) UNION ALL ({r} EXCEPT ALL {l})").format(
+                l=rows_of(left), r=rows_of(right))
             rows = conn.execute(query).fetchall()
             if rows:
                 out[table] = rows

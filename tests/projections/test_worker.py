@@ -110,8 +110,8 @@ def wait_until_projected(database_url: str, timeout_s: float = 60) -> None:
                 "SELECT count(*) FROM (SELECT originator_id, max(originator_version) v FROM ledger_events"
                 " GROUP BY originator_id) e"
                 " CROSS JOIN (VALUES ('status'), ('analytics'), ('audit'), ('balances')) p(name)"
-                " LEFT JOIN projection_versions pv ON pv.projection = p.name AND pv.aggregate_id = e.originator_id"
-                " WHERE pv.version IS DISTINCT FROM e.v"
+                " LEFT JOIN projection_versions pv ON pv.aggregate_id = e.originator_id"
+                " WHERE (pv.applied->p.name->>0)::bigint IS DISTINCT FROM e.v"
             ).fetchone()[0]
             if behind == 0:
                 return
