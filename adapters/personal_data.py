@@ -110,8 +110,19 @@ class KeyCipher:
     def open_with(material: bytes, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
         """The sealed data, or None when it does not open under this key (tampered, or another's)."""
         try:
+            key_id = UUID(sealed["key_id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return KeyCipher.open_under(AESGCM(material), key_id, sealed)
+
+    @staticmethod
+    def open_under(key: AESGCM, key_id: UUID, sealed: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``open_with`` for a caller that keeps the key's AESGCM object and id across many values
+        (a batch of events sealed under a few customers' keys: making the object and parsing the
+        id were half the cost of an opening)."""
+        try:
             raw = base64.b64decode(sealed["sealed"])
-            plain = AESGCM(material).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], UUID(sealed["key_id"]).bytes)
+            plain = key.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key_id.bytes)
         except (InvalidTag, ValueError, KeyError):
             return None
         opened: dict[str, Any] = msgspec.json.decode(plain)

@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg_pool import ConnectionPool
 
 from adapters.personal_data import KeyCipher, SealingCustomerKeys, key_id_of
@@ -182,22 +183,23 @@ class PostgresPersonalDataReader:
 
     def open_many(self, cur: psycopg.Cursor[Any], sealed: Sequence[Mapping[str, Any] | None]
                   ) -> list[dict[str, Any] | None]:
-        ids = {k for k in (key_id_of(s) for s in sealed) if k is not None}
-        materials: dict[UUID, bytes] = {}
+        key_ids = [key_id_of(s) for s in sealed]
+        ids = {k for k in key_ids if k is not None}
+        keys: dict[UUID, AESGCM] = {}
         if ids:
             cur.execute("SELECT key_id, wrapped_key, master_key_id FROM public.customer_keys"
                         " WHERE key_id = ANY(%s) AND wrapped_key IS NOT NULL", (list(ids),))
             for row in cur.fetchall():
                 key_id, wrapped, master = ((row["key_id"], row["wrapped_key"], row["master_key_id"])
                                            if isinstance(row, dict) else row)
-                materials[key_id] = self._cipher.unwrap(master, key_id, wrapped)
+                keys[key_id] = AESGCM(self._cipher.unwrap(master, key_id, wrapped))
         opened: list[dict[str, Any] | None] = []
-        for s in sealed:
+        for s, key_id in zip(sealed, key_ids, strict=True):
             plain = plain_of(s)  # recorded before sealing existed (an upcast event)
             if plain is not None:
                 opened.append(plain)
                 continue
-            key_id = key_id_of(s)
-            material = materials.get(key_id) if key_id is not None else None
-            opened.append(None if s is None or material is None else self._cipher.open_with(material, s))
+            key = keys.get(key_id) if key_id is not None else None
+            opened.append(None if s is None or key is None or key_id is None
+                          else self._cipher.open_under(key, key_id, s))
         return opened
