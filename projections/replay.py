@@ -15,16 +15,26 @@ from projections.engine import OpenEnvelope, Progress, Projection, ProjectionSto
 BOOKKEEPING = ("projection_versions", "projection_checkpoints")
 
 
-def _rows_of(table: str, side: sql.Identifier) -> sql.Composable:
-    """A side's rows of a table to compare; the versions one row per projection and aggregate,
-    as a difference reads best, of the projections given as the parameter."""
+def _comparison(table: str, schema: str, names: Sequence[str], others: Sequence[str]) -> sql.Composed:
+    """The rows only live, then the rows only rebuilt, each side capped at a parameter. Of the
+    versions, each aggregate's entries of these projections (``others``: the live rows' other
+    projections), compared in one join on the aggregate, each side read once."""
+    public, scratch = sql.Identifier("public"), sql.Identifier(schema)
     if table == "projection_versions":
         return sql.SQL(
-            "SELECT v.aggregate_id, a.key AS projection, (a.value->>0)::bigint AS version,"
-            " (a.value->>1)::bigint AS position FROM {}.projection_versions v"
-            " CROSS JOIN jsonb_each(v.applied) AS a WHERE a.key = ANY(%s)"
-        ).format(side)
-    return sql.SQL("SELECT * FROM {}.{}").format(side, sql.Identifier(table))
+            "WITH d AS (SELECT aggregate_id, l.applied AS live, r.applied AS rebuilt"
+            " FROM (SELECT aggregate_id, applied - {others} AS applied FROM {l}.projection_versions"
+            "  WHERE applied ?| {names}) l"
+            " FULL JOIN (SELECT aggregate_id, applied FROM {r}.projection_versions) r USING (aggregate_id)"
+            " WHERE l.applied IS DISTINCT FROM r.applied)"
+            " (SELECT 'live only' AS _side, aggregate_id, live AS applied FROM d WHERE live IS NOT NULL LIMIT %s)"
+            " UNION ALL (SELECT 'rebuild only', aggregate_id, rebuilt FROM d WHERE rebuilt IS NOT NULL LIMIT %s)"
+        ).format(l=public, r=scratch, names=sql.Literal(list(names)),
+                 others=sql.SQL("{}::text[]").format(sql.Literal(list(others))))
+    return sql.SQL(
+        "(SELECT 'live only' AS _side, d.* FROM (SELECT * FROM {l}.{t} EXCEPT SELECT * FROM {r}.{t}) d LIMIT %s)"
+        " UNION ALL (SELECT 'rebuild only', d.* FROM (SELECT * FROM {r}.{t} EXCEPT SELECT * FROM {l}.{t}) d LIMIT %s)"
+    ).format(l=public, r=scratch, t=sql.Identifier(table))
 
 
 @dataclass(frozen=True)
@@ -76,17 +86,12 @@ def verify(
                 store.rebuild(progress)
             finally:
                 store.close()
-            public, scratch = sql.Identifier("public"), sql.Identifier(schema)
+            others = [k for (k,) in conn.execute(
+                "SELECT DISTINCT jsonb_object_keys(applied) FROM public.projection_versions").fetchall()
+                if k not in names]
             for table in (*tables, "projection_versions"):
-                live, rebuilt = _rows_of(table, public), _rows_of(table, scratch)
-                params = [names] if table == "projection_versions" else []
-                # Both sides in one query: rows only live, then rows only rebuilt, each capped.
-                query = sql.SQL(
-                    "(SELECT 'live only' AS _side, d.* FROM ({l} EXCEPT {r}) d LIMIT %s)"
-                    " UNION ALL (SELECT 'rebuild only', d.* FROM ({r} EXCEPT {l}) d LIMIT %s)"
-                ).format(l=live, r=rebuilt)
                 with conn.cursor() as cur:
-                    cur.execute(query, [*params, *params, max_rows, *params, *params, max_rows])
+                    cur.execute(_comparison(table, schema, names, others), [max_rows, max_rows])
                     columns = [c.name for c in cur.description or ()][1:]
                     differences += [
                         Difference(table, row[0], dict(zip(columns, row[1:], strict=True))) for row in cur.fetchall()

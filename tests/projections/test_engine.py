@@ -245,6 +245,27 @@ def test_verify_lists_differences_and_replay_repairs_them(
     assert verify(owner_database_url, select("all", personal_data_reader(settings)), envelope_opener(settings)) == []
 
 
+def test_verify_names_a_projection_s_wrong_version_and_only_the_projections_it_checks(
+    ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
+) -> None:
+    ids = scenario(ledger)
+    store.catch_up(grace=timedelta(0))
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE projection_versions SET applied = jsonb_set(applied, '{status,0}', '1')"
+                     " WHERE aggregate_id = %s", (ids["s4"],))
+        conn.execute("UPDATE projection_versions SET applied = applied - 'audit' WHERE aggregate_id = %s",
+                     (ids["s3"],))
+    opener = envelope_opener(settings)
+    differences = verify(owner_database_url, select("status", personal_data_reader(settings)), opener)
+    assert [(d.table, d.side, d.row["aggregate_id"], list(d.row["applied"])) for d in differences] == [
+        ("projection_versions", "live only", ids["s4"], ["status"]),
+        ("projection_versions", "rebuild only", ids["s4"], ["status"]),
+    ]
+    assert differences[0].row["applied"]["status"][0] == 1
+    assert {(d.table, d.side, d.row["aggregate_id"]) for d in verify(owner_database_url, select("audit"), opener)
+            } == {("projection_versions", "rebuild only", ids["s3"])}
+
+
 def test_tampering_with_one_audit_row_is_named(
     ledger: Ledger, store: ProjectionStore, owner_database_url: str
 ) -> None:
