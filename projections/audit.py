@@ -154,8 +154,7 @@ def insert_chained(cur: psycopg.Cursor[Any], rows: list[dict[str, Any]], limit: 
             " ORDER BY position LIMIT %s",
             (last_position, limit),
         )
-        names = [c.name for c in cur.description or ()]
-        waiting = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        waiting = [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
         full = len(waiting) == limit
         fresh = [r for r in pending if r["position"] > last_position]
         if full:

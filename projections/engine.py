@@ -232,11 +232,16 @@ class ProjectionStore:
         if not batch:
             return result
         conn = self.connection()
-        with conn.transaction(), conn.cursor() as cur:
+        with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
             self._apply(cur, batch, result)
         return result
 
     def _apply(self, cur: psycopg.Cursor[Any], batch: list[EventEnvelope], result: BatchResult) -> None:
+        """Runs in a pipeline (psycopg's pipeline mode): a statement whose result is not read goes
+        to the server at once and Python goes on (the next projection folds its rows while the
+        server writes the last one's); only a read waits, for everything sent before it. An error
+        surfaces at the next read or at the commit, inside the same transaction. So a statement's
+        columns and counts are known only once its rows are fetched: fetch first."""
         fetched: dict[tuple[UUID, int], EventEnvelope] = {}  # gap fillers, shared by the projections
         aggregate_ids = sorted({e.aggregate_id for e in batch})
         names = [p.name for p in self.projections]
@@ -407,7 +412,7 @@ class ProjectionStore:
                 return applied
             result = BatchResult()
             envelopes.sort(key=_order)
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:  # see _apply
                 if envelopes:
                     self._apply(cur, envelopes, result)
                 # The checkpoint moves in the same transaction as the rows it vouches for. Its

@@ -66,8 +66,9 @@ def _rows(conn: psycopg.Connection[Any], ids: list[UUID]) -> Iterator[tuple[str,
     for kind, (table, id_column) in TABLES.items():
         with conn.cursor() as cur:
             cur.execute(f"SELECT * FROM {table} WHERE {id_column} = ANY(%s)", (ids,))
+            rows = cur.fetchall()  # first: in a pipeline the columns are known once it is fetched
             names = [c.name for c in cur.description or ()]
-            for values in cur.fetchall():
+            for values in rows:
                 yield kind, dict(zip(names, values, strict=True))
 
 

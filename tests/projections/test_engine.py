@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -354,3 +355,52 @@ def test_the_migration_to_a_row_per_aggregate_keeps_every_projection_s_version(
         conn.execute("UPDATE projection_versions SET applied = applied || '{\"audit\": [1, 5]}'"
                      " WHERE aggregate_id = %s", (b,))
         conn.execute("INSERT INTO projection_versions VALUES (%s, '{}')", (UUID(int=3),))
+
+
+def test_two_stores_applying_the_same_new_aggregate_at_once_one_fails_retryably_and_its_retry_is_a_no_op(
+    ledger: Ledger, database_url: str, owner_database_url: str, settings: Settings
+) -> None:
+    """The second writer of a new aggregate has no row to lock: its insert waits for the first
+    writer's commit, then fails with a unique violation (raised by apply_batch, in a pipeline as
+    without: the worker retries on it), and the retry finds the events applied."""
+    import threading
+
+    from projections.worker import RETRYABLE
+
+    open_session(ledger, new_merchant(ledger, "m"), "s")
+    envelopes = feed(database_url, settings)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(_conn: psycopg.Connection[Any], _ids: object) -> None:
+        inside.set()
+        assert release.wait(30)
+
+    first = ProjectionStore(database_url, _all(settings), envelope_opener(settings), on_batch=hold)
+    second = ProjectionStore(database_url, _all(settings), envelope_opener(settings))
+    failures: list[BaseException] = []
+    try:
+        holder = threading.Thread(target=first.apply_batch, args=(envelopes,))
+        holder.start()
+        assert inside.wait(30)
+
+        def race() -> None:
+            try:
+                second.apply_batch(envelopes)
+            except BaseException as error:
+                failures.append(error)
+
+        racer = threading.Thread(target=race)
+        racer.start()
+        racer.join(1.0)
+        assert racer.is_alive()  # waiting for the first writer's uncommitted rows
+        release.set()
+        holder.join(30)
+        racer.join(30)
+        assert len(failures) == 1 and isinstance(failures[0], RETRYABLE), failures
+        again = second.apply_batch(envelopes)
+        assert (again.applied, again.duplicates) == (0, len(envelopes) * len(second.projections))
+    finally:
+        release.set()
+        first.close()
+        second.close()
+    assert verify(owner_database_url, _all(settings), envelope_opener(settings)) == []
