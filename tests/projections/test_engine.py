@@ -230,11 +230,18 @@ def test_a_catch_up_opens_only_the_rows_some_projection_has_not_applied(
     assert verify(owner_database_url, _all(settings), envelope_opener(settings)) == []
 
 
-def test_verify_lists_differences_and_replay_repairs_them(
-    ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
-) -> None:
+@pytest.fixture
+def caught_up(ledger: Ledger, store: ProjectionStore) -> dict[str, UUID]:
+    """The scenario's ids, every event of it applied by every projection."""
     ids = scenario(ledger)
     store.catch_up(grace=timedelta(0))
+    return ids
+
+
+def test_verify_lists_differences_and_replay_repairs_them(
+    caught_up: dict[str, UUID], database_url: str, owner_database_url: str, settings: Settings
+) -> None:
+    ids = caught_up
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE payment_status SET captured_minor = 1 WHERE payment_id = %s", (ids["p1"],))
     differences = verify(owner_database_url, select("status", personal_data_reader(settings)),
@@ -247,10 +254,9 @@ def test_verify_lists_differences_and_replay_repairs_them(
 
 
 def test_verify_names_a_projection_s_wrong_version_and_only_the_projections_it_checks(
-    ledger: Ledger, store: ProjectionStore, database_url: str, owner_database_url: str, settings: Settings
+    caught_up: dict[str, UUID], owner_database_url: str, settings: Settings
 ) -> None:
-    ids = scenario(ledger)
-    store.catch_up(grace=timedelta(0))
+    ids = caught_up
     with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute("UPDATE projection_versions SET applied = jsonb_set(applied, '{status,0}', '1')"
                      " WHERE aggregate_id = %s", (ids["s4"],))
