@@ -437,13 +437,25 @@ class ProjectionStore:
         conn = self.connection()
         names = [p.name for p in self.projections]
         with conn.transaction():
+            # The versions first, whole: a worker's batch locks them before it writes the read
+            # models, so it either finishes before this or waits for it, never holding one while
+            # waiting for the other. It also keeps a worker from adding a row between the look
+            # below and the emptying.
+            conn.execute("LOCK TABLE projection_versions IN ACCESS EXCLUSIVE MODE")
             for projection in self.projections:
                 for table in projection.tables:
                     conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
-            # Rows of no other projection go; the others lose these projections' entries.
-            conn.execute("DELETE FROM projection_versions WHERE applied - %s::text[] = '{}'::jsonb", (names,))
-            conn.execute("UPDATE projection_versions SET applied = applied - %s::text[]"
-                         " WHERE applied ?| %s::text[]", (names, names))
+            # Rows of no other projection go; the others lose these projections' entries. When no
+            # row names another projection (a rebuild of all of them), the table is emptied whole:
+            # deleting every row left as many dead ones, and each replay after it ran slower until
+            # a vacuum.
+            if conn.execute("SELECT EXISTS (SELECT FROM projection_versions WHERE applied - %s::text[] <> '{}'::jsonb)",
+                            (names,)).fetchone() == (False,):
+                conn.execute("TRUNCATE projection_versions")
+            else:
+                conn.execute("DELETE FROM projection_versions WHERE applied - %s::text[] = '{}'::jsonb", (names,))
+                conn.execute("UPDATE projection_versions SET applied = applied - %s::text[]"
+                             " WHERE applied ?| %s::text[]", (names, names))
             conn.execute("DELETE FROM projection_checkpoints WHERE projection = ANY(%s)", (names,))
 
     def last_position(self) -> int:

@@ -273,6 +273,26 @@ def test_verify_names_a_projection_s_wrong_version_and_only_the_projections_it_c
             } == {("projection_versions", "rebuild only", ids["s3"])}
 
 
+def test_rebuilding_one_projection_keeps_the_others_versions_and_rebuilding_all_empties_them_first(
+    caught_up: dict[str, UUID], database_url: str, owner_database_url: str, settings: Settings
+) -> None:
+    def others() -> list[tuple]:
+        return rows(database_url, "SELECT aggregate_id, applied - 'status' FROM projection_versions ORDER BY 1")
+
+    before = others()
+    assert len(before) >= 10 and all(applied for _, applied in before)
+    opener = envelope_opener(settings)
+    rebuild(owner_database_url, select("status", personal_data_reader(settings)), opener)
+    assert others() == before
+    assert verify(owner_database_url, _all(settings), opener) == []
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:  # an entry rebuilding all must drop
+        conn.execute("UPDATE projection_versions SET applied = applied || '{\"status\": [99, 99]}'"
+                     " WHERE aggregate_id = %s", (caught_up["s1"],))
+    rebuild(owner_database_url, _all(settings), opener)
+    assert others() == before
+    assert verify(owner_database_url, _all(settings), opener) == []
+
+
 def test_tampering_with_one_audit_row_is_named(
     ledger: Ledger, store: ProjectionStore, owner_database_url: str
 ) -> None:
