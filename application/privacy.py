@@ -65,9 +65,12 @@ class CustomerKeys(ABC):
     """The customers' data keys, wrapped under the master key, and the sessions each sealed."""
 
     @abstractmethod
-    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
+    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None, saved_after: bool = False) -> CustomerKey:
         """The live key of this lookup hash, made (with a new random pseudonym) when there is
-        none; ``session_id`` is remembered as sealed under it (for erasure and export)."""
+        none; ``session_id`` is remembered as sealed under it (for erasure and export).
+        ``saved_after``: the caller saves durably after this returns whatever depends on the key
+        (a new session sealed under it), so a store may leave its own write's durability to that
+        save; without it, what this writes is durable when it returns."""
 
     @abstractmethod
     def find(self, lookup_hash: str) -> CustomerKey | None:
@@ -136,8 +139,8 @@ class PrivacyCommands(LedgerBase):
     def _legacy_customer_id(self, phone: str) -> UUID:
         return uuid5(_CUSTOMER_NAMESPACE, self.keyed_hash("customer", phone))
 
-    def _customer_key(self, phone: str, session_id: UUID | None = None) -> CustomerKey:
-        return self.customer_keys.key_for(self._lookup_hash(phone), session_id=session_id)
+    def _customer_key(self, phone: str, session_id: UUID | None = None, *, saved_after: bool = False) -> CustomerKey:
+        return self.customer_keys.key_for(self._lookup_hash(phone), session_id=session_id, saved_after=saved_after)
 
     def _sealer(self, key: CustomerKey) -> Seal:
         def seal(data: dict[str, Any]) -> dict[str, Any]:

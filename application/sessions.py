@@ -82,7 +82,9 @@ class SessionCommands(PrivacyCommands):
             merchant = self.merchant_to_read(merchant_id)
             check_currency(currency)
             if not key:  # the customer's data key (made on their first session), once per command
-                key.append(self._customer_key(check_phone(customer_phone), session_id))
+                # The session is saved after this, sealed under the key: its save makes the key and
+                # the link durable.
+                key.append(self._customer_key(check_phone(customer_phone), session_id, saved_after=True))
             session = PaymentSession.open(
                 session_id,
                 merchant_id=merchant_id,

@@ -36,7 +36,7 @@ class InMemoryCustomerKeys(SealingCustomerKeys):
         assert row.master_key_id is not None, "a live key names its master key"
         return CustomerKey(row.key_id, row.customer_id, self._cipher.unwrap(row.master_key_id, row.key_id, row.wrapped))
 
-    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
+    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None, saved_after: bool = False) -> CustomerKey:
         with self._lock:
             row = next((r for r in self._rows.values() if r.lookup_hash == lookup_hash), None)
             if row is None:

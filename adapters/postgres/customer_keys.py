@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg_pool import ConnectionPool
 
 from adapters.personal_data import KeyCipher, SealingCustomerKeys, key_id_of
+from adapters.postgres.idempotency import NO_FLUSH
 from application.privacy import CustomerKey, Scrubbed, plain_of
 from domain.values import ERASED
 
@@ -31,7 +32,8 @@ from domain.values import ERASED
 # inserts nothing (ON CONFLICT DO NOTHING) and reads the other's key on its next try.
 _KEY_FOR = """
 WITH found AS (
-    SELECT key_id, customer_id, wrapped_key, master_key_id FROM customer_keys WHERE lookup_hash = %(lookup)s
+    SELECT key_id, customer_id, wrapped_key, master_key_id FROM customer_keys
+    WHERE {no_flush}lookup_hash = %(lookup)s
 ), made AS (
     INSERT INTO customer_keys (key_id, customer_id, lookup_hash, wrapped_key, master_key_id)
     SELECT %(key_id)s, %(customer_id)s, %(lookup)s, %(wrapped)s, %(master)s WHERE NOT EXISTS (SELECT FROM found)
@@ -46,6 +48,14 @@ WITH found AS (
 )
 SELECT key_id, customer_id, wrapped_key, master_key_id FROM chosen
 """
+# For a caller that saves durably after it (``saved_after``: a session being opened), the
+# statement commits without waiting for the WAL to reach the disk (NO_FLUSH, in a one-time filter
+# evaluated before the scan). That later save is on the same server and its commit comes after
+# this one in the WAL, so its flush carries this commit to the disk too; a crash before it loses
+# a key that sealed nothing acknowledged and a link to a session never saved. One flush fewer per
+# opened session (the key of a returning customer is only read, but the link is written).
+_KEY_FOR_FLUSHED = _KEY_FOR.format(no_flush="")
+_KEY_FOR_SAVED_AFTER = _KEY_FOR.format(no_flush=f"(SELECT {NO_FLUSH}) AND ")
 _KEY_COLUMNS = "key_id, customer_id, wrapped_key, master_key_id"
 # Live keys not wrapped under the current master key, a batch at a time; SKIP LOCKED lets two
 # re-wraps (or a re-wrap and an erasure, which locks the row it destroys) run side by side.
@@ -66,7 +76,7 @@ class PostgresCustomerKeys(SealingCustomerKeys):
             return None
         return CustomerKey(row[0], row[1], self._cipher.unwrap(row[3], row[0], row[2]))
 
-    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None) -> CustomerKey:
+    def key_for(self, lookup_hash: str, *, session_id: UUID | None = None, saved_after: bool = False) -> CustomerKey:
         key_id = uuid4()
         material = KeyCipher.new_key_material()
         params = {
@@ -76,7 +86,7 @@ class PostgresCustomerKeys(SealingCustomerKeys):
         }
         with self._pool.connection() as conn:
             for _ in range(3):
-                row = conn.execute(_KEY_FOR, params).fetchone()
+                row = conn.execute(_KEY_FOR_SAVED_AFTER if saved_after else _KEY_FOR_FLUSHED, params).fetchone()
                 if row is not None:  # None: another session made this customer's key meanwhile
                     break
         key = self._unwrapped(row)

@@ -546,3 +546,33 @@ def test_concurrent_first_sessions_of_a_phone_share_one_key_and_later_ones_only_
         assert linked == (len(sessions) + 1,)
     finally:
         pool.close()
+
+
+def test_a_key_for_a_session_about_to_be_saved_leaves_the_flush_to_that_save(
+    database_url: str, settings: Settings,
+) -> None:
+    """Opening a session reads (or makes) its customer's key and links the session in a commit that
+    does not wait for the disk: the session's save comes after it and its flush carries both. Any
+    other caller's commit waits for the disk as usual. Looked at inside the statement's own
+    transaction, where the setting lives, whether the key was made or found."""
+    import contextlib
+
+    with psycopg.connect(database_url) as conn:
+
+        class OneTransaction:  # the pool's interface over one connection, to look inside its transaction
+            @contextlib.contextmanager
+            def connection(self) -> Iterator[psycopg.Connection[Any]]:
+                yield conn
+
+        keys = build_customer_keys(settings, OneTransaction())  # type: ignore[arg-type]
+        for saved_after, setting in ((False, "on"), (True, "off")):
+            lookup = f"lookup-{uuid4()}"
+            made = keys.key_for(lookup, session_id=uuid4(), saved_after=saved_after)
+            assert conn.execute("SHOW synchronous_commit").fetchone() == (setting,)
+            conn.commit()
+            found = keys.key_for(lookup, session_id=uuid4(), saved_after=saved_after)
+            assert conn.execute("SHOW synchronous_commit").fetchone() == (setting,)
+            conn.commit()
+            assert found.key_id == made.key_id
+            linked = conn.execute("SELECT count(*) FROM customer_sessions WHERE key_id = %s", (made.key_id,)).fetchone()
+            assert linked == (2,)
