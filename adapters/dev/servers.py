@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -100,12 +101,35 @@ class ServerURLs:
 # small helpers
 
 
+# Where free_port looks: below the kernel's range of ephemeral ports, which it hands to every
+# outgoing connection (to PostgreSQL, Kafka, Redis) as its local port. A port from inside that
+# range could be taken by such a connection between free_port() and the listener's bind.
+_LISTEN_PORTS_BELOW_EPHEMERAL = 12_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller must cope with losing a race for it)."""
+    """A TCP port that was free a moment ago (the caller must cope with losing a race for it),
+    chosen at random below the ephemeral range where the kernel says what that is."""
+    low = _ephemeral_low()
+    if low - _LISTEN_PORTS_BELOW_EPHEMERAL >= 1024:
+        for port in random.sample(range(low - _LISTEN_PORTS_BELOW_EPHEMERAL, low), 50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def wait_for_port(

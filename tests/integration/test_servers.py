@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from adapters.dev.servers import LocalServers, ServerURLs
+from adapters.dev.servers import LocalServers, ServerURLs, _ephemeral_low, free_port
 
 ENV_VARS = ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -235,3 +236,15 @@ def test_a_data_dir_is_used_by_one_instance_at_a_time(tmp_path: Path) -> None:
                              redis_url="unix:///unused")
         with pytest.raises(RuntimeError, match="in use by another LocalServers"):
             other.start()
+
+
+def test_a_free_port_is_below_the_range_outgoing_connections_take_their_ports_from() -> None:
+    """A port handed out for a listener later is not one the kernel may give an outgoing
+    connection meanwhile (the ephemeral range), and is free when handed out."""
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    if low - 12_000 >= 1024:
+        assert all(low - 12_000 <= p < low for p in ports), (low, sorted(ports))
+    assert len(ports) > 1  # chosen at random, not the same one each time
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
